@@ -1,0 +1,44 @@
+# make stage1 | stage2 | eval | test | bench, with MODEL=, DATA=, PRESET= passed through.
+# Every target runs `setup` first, so a fresh clone needs nothing else.
+PY      := .venv/bin/python
+MODEL   ?= tiny
+PRESET  ?= tiny
+DATA    ?= synthetic:64
+EVAL_DATA ?= synthetic:16
+BENCH   ?= synthetic
+ADAPTER ?= runs/stage2/final
+# on the tiny model, small budgets keep `make eval` to seconds; a real run sets EVAL_ARGS= (paper: 1024 tokens)
+EVAL_ARGS ?= $(if $(filter tiny,$(MODEL)),--global-tokens 64 --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160,)
+ARGS    ?=
+
+.PHONY: setup stage1 stage2 eval test bench lint clean
+
+setup: .venv/.done
+.venv/.done: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+stage1: setup
+	$(PY) train.py --stage 1 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+
+stage2: setup
+	$(PY) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+
+eval: setup
+	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) --model $(MODEL) --adapter $(ADAPTER) $(EVAL_ARGS) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench.py crop
+	$(PY) bench.py logprobs
+	$(PY) bench.py rollout
+
+lint: setup
+	$(PY) -m compileall -q *.py kernels tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,142 @@
+"""Pixels and boxes: Qwen2.5-VL's smart_resize, box checks and frame mapping, image encoding.
+
+The model is shown a *global* image (the original resized to a token budget, and in stage 1 further down to
+the sample's information-gap level). Its tool calls name boxes in that shown frame; we map them to the
+original frame and cut the crop from the original, so a crop carries detail the global image lacks.
+
+    from crop import encode_image; pv, grid = encode_image(pil_image, box=None, max_pixels=1024 * 28 * 28)
+"""
+import math
+
+import torch
+from PIL import Image, ImageDraw
+
+import kernels
+
+FACTOR = 28  # patch 14 x merge 2: one language-model token covers 28x28 pixels
+MIN_PIXELS = 4 * FACTOR * FACTOR
+MIN_SIDE = 28  # a crop smaller than this is grown about its centre [choice]
+MAX_ASPECT = 100  # crops more elongated than this are refused
+
+
+def tokens_to_pixels(tokens):
+    """A budget in language-model tokens -> max_pixels (one token is 28x28 pixels)."""
+    return int(tokens) * FACTOR * FACTOR
+
+
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=16384 * FACTOR * FACTOR):
+    """Qwen's rule: sides to multiples of `factor` (Python round), area scaled into [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_uint8(image):
+    """PIL image (any mode) or uint8 (H, W, 3) tensor -> uint8 (H, W, 3) tensor, RGB."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a uint8 (H, W, 3) tensor, got {tuple(image.shape)} {image.dtype}")
+        return image
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+
+
+def check_box(box, shown_wh, orig_wh, min_side=MIN_SIDE, max_aspect=MAX_ASPECT):
+    """A box the model named in the shown frame -> (integer box in the original frame, None) or (None, why).
+
+    Checks: four finite numbers, x2 > x1 and y2 > y1, overlaps the image. Then: mapped to the original frame,
+    clamped, grown about its centre to `min_side`, and refused if more elongated than `max_aspect`."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return None, "bbox_2d must be a list of four numbers [x1, y1, x2, y2]"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        return None, "bbox_2d must hold numbers only"
+    try:
+        box = [float(v) for v in box]
+    except OverflowError:
+        return None, "bbox_2d holds a number too large"
+    if not all(math.isfinite(v) for v in box):
+        return None, "bbox_2d holds a non-finite number"
+    x1, y1, x2, y2 = map_box(box, shown_wh, orig_wh)
+    if x2 <= x1 or y2 <= y1:
+        return None, f"empty or inverted box {list(box)}: need x1 < x2 and y1 < y2"
+    W, H = orig_wh
+    x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(W), x2), min(float(H), y2)
+    if x2 <= x1 or y2 <= y1:
+        return None, f"box {list(box)} lies outside the image ({shown_wh[0]}x{shown_wh[1]})"
+    x1, x2 = _grow(x1, x2, min_side, W)
+    y1, y2 = _grow(y1, y2, min_side, H)
+    x1, y1, x2, y2 = round(x1), round(y1), round(x2), round(y2)
+    if max(x2 - x1, y2 - y1) / min(x2 - x1, y2 - y1) > max_aspect:
+        return None, f"box {list(box)} is more elongated than {max_aspect}:1"
+    return (x1, y1, x2, y2), None
+
+
+def _grow(lo, hi, min_side, limit):
+    """Grow [lo, hi) about its centre to at least min_side, shifted to stay inside [0, limit)."""
+    if hi - lo >= min_side:
+        return lo, hi
+    side = min(min_side, limit)
+    lo = min(max(0.0, (lo + hi - side) / 2), limit - side)
+    return lo, lo + side
+
+
+def map_box(box, from_wh, to_wh):
+    """Scale a box (x1, y1, x2, y2) from one pixel frame (width, height) to another."""
+    sx, sy = to_wh[0] / from_wh[0], to_wh[1] / from_wh[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def shown_size(orig_wh, max_pixels):
+    """(width, height) of the global image the model sees: the original under smart_resize."""
+    h, w = smart_resize(orig_wh[1], orig_wh[0], max_pixels=max_pixels)
+    return w, h
+
+
+def encode_image(image, box=None, *, min_pixels=MIN_PIXELS, max_pixels):
+    """Image (PIL or uint8 (H, W, 3)) and an optional integer box in original pixels -> (pixel_values
+    float32 (N, 1176), grid_thw long (1, 3)): Qwen2.5-VL's processor on the crop, in one resample."""
+    pv, grids = encode_crops(to_uint8(image), [box], min_pixels=min_pixels, max_pixels=max_pixels)
+    return pv, grids
+
+
+def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels):
+    """Many boxes of one uint8 image in one call (None = whole image) -> (pixel_values, grid_thw (K, 3))."""
+    H, W, _ = image_u8.shape
+    boxes = [(0, 0, W, H) if b is None else b for b in boxes]
+    out_hw = [smart_resize(y2 - y1, x2 - x1, min_pixels=min_pixels, max_pixels=max_pixels)
+              for x1, y1, x2, y2 in boxes]
+    pv = kernels.crop_resample(image_u8, torch.tensor(boxes, dtype=torch.float32), out_hw)
+    grids = torch.tensor([[1, h // 14, w // 14] for h, w in out_hw], dtype=torch.long)
+    return pv, grids
+
+
+def resized(image, max_pixels):
+    """The PIL image the model is shown under a budget (for reports and the info-gap selection)."""
+    w, h = shown_size(image.size, max_pixels)
+    return image.convert("RGB").resize((w, h), Image.BICUBIC)
+
+
+def noise_image(width, height, seed):
+    """Uniform noise of a crop's size: the noise probe swaps a returned crop for this."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
+
+
+def draw_boxes(image, boxes, colors=("red", "lime", "cyan", "yellow"), width=4):
+    """A copy of the image with boxes (original frame) drawn, for reports and rollout dumps."""
+    image = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(image)
+    for i, b in enumerate(boxes):
+        draw.rectangle(list(b), outline=colors[i % len(colors)], width=width)
+    return image

@@ -1,0 +1,221 @@
+"""Data: the synthetic high-resolution VQA set (the embedded default) and the project's JSONL format.
+
+Synthetic: 2-4K images full of clutter with one small white label holding a short word or a tiny glyph.
+At the global budget the label is a few pixels wide and unreadable; a crop of the original reads it.
+JSONL (one sample per line; relative image paths resolve against the file's folder):
+    {"id": "a1", "image": "imgs/a.jpg", "question": "...", "options": ["...", ...], "answer": "B",
+     "boxes": [[x1, y1, x2, y2], ...]}     # options and boxes optional; boxes nested, innermost first
+
+    python data.py show --data synthetic:4          # print samples
+"""
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver window garden bridge "
+         "honey violin planet marble castle dragon").split()
+GLYPHS = ("circle", "square", "triangle", "cross")
+LETTERS = "ABCDE"
+Image.MAX_IMAGE_PIXELS = 200_000_000  # PIL's bomb guard, raised for 8K+ originals (about 6x an 8K image)
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    answer: str  # an option letter when `options` is set, else the answer text
+    width: int
+    height: int
+    options: list = None
+    boxes: list = None  # nested boxes, innermost first, original pixels
+    category: str = "default"
+    image_path: str = None  # where the original lives; None for synthetic samples
+    make: object = field(default=None, repr=False)  # synthetic: a function that draws the original
+    global_tokens: int = None  # information-gap level (stage 1), if selected
+
+    def image(self):
+        """The original image, RGB."""
+        if self.make is not None:
+            return self.make()
+        with Image.open(self.image_path) as im:
+            return im.convert("RGB")
+
+    def prompt_text(self):
+        """The question with its options as lettered lines."""
+        if not self.options:
+            return self.question
+        lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options)]
+        return self.question + "\n" + "\n".join(lines) + "\nAnswer with the option's letter."
+
+
+# ---------------------------------------------------------------- synthetic
+
+def synthetic(n, seed=0, min_side=2048, max_side=4096):
+    """n deterministic samples: the same (n, seed) always gives the same images, questions and boxes."""
+    return [_synthetic_sample(i, seed, min_side, max_side) for i in range(n)]
+
+
+def _synthetic_sample(i, seed, min_side, max_side):
+    rng = random.Random(seed * 1_000_003 + i)
+    w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+    category = rng.choice(("word", "glyph"))
+    choices = rng.sample(WORDS if category == "word" else GLYPHS, 4)
+    answer = rng.randrange(4)
+    lw, lh = (96, 30) if category == "word" else (30, 30)  # the label: small against a 2-4K image
+    lx, ly = rng.randint(lw, w - 2 * lw), rng.randint(lh, h - 2 * lh)
+    b1 = [lx, ly, lx + lw, ly + lh]
+    boxes = [b1] + [_expand(b1, k, w, h) for k in (4, 12)]
+    question = ("What word is written on the small white label?" if category == "word"
+                else "Which shape is drawn on the small white label?")
+    draw_seed = rng.random()
+
+    def make():
+        return _draw(w, h, b1, category, choices[answer], random.Random(draw_seed))
+
+    return Sample(id=f"syn-{seed}-{i}", question=question, answer=LETTERS[answer], width=w, height=h,
+                  options=choices, boxes=boxes, category=category, make=make)
+
+
+def _expand(box, k, w, h):
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw, hh = (box[2] - box[0]) * k / 2, (box[3] - box[1]) * k / 2
+    return [max(0, round(cx - hw)), max(0, round(cy - hh)), min(w, round(cx + hw)), min(h, round(cy + hh))]
+
+
+def _draw(w, h, label, category, target, rng):
+    img = Image.new("RGB", (w, h), tuple(rng.randint(60, 200) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(250):  # clutter: shapes that blur into texture when downsampled
+        x, y = rng.randint(0, w), rng.randint(0, h)
+        s = rng.randint(20, max(40, w // 8))
+        color = tuple(rng.randint(0, 255) for _ in range(3))
+        shape = rng.choice((d.rectangle, d.ellipse, d.line))
+        if shape is d.line:
+            d.line([x, y, x + rng.randint(-s, s), y + rng.randint(-s, s)], fill=color, width=rng.randint(2, 9))
+        else:
+            shape([x, y, x + s, y + rng.randint(20, s)], fill=color)
+    d.rectangle(label, fill="white", outline="black")
+    x1, y1, x2, y2 = label
+    if category == "word":
+        d.text((x1 + 4, y1 + 6), target, fill="black", font=ImageFont.load_default(size=16))
+    else:
+        cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, 10
+        if target == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill="black")
+        elif target == "square":
+            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill="black")
+        elif target == "triangle":
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill="black")
+        else:
+            d.line([cx - r, cy - r, cx + r, cy + r], fill="black", width=4)
+            d.line([cx - r, cy + r, cx + r, cy - r], fill="black", width=4)
+    return img
+
+
+# ---------------------------------------------------------------- JSONL
+
+def read_jsonl(path, max_reasons=5):
+    """Samples from the project's JSONL. Bad rows are skipped; their count and first reasons are printed."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file not found: {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    samples, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(_jsonl_row(json.loads(line), root, n))
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                bad.append(f"{path}:{n}: {e}")
+    if bad:
+        print(f"skipped {len(bad)} bad row(s) of {path}:")
+        for reason in bad[:max_reasons]:
+            print("  " + reason)
+    if not samples:
+        raise SystemExit(f"error: no usable sample in {path}")
+    return samples
+
+
+def _jsonl_row(row, root, n):
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object")
+    for key in ("image", "question", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"missing or empty {key!r}")
+    path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
+    try:
+        with Image.open(path) as im:  # reads the header only: checks the file is an image, gets its size
+            width, height = im.size
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path}: {e}") from None
+    options = row.get("options")
+    answer = row["answer"].strip()
+    if options is not None:
+        if not isinstance(options, list) or not 2 <= len(options) <= 5 or not all(isinstance(o, str) for o in options):
+            raise ValueError("'options' must be a list of 2 to 5 strings")
+        answer = answer.upper()
+        if answer not in LETTERS[:len(options)]:
+            raise ValueError(f"answer {row['answer']!r} is not an option letter")
+    boxes = row.get("boxes")
+    if boxes is not None:
+        boxes = _check_nested(boxes, width, height)
+    return Sample(id=str(row.get("id", n)), question=row["question"], answer=answer, width=width, height=height,
+                  options=options, boxes=boxes, category=str(row.get("category", "default")), image_path=path,
+                  global_tokens=row.get("global_tokens"))
+
+
+def _check_nested(boxes, width, height):
+    if not isinstance(boxes, list) or not boxes:
+        raise ValueError("'boxes' must be a non-empty list of [x1, y1, x2, y2]")
+    out = []
+    for b in boxes:
+        if (not isinstance(b, list) or len(b) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise ValueError(f"box {b!r} is not [x1, y1, x2, y2]")
+        if not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height):
+            raise ValueError(f"box {b} is empty or outside the {width}x{height} image")
+        if out and not (b[0] <= out[-1][0] and b[1] <= out[-1][1] and b[2] >= out[-1][2] and b[3] >= out[-1][3]):
+            raise ValueError(f"box {b} does not contain the box before it (boxes go innermost first)")
+        out.append([float(v) for v in b])
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+
+BENCHMARKS = {
+    "hrbench": "hr_bench_4k.tsv / hr_bench_8k.tsv (HR-Bench, published with the HR-Bench paper on Hugging Face)",
+    "vstar": "the V* Bench folder with direct_attributes/ and relative_position/ (published by the V* authors)",
+    "mmerw": "MME-RealWorld(-Lite) JSON + image folder (published by the MME-RealWorld authors)",
+}
+
+
+def load(spec, seed=0):
+    """A data spec -> samples. `synthetic` or `synthetic:N` (N samples, seeded), or a JSONL path."""
+    if spec.startswith("synthetic"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 256
+        return synthetic(n, seed)
+    if spec.endswith(".jsonl"):
+        return read_jsonl(spec)
+    if not os.path.exists(spec):
+        raise SystemExit(f"error: data not found: {spec} (expected 'synthetic[:N]' or a .jsonl file)")
+    raise SystemExit(f"error: unsupported data {spec!r}: expected 'synthetic[:N]' or a .jsonl file")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Inspect a data set.")
+    ap.add_argument("command", choices=["show"], help="show: print the first samples")
+    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N] or a .jsonl file")
+    ap.add_argument("--limit", type=int, default=4, help="how many samples to print")
+    args = ap.parse_args()
+    for s in load(args.data)[:args.limit]:
+        print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  "
+              + s.prompt_text().replace("\n", "\n  "))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Evaluate a policy with the tool loop: accuracy per category, with optional crop-dependence probes.
+
+    python eval.py --bench synthetic                                  # tiny model, synthetic set
+    python eval.py --bench synthetic --adapter runs/stage2/final      # a trained adapter
+    python eval.py --bench synthetic --probe noise                    # every returned crop is noise
+    python eval.py --bench synthetic --data eval.jsonl --model DIR    # any JSONL in the project's format
+
+Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finish, so a rerun skips what
+is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
+"""
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+import data
+import model
+import rewards
+from rollout import RolloutConfig, rollout
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", default="synthetic", choices=["synthetic", "hrbench", "vstar", "mmerw"],
+                    help="which benchmark to run")
+    ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
+    ap.add_argument("--model", default="tiny", help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final)")
+    ap.add_argument("--global-tokens", type=int, default=1024, help="global image budget in tokens (paper: 1024, 16384)")
+    ap.add_argument("--crop-tokens", type=int, default=1024, help="budget of each returned crop in tokens")
+    ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
+                    help="noise: crops replaced by noise; gt-box: the model's box replaced by the ground truth; "
+                         "no-tool: the tool is not offered")
+    ap.add_argument("--max-turns", type=int, default=10, help="assistant turns per item")
+    ap.add_argument("--max-turn-tokens", type=int, default=1024, help="tokens the model may write per turn")
+    ap.add_argument("--max-response-tokens", type=int, default=8192, help="tokens after the prompt per item")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
+    ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
+    ap.add_argument("--html", default=None, help="also write a self-contained HTML report to this file")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the synthetic set (training uses 0)")
+    return ap.parse_args(argv)
+
+
+def load_bench(args):
+    if args.bench != "synthetic":
+        raise SystemExit(f"error: --bench {args.bench}: its loader is not built yet; it will read "
+                         f"{data.BENCHMARKS[args.bench]}. Use --bench synthetic, or convert the items to the "
+                         f"project's JSONL and pass --bench synthetic --data FILE.jsonl")
+    return data.load(args.data or "synthetic:32", seed=args.seed)
+
+
+def evaluate(args):
+    samples = load_bench(args)[:args.limit]
+    name = args.bench + (f"-{args.probe}" if args.probe else "")
+    out = args.out or os.path.join("runs", "eval", name)
+    os.makedirs(out, exist_ok=True)
+    items_path = os.path.join(out, "items.jsonl")
+    done = _read_items(items_path)
+    todo = [s for s in samples if s.id not in done]
+    if done:
+        print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
+    if todo:
+        policy = model.load_policy(args.model, adapter=args.adapter, lora=False, trainable=False)
+        cfg = RolloutConfig(group_size=1, greedy=True, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
+                            max_response_tokens=args.max_response_tokens, global_tokens=args.global_tokens,
+                            crop_tokens=args.crop_tokens, probe=args.probe, max_crops=args.max_turns)
+        bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
+        for i in range(0, len(todo), args.batch):
+            t0 = time.time()
+            episodes = rollout(policy, todo[i:i + args.batch], cfg)
+            seconds = (time.time() - t0) / len(episodes)
+            with open(items_path, "a") as f:
+                for e in episodes:
+                    item = _item(e, seconds)
+                    done[item["id"]] = item
+                    f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
+            bar.update(len(episodes))
+            bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
+        bar.close()
+    items = [done[s.id] for s in samples if s.id in done]
+    summary = summarize(items, name)
+    _write_reports(out, summary)
+    if args.html:
+        write_html(args.html, items, {s.id: s for s in samples}, summary)
+    print(_markdown(summary))
+    return summary
+
+
+def _item(e, seconds):
+    reply = rewards.extract_answer(e.text)
+    if reply is None:  # a model that does not use the protocol: take the bare reply
+        reply = e.text
+    s = e.sample
+    return dict(id=s.id, category=s.category, answer=s.answer, reply=reply,
+                correct=rewards.accuracy(reply, s.answer, s.options), text=e.text, boxes_shown=e.boxes_shown,
+                boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
+                tool_errors=e.num_tool_errors, seconds=seconds)
+
+
+def _read_items(path):
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                    done[item["id"]] = item
+                except (ValueError, KeyError):  # a line cut by a kill: that item is simply redone
+                    continue
+    return done
+
+
+def summarize(items, name):
+    """Accuracy per category and overall (micro), tool use and mean seconds per question."""
+    cats = {}
+    for it in items:
+        cats.setdefault(it["category"], []).append(it["correct"])
+    n = max(1, len(items))
+    return dict(name=name, num_items=len(items),
+                accuracy=sum(it["correct"] for it in items) / n,
+                per_category={c: sum(v) / len(v) for c, v in sorted(cats.items())},
+                count_per_category={c: len(v) for c, v in sorted(cats.items())},
+                tool_calls=sum(it["tool_calls"] for it in items) / n,
+                tool_errors=sum(it["tool_errors"] for it in items) / n,
+                seconds_per_item=sum(it["seconds"] for it in items) / n)
+
+
+def _markdown(summary):
+    rows = [f"| {c} | {summary['count_per_category'][c]} | {100 * a:.1f} |" for c, a in summary["per_category"].items()]
+    return "\n".join([f"### {summary['name']}", "", "| category | items | accuracy (%) |", "|---|---|---|", *rows,
+                      f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", "",
+                      f"tool calls per item {summary['tool_calls']:.2f}, tool errors per item "
+                      f"{summary['tool_errors']:.2f}, {summary['seconds_per_item']:.2f} s per item"])
+
+
+def _write_reports(out, summary):
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(_markdown(summary) + "\n")
+
+
+def write_html(path, items, samples, summary, thumb=512):
+    """One page: the summary table, then per item the image with predicted (red...) and ground-truth (lime,
+    dashed in the legend) boxes, the answer and the transcript."""
+    import crop
+
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(summary['name'])}</title></head><body>",
+             f"<pre>{html.escape(_markdown(summary))}</pre>"]
+    for it in items:
+        s = samples[it["id"]]
+        im = crop.draw_boxes(s.image(), it["boxes"], colors=("red",), width=max(2, s.width // 300))
+        if it["gt_boxes"]:
+            im = crop.draw_boxes(im, it["gt_boxes"][:1], colors=("lime",), width=max(2, s.width // 300))
+        im.thumbnail((thumb, thumb))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        mark = "right" if it["correct"] else "wrong"
+        parts.append(f"<hr><h3>{html.escape(it['id'])} [{html.escape(it['category'])}]: {mark} "
+                     f"(answer {html.escape(it['answer'])}, reply {html.escape(str(it['reply'])[:80])})</h3>"
+                     f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+                     f"<p>red: the model's crops; lime: ground truth</p><pre>{html.escape(it['text'])}</pre>")
+    with open(path, "w") as f:
+        f.write("".join(parts) + "</body></html>")
+
+
+if __name__ == "__main__":
+    evaluate(parse_args())

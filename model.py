@@ -1,0 +1,271 @@
+"""The policy: Qwen2.5-VL in 4-bit NF4 with LoRA on the language model, or `tiny` (built offline, seeded).
+
+Holds the chat template (we expand image pads ourselves: no processor class, no torchvision), Qwen's 3-D
+rotary positions, the forward pass to hidden states, and `sequence_logprobs`, which gets token log-probs
+from hidden states through `kernels.selective_logprobs` (never the full logits). The reference policy is the
+same model with its adapters disabled, so there is no second copy in memory.
+
+    python -c "import model; p = model.load_policy('tiny'); print(p.model)"
+"""
+import contextlib
+import json
+import logging
+import os
+
+import torch
+
+import kernels
+
+# bitsandbytes' CPU backend warns on import when an optional kernel hub package is missing; it falls back.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+SYSTEM_PROMPT = """You are a helpful assistant.
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{"type": "function", "function": {"name": "image_zoom_in_tool", "description": "Zoom in on a region of the image by cropping it with a bounding box and return the crop at high resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "The region to zoom in on, as [x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of the image you were shown."}, "label": {"type": "string", "description": "The name of the object in the box (optional)."}}, "required": ["bbox_2d"]}}}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>"""
+
+USER_SUFFIX = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
+               "its region. Put the final answer inside <answer></answer>.")
+
+SYSTEM_PROMPT_NO_TOOL = "You are a helpful assistant."
+USER_SUFFIX_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]  # added (non-special) tokens in Qwen's vocabulary too
+
+# Qwen's chat template, without tools or video: kept with the tiny tokenizer so exported models chat as usual.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class Policy:
+    """A loaded model with its tokenizer and the token ids the rollout needs."""
+
+    def __init__(self, model, tokenizer, name):
+        self.model = model  # a PeftModel (LoRA) or a plain Qwen2_5_VLForConditionalGeneration
+        self.tokenizer = tokenizer
+        self.name = name
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.lm = hf.model  # Qwen2_5_VLModel: vision tower + language model (LoRA layers injected in place)
+        self.head = hf.lm_head
+        tok = tokenizer.convert_tokens_to_ids
+        self.im_start, self.im_end = tok("<|im_start|>"), tok("<|im_end|>")
+        self.vision_start, self.vision_end = tok("<|vision_start|>"), tok("<|vision_end|>")
+        self.image_pad = tok("<|image_pad|>")
+        self.tool_call_end = tok("</tool_call>")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
+        self.merge = hf.config.vision_config.spatial_merge_size
+        # tokens only the harness writes: sampling one would break the image-pad / image count
+        self.banned = [tok(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                                        "<|video_pad|>")]
+
+    @property
+    def device(self):
+        return self.head.weight.device
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def image_block(self, grid):
+        """Token ids of one image: vision_start, t*h*w/merge^2 image pads, vision_end."""
+        n = int(grid[0] * grid[1] * grid[2]) // self.merge ** 2
+        return [self.vision_start] + [self.image_pad] * n + [self.vision_end]
+
+    def prompt_ids(self, question, grid, tools=True):
+        """System + user turn with the global image + the opening of the assistant turn. tools=False: the
+        prompt declares no tool (the no-tool probe)."""
+        system, suffix = (SYSTEM_PROMPT, USER_SUFFIX) if tools else (SYSTEM_PROMPT_NO_TOOL, USER_SUFFIX_NO_TOOL)
+        head = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+        tail = self.encode(f"{question}{suffix}<|im_end|>\n<|im_start|>assistant\n")
+        return head + self.image_block(grid) + tail
+
+    def tool_turn_ids(self, closed, grid=None, error=None):
+        """The tool's reply as a user turn: the crop (grid) or an `Error: ...` text, then a new assistant
+        turn. `closed`: the assistant turn already ended with <|im_end|> (else we close it here)."""
+        ids = [] if closed else self.encode("<|im_end|>\n")
+        ids += self.encode("<|im_start|>user\n<tool_response>")
+        ids += self.image_block(grid) if error is None else self.encode(f"Error: {error}")
+        return ids + self.encode("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+    def forward_hidden(self, ids, attention_mask, position_ids, pixel_values=None, grid_thw=None, cache=None):
+        """Last hidden states (B, T, D) of the language model (no lm_head), and the updated KV cache.
+        Images in `pixel_values` fill this call's image pads in order (row-major over the batch)."""
+        out = self.lm(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                      pixel_values=pixel_values, image_grid_thw=grid_thw, cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state, out.cache
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy: the same weights with LoRA switched off."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_adapter(self, path):
+        self.model.save_pretrained(path)
+
+
+def rope_positions(ids, grids, image_pad, start=0, merge=2):
+    """Qwen2.5-VL's 3-D rotary positions for a chunk of token ids that continues a row at `start`.
+
+    Text: all three axes = a running counter. An image (a run of image pads, grids in order) at counter s:
+    (s, s + row, s + col) over its merged grid; the counter then continues at s + max(rows, cols).
+    Returns positions long (3, len(ids)) and the counter after the chunk."""
+    pos = torch.empty(3, len(ids), dtype=torch.long)
+    grids = iter(grids)
+    i, s = 0, start
+    while i < len(ids):
+        if ids[i] != image_pad:
+            pos[:, i] = s
+            i, s = i + 1, s + 1
+            continue
+        _, gh, gw = (int(v) for v in next(grids))
+        gh, gw = gh // merge, gw // merge
+        rows = torch.arange(gh).repeat_interleave(gw)
+        cols = torch.arange(gw).repeat(gh)
+        pos[0, i:i + gh * gw] = s
+        pos[1, i:i + gh * gw] = s + rows
+        pos[2, i:i + gh * gw] = s + cols
+        i, s = i + gh * gw, s + max(gh, gw)
+    return pos, s
+
+
+def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
+    """Log-probs of the tokens with loss_mask == 1, from hidden states (never the full logits).
+
+    batch: ids (B, T), attention_mask (B, T), position_ids (3, B, T), loss_mask (B, T), pixel_values, grid_thw.
+    Returns logp (N,) in row-major order of the loss-mask positions [, entropy (N,)]."""
+    hidden, _ = policy.forward_hidden(batch["ids"], batch["attention_mask"], batch["position_ids"],
+                                      batch["pixel_values"], batch["grid_thw"])  # (B, T, D)
+    predicts = batch["loss_mask"][:, 1:].bool()  # hidden at t predicts token t + 1
+    h = hidden[:, :-1][predicts]  # (N, D)
+    targets = batch["ids"][:, 1:][predicts]  # (N,)
+    return kernels.selective_logprobs(h, policy.head.weight, targets, temperature, with_entropy)
+
+
+# ---------------------------------------------------------------- loading
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained here from a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("what which where is the word written in small box letter color shape circle square triangle "
+             "cross star answer think zoom region image tool call bbox label A B C D yes no left right top "
+             "bottom red green blue black white").split()
+    corpus = [SYSTEM_PROMPT, USER_SUFFIX, " ".join(words),
+              '<think>The text is too small, zoom in.</think>',
+              '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 300, 400]}}',
+              "<answer>B</answer> <tool_response> Error: </tool_response> 0123456789 [], .:;!?'\""]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.add_tokens(TOOL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(seed=0):
+    """Qwen2.5-VL architecture at toy size (hidden 64, 2 layers), seeded random weights, fp32."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                         initializer_range=0.1,  # peakier than 0.02, so a LoRA can move its choices quickly
+                         bos_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.float().eval(), tokenizer
+
+
+def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=32, quantize=None,
+                gradient_checkpointing=False, trainable=True, seed=0, device=None):
+    """Load `tiny` or a Qwen2.5-VL checkpoint (hub id or local path) and wrap it with LoRA.
+
+    adapter: a PEFT adapter folder to start from (stage 2 starts from stage 1's). lora=False: the model as
+    it is (an external checkpoint such as DeepEyes, for evaluation). quantize: 4-bit NF4 (default: on CUDA)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "tiny":
+        model, tokenizer = build_tiny(seed)
+        model.to(device)
+    else:
+        model, tokenizer = _load_checkpoint(name, device, quantize)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    elif lora:
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                         bias="none", init_lora_weights=True)
+        model = get_peft_model(model, cfg)
+    return Policy(model, tokenizer, name)
+
+
+def _load_checkpoint(name, device, quantize):
+    """A real checkpoint: the language model's linear layers in NF4 (double quant, bf16 compute); the vision
+    tower and lm_head stay in bf16. A missing checkpoint is one clear line, not a hub traceback."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    quantize = (device == "cuda") if quantize is None else quantize
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16,
+                             llm_int8_skip_modules=["visual", "lm_head"]) if quantize else None
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name, dtype=dtype, quantization_config=bnb, device_map={"": device}, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}\n"
+                         f"  Download it first (e.g. huggingface-cli download {name} --local-dir DIR) and pass "
+                         f"--model DIR; use --model tiny for the built-in toy model.")
+    return model.eval(), tokenizer
+
+
+def adapter_config(path):
+    """The saved adapter's PEFT config (to check which base model an adapter was trained on)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f)

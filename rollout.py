@@ -1,0 +1,287 @@
+"""The multi-turn tool loop: prompts -> Episodes, batched, with one KV cache kept across turns.
+
+Each row (one prompt x one group sample) holds its own token list and a queue of `pending` tokens not yet
+run through the model. One forward call feeds every live row its pending tokens at once, right-padded to
+the longest (a pad has attention mask 0 and is never attended to, so rows of different lengths and states
+share one batch and one cache). Usually a row's pending queue is the one token it just sampled; after a
+tool call it is that token plus the whole tool turn (the crop's image pads). Positions are Qwen's 3-D
+rotary positions, computed per row (model.rope_positions) because pads would throw off HF's own.
+Finished rows are dropped from the batch and the cache.
+
+Tool protocol (DeepEyes): `<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2,
+y2]}}</tool_call>` in the frame of the shown global image; the reply is a user turn `<tool_response>` + the
+crop (cut from the original) + `</tool_response>`, or `Error: ...` text for a bad call.
+"""
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+import crop
+from model import rope_positions
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 1  # samples per prompt (GRPO group); rows = prompts x group_size
+    max_rows: int = 64  # rows per forward batch; more prompts are rolled out in slices
+    max_turns: int = 5  # assistant turns per episode
+    max_crops: int = 6  # successful crops per episode; later calls get an error reply
+    max_turn_tokens: int = 512  # tokens the model may write in one turn
+    max_response_tokens: int = 2048  # everything after the prompt: written tokens and tool turns
+    temperature: float = 1.0  # sampling temperature (log-probs are taken at the same temperature)
+    top_p: float = 1.0  # nucleus sampling
+    greedy: bool = False  # argmax decoding (evaluation)
+    global_tokens: int = 1024  # budget of the global image, in language-model tokens
+    crop_tokens: int = 1024  # budget of each returned crop
+    probe: str = None  # None | "noise" (crop -> noise) | "gt-box" (box -> ground truth) | "no-tool"
+    seed: int = 0  # sampling seeds derive from (seed, step, prompt, sample)
+
+
+@dataclass
+class Episode:
+    sample: object  # the data.Sample
+    group: int  # index of the prompt in the rollout call (rows of one group share it)
+    ids: list  # prompt + response token ids, never re-tokenised
+    loss_mask: list  # 1 where the policy sampled the token, 0 for prompt, tool turns and padding
+    logps: list  # log-prob of each token when sampled (0 where loss_mask is 0)
+    pixel_values: list  # per image in order (global image first, then crops): float32 (N_i, 1176)
+    grids: list  # per image: (t, h, w) patch grid
+    prompt_len: int
+    boxes_shown: list = field(default_factory=list)  # each successful crop's box as the model wrote it
+    boxes: list = field(default_factory=list)  # the same boxes in the original frame (what was cut)
+    text: str = ""  # the response as text, image pads removed
+    turns: int = 0
+    num_tool_calls: int = 0  # successful crops
+    num_tool_errors: int = 0
+    tool_errors: Counter = field(default_factory=Counter)  # errors by kind
+    finished: bool = False  # ended with <|im_end|> after a turn without a tool call
+    truncated: bool = False  # stopped by a token or turn limit
+
+
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def parse_tool_call(turn_text):
+    """One assistant turn -> (None, None) when it calls no tool, (bbox, None) for a well-formed call, or
+    (None, (kind, message)) for a bad one. Model output is parsed as JSON data only; never raises."""
+    calls = TOOL_CALL_RE.findall(turn_text)
+    if not calls:
+        if "<tool_call>" in turn_text:
+            return None, ("unclosed", "<tool_call> was not closed with </tool_call>")
+        return None, None
+    if len(calls) > 1:
+        return None, ("multiple", "one tool call per turn, please")
+    try:
+        call = json.loads(calls[0])
+    except (ValueError, RecursionError) as e:
+        return None, ("json", f"the tool call is not valid JSON ({type(e).__name__})")
+    if not isinstance(call, dict):
+        return None, ("json", "the tool call must be a JSON object with 'name' and 'arguments'")
+    if call.get("name") != "image_zoom_in_tool":
+        return None, ("name", f"unknown tool {str(call.get('name'))[:40]!r}; the tool is image_zoom_in_tool")
+    args = call.get("arguments")
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError):
+            pass
+    if not isinstance(args, dict) or "bbox_2d" not in args:
+        return None, ("args", "arguments must hold bbox_2d = [x1, y1, x2, y2]")
+    return args["bbox_2d"], None
+
+
+@dataclass
+class _Row:
+    ep: Episode
+    orig: torch.Tensor  # uint8 (H, W, 3) original
+    shown_wh: tuple  # size of the global image the model sees
+    gen: torch.Generator
+    pending: list  # token ids not yet run through the model
+    pending_images: list  # (pixel_values, grid) of images among `pending`
+    next_pos: int = 0  # the rotary position counter after the tokens already in the cache
+    turn_start: int = 0  # index in ep.ids where the current assistant turn begins
+
+
+def rollout(policy, samples, cfg, *, step=0, force=None):
+    """Roll out every sample group_size times. Returns Episodes, group-major (prompt 0's samples first).
+
+    force: for tests and demos, a function (episode) -> token id or None that replaces sampling for a row
+    (teacher forcing: the recorded log-probs are still the model's)."""
+    episodes = []
+    rows_per_slice = max(1, cfg.max_rows // cfg.group_size)
+    for s in range(0, len(samples), rows_per_slice):
+        episodes += _rollout_slice(policy, samples[s:s + rows_per_slice], cfg, step, s, force)
+    return episodes
+
+
+@torch.no_grad()
+def _rollout_slice(policy, samples, cfg, step, first, force):
+    rows = []
+    for p, sample in enumerate(samples, first):
+        orig = crop.to_uint8(sample.image())
+        budget = min(cfg.global_tokens, sample.global_tokens or cfg.global_tokens)  # info-gap level
+        pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
+        shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
+        ids = policy.prompt_ids(sample.prompt_text(), grid[0], tools=cfg.probe != "no-tool")
+        for k in range(cfg.group_size):
+            ep = Episode(sample=sample, group=p, ids=list(ids), loss_mask=[0] * len(ids), logps=[0.0] * len(ids),
+                         pixel_values=[pv], grids=[grid[0].tolist()], prompt_len=len(ids))
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k)
+            rows.append(_Row(ep, orig, shown_wh, gen, pending=list(ids), pending_images=[(pv, grid)],
+                             turn_start=len(ids)))
+    cache = _new_cache(policy)
+    live = list(rows)
+    mask_hist = torch.zeros(len(live), 0, dtype=torch.long)  # (B, cache length): 1 = real token
+    while live:
+        # 1. one forward over every live row's pending tokens, right-padded
+        ids, attn, pos, pvs, grids, last = _chunk(policy, live)
+        mask_hist = torch.cat([mask_hist, attn], 1)
+        hidden, cache = policy.forward_hidden(ids.to(policy.device), mask_hist.to(policy.device),
+                                              pos.to(policy.device), pvs, grids, cache)
+        h = hidden[torch.arange(len(live)), last]  # (B, D): the state after each row's last real token
+        logits = (h.float() @ policy.head.weight.float().T) / cfg.temperature  # (B, V)
+        logp_all = torch.log_softmax(logits, -1).cpu()  # recorded: the same full softmax the loss uses
+        sample_logp = logp_all.clone()
+        sample_logp[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
+        # 2. sample one token per row, then act on it: continue, answer the tool call, or stop
+        keep = []
+        for b, row in enumerate(live):
+            ep = row.ep
+            tok = force(ep) if force is not None else None
+            tok = _sample(sample_logp[b], cfg, row.gen) if tok is None else tok
+            ep.ids.append(tok)
+            ep.loss_mask.append(1)
+            ep.logps.append(float(logp_all[b, tok]))
+            row.pending, row.pending_images = [tok], []
+            if _advance(policy, row, tok, cfg):
+                keep.append(b)
+        if len(keep) < len(live):  # drop finished rows from the batch and the cache
+            idx = torch.tensor(keep, dtype=torch.long)
+            live = [live[i] for i in keep]
+            mask_hist = mask_hist[idx]
+            if live:
+                cache.batch_select_indices(idx.to(policy.device))
+    for row in rows:
+        _finish_text(policy, row.ep)
+    return [row.ep for row in rows]
+
+
+def _new_cache(policy):
+    from transformers import DynamicCache
+    return DynamicCache(config=policy.lm.config.text_config)
+
+
+def _chunk(policy, live):
+    """Stack the live rows' pending tokens: ids and attention mask (B, L), positions (3, B, L), the images in
+    row order, and the index of each row's last real token."""
+    L = max(len(r.pending) for r in live)
+    ids = torch.full((len(live), L), policy.pad, dtype=torch.long)
+    attn = torch.zeros(len(live), L, dtype=torch.long)
+    pos = torch.zeros(3, len(live), L, dtype=torch.long)
+    pvs, grids, last = [], [], []
+    for b, r in enumerate(live):
+        n = len(r.pending)
+        ids[b, :n] = torch.tensor(r.pending)
+        attn[b, :n] = 1
+        pos[:, b, :n], r.next_pos = rope_positions(r.pending, [g[0] for _, g in r.pending_images],
+                                                   policy.image_pad, r.next_pos, policy.merge)
+        for pv, g in r.pending_images:
+            pvs.append(pv)
+            grids.append(g)
+        last.append(n - 1)
+    if not pvs:
+        return ids, attn, pos, None, None, last
+    pvs = torch.cat(pvs).to(policy.device, policy.lm.visual.dtype)
+    return ids, attn, pos, pvs, torch.cat(grids).to(policy.device), last
+
+
+def _sample(logp, cfg, gen):
+    """One token from log-probs (V,): argmax, or temperature-scaled (already) with top-p, seeded."""
+    if cfg.greedy:
+        return int(logp.argmax())
+    probs = logp.exp()
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p > cfg.top_p  # tokens after the nucleus is full
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _advance(policy, row, tok, cfg):
+    """Act on a sampled token. Returns False when the row is done."""
+    ep = row.ep
+    response_len = len(ep.ids) - ep.prompt_len
+    turn_ended = tok in (policy.im_end, policy.tool_call_end)
+    if not turn_ended:
+        if len(ep.ids) - row.turn_start >= cfg.max_turn_tokens or response_len >= cfg.max_response_tokens:
+            ep.turns += 1
+            ep.truncated = True
+            return False
+        return True
+    ep.turns += 1
+    turn_text = policy.tokenizer.decode(ep.ids[row.turn_start:])
+    if "<answer>" in turn_text:  # an answer ends the episode, whatever else the turn holds
+        box, err = None, None
+    else:
+        box, err = parse_tool_call(turn_text)
+    if box is None and err is None:
+        if tok == policy.im_end:
+            ep.finished = True
+            return False
+        return True  # a stray </tool_call> token without a call: keep writing this turn
+    if ep.turns >= cfg.max_turns:
+        ep.truncated = True
+        return False
+    closed = tok == policy.im_end
+    if err is None and cfg.probe == "no-tool":
+        err = ("disabled", "the tool is not available; answer from the image")
+    if err is None and ep.num_tool_calls >= cfg.max_crops:
+        err = ("limit", f"at most {cfg.max_crops} crops; give your answer")
+    if err is None:
+        orig_box, why = crop.check_box(box, row.shown_wh, (row.orig.shape[1], row.orig.shape[0]))
+        err = None if orig_box is not None else ("box", why)
+    if err is not None:
+        ep.num_tool_errors += 1
+        ep.tool_errors[err[0]] += 1
+        tool_ids, image = policy.tool_turn_ids(closed, error=err[1]), None
+    else:
+        image = _crop_image(row, orig_box, cfg)
+        tool_ids = policy.tool_turn_ids(closed, grid=image[1][0])
+    if response_len + len(tool_ids) > cfg.max_response_tokens:  # no room for the reply: stop here
+        ep.truncated = True
+        return False
+    if image is not None:
+        ep.num_tool_calls += 1
+        ep.boxes_shown.append([float(v) for v in box])
+        ep.boxes.append(list(orig_box))
+        ep.pixel_values.append(image[0])
+        ep.grids.append(image[1][0].tolist())
+        row.pending_images.append(image)
+    ep.ids += tool_ids
+    ep.loss_mask += [0] * len(tool_ids)
+    ep.logps += [0.0] * len(tool_ids)
+    row.pending += tool_ids
+    row.turn_start = len(ep.ids)
+    return True
+
+
+def _crop_image(row, box, cfg):
+    """Encode the crop of the original under the crop budget; the probes swap the box or the pixels."""
+    sample = row.ep.sample
+    if cfg.probe == "gt-box" and sample.boxes:
+        box = tuple(round(v) for v in sample.boxes[0])
+    source = row.orig
+    if cfg.probe == "noise":  # same size as the crop, so the same grid and token count
+        x1, y1, x2, y2 = box
+        source, box = crop.noise_image(x2 - x1, y2 - y1, seed=len(row.ep.ids)), None
+    return crop.encode_crops(source, [box], max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
+
+
+def _finish_text(policy, ep):
+    """The response as text, with image pads dropped (a crop is shown as <|vision_start|><|vision_end|>)."""
+    ids = [t for t in ep.ids[ep.prompt_len:] if t != policy.image_pad]
+    ep.text = policy.tokenizer.decode(ids)

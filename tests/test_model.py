@@ -1,0 +1,99 @@
+"""model.py: Qwen's 3-D positions, the tiny model, log-probs from hidden states."""
+import torch
+
+import crop
+import model
+from helpers import tiny_policy
+
+
+def _sequence(policy, sizes):
+    """A prompt with one image, then a tool turn per extra image, as the rollout builds them."""
+    grids = [crop.encode_image(torch.zeros(h, w, 3, dtype=torch.uint8), max_pixels=64 * 784)[1][0] for h, w in sizes]
+    ids = policy.prompt_ids("what?", grids[0]) + policy.encode("<think>x</think>")
+    for g in grids[1:]:
+        ids += policy.encode("<tool_call>{}</tool_call>") + policy.tool_turn_ids(False, grid=g)
+    return ids, torch.stack(grids)
+
+
+def test_rope_positions_match_transformers():
+    p = tiny_policy()
+    ids, grids = _sequence(p, [(300, 500), (100, 90), (56, 400)])
+    ours, nxt = model.rope_positions(ids, grids, p.image_pad)
+    t = torch.tensor([ids])
+    ref, _ = p.lm.get_rope_index(t, (t == p.image_pad).int(), image_grid_thw=grids)
+    assert torch.equal(ours, ref[:, 0])
+    assert nxt == int(ref.max()) + 1
+
+
+def test_rope_positions_continue_across_chunks():
+    """Positions of a sequence computed in pieces (as the rollout does) equal those of the whole."""
+    p = tiny_policy()
+    ids, grids = _sequence(p, [(300, 500), (100, 90)])
+    whole, _ = model.rope_positions(ids, grids, p.image_pad)
+    cut = len(p.prompt_ids("what?", grids[0])) + 3
+    a, nxt = model.rope_positions(ids[:cut], grids[:1], p.image_pad)
+    b, _ = model.rope_positions(ids[cut:], grids[1:], p.image_pad, start=nxt)
+    assert torch.equal(torch.cat([a, b], 1), whole)
+
+
+def test_tiny_model_is_seeded():
+    a, _ = model.build_tiny(seed=3)
+    b, _ = model.build_tiny(seed=3)
+    c, _ = model.build_tiny(seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_tokenizer_has_qwen_specials_and_template():
+    tok = model.build_tiny_tokenizer()
+    for t in model.SPECIAL_TOKENS + model.TOOL_TOKENS:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1, t
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    s = '<tool_call>{"bbox_2d": [1, 2]}</tool_call>'
+    assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+
+
+def test_prompt_has_one_pad_per_token():
+    p = tiny_policy()
+    pv, grid = crop.encode_image(torch.zeros(300, 500, 3, dtype=torch.uint8), max_pixels=64 * 784)
+    ids = p.prompt_ids("q", grid[0])
+    assert ids.count(p.image_pad) == pv.shape[0] // 4 == int(grid.prod()) // 4
+
+
+def test_sequence_logprobs_equal_full_logits():
+    """Log-probs from hidden states at loss positions equal log_softmax of the model's own full logits."""
+    p = tiny_policy()
+    pv, grid = crop.encode_image(torch.randint(0, 255, (200, 300, 3), dtype=torch.uint8), max_pixels=32 * 784)
+    ids = p.prompt_ids("q", grid[0]) + p.encode("<answer>B</answer><|im_end|>")
+    n_resp = len(p.encode("<answer>B</answer><|im_end|>"))
+    t = torch.tensor([ids])
+    mask = torch.zeros_like(t)
+    mask[0, -n_resp:] = 1
+    pos = model.rope_positions(ids, grid, p.image_pad)[0][:, None]
+    batch = dict(ids=t, attention_mask=torch.ones_like(t), position_ids=pos, loss_mask=mask, pixel_values=pv,
+                 grid_thw=grid)
+    with torch.no_grad():
+        ours = model.sequence_logprobs(p, batch, temperature=0.8)
+        logits = p.model(input_ids=t, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(t == p.image_pad).int()).logits
+    ref = torch.log_softmax(logits[0, -n_resp - 1:-1] / 0.8, -1).gather(-1, t[0, -n_resp:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_disables_adapter():
+    p = tiny_policy()
+    lora_b = [m for n, m in p.model.named_parameters() if "lora_B" in n][0]
+    pv, grid = crop.encode_image(torch.randint(0, 255, (100, 100, 3), dtype=torch.uint8), max_pixels=16 * 784)
+    ids = p.prompt_ids("q", grid[0])
+    t = torch.tensor([ids])
+    pos = model.rope_positions(ids, grid, p.image_pad)[0][:, None]
+    with torch.no_grad():
+        base, _ = p.forward_hidden(t, torch.ones_like(t), pos, pv, grid)
+        lora_b.add_(0.5)
+        moved, _ = p.forward_hidden(t, torch.ones_like(t), pos, pv, grid)
+        with p.reference():
+            ref, _ = p.forward_hidden(t, torch.ones_like(t), pos, pv, grid)
+        lora_b.sub_(0.5)
+    assert not torch.allclose(base, moved)
+    torch.testing.assert_close(ref, base)

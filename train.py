@@ -1,0 +1,391 @@
+"""GRPO training of the crop policy, stage 1 (information gap) and stage 2 (grounding reward).
+
+    python train.py --stage 1                                   # tiny model, synthetic data, CPU: minutes
+    python train.py --stage 1 --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --preset 24gb
+    python train.py --stage 2 --data boxes.jsonl --preset 24gb  # starts from runs/stage1/final
+    python train.py --stage 1 --resume runs/stage1              # newest complete checkpoint
+    python train.py --stage 1 --steps=20 --lr=2e-5              # any Config field as --key=value
+
+One step, in order: rollout -> rewards -> group advantages -> clipped token-level loss -> LoRA step -> log ->
+checkpoint. Outputs go to runs/stage{1,2}/: step_NNNNNN/ checkpoints, final/, metrics.jsonl, rollouts/.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import model
+import rewards
+from rollout import RolloutConfig, rollout
+
+
+@dataclass
+class Config:
+    stage: int = 1  # 1: information gap; 2: + grounding reward, starting from stage 1's adapter
+    model: str = "tiny"  # "tiny" (built-in toy model) or a Qwen2.5-VL checkpoint (hub id or local folder)
+    data: str = "synthetic:64"  # "synthetic[:N]" or a .jsonl file (see README)
+    preset: str = "tiny"  # tiny | 24gb | 48gb | 80gb: a dict of overrides below
+    out_dir: str = ""  # default runs/stage{stage}
+    init_adapter: str = ""  # adapter to start from; stage 2 default: runs/stage1/final
+    steps: int = 80  # optimizer steps (the paper: 80 per stage)
+    prompts_per_step: int = 4  # distinct prompts per step
+    group_size: int = 8  # rollouts per prompt (the GRPO group)
+    micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
+    num_epochs: int = 1  # policy updates per rollout batch (>1 makes the clipping matter)
+    lr: float = 1e-5  # AdamW learning rate for the LoRA weights [choice: the paper's 1e-6 is for full FT]
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.28  # DAPO's asymmetric upper clip [choice]
+    kl_beta: float = 0.0  # weight of the k3 KL to the adapter-free reference (the paper: 0)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA alpha
+    gradient_checkpointing: bool = False  # recompute activations in backward (GPU presets turn it on)
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_turns: int = 5  # assistant turns per episode (DeepEyes: 5)
+    max_crops: int = 6  # crops per episode (DeepEyes: 6)
+    max_turn_tokens: int = 512  # tokens per assistant turn
+    max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
+    rollout_rows: int = 64  # rows per rollout forward batch
+    global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
+    crop_tokens: int = 1024  # budget of each returned crop
+    w_accuracy: float = 0.8  # reward weight of accuracy
+    w_format: float = 0.2  # reward weight of the format penalty (-1 when malformed)
+    w_tool: float = 1.2  # reward weight of the tool bonus (tool used and answer right)
+    w_grounding: float = 1.0  # reward weight of r_geo (stage 2 only)
+    tau: float = 0.9  # coverage of B1 required before IoU counts
+    omega: float = 0.5  # r_geo = omega * IoU + (1 - omega) * L1
+    save_every: int = 10  # checkpoint interval in steps
+    keep_checkpoints: int = 2  # newest step checkpoints kept
+    dump_every: int = 5  # rollout transcripts interval in steps
+    seed: int = 0  # data order, LoRA init, sampling seeds
+
+
+PRESETS = {
+    "tiny": dict(steps=6, prompts_per_step=2, group_size=4, micro_batch=8, lr=2e-3, lora_r=8, lora_alpha=16,
+                 max_turns=3, max_turn_tokens=40, max_response_tokens=120, global_tokens=64, crop_tokens=64,
+                 save_every=3, dump_every=3),
+    "24gb": dict(prompts_per_step=2, group_size=8, micro_batch=2, global_tokens=1024, crop_tokens=1024,
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16),
+    "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=4, global_tokens=4096, crop_tokens=1024,
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32),
+    "80gb": dict(prompts_per_step=4, group_size=16, micro_batch=4, global_tokens=16384, crop_tokens=1024,
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32),
+}
+
+
+# ---------------------------------------------------------------- GRPO pieces (plain torch)
+
+def group_advantages(rewards_, group_size):
+    """(num_prompts * group_size,) rewards -> advantages normalised within each group: (r - mean) / (std + eps)."""
+    r = rewards_.view(-1, group_size)  # (P, G)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
+    return adv.view(-1)
+
+
+def collate(policy, episodes):
+    """Episodes -> right-padded tensors for one forward: ids, attention/loss masks (B, T), 3-D positions
+    (3, B, T), and every image of every episode in order."""
+    T = max(len(e.ids) for e in episodes)
+    B = len(episodes)
+    ids = torch.full((B, T), policy.pad, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    for b, e in enumerate(episodes):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        attn[b, :n] = 1
+        loss_mask[b, :n] = torch.tensor(e.loss_mask)
+        pos[:, b, :n] = model.rope_positions(e.ids, e.grids, policy.image_pad, 0, policy.merge)[0]
+    dev = policy.device
+    return dict(ids=ids.to(dev), attention_mask=attn.to(dev), loss_mask=loss_mask.to(dev), position_ids=pos.to(dev),
+                pixel_values=torch.cat([pv for e in episodes for pv in e.pixel_values]).to(dev, policy.lm.visual.dtype),
+                grid_thw=torch.tensor([g for e in episodes for g in e.grids], dtype=torch.long, device=dev))
+
+
+def policy_loss(policy, episodes, advantages, old_logp, num_tokens, cfg):
+    """Clipped token-level GRPO loss of a micro-batch, summed over its tokens and divided by the step's token
+    count (so the accumulated gradient is the token mean over the whole step). Returns loss and stats."""
+    batch = collate(policy, episodes)
+    logp = model.sequence_logprobs(policy, batch, cfg.temperature)  # (N,) loss-mask tokens, row-major
+    counts = batch["loss_mask"][:, 1:].sum(1)  # (B,) response tokens per episode
+    adv = advantages.to(logp.device).repeat_interleave(counts)  # (N,) each token gets its episode's advantage
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)  # (N,)
+    clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # (N,) PPO's pessimistic bound
+    kl = torch.zeros_like(logp)
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            ref = model.sequence_logprobs(policy, batch, cfg.temperature)
+        kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimator of KL(pi || ref), >= 0
+        per_token = per_token + cfg.kl_beta * kl
+    loss = per_token.sum() / num_tokens
+    clip_frac = ((ratio - clipped).abs() > 1e-6).float().sum()
+    return loss, dict(clip=clip_frac.item(), kl=kl.detach().sum().item())
+
+
+def train_step(policy, optimizer, episodes, advantages, cfg):
+    """One optimizer step (num_epochs updates) on a batch of episodes with their advantages."""
+    num_tokens = max(1, sum(sum(e.loss_mask) for e in episodes))
+    chunks = [range(i, min(i + cfg.micro_batch, len(episodes))) for i in range(0, len(episodes), cfg.micro_batch)]
+    old = [None] * len(chunks)
+    if cfg.num_epochs > 1:  # the ratio needs the log-probs before any update
+        with torch.no_grad():
+            old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in c]), cfg.temperature)
+                   for c in chunks]
+    stats = dict(loss=0.0, clip=0.0, kl=0.0, grad_norm=0.0)
+    policy.model.train()
+    for _ in range(cfg.num_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for c, o in zip(chunks, old):
+            loss, s = policy_loss(policy, [episodes[i] for i in c], advantages[list(c)], o, num_tokens, cfg)
+            loss.backward()
+            stats["loss"] += loss.item() / cfg.num_epochs
+            stats["clip"] += s["clip"] / num_tokens / cfg.num_epochs
+            stats["kl"] += s["kl"] / num_tokens / cfg.num_epochs
+        norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
+        stats["grad_norm"] = float(norm)
+        optimizer.step()
+    policy.model.eval()
+    return stats
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, policy, optimizer, cfg, state):
+    """Write a checkpoint folder atomically: everything goes to PATH.tmp, which is renamed when complete."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_adapter(tmp)  # PEFT format: PeftModel.from_pretrained(base, path) loads it
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(dict(torch=torch.get_rng_state(), python=random.getstate()), os.path.join(tmp, "rng.pt"))
+    _write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(cfg))
+    _write_json(os.path.join(tmp, "state.json"), state)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def latest_checkpoint(path):
+    """The newest complete step checkpoint in a run folder (or the folder itself if it is one)."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    steps = sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp")
+                   and os.path.isfile(os.path.join(path, d, "state.json"))) if os.path.isdir(path) else []
+    return os.path.join(path, steps[-1]) if steps else None
+
+
+def load_checkpoint(path, policy, optimizer):
+    """Restore adapter weights, optimizer and RNG states; returns state.json. Loads no pickled code."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)  # python's RNG state is a tuple
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def _prune(out_dir, keep):
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    for d in steps[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the run
+
+def step_prompts(samples, step, n, seed):
+    """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order."""
+    out = []
+    for i in range(step * n, (step + 1) * n):
+        epoch, k = divmod(i, len(samples))
+        order = list(range(len(samples)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(samples[order[k]])
+    return out
+
+
+def train(cfg, resume=None):
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
+    os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
+    samples = data.load(cfg.data, seed=cfg.seed)
+    if cfg.stage == 2 and not any(s.boxes for s in samples):
+        print("warning: no sample has boxes: stage 2's grounding reward will be 0")
+    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
+    if init and not os.path.isdir(init):
+        raise SystemExit(f"error: adapter {init} not found (run stage 1 first, or pass --init_adapter=DIR)")
+    policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                               gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise SystemExit(f"error: no complete checkpoint in {resume}")
+        start = load_checkpoint(ckpt, policy, optimizer)["step"]
+        print(f"resumed from {ckpt} at step {start}")
+    rcfg = RolloutConfig(group_size=cfg.group_size, max_rows=cfg.rollout_rows, max_turns=cfg.max_turns,
+                         max_crops=cfg.max_crops, max_turn_tokens=cfg.max_turn_tokens,
+                         max_response_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
+                         top_p=cfg.top_p, global_tokens=cfg.global_tokens, crop_tokens=cfg.crop_tokens,
+                         seed=cfg.seed)
+    wcfg = rewards.RewardConfig(w_accuracy=cfg.w_accuracy, w_format=cfg.w_format, w_tool=cfg.w_tool,
+                                w_grounding=cfg.w_grounding if cfg.stage == 2 else 0.0, tau=cfg.tau, omega=cfg.omega)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
+    for step in bar:
+        t0 = time.time()
+        _reset_peak_memory()
+        # 1. rollout: prompts_per_step x group_size episodes with the current policy
+        episodes = rollout(policy, step_prompts(samples, step, cfg.prompts_per_step, cfg.seed), rcfg, step=step)
+        rollout_mem = _peak_memory_gb()
+        # 2. rewards, 3. advantages within each group
+        scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
+        adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
+        # 4.-5. loss and LoRA step
+        stats = train_step(policy, optimizer, episodes, adv, cfg)
+        # 6. log
+        metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                   file=sys.stdout)
+        if (step + 1) % cfg.dump_every == 0:
+            _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+        # 7. checkpoint
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
+                            dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
+            _prune(out_dir, cfg.keep_checkpoints)
+    save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
+    print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+    return policy
+
+
+def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
+    n = len(episodes)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    ious = [s["iou"] for s in scores if s["iou"] is not None]
+    covs = [s["coverage"] for s in scores if s["coverage"] is not None]
+    return dict(step=step, reward=mean([s["total"] for s in scores]), accuracy=mean([s["accuracy"] for s in scores]),
+                format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
+                grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
+                response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
+                tool_calls=sum(e.num_tool_calls for e in episodes) / n,
+                tool_errors=sum(e.num_tool_errors for e in episodes) / n,
+                truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],
+                clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
+                peak_mem_gb=_peak_memory_gb())
+
+
+def _dump(path, episodes, scores):
+    with open(path, "w") as f:
+        for e, s in zip(episodes, scores):
+            f.write(json.dumps(dict(id=e.sample.id, group=e.group, answer=e.sample.answer, text=e.text,
+                                    boxes_shown=e.boxes_shown, boxes=e.boxes, gt_boxes=e.sample.boxes,
+                                    tool_errors=dict(e.tool_errors), **s)) + "\n")
+
+
+def _reset_peak_memory():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_gb():
+    """GPU: peak allocated since the last reset. CPU: the process's peak resident size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------- command line
+
+def field_help():
+    """Each Config field's comment, read from this file's source (the comments are the documentation)."""
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def parse_overrides(cfg, items):
+    """Apply --key=value overrides to a Config: unknown keys and wrong types are errors. Prints changes."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for item in items:
+        key, eq, value = item.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if key not in fields or not eq:
+            raise SystemExit(f"error: unknown option {item!r} (see --help for the options)")
+        kind = type(getattr(Config, key))
+        try:
+            if kind is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                new = value.lower() in ("1", "true", "yes")
+            else:
+                new = kind(value)
+        except ValueError:
+            raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
+        print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")
+        setattr(cfg, key, new)
+    return cfg
+
+
+def main(argv=None):
+    helps = field_help()
+    epilog = "Any Config field can be set as --key=value:\n" + "\n".join(
+        f"  --{f.name}={f.default!r:<14} {helps.get(f.name, '')}" for f in dataclasses.fields(Config))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: information gap; 2: grounding reward")
+    ap.add_argument("--model", default=None, help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
+    ap.add_argument("--data", default=None, help="'synthetic[:N]' or a .jsonl file")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides sized for a GPU")
+    ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    args, rest = ap.parse_known_args(argv)
+    cfg = Config(stage=args.stage, preset=args.preset, **PRESETS[args.preset])
+    if args.model:
+        cfg.model = args.model
+    if args.data:
+        cfg.data = args.data
+    if rest:
+        print("overrides:")
+        parse_overrides(cfg, rest)
+    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    if args.dry_run:
+        return cfg
+    train(cfg, resume=args.resume)
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
