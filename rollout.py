@@ -142,7 +142,7 @@ def _rollout_slice(policy, samples, cfg, step, first, force):
         hidden, cache = policy.forward_hidden(ids.to(policy.device), mask_hist.to(policy.device),
                                               pos.to(policy.device), pvs, grids, cache)
         h = hidden[torch.arange(len(live)), last]  # (B, D): the state after each row's last real token
-        logits = (h.float() @ policy.head.weight.float().T) / cfg.temperature  # (B, V)
+        logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
         logp_all = torch.log_softmax(logits, -1).cpu()  # recorded: the same full softmax the loss uses
         sample_logp = logp_all.clone()
         sample_logp[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers

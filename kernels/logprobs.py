@@ -11,7 +11,7 @@ one multiply: grad_h = grad_out[:, None] * dlogp_dh. The head is frozen under Lo
 """
 import torch
 
-CHUNK_ELEMENTS = 1 << 25  # chunk rows so a chunk's fp32 logits stay under ~128 MB
+CHUNK_ELEMENTS = 1 << 24  # chunk rows so a chunk's fp32 logits stay under ~64 MB
 
 
 def selective_logprobs_naive(hidden, weight, targets, temperature=1.0):
@@ -31,13 +31,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
         dlogp_dh = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_grad else None
         for s in range(0, n, rows):
             h, t = hidden[s:s + rows].float(), targets[s:s + rows]
-            z = (h @ w.T) / temperature  # (rows, V)
+            z = h @ w.T  # (rows, V), the only large buffers are this one and p below
+            if temperature != 1.0:
+                z /= temperature
             lse = torch.logsumexp(z, -1)
             logp[s:s + rows] = z.gather(-1, t[:, None]).squeeze(-1) - lse
             if with_entropy or need_grad:
-                p = torch.exp(z - lse[:, None])  # (rows, V), reuses nothing: z is freed after this chunk
-                if with_entropy:
-                    entropy[s:s + rows] = lse - (p * z).sum(-1)
+                z -= lse[:, None]  # in place: z is now log p
+                p = z.exp()
+                if with_entropy:  # H = -sum p log p, as a batched dot product (no third buffer)
+                    entropy[s:s + rows] = -(p.unsqueeze(1) @ z.unsqueeze(2)).view(-1)
                 if need_grad:
                     dlogp_dh[s:s + rows] = (w[t] - p @ w) / temperature
         ctx.save_for_backward(dlogp_dh)
