@@ -159,7 +159,7 @@ def _jsonl_row(row, root, n):
         if not isinstance(options, list) or not 2 <= len(options) <= 5 or not all(isinstance(o, str) for o in options):
             raise ValueError("'options' must be a list of 2 to 5 strings")
         answer = answer.upper()
-        if answer not in LETTERS[:len(options)]:
+        if answer not in list(LETTERS[:len(options)]):
             raise ValueError(f"answer {row['answer']!r} is not an option letter")
     boxes = row.get("boxes")
     if boxes is not None:
@@ -196,9 +196,11 @@ BENCHMARKS = {
 
 def load(spec, seed=0):
     """A data spec -> samples. `synthetic` or `synthetic:N` (N samples, seeded), or a JSONL path."""
-    if spec.startswith("synthetic"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 256
-        return synthetic(n, seed)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = spec.partition(":")[2] or "256"
+        if not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"error: bad data spec {spec!r}: expected synthetic:N with N a positive number")
+        return synthetic(int(n), seed)
     if spec.endswith(".jsonl"):
         return read_jsonl(spec)
     if not os.path.exists(spec):

@@ -49,11 +49,11 @@ def accuracy(reply, answer, options=None):
     if reply is None:
         return 0.0
     if options:
-        letter = extract_letter(reply)
-        if letter is None:  # the option's text instead of its letter
-            texts = [normalize(o) for o in options]
-            if normalize(reply) in texts:
-                letter = "ABCDE"[texts.index(normalize(reply))]
+        texts = [normalize(o) for o in options]
+        if normalize(reply) in texts:  # the option's own text (checked first: "A dog" is not the letter A)
+            letter = "ABCDE"[texts.index(normalize(reply))]
+        else:
+            letter = extract_letter(reply)
         return float(letter == answer.strip().upper())
     return float(normalize(reply) == normalize(answer))
 

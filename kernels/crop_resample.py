@@ -39,5 +39,6 @@ def crop_resample_ref(image, boxes, out_hw):
         crop = image[int(y1):int(y2), int(x1):int(x2)].permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, h, w)
         # torch's antialiased bicubic is PIL's filter (a = -0.5, widened support, renormalised edge taps)
         crop = F.interpolate(crop, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)[0]
+        crop = crop.clamp_(0.0, 255.0)  # bicubic overshoots at hard edges; PIL's uint8 output clips there too
         out.append(patchify((crop / 255.0 - mean) / std))
     return torch.cat(out)
