@@ -149,9 +149,10 @@ def _jsonl_row(row, root, n):
             raise ValueError(f"missing or empty {key!r}")
     path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
     try:
-        with Image.open(path) as im:  # reads the header only: checks the file is an image, gets its size
+        with Image.open(path) as im:  # the header: is it an image, what size
             width, height = im.size
-    except (OSError, Image.DecompressionBombError) as e:
+            im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL raises SyntaxError for broken PNGs
         raise ValueError(f"image {path}: {e}") from None
     options = row.get("options")
     answer = row["answer"].strip()

@@ -204,7 +204,7 @@ def load_checkpoint(path, policy, optimizer):
 
     set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)  # python's RNG state is a tuple
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     with open(os.path.join(path, "state.json")) as f:
