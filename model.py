@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 
 import torch
 
@@ -18,6 +19,7 @@ import kernels
 
 # bitsandbytes' CPU backend warns on import when an optional kernel hub package is missing; it falls back.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT calls a renamed transformers API
 
 SYSTEM_PROMPT = """You are a helpful assistant.
 
