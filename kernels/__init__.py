@@ -3,41 +3,35 @@
 KERNELS=auto (default): Triton on CUDA tensors, torch elsewhere. KERNELS=ref: always torch.
 KERNELS=triton: always Triton (on CPU tensors this needs TRITON_INTERPRET=1; the tests use it).
 """
+import importlib
 import os
 
 from .crop_resample import crop_resample_ref
 from .logprobs import selective_logprobs_chunked
 
 
-def _mode():
-    return os.environ.get("KERNELS", "auto")
-
-
-def _triton_for(t):
-    mode = _mode()
+def _triton(module, name, t):
+    """The Triton function `name` of `module` when it should run for tensor t, else None (the torch path).
+    Until a kernel is written, auto falls back to torch and KERNELS=triton says so."""
+    mode = os.environ.get("KERNELS", "auto")
     if mode not in ("auto", "ref", "triton"):
         raise ValueError(f"KERNELS={mode!r}: expected auto, ref or triton")
-    return mode == "triton" or (mode == "auto" and t.is_cuda)
+    if mode == "ref" or (mode == "auto" and not t.is_cuda):
+        return None
+    fn = getattr(importlib.import_module(f".{module}", __name__), name, None)
+    if fn is None and mode == "triton":
+        raise NotImplementedError(f"KERNELS=triton: kernels/{module}.py has no Triton kernel yet")
+    return fn
 
 
 def crop_resample(image, boxes, out_hw):
     """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> float32 pixel_values (sum N_k, 1176)."""
-    if _triton_for(image):
-        try:
-            from .crop_resample import crop_resample_triton
-        except ImportError:  # no Triton kernel in this build: the reference is exact, only slower
-            return crop_resample_ref(image, boxes, out_hw)
-        return crop_resample_triton(image, boxes, out_hw)
-    return crop_resample_ref(image, boxes, out_hw)
+    fn = _triton("crop_resample", "crop_resample_triton", image) or crop_resample_ref
+    return fn(image, boxes, out_hw)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log softmax(hidden @ weight.T / T)[targets] without materialising (N, V) logits; differentiable in
     `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient)."""
-    if _triton_for(hidden):
-        try:
-            from .logprobs import selective_logprobs_triton
-        except ImportError:
-            return selective_logprobs_chunked(hidden, weight, targets, temperature, with_entropy)
-        return selective_logprobs_triton(hidden, weight, targets, temperature, with_entropy)
-    return selective_logprobs_chunked(hidden, weight, targets, temperature, with_entropy)
+    fn = _triton("logprobs", "selective_logprobs_triton", hidden) or selective_logprobs_chunked
+    return fn(hidden, weight, targets, temperature, with_entropy)

@@ -70,3 +70,16 @@ def test_no_weight_gradient_is_built():
     w.requires_grad_(True)
     lp.selective_logprobs_chunked(h, w, t).sum().backward()
     assert w.grad is None and h.grad is not None
+
+
+def test_dispatch_modes(monkeypatch):
+    h, w, t = _inputs(3, 8, 20)
+    monkeypatch.setenv("KERNELS", "ref")
+    torch.testing.assert_close(kernels.selective_logprobs(h, w, t), lp.selective_logprobs_naive(h, w, t))
+    monkeypatch.setenv("KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        kernels.selective_logprobs(h, w, t)
+    if not hasattr(lp, "selective_logprobs_triton"):  # until the kernel lands, asking for it is an error
+        monkeypatch.setenv("KERNELS", "triton")
+        with pytest.raises(NotImplementedError):
+            kernels.selective_logprobs(h, w, t)
