@@ -106,8 +106,7 @@ def shown_size(orig_wh, max_pixels):
 def encode_image(image, box=None, *, min_pixels=MIN_PIXELS, max_pixels):
     """Image (PIL or uint8 (H, W, 3)) and an optional integer box in original pixels -> (pixel_values
     float32 (N, 1176), grid_thw long (1, 3)): Qwen2.5-VL's processor on the crop, in one resample."""
-    pv, grids = encode_crops(to_uint8(image), [box], min_pixels=min_pixels, max_pixels=max_pixels)
-    return pv, grids
+    return encode_crops(to_uint8(image), [box], min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels):

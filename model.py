@@ -8,9 +8,7 @@ same model with its adapters disabled, so there is no second copy in memory.
     python -c "import model; p = model.load_policy('tiny'); print(p.model)"
 """
 import contextlib
-import json
 import logging
-import os
 import warnings
 
 import torch
@@ -265,9 +263,3 @@ def _load_checkpoint(name, device, quantize):
                          f"  Download it first (e.g. huggingface-cli download {name} --local-dir DIR) and pass "
                          f"--model DIR; use --model tiny for the built-in toy model.")
     return model.eval(), tokenizer
-
-
-def adapter_config(path):
-    """The saved adapter's PEFT config (to check which base model an adapter was trained on)."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        return json.load(f)

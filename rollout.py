@@ -143,18 +143,19 @@ def _rollout_slice(policy, samples, cfg, step, first, force):
                                               pos.to(policy.device), pvs, grids, cache)
         h = hidden[torch.arange(len(live)), last]  # (B, D): the state after each row's last real token
         logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
-        logp_all = torch.log_softmax(logits, -1).cpu()  # recorded: the same full softmax the loss uses
-        sample_logp = logp_all.clone()
-        sample_logp[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
+        log_z = torch.logsumexp(logits, -1, keepdim=True)  # (B, 1) the full softmax's normaliser, as in the loss
+        logits[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
+        shift = (log_z - torch.logsumexp(logits, -1, keepdim=True)).cpu()  # (B, 1) renormalises without them
+        logp = (logits - log_z).cpu()  # (B, V) recorded log-probs; logp + shift is what we sample from
         # 2. sample one token per row, then act on it: continue, answer the tool call, or stop
         keep = []
         for b, row in enumerate(live):
             ep = row.ep
             tok = force(ep) if force is not None else None
-            tok = _sample(sample_logp[b], cfg, row.gen) if tok is None else tok
+            tok = _sample(logp[b] + shift[b], cfg, row.gen) if tok is None else tok
             ep.ids.append(tok)
             ep.loss_mask.append(1)
-            ep.logps.append(float(logp_all[b, tok]))
+            ep.logps.append(float(logp[b, tok]))
             row.pending, row.pending_images = [tok], []
             if _advance(policy, row, tok, cfg):
                 keep.append(b)
