@@ -2,7 +2,7 @@
 
     python bench.py crop       # 8 crops of a 7680x4320 original: transformers' processor vs ours
     python bench.py logprobs   # token log-probs at Qwen2.5-VL-7B's head: naive full logits vs chunked
-    python bench.py rollout    # the KV-cached multi-turn engine on the tiny model: tokens per second
+    python bench.py rollout    # multi-turn rollout: KV cache kept across turns vs re-run each turn
 
 Ratios are against the baseline measured in the same run. Results go in BENCHMARKS.md with the machine,
 the commit and the date.
@@ -145,18 +145,36 @@ def bench_rollout():
     import model
     from rollout import RolloutConfig, rollout
 
-    policy = model.load_policy("tiny")
-    samples = data.synthetic(1, seed=0)
-    cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=64, max_response_tokens=4096,
-                        global_tokens=1024, crop_tokens=256, temperature=1.0)
-    rollout(policy, samples, cfg)  # warm-up
-    t = time.perf_counter()
-    eps = rollout(policy, samples, cfg)
-    dt = time.perf_counter() - t
-    written = sum(sum(e.loss_mask) for e in eps)
-    print("rollout: tiny model, group of 8, global image 1024 tokens, up to 3 turns (random weights: few tool calls)")
-    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode"],
-           [("KV-cached multi-turn", len(eps), written, f"{written / dt:.1f}", f"{dt / len(eps):.2f}")])
+    for name in ["tiny"] + (["tiny-7b"] if torch.cuda.is_available() else []):
+        _bench_rollout(model.load_policy(name), name, data.synthetic(1, seed=0), RolloutConfig, rollout)
+
+
+def _bench_rollout(policy, name, samples, RolloutConfig, rollout):
+    # a random model seldom calls the tool, so the episodes are teacher-forced: think, crop, crop, answer
+    call = '<think>zoom</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
+    script = policy.encode(call.format("[40, 60, 200, 180]") + call.format("[100, 100, 160, 140]")
+                           + "<think>done</think><answer>B</answer><|im_end|>")
+
+    def force(ep):
+        k = ep.num_generated
+        return script[k] if k < len(script) else None
+
+    rows = []
+    for name, reuse in (("re-run each turn (generate-style)", False), ("KV cache kept across turns", True)):
+        cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=128, max_response_tokens=4096,
+                            global_tokens=1024, crop_tokens=256, reuse_cache=reuse)
+        rollout(policy, samples, cfg, force=force)  # warm-up
+        t = time.perf_counter()
+        eps = rollout(policy, samples, cfg, force=force)
+        dt = time.perf_counter() - t
+        written = sum(e.num_generated for e in eps)
+        rows.append([name, len(eps), written, written / dt, dt / len(eps)])
+    base = rows[0][3]
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    shape = "Qwen2.5-VL-7B's shape, random bf16 weights" if name == "tiny-7b" else "the tiny model"
+    print(f"rollout: {shape} ({device}), group of 8, global image 1,024 tokens, 3 turns (2 crops of 256 tokens)")
+    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "speed-up"],
+           [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{tps / base:.2f}"] for n, e, w, tps, spe in rows])
 
 
 def main():

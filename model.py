@@ -191,29 +191,46 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny(seed=0):
-    """Qwen2.5-VL architecture at toy size (hidden 64, 2 layers), seeded random weights, fp32."""
+# Random-weight shapes: `tiny` is the CPU default; `7b` is Qwen2.5-VL-7B's shape, for timing on a GPU.
+SHAPES = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, mrope_section=[2, 3, 3],  # sums to head_dim / 2
+                           initializer_range=0.1),  # peakier than 0.02, so a LoRA can move its choices quickly
+                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
+}
+
+
+def build_tiny(seed=0, shape="tiny", dtype=torch.float32, device="cpu"):
+    """Qwen2.5-VL architecture with seeded random weights and the offline tokenizer; `tiny` is hidden 64 and
+    2 layers. shape="7b" (with dtype=torch.bfloat16, device="cuda") builds a 7B-shaped model for benchmarks."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
+    text = dict(SHAPES[shape]["text"])
+    mrope = text.pop("mrope_section")
+    text.setdefault("vocab_size", len(tokenizer))
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
+        text_config=dict(**text, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": mrope},
                          eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-                         initializer_range=0.1,  # peakier than 0.02, so a LoRA can move its choices quickly
                          bos_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
+        vision_config=dict(**SHAPES[shape]["vision"], out_hidden_size=text["hidden_size"], patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.float().eval(), tokenizer
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    return model.eval(), tokenizer
 
 
 def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=32, quantize=None,
@@ -225,9 +242,9 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "tiny":
-        model, tokenizer = build_tiny(seed)
-        model.to(device)
+    if name in ("tiny", "tiny-7b"):  # tiny-7b: random weights at 7B's shape, bf16 (GPU benchmarks)
+        shape, dtype = ("7b", torch.bfloat16) if name == "tiny-7b" else ("tiny", torch.float32)
+        model, tokenizer = build_tiny(seed, shape, dtype, device)
     else:
         model, tokenizer = _load_checkpoint(name, device, quantize)
     if gradient_checkpointing:

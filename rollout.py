@@ -38,6 +38,7 @@ class RolloutConfig:
     crop_tokens: int = 1024  # budget of each returned crop
     probe: str = None  # None | "noise" (crop -> noise) | "gt-box" (box -> ground truth) | "no-tool"
     seed: int = 0  # sampling seeds derive from (seed, step, prompt, sample)
+    reuse_cache: bool = True  # False: the baseline that re-runs the whole conversation after each tool call
 
 
 @dataclass
@@ -59,6 +60,11 @@ class Episode:
     tool_errors: Counter = field(default_factory=Counter)  # errors by kind
     finished: bool = False  # ended with <|im_end|> after a turn without a tool call
     truncated: bool = False  # stopped by a token or turn limit
+
+    @property
+    def num_generated(self):
+        """Tokens the policy wrote (the ones the loss sees)."""
+        return sum(self.loss_mask)
 
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
@@ -132,16 +138,17 @@ def _rollout_slice(policy, samples, cfg, step, first, force):
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k)
             rows.append(_Row(ep, orig, shown_wh, gen, pending=list(ids), pending_images=[(pv, grid)],
                              turn_start=len(ids)))
-    cache = _new_cache(policy)
+    # 1. prefill: the rows of a group share their prompt, so it goes through the model (and its image through
+    #    the vision tower) once per group, and the cache is then repeated for the group's rows
+    G = cfg.group_size
+    heads = rows[::G]
+    h, cache, mask_hist = _forward(policy, heads, _new_cache(policy), torch.zeros(len(heads), 0, dtype=torch.long))
+    h, mask_hist = h.repeat_interleave(G, 0), mask_hist.repeat_interleave(G, 0)
+    cache.batch_repeat_interleave(G)
+    for i, row in enumerate(rows):
+        row.next_pos = heads[i // G].next_pos
     live = list(rows)
-    mask_hist = torch.zeros(len(live), 0, dtype=torch.long)  # (B, cache length): 1 = real token
-    while live:
-        # 1. one forward over every live row's pending tokens, right-padded
-        ids, attn, pos, pvs, grids, last = _chunk(policy, live)
-        mask_hist = torch.cat([mask_hist, attn], 1)
-        hidden, cache = policy.forward_hidden(ids.to(policy.device), mask_hist.to(policy.device),
-                                              pos.to(policy.device), pvs, grids, cache)
-        h = hidden[torch.arange(len(live)), last]  # (B, D): the state after each row's last real token
+    while True:
         logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
         log_z = torch.logsumexp(logits, -1, keepdim=True)  # (B, 1) the full softmax's normaliser, as in the loss
         logits[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
@@ -159,15 +166,35 @@ def _rollout_slice(policy, samples, cfg, step, first, force):
             row.pending, row.pending_images = [tok], []
             if _advance(policy, row, tok, cfg):
                 keep.append(b)
+        if not keep:
+            break
         if len(keep) < len(live):  # drop finished rows from the batch and the cache
             idx = torch.tensor(keep, dtype=torch.long)
             live = [live[i] for i in keep]
             mask_hist = mask_hist[idx]
-            if live:
-                cache.batch_select_indices(idx.to(policy.device))
+            cache.batch_select_indices(idx.to(policy.device))
+        if not cfg.reuse_cache and any(len(r.pending) > 1 for r in live):
+            # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and run
+            # every live row's whole conversation, images included, through the model again
+            cache, mask_hist = _new_cache(policy), torch.zeros(len(live), 0, dtype=torch.long)
+            for r in live:
+                r.pending, r.next_pos = list(r.ep.ids), 0
+                r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
+        # 3. one forward over every live row's pending tokens, right-padded
+        h, cache, mask_hist = _forward(policy, live, cache, mask_hist)
     for row in rows:
         _finish_text(policy, row.ep)
     return [row.ep for row in rows]
+
+
+def _forward(policy, rows, cache, mask_hist):
+    """Run each row's pending tokens through the model. Returns the hidden state after each row's last real
+    token (B, D), the cache and the attention-mask history (B, cache length; 1 = real token)."""
+    ids, attn, pos, pvs, grids, last = _chunk(policy, rows)
+    mask_hist = torch.cat([mask_hist, attn], 1)
+    dev = policy.device
+    hidden, cache = policy.forward_hidden(ids.to(dev), mask_hist.to(dev), pos.to(dev), pvs, grids, cache)
+    return hidden[torch.arange(len(rows)), last], cache, mask_hist
 
 
 def _new_cache(policy):

@@ -297,6 +297,7 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
                 grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
                 response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
+                generated=mean([e.num_generated for e in episodes]),
                 tool_calls=sum(e.num_tool_calls for e in episodes) / n,
                 tool_errors=sum(e.num_tool_errors for e in episodes) / n,
                 truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],

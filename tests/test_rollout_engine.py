@@ -1,0 +1,160 @@
+"""The rollout engine: each token and image goes through the model once; the baseline engine agrees; the
+tool-call parser and box checks never raise on hostile model output (property tests)."""
+import json
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crop
+import data
+from helpers import scripted, tiny_policy
+from rollout import RolloutConfig, _sample, parse_tool_call, rollout
+
+CALL = '<tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
+ANSWER = "<answer>B</answer><|im_end|>"
+
+
+def _cfg(**kw):
+    base = dict(group_size=3, max_turn_tokens=70, max_response_tokens=400, global_tokens=48, crop_tokens=32,
+                max_turns=4, temperature=0.9)
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+def _script(p):
+    return scripted(p, {0: [CALL.format("[5, 5, 60, 40]"), CALL.format("[0, 0, 20, 20]"), ANSWER],
+                        1: ["<think>hm</think>" + CALL.format("[30, 10, 50, 90]"), ANSWER]})
+
+
+class _Counter:
+    """Counts real tokens entering the language model and patches entering the vision tower."""
+
+    def __init__(self, p):
+        self.tokens = self.patches = 0
+        self.hooks = [p.lm.language_model.register_forward_pre_hook(self._lm, with_kwargs=True),
+                      p.lm.visual.register_forward_pre_hook(self._vis, with_kwargs=True)]
+
+    def _lm(self, module, args, kwargs):
+        length = kwargs["inputs_embeds"].shape[1]
+        self.tokens += int(kwargs["attention_mask"][:, -length:].sum())  # this call's real (unpadded) tokens
+
+    def _vis(self, module, args, kwargs):
+        self.patches += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def test_every_token_and_image_goes_through_the_model_once():
+    p = tiny_policy()
+    samples = data.synthetic(2, seed=11)
+    counter = _Counter(p)
+    try:
+        eps = rollout(p, samples, _cfg(), force=_script(p))
+    finally:
+        counter.close()
+    heads = eps[::3]
+    assert sum(e.num_tool_calls for e in eps) >= 9
+    # the prompt (and its image) once per group; every later token once, except each row's last one, which
+    # ended the episode and was never fed back
+    assert counter.tokens == sum(e.prompt_len for e in heads) + sum(len(e.ids) - e.prompt_len - 1 for e in eps)
+    assert counter.patches == sum(e.pixel_values[0].shape[0] for e in heads) + sum(
+        pv.shape[0] for e in eps for pv in e.pixel_values[1:])
+
+
+def test_baseline_engine_agrees_and_does_more_work():
+    p = tiny_policy()
+    samples = data.synthetic(2, seed=11)
+    fast = rollout(p, samples, _cfg(), force=_script(p))
+    counter = _Counter(p)
+    try:
+        slow = rollout(p, samples, _cfg(reuse_cache=False), force=_script(p))
+    finally:
+        counter.close()
+    assert [e.ids for e in fast] == [e.ids for e in slow]
+    a = torch.tensor([x for e in fast for x in e.logps])
+    b = torch.tensor([x for e in slow for x in e.logps])
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    once = sum(e.prompt_len for e in fast[::3]) + sum(len(e.ids) - e.prompt_len - 1 for e in fast)
+    assert counter.tokens > 2 * once
+
+
+def test_counts_per_episode():
+    p = tiny_policy()
+    force = scripted(p, {0: [CALL.format("[1, 2]"), CALL.format("[5, 5, 60, 40]"), ANSWER]})
+    (e,) = rollout(p, data.synthetic(1, seed=12), _cfg(group_size=1), force=force)
+    assert (e.turns, e.num_tool_calls, e.num_tool_errors, dict(e.tool_errors)) == (3, 1, 1, {"box": 1})
+    assert e.num_generated == len(p.encode(CALL.format("[1, 2]") + CALL.format("[5, 5, 60, 40]") + ANSWER))
+    assert e.finished and not e.truncated
+
+
+def test_top_p_and_greedy():
+    logp = torch.log_softmax(torch.tensor([3.0, 2.9, 0.0, -1.0]), -1)
+    g = torch.Generator().manual_seed(0)
+    assert {_sample(logp, RolloutConfig(top_p=0.3), g) for _ in range(50)} == {0}  # only the top token fits
+    assert {_sample(logp, RolloutConfig(top_p=0.9), g) for _ in range(200)} == {0, 1}
+    assert _sample(logp, RolloutConfig(greedy=True), g) == 0
+
+
+# ---------------------------------------------------------------- property tests: model output is hostile
+
+numbers = st.one_of(st.integers(-10**400, 10**400), st.floats(allow_nan=True, allow_infinity=True),
+                    st.just(1e308), st.text(max_size=5), st.none(), st.booleans(),
+                    st.lists(st.integers(), max_size=3))
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=10)),
+                           lambda kids: st.one_of(st.lists(kids, max_size=5),
+                                                  st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+                           max_leaves=20)
+
+
+def _check(text, shown=(280, 196), orig=(3000, 2100)):
+    box, err = parse_tool_call(text)
+    if err is not None:
+        assert box is None and isinstance(err, tuple) and isinstance(err[0], str) and isinstance(err[1], str)
+        return None
+    if box is None:
+        return None
+    out, why = crop.check_box(box, shown, orig)
+    if out is None:
+        assert isinstance(why, str) and why
+        return None
+    x1, y1, x2, y2 = out
+    assert all(isinstance(v, int) for v in out)
+    assert 0 <= x1 < x2 <= orig[0] and 0 <= y1 < y2 <= orig[1]
+    assert x2 - x1 >= crop.MIN_SIDE and y2 - y1 >= crop.MIN_SIDE
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_random_text_never_raises(text):
+    _check(text)
+    _check("<tool_call>" + text + "</tool_call>")
+    _check("<tool_call>" + text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.one_of(st.just("image_zoom_in_tool"), st.text(max_size=12)), args=json_values,
+       bbox=st.lists(numbers, max_size=6), extra=st.dictionaries(st.text(max_size=6), json_values, max_size=3),
+       as_string=st.booleans(), repeat=st.integers(1, 2))
+def test_structured_calls_never_raise(name, args, bbox, extra, as_string, repeat):
+    arguments = {"bbox_2d": bbox, **extra} if isinstance(args, (dict, type(None))) else args
+    if as_string:
+        arguments = json.dumps(arguments)
+    call = "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+    _check("<think>ü 中文 🙂</think>" + call * repeat)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=4, max_size=4))
+def test_finite_boxes_are_either_cropped_or_refused(box):
+    out = _check(CALL.format(json.dumps(box)))
+    x1, y1, x2, y2 = box
+    inside = x2 > x1 and y2 > y1 and x2 > 0 and y2 > 0 and x1 < 280 and y1 < 196
+    if out is None:
+        assert not inside or max(x2 - x1, y2 - y1) / max(min(x2 - x1, y2 - y1), 1e-9) > 50
+    else:
+        assert inside and not math.isnan(out[0])
