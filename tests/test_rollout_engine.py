@@ -151,10 +151,15 @@ def test_structured_calls_never_raise(name, args, bbox, extra, as_string, repeat
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=4, max_size=4))
 def test_finite_boxes_are_either_cropped_or_refused(box):
+    """Refused exactly when the box misses the image or, clamped and grown to 28 px, is over 100:1."""
     out = _check(CALL.format(json.dumps(box)))
     x1, y1, x2, y2 = box
     inside = x2 > x1 and y2 > y1 and x2 > 0 and y2 > 0 and x1 < 280 and y1 < 196
-    if out is None:
-        assert not inside or max(x2 - x1, y2 - y1) / max(min(x2 - x1, y2 - y1), 1e-9) > 50
-    else:
-        assert inside and not math.isnan(out[0])
+    if not inside:
+        assert out is None
+        return
+    sx, sy = 3000 / 280, 2100 / 196  # shown -> original
+    w = max(crop.MIN_SIDE, (min(x2, 280) - max(x1, 0)) * sx)
+    h = max(crop.MIN_SIDE, (min(y2, 196) - max(y1, 0)) * sy)
+    aspect = max(w, h) / min(w, h)
+    assert (out is None) == (aspect > 100) or abs(aspect - 100) < 1  # rounding to whole pixels decides at 100
