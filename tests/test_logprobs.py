@@ -16,7 +16,9 @@ def _inputs(n, d, v, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("n,d,v,temp", [(37, 64, 1000, 1.0), (37, 64, 1000, 0.7), (5, 16, 33, 1.3), (1, 8, 7, 1.0)])
 def test_forward_backward_match_naive(n, d, v, temp, monkeypatch):
-    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 4 * v)  # several chunks, the last one ragged
+    tile = max(3, v // 7)  # several vocabulary tiles and row passes, the last ones ragged
+    monkeypatch.setattr(lp, "VOCAB_TILE", tile)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", tile * 16)
     h, w, t = _inputs(n, d, v)
     up = torch.randn(n)
     ref = lp.selective_logprobs_naive(h, w, t, temp)
@@ -27,7 +29,8 @@ def test_forward_backward_match_naive(n, d, v, temp, monkeypatch):
     torch.testing.assert_close(g_out, g_ref, atol=1e-5, rtol=1e-4)
 
 
-def test_entropy_matches_naive():
+def test_entropy_matches_naive(monkeypatch):
+    monkeypatch.setattr(lp, "VOCAB_TILE", 128)
     h, w, t = _inputs(37, 64, 1000)
     logp, ent = lp.selective_logprobs_chunked(h, w, t, 0.9, with_entropy=True)
     z = (h @ w.T) / 0.9
