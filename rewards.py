@@ -22,6 +22,7 @@ class RewardConfig:
 
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
+BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 
 
@@ -52,17 +53,22 @@ def accuracy(reply, answer, options=None):
         texts = [normalize(o) for o in options]
         if normalize(reply) in texts:  # the option's own text (checked first: "A dog" is not the letter A)
             letter = "ABCDE"[texts.index(normalize(reply))]
+        elif BARE_LETTER_RE.fullmatch(reply.strip()):  # "b", "(c)", "d." : a lone letter in any case
+            letter = reply.strip().strip("().:").upper()
         else:
             letter = extract_letter(reply)
         return float(letter == answer.strip().upper())
     return float(normalize(reply) == normalize(answer))
 
 
+PAIRED_RE = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.S)
+
+
 def format_ok(text):
-    """Well formed: <think>/<tool_call> tags balanced, no tool error replies, exactly one <answer>, at the end."""
-    if text.count("<think>") != text.count("</think>"):
-        return False
-    if text.count("<tool_call>") != text.count("</tool_call>"):
+    """Well formed: <think>/<tool_call> tags open and close in order, no tool error replies, exactly one
+    <answer>, at the end."""
+    stray = PAIRED_RE.sub("", text)
+    if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
         return False
     if "<tool_response>Error:" in text:
         return False

@@ -85,6 +85,9 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("cat dog", "cat", None, 0.0),
     (None, "cat", None, 0.0),
     ("cat", "cat", [], 1.0),  # an empty option list is a short answer
+    ("b", "B", OPTIONS, 1.0),  # a lone lowercase letter is that letter
+    ("(c)", "C", OPTIONS, 1.0),
+    ("d.", "B", OPTIONS, 0.0),
 ])
 def test_accuracy(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
@@ -145,6 +148,9 @@ CROP_REPLY = "<|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|vis
     (f"<think>zoom</think>{CALL}<|im_end|>\n<|im_start|>user\n<tool_response>Error: bbox_2d holds a non-finite "
      f"number</tool_response><|im_end|>\n<answer>B</answer>", False),
     ("<tool_response>Error: one tool call per turn, please</tool_response><answer>B</answer>", False),
+    # tags in the wrong order, though balanced in count
+    ("</think>x<think><answer>B</answer>", False),
+    (f"</tool_call>{CALL.replace('</tool_call>', '')}<tool_call><answer>B</answer>", False),
 ])
 def test_format_ok(text, expected):
     assert rewards.format_ok(text) is expected
