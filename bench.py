@@ -141,15 +141,17 @@ def bench_logprobs():
 
 
 def bench_rollout():
-    import data
     import model
-    from rollout import RolloutConfig, rollout
 
     for name in ["tiny"] + (["tiny-7b"] if torch.cuda.is_available() else []):
-        _bench_rollout(model.load_policy(name), name, data.synthetic(1, seed=0), RolloutConfig, rollout)
+        _bench_rollout(model.load_policy(name), name)
 
 
-def _bench_rollout(policy, name, samples, RolloutConfig, rollout):
+def _bench_rollout(policy, name):
+    import data
+    from rollout import RolloutConfig, rollout
+
+    samples = data.synthetic(1, seed=0)
     # a random model seldom calls the tool, so the episodes are teacher-forced: think, crop, crop, answer
     call = '<think>zoom</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
     script = policy.encode(call.format("[40, 60, 200, 180]") + call.format("[100, 100, 160, 140]")
