@@ -18,15 +18,18 @@ import torch
 
 
 def _time(fn, repeat=3):
-    fn()  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    """Best of `repeat` runs after a warm-up, in seconds (the minimum is the least noisy on a shared machine)."""
+    fn()
+    best = float("inf")
     for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeat
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def _table(header, rows):
