@@ -81,7 +81,8 @@ def _logprobs_child(method, n, d, v, device, dtype):
     hidden = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
-    fn = dict(naive=lp.selective_logprobs_naive, chunked=lp.selective_logprobs_chunked)[method]
+    fn = dict(naive=lp.selective_logprobs_naive, chunked=lp.selective_logprobs_chunked,
+              triton=lp.selective_logprobs_triton)[method]
 
     def run():
         hidden.grad = None
@@ -114,6 +115,15 @@ def _status_kb(key):
     return 0
 
 
+def _bf16_peak_tflops():
+    """Dense bf16 tensor-core peak of known cards (vendor data sheets), or None."""
+    name = torch.cuda.get_device_name()
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("4090", 165)):
+        if key in name:
+            return tflops
+    return None
+
+
 def bench_logprobs():
     d, v = 3584, 152064  # Qwen2.5-VL-7B's head
     cuda = torch.cuda.is_available()
@@ -122,7 +132,7 @@ def bench_logprobs():
     rows = []
     for n in sizes:
         res = {}
-        for method in ("naive", "chunked"):
+        for method in ("naive", "chunked") + (("triton",) if cuda else ()):
             out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
                                  capture_output=True, text=True)
             if out.returncode != 0:
@@ -138,8 +148,13 @@ def bench_logprobs():
             rows.append((method, n, f"{r['peak_gb']:.3f}", f"{r['seconds']:.3f}", f"{flops / r['seconds'] / 1e12:.2f}",
                          f"{base['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if base else "-",
                          f"{r['seconds'] / base['seconds']:.2f}" if base else "-"))
-    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + backward")
-    _table(["path", "N", "peak GB beyond inputs", "seconds", "TFLOP/s", "memory: naive / this", "time: this / naive"], rows)
+    peak = _bf16_peak_tflops() if cuda else None
+    if peak:
+        rows = [r + (f"{100 * float(r[4]) / peak:.0f}%",) for r in rows]
+    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + backward"
+          + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s)" if peak else ""))
+    _table(["path", "N", "peak GB beyond inputs", "seconds", "TFLOP/s", "memory: naive / this", "time: this / naive"]
+           + (["of bf16 peak"] if peak else []), rows)
     return rows
 
 

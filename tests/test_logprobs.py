@@ -86,3 +86,91 @@ def test_dispatch_modes(monkeypatch):
         monkeypatch.setenv("KERNELS", "triton")
         with pytest.raises(NotImplementedError):
             kernels.selective_logprobs(h, w, t)
+
+
+# ---------------------------------------------------------------- the Triton kernel (CPU: TRITON_INTERPRET=1)
+
+def _triton_vs_naive(n, d, v, temp, blocks, dtype=torch.float32, seed=0):
+    h, w, t = _inputs(n, d, v, dtype, seed)
+    up = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    ref = lp.selective_logprobs_naive(h.float(), w.float(), t, temp)
+    (g_ref,) = torch.autograd.grad((ref * up).sum(), h)
+    logp, ent, grad = lp._triton_sweep(h.detach(), w, t, temp, True, True, *blocks)
+    z = (h.detach().float() @ w.float().T) / temp
+    ent_ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    return (logp, ref.detach()), (ent, ent_ref), (up[:, None] * grad, g_ref.float())
+
+
+@pytest.mark.parametrize("n,d,v,temp,blocks", [
+    (37, 64, 1000, 1.0, (16, 64, 32)),  # ragged rows and vocabulary
+    (37, 80, 1000, 0.7, (16, 128, 32)),  # ragged D slabs, temperature
+    (5, 16, 33, 1.3, (16, 16, 16)),  # tiny, every block ragged
+])
+def test_triton_kernel_matches_naive(n, d, v, temp, blocks):
+    for ours, ref in _triton_vs_naive(n, d, v, temp, blocks):
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_triton_kernel_through_autograd_and_dispatch(monkeypatch):
+    monkeypatch.setenv("KERNELS", "triton")
+    h, w, t = _inputs(20, 32, 300)
+    out, ent = kernels.selective_logprobs(h, w, t, 0.9, with_entropy=True)
+    (g,) = torch.autograd.grad(out.sum(), h)
+    ref = lp.selective_logprobs_naive(h, w, t, 0.9)
+    (g_ref,) = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+    assert not ent.requires_grad
+    with torch.no_grad():  # reference log-probs: no gradient buffer is built
+        assert kernels.selective_logprobs(h, w, t).shape == (20,)
+
+
+def test_triton_kernel_bf16_within_twice_torch_error():
+    h, w, t = _inputs(37, 64, 1000, torch.bfloat16)
+    exact = lp.selective_logprobs_naive(h.detach().float(), w.float(), t)
+    torch_bf16 = torch.log_softmax((h.detach() @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+    ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, False, 16, 64, 32)
+    assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
+
+
+def test_triton_kernel_masked_rows_get_no_gradient(monkeypatch):
+    monkeypatch.setenv("KERNELS", "triton")
+    h, w, t = _inputs(12, 32, 200)
+    mask = torch.tensor([1, 0] * 6, dtype=torch.float32)
+    (g,) = torch.autograd.grad((kernels.selective_logprobs(h, w, t) * mask).sum(), h)
+    assert torch.all(g[mask == 0] == 0) and torch.all(g[mask == 1].abs().sum(-1) > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_on_gpu(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 512, generator=g).to("cuda", dtype).requires_grad_(True)
+    w = (torch.randn(5000, 512, generator=g) / 512 ** 0.5).to("cuda", dtype)
+    t = torch.randint(0, 5000, (300,), generator=g).cuda()
+    ours = lp.selective_logprobs_triton(h, w, t)
+    (g_ours,) = torch.autograd.grad(ours.sum(), h)
+    exact = lp.selective_logprobs_naive(h.float(), w.float(), t)
+    (g_exact,) = torch.autograd.grad(exact.sum(), h)
+    hb = h.detach().requires_grad_(True)
+    low = torch.log_softmax(hb @ w.T, -1).float().gather(-1, t[:, None]).squeeze(-1)  # torch in this dtype
+    (g_low,) = torch.autograd.grad(low.sum(), hb)
+    assert (ours - exact).abs().max() <= 2 * (low - exact).abs().max() + 1e-4
+    assert (g_ours.float() - g_exact.float()).abs().max() <= 2 * (g_low.float() - g_exact.float()).abs().max() + 1e-4
+
+
+def test_no_gradient_sweep_under_no_grad(monkeypatch):
+    """Reference log-probs (under no_grad) skip the gradient: the sweep is asked for none."""
+    asked = []
+    real = lp._torch_sweep
+
+    def spy(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(lp, "_torch_sweep", spy)
+    h, w, t = _inputs(4, 8, 50)
+    with torch.no_grad():
+        lp.selective_logprobs_chunked(h, w, t)
+    lp.selective_logprobs_chunked(h, w, t)
+    assert asked == [False, True]
