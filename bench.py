@@ -64,12 +64,21 @@ def bench_crop():
     t_ref = _time(reference)
     rows = [("transformers processor (PIL)", f"{1e3 * t_proc / n:.1f}", f"{n / t_proc:.1f}", "1.00"),
             ("torch reference (CPU)", f"{1e3 * t_ref / n:.1f}", f"{n / t_ref:.1f}", f"{t_proc / t_ref:.2f}")]
+    header = ["path", "ms per crop", "crops/s", "speed-up vs processor"]
     if torch.cuda.is_available():
         img_gpu = crop.to_uint8(image).cuda()
+        out = reference()
         t_gpu = _time(lambda: crop.encode_crops(img_gpu, boxes, max_pixels=budget)[0])
-        rows.append(("kernels.crop_resample (CUDA)", f"{1e3 * t_gpu / n:.2f}", f"{n / t_gpu:.1f}", f"{t_proc / t_gpu:.1f}"))
+        # the least traffic possible: each crop's uint8 pixels read once, the fp32 patch tensor written once
+        moved = sum((x2 - x1) * (y2 - y1) * 3 for x1, y1, x2, y2 in boxes) + out.numel() * 4
+        bw = _bandwidth_gbs()
+        header += ["GB/s", "of memory bandwidth"]
+        rows = [r + ("", "") for r in rows]
+        rows.append(("kernels.crop_resample (CUDA)", f"{1e3 * t_gpu / n:.2f}", f"{n / t_gpu:.1f}",
+                     f"{t_proc / t_gpu:.1f}", f"{moved / t_gpu / 1e9:.0f}",
+                     f"{100 * moved / t_gpu / 1e9 / bw:.0f}% of {bw} GB/s" if bw else "-"))
     print(f"crop: {W}x{H} original, {n} crops, crop budget 1024 tokens")
-    _table(["path", "ms per crop", "crops/s", "speed-up vs processor"], rows)
+    _table(header, rows)
     return rows
 
 
@@ -113,6 +122,15 @@ def _status_kb(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _bandwidth_gbs():
+    """Memory bandwidth of known cards (vendor data sheets), or None."""
+    name = torch.cuda.get_device_name()
+    for key, gbs in (("H200", 4800), ("H100", 3350), ("A100", 2039), ("L40S", 864), ("4090", 1008)):
+        if key in name:
+            return gbs
+    return None
 
 
 def _bf16_peak_tflops():

@@ -108,6 +108,7 @@ class _Row:
     pending: list  # token ids not yet run through the model
     pending_images: list  # (pixel_values, grid) of images among `pending`
     next_pos: int = 0  # the rotary position counter after the tokens already in the cache
+    crop_request: tuple = None  # (source, box, grid) of a crop to encode before the next forward
     turn_start: int = 0  # index in ep.ids where the current assistant turn begins
 
 
@@ -127,14 +128,15 @@ def rollout(policy, samples, cfg, *, step=0, force=None):
 def _rollout_slice(policy, samples, cfg, step, first, force):
     rows = []
     for p, sample in enumerate(samples, first):
-        orig = crop.to_uint8(sample.image())
+        orig = crop.to_uint8(sample.image()).to(policy.device)  # on a GPU, crops go through the Triton kernel
         budget = min(cfg.global_tokens, sample.global_tokens or cfg.global_tokens)  # info-gap level
         pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
         shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
+        pv_host = pv.cpu()
         ids = policy.prompt_ids(sample.prompt_text(), grid[0], tools=cfg.probe != "no-tool")
         for k in range(cfg.group_size):
             ep = Episode(sample=sample, group=p, ids=list(ids), loss_mask=[0] * len(ids), logps=[0.0] * len(ids),
-                         pixel_values=[pv], grids=[grid[0].tolist()], prompt_len=len(ids))
+                         pixel_values=[pv_host], grids=[grid[0].tolist()], prompt_len=len(ids))
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k)
             rows.append(_Row(ep, orig, shown_wh, gen, pending=list(ids), pending_images=[(pv, grid)],
                              turn_start=len(ids)))
@@ -166,6 +168,7 @@ def _rollout_slice(policy, samples, cfg, step, first, force):
             row.pending, row.pending_images = [tok], []
             if _advance(policy, row, tok, cfg):
                 keep.append(b)
+        _encode_requests(live, cfg)
         if not keep:
             break
         if len(keep) < len(live):  # drop finished rows from the batch and the cache
@@ -275,20 +278,19 @@ def _advance(policy, row, tok, cfg):
     if err is not None:
         ep.num_tool_errors += 1
         ep.tool_errors[err[0]] += 1
-        tool_ids, image = policy.tool_turn_ids(closed, error=err[1]), None
+        tool_ids, request = policy.tool_turn_ids(closed, error=err[1]), None
     else:
-        image = _crop_image(row, orig_box, cfg)
-        tool_ids = policy.tool_turn_ids(closed, grid=image[1][0])
+        request = _crop_request(row, orig_box, cfg)  # encoded after this step, with the other rows' crops
+        tool_ids = policy.tool_turn_ids(closed, grid=request[2])
     if response_len + len(tool_ids) > cfg.max_response_tokens:  # no room for the reply: stop here
         ep.truncated = True
         return False
-    if image is not None:
+    if request is not None:
         ep.num_tool_calls += 1
         ep.boxes_shown.append([float(v) for v in box])
         ep.boxes.append(list(orig_box))
-        ep.pixel_values.append(image[0])
-        ep.grids.append(image[1][0].tolist())
-        row.pending_images.append(image)
+        ep.grids.append(request[2])
+        row.crop_request = request
     ep.ids += tool_ids
     ep.loss_mask += [0] * len(tool_ids)
     ep.logps += [0.0] * len(tool_ids)
@@ -297,16 +299,35 @@ def _advance(policy, row, tok, cfg):
     return True
 
 
-def _crop_image(row, box, cfg):
-    """Encode the crop of the original under the crop budget; the probes swap the box or the pixels."""
+def _crop_request(row, box, cfg):
+    """(source image, box, grid) of a crop under the crop budget; the probes swap the box or the pixels.
+    The grid is known before encoding, so the tool turn's length is too."""
     sample = row.ep.sample
     if cfg.probe == "gt-box" and sample.boxes:
         box = tuple(round(v) for v in sample.boxes[0])
+    x1, y1, x2, y2 = box
     source = row.orig
     if cfg.probe == "noise":  # same size as the crop, so the same grid and token count
-        x1, y1, x2, y2 = box
-        source, box = crop.noise_image(x2 - x1, y2 - y1, seed=len(row.ep.ids)), None
-    return crop.encode_crops(source, [box], max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
+        source, box = crop.noise_image(x2 - x1, y2 - y1, seed=len(row.ep.ids)).to(row.orig.device), None
+    h, w = crop.smart_resize(y2 - y1, x2 - x1, max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
+    return source, box, [1, h // 14, w // 14]
+
+
+def _encode_requests(rows, cfg):
+    """Encode this step's crops: one call per source image (the rows of a group share their original)."""
+    by_source = {}
+    for r in rows:
+        if r.crop_request is not None:
+            by_source.setdefault(id(r.crop_request[0]), []).append(r)
+    for group in by_source.values():
+        source = group[0].crop_request[0]
+        pv, grids = crop.encode_crops(source, [r.crop_request[1] for r in group],
+                                      max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
+        for r, part, grid in zip(group, pv.split([int(g.prod()) for g in grids]), grids):
+            assert grid.tolist() == r.crop_request[2]
+            r.ep.pixel_values.append(part.cpu())  # episodes wait for the loss on the host, not in GPU memory
+            r.pending_images.append((part, grid[None]))
+            r.crop_request = None
 
 
 def _finish_text(policy, ep):

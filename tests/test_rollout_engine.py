@@ -163,3 +163,15 @@ def test_finite_boxes_are_either_cropped_or_refused(box):
     h = max(crop.MIN_SIDE, (min(y2, 196) - max(y1, 0)) * sy)
     aspect = max(w, h) / min(w, h)
     assert (out is None) == (aspect > 100) or abs(aspect - 100) < 1  # rounding to whole pixels decides at 100
+
+
+def test_crops_of_a_step_are_encoded_in_one_call(monkeypatch):
+    """The rows of a group crop their shared original in the same step: one encode call per step."""
+    p = tiny_policy()
+    calls = []
+    real = crop.encode_crops
+    monkeypatch.setattr(crop, "encode_crops", lambda image, boxes, **kw: calls.append(len(boxes)) or real(image, boxes, **kw))
+    force = scripted(p, {0: [CALL.format("[5, 5, 60, 40]"), CALL.format("[0, 0, 20, 20]"), ANSWER]})
+    eps = rollout(p, data.synthetic(1, seed=13), _cfg(group_size=3), force=force)
+    assert sum(e.num_tool_calls for e in eps) == 6
+    assert calls == [1, 3, 3]  # the global image, then each step's three crops together
