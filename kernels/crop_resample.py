@@ -5,6 +5,7 @@ smart_resize'd size (a = -0.5, support widened by the scale when shrinking, samp
 (i + 0.5) * scale, taps kept inside the crop), x/255, CLIP mean/std, the 2-frame temporal repeat and the
 2x2 merge-window patch order. Output rows: (gh/2, gw/2, 2, 2) windows; columns (channel, time, y, x).
 
+Like PIL, both paths clip to 0..255 between the horizontal and the vertical pass.
 `crop_resample_ref` is the torch reference (the CPU path and the kernel's test oracle); it converts only the
 crop, not the whole original, to float. `crop_resample_triton` is one launch for all boxes: a program per
 output patch (14x14 pixels, 3 channels) reads the uint8 original directly through PIL's separable filter
@@ -43,9 +44,13 @@ def crop_resample_ref(image, boxes, out_hw):
     out = []
     for (x1, y1, x2, y2), (oh, ow) in zip(boxes.tolist(), out_hw):
         crop = image[int(y1):int(y2), int(x1):int(x2)].permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, h, w)
-        # torch's antialiased bicubic is PIL's filter (a = -0.5, widened support, renormalised edge taps)
+        # torch's antialiased bicubic is PIL's filter (a = -0.5, widened support, renormalised edge taps). PIL
+        # runs it as two passes, horizontal then vertical, each stored as uint8: clip after each (PIL also
+        # rounds; leaving that out keeps the kernel and this reference within 1e-4 of each other).
+        crop = F.interpolate(crop, size=(crop.shape[2], ow), mode="bicubic", antialias=True, align_corners=False)
+        crop = crop.clamp_(0.0, 255.0)
         crop = F.interpolate(crop, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)[0]
-        crop = crop.clamp_(0.0, 255.0)  # bicubic overshoots at hard edges; PIL's uint8 output clips there too
+        crop = crop.clamp_(0.0, 255.0)
         out.append(patchify((crop / 255.0 - mean) / std))
     return torch.cat(out)
 
@@ -73,6 +78,12 @@ def pil_weights(in_size, out_size, device=None):
 
 
 @triton.jit
+def _to_u8(x):
+    """PIL stores each pass as uint8: clip to 0..255 (its rounding is left out, as in the reference)."""
+    return tl.minimum(tl.maximum(x, 0.0), 255.0)
+
+
+@triton.jit
 def _crop_resample_kernel(
     img_ptr,  # uint8 original (H, W, 3), contiguous
     out_ptr,  # (num_patches, 1176) float32 or bfloat16
@@ -95,22 +106,29 @@ def _crop_resample_kernel(
     r = tl.zeros([BLOCK, BLOCK], tl.float32)
     g = tl.zeros([BLOCK, BLOCK], tl.float32)
     b = tl.zeros([BLOCK, BLOCK], tl.float32)
-    # out(y, x) = sum_i sum_j wy[y, i] wx[x, j] img[y0[y] + i, x0[x] + j]; padded taps have weight 0
+    # PIL's two passes: for each vertical tap ty, the horizontal pass at input row y0[y] + ty,
+    # hr(x) = sum_j wx[x, j] img[y0[y] + ty, x0[x] + j], clipped to 0..255 as PIL's uint8 store does; then
+    # out(y, x) = sum_ty wy[y, ty] hr, clipped again. Padded taps have weight 0.
     for ty in range(0, KY):
         wy = tl.load(wy_ptr + ys * KY + ty, mask=ok, other=0.0)
         yy = y0 + ty
+        hr = tl.zeros([BLOCK, BLOCK], tl.float32)
+        hg = tl.zeros([BLOCK, BLOCK], tl.float32)
+        hb = tl.zeros([BLOCK, BLOCK], tl.float32)
         for tx in range(0, KX):
             wx = tl.load(wx_ptr + xs * KX + tx, mask=ok, other=0.0)
-            w = wy[:, None] * wx[None, :]
-            keep = ok[:, None] & ok[None, :] & (w != 0.0)  # also keeps padded taps from reading past the crop
+            keep = (ok & (wy != 0.0))[:, None] & (ok & (wx != 0.0))[None, :]  # never read past the crop
             px = img_ptr + ((yy[:, None] * W + (x0 + tx)[None, :]) * 3)
-            r += w * tl.load(px, mask=keep, other=0).to(tl.float32)
-            g += w * tl.load(px + 1, mask=keep, other=0).to(tl.float32)
-            b += w * tl.load(px + 2, mask=keep, other=0).to(tl.float32)
-    # PIL's uint8 output clips; then x/255 and CLIP normalisation
-    r = (tl.minimum(tl.maximum(r, 0.0), 255.0) / 255.0 - m0) * s0
-    g = (tl.minimum(tl.maximum(g, 0.0), 255.0) / 255.0 - m1) * s1
-    b = (tl.minimum(tl.maximum(b, 0.0), 255.0) / 255.0 - m2) * s2
+            hr += wx[None, :] * tl.load(px, mask=keep, other=0).to(tl.float32)
+            hg += wx[None, :] * tl.load(px + 1, mask=keep, other=0).to(tl.float32)
+            hb += wx[None, :] * tl.load(px + 2, mask=keep, other=0).to(tl.float32)
+        r += wy[:, None] * _to_u8(hr)
+        g += wy[:, None] * _to_u8(hg)
+        b += wy[:, None] * _to_u8(hb)
+    # x/255 and CLIP normalisation
+    r = (_to_u8(r) / 255.0 - m0) * s0
+    g = (_to_u8(g) / 255.0 - m1) * s1
+    b = (_to_u8(b) / 255.0 - m2) * s2
     # columns (channel, time, y, x): each channel's 14x14 block, written for both frames
     offs = row * 1176 + i[:, None] * 14 + i[None, :]
     mask = ok[:, None] & ok[None, :]
