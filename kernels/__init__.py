@@ -6,6 +6,8 @@ KERNELS=triton: always Triton (on CPU tensors this needs TRITON_INTERPRET=1; the
 import importlib
 import os
 
+import torch
+
 from .crop_resample import crop_resample_ref
 from .logprobs import selective_logprobs_chunked
 
@@ -24,10 +26,10 @@ def _triton(module, name, t):
     return fn
 
 
-def crop_resample(image, boxes, out_hw):
-    """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> float32 pixel_values (sum N_k, 1176)."""
+def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
+    """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> pixel_values (sum N_k, 1176) in out_dtype."""
     fn = _triton("crop_resample", "crop_resample_triton", image) or crop_resample_ref
-    return fn(image, boxes, out_hw)
+    return fn(image, boxes, out_hw, out_dtype)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):

@@ -36,9 +36,9 @@ def patchify(x):
     return x.reshape(gh * gw, c * TEMPORAL * PATCH * PATCH)
 
 
-def crop_resample_ref(image, boxes, out_hw):
+def crop_resample_ref(image, boxes, out_hw, out_dtype=torch.float32):
     """image: uint8 (H, W, 3); boxes: (K, 4) integer-valued x1, y1, x2, y2 (x2, y2 exclusive);
-    out_hw: K (h, w) pairs (multiples of 28). Returns float32 (sum_k h_k*w_k/196, 1176)."""
+    out_hw: K (h, w) pairs (multiples of 28). Returns (sum_k h_k*w_k/196, 1176), computed in fp32."""
     mean = torch.tensor(MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(STD, device=image.device).view(3, 1, 1)
     out = []
@@ -52,7 +52,7 @@ def crop_resample_ref(image, boxes, out_hw):
         crop = F.interpolate(crop, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)[0]
         crop = crop.clamp_(0.0, 255.0)
         out.append(patchify((crop / 255.0 - mean) / std))
-    return torch.cat(out)
+    return torch.cat(out).to(out_dtype)
 
 
 # ---------------------------------------------------------------- Triton

@@ -56,6 +56,7 @@ def test_dispatch_uses_the_kernel(monkeypatch):
     calls = []
     module = importlib.import_module("kernels.crop_resample")  # kernels.crop_resample is the function
     monkeypatch.setattr(module, "crop_resample_triton", lambda *a: calls.append(1) or crop_resample_ref(*a))
+    assert kernels.crop_resample(img, b, [(28, 56)], torch.bfloat16).dtype == torch.bfloat16
     monkeypatch.setenv("KERNELS", "triton")
     kernels.crop_resample(img, b, [(28, 56)])
     monkeypatch.setenv("KERNELS", "auto")  # CPU tensors: the torch path
