@@ -71,7 +71,7 @@ def bench_crop():
         t_gpu = _time(lambda: crop.encode_crops(img_gpu, boxes, max_pixels=budget)[0])
         # the least traffic possible: each crop's uint8 pixels read once, the fp32 patch tensor written once
         moved = sum((x2 - x1) * (y2 - y1) * 3 for x1, y1, x2, y2 in boxes) + out.numel() * 4
-        bw = _bandwidth_gbs()
+        bw = _card_spec(0)
         header += ["GB/s", "of memory bandwidth"]
         rows = [r + ("", "") for r in rows]
         rows.append(("kernels.crop_resample (CUDA)", f"{1e3 * t_gpu / n:.2f}", f"{n / t_gpu:.1f}",
@@ -124,22 +124,14 @@ def _status_kb(key):
     return 0
 
 
-def _bandwidth_gbs():
-    """Memory bandwidth of known cards (vendor data sheets), or None."""
-    name = torch.cuda.get_device_name()
-    for key, gbs in (("H200", 4800), ("H100", 3350), ("A100", 2039), ("L40S", 864), ("4090", 1008)):
-        if key in name:
-            return gbs
-    return None
+# vendor data sheets: memory bandwidth (GB/s) and dense bf16 tensor-core peak (TFLOP/s)
+CARDS = {"H200": (4800, 989), "H100": (3350, 989), "A100": (2039, 312), "L40S": (864, 362), "4090": (1008, 165)}
 
 
-def _bf16_peak_tflops():
-    """Dense bf16 tensor-core peak of known cards (vendor data sheets), or None."""
+def _card_spec(which):
+    """which = 0: memory bandwidth in GB/s; 1: bf16 peak in TFLOP/s; None for an unknown card."""
     name = torch.cuda.get_device_name()
-    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("4090", 165)):
-        if key in name:
-            return tflops
-    return None
+    return next((spec[which] for key, spec in CARDS.items() if key in name), None)
 
 
 def bench_logprobs():
@@ -166,7 +158,7 @@ def bench_logprobs():
             rows.append((method, n, f"{r['peak_gb']:.3f}", f"{r['seconds']:.3f}", f"{flops / r['seconds'] / 1e12:.2f}",
                          f"{base['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if base else "-",
                          f"{r['seconds'] / base['seconds']:.2f}" if base else "-"))
-    peak = _bf16_peak_tflops() if cuda else None
+    peak = _card_spec(1) if cuda else None
     if peak:
         rows = [r + (f"{100 * float(r[4]) / peak:.0f}%",) for r in rows]
     print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + backward"
