@@ -59,7 +59,7 @@ def test_unreadable_image_is_reported_and_skipped(tmp_path):
     assert "bad.jpg" in r.stdout and "no usable sample" in r.stderr
 
 
-def test_unknown_benchmark_loader_is_one_line():
+def test_missing_benchmark_data_is_one_line():
     r = _run("eval.py", "--bench", "vstar")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "V* Bench" in r.stderr
 

@@ -1,0 +1,210 @@
+"""Benchmarks as users download them: HR-Bench (TSV, parquet), V*, MME-RealWorld; scoring, probes, shards and
+resume on the tiny model. Fixture files are written here in each exact format."""
+import base64
+import csv
+import io
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import data
+import eval as ev
+
+TINY = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "30"]
+
+
+def _png_bytes(w, h, color):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _hrbench_rows():
+    img = base64.b64encode(_png_bytes(300, 200, "red")).decode()
+    return [
+        dict(index=0, question="What color?", answer="A", A="red", B="blue", C="green", D="gray",
+             category="single", cycle_category="c0", image=img),
+        dict(index=1, question="What color?", answer="B", A="blue", B="red", C="green", D="gray",
+             category="single", cycle_category="c1", image="0"),  # VLMEvalKit: the image of row 0
+        dict(index=2, question="Which is left?", answer="C", A="x", B="y", C="z", D="w",
+             category="cross", cycle_category="c0", image=base64.b64encode(_png_bytes(120, 90, "blue")).decode()),
+    ]
+
+
+@pytest.fixture
+def hrbench_tsv(tmp_path):
+    path = tmp_path / "hr_bench_4k.tsv"
+    rows = _hrbench_rows()
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def vstar_dir(tmp_path):
+    root = tmp_path / "vstar"
+    items = {"direct_attributes/sa_1": dict(target_object=["cup"], bbox=[[10, 20, 30, 40]],
+                                            question="What is the color of the cup?",
+                                            options=["white", "black", "red", "blue"]),
+             "relative_position/sa_2": dict(target_object=["dog", "cat"], bbox=[[5, 5, 10, 10], [50, 60, 20, 10]],
+                                            question="Is the dog on the left or right of the cat?",
+                                            options=["left", "right"])}
+    for name, item in items.items():
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        Image.new("RGB", (160, 120), "white").save(root / f"{name}.jpg")
+        (root / f"{name}.json").write_text(json.dumps(item))
+    return str(root)
+
+
+@pytest.fixture
+def mmerw_json(tmp_path):
+    os.makedirs(tmp_path / "imgs")
+    Image.new("RGB", (200, 100), "green").save(tmp_path / "imgs" / "a.png")
+    items = [dict(Question_id="q1", Image="imgs/a.png", Text="What is shown?",
+                  **{"Answer choices": ["(A) a tree", "(B) a car", "(C) a dog", "(D) a cup", "(E) a hat"],
+                     "Ground truth": "B"}, Category="Perception", Subtask="OCR", Task="Remote"),
+             dict(Question_id="q2", Image="imgs/a.png", Text="How many?",
+                  **{"Answer choices": ["(A) 1", "(B) 2"], "Ground truth": "(A)"}, Category="Reasoning",
+                  Subtask="Count", Task="Monitoring"),
+             dict(Question_id="q3", Image="imgs/missing.png", Text="?",
+                  **{"Answer choices": ["(A) 1"], "Ground truth": "A"}, Category="x", Subtask="y", Task="z")]
+    path = tmp_path / "MME-RealWorld-Lite.json"
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+def test_hrbench_tsv_and_parquet_load_the_same(hrbench_tsv, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tsv = data.load_benchmark("hrbench", hrbench_tsv)
+    pq.write_table(pa.Table.from_pylist(_hrbench_rows()), tmp_path / "hr.parquet")
+    par = data.load_benchmark("hrbench", str(tmp_path / "hr.parquet"))
+    for samples in (tsv, par):
+        assert [s.id for s in samples] == ["0", "1", "2"]
+        assert [s.answer for s in samples] == ["A", "B", "C"] and samples[1].options[1] == "red"
+        assert (samples[1].width, samples[1].height) == (300, 200)  # row 1 borrows row 0's image
+        assert samples[1].image().getpixel((0, 0)) == (255, 0, 0)
+        assert [s.category for s in samples] == ["single", "single", "cross"]
+        assert [s.meta["cycle"] for s in samples] == ["c0", "c1", "c0"]
+
+
+def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
+    a = data.load_benchmark("vstar", vstar_dir, seed=1)
+    b = data.load_benchmark("vstar", vstar_dir, seed=1)
+    assert [(s.options, s.answer) for s in a] == [(s.options, s.answer) for s in b]
+    for s, right in zip(a, ["white", "left"]):
+        assert s.options["ABCD".index(s.answer)] == right  # options[0] of the file is the right one
+    assert [s.category for s in a] == ["direct_attributes", "relative_position"]
+    assert a[0].boxes == [[10, 20, 40, 60]]  # [x, y, w, h] -> [x1, y1, x2, y2]
+    assert a[1].boxes == [[5, 5, 70, 70]]  # two targets: their union
+    seeds = {tuple(data.load_benchmark("vstar", vstar_dir, seed=k)[0].options) for k in range(8)}
+    assert len(seeds) > 1  # the shuffle does move the right answer around
+
+
+def test_mmerw_loader(mmerw_json, capsys):
+    samples = data.load_benchmark("mmerw", mmerw_json)
+    assert [s.id for s in samples] == ["q1", "q2"]  # q3's image is missing: skipped and reported
+    assert "missing.png" in capsys.readouterr().out
+    assert samples[0].options == ["a tree", "a car", "a dog", "a cup", "a hat"] and samples[0].answer == "B"
+    assert samples[1].answer == "A" and samples[1].meta == dict(task="Monitoring", subtask="Count")
+
+
+@pytest.mark.parametrize("bench", ["hrbench", "vstar", "mmerw"])
+def test_missing_file_names_what_is_expected(bench, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.load_benchmark(bench, str(tmp_path / "nope"))
+    assert "nope" in str(e.value) and data.BENCHMARKS[bench].split()[0] in str(e.value)
+
+
+def _item(id, category, correct, **meta):
+    return dict(id=id, category=category, correct=correct, tool_calls=1, tool_errors=0, seconds=1.0, meta=meta)
+
+
+def test_hrbench_scoring_by_hand():
+    items = [_item("0", "single", 1.0, cycle="c0"), _item("1", "single", 0.0, cycle="c1"),
+             _item("2", "cross", 1.0, cycle="c0"), _item("3", "cross", 1.0, cycle="c1"),
+             _item("4", "cross", 0.0, cycle="c1")]
+    s = ev.summarize(items, "hr", "hrbench")
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    assert s["per_category"] == {"cross": pytest.approx(2 / 3), "single": 0.5}
+    assert s["official"] == pytest.approx((1.0 + 1 / 3) / 2)  # c0: 2/2, c1: 1/3
+    assert s["deepeyes"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_mmerw_and_vstar_scoring_by_hand():
+    items = [_item("a", "Perception", 1.0, task="Remote", subtask="OCR"),
+             _item("b", "Perception", 0.0, task="Remote", subtask="Color"),
+             _item("c", "Reasoning", 1.0, task="Auto", subtask="OCR")]
+    s = ev.summarize(items, "mme", "mmerw")
+    assert s["per_task"] == {"Auto": 1.0, "Remote": 0.5} and s["per_subtask"] == {"Color": 0.0, "OCR": 1.0}
+    v = ev.summarize([_item("1", "direct_attributes", 1.0), _item("2", "direct_attributes", 0.0),
+                      _item("3", "relative_position", 1.0)], "v", "vstar")
+    assert v["accuracy"] == pytest.approx(2 / 3)  # micro, not the mean of the folders (0.75)
+    assert v["per_category"] == {"direct_attributes": 0.5, "relative_position": 1.0}
+
+
+@pytest.mark.parametrize("bench,fixture", [("hrbench", "hrbench_tsv"), ("vstar", "vstar_dir"), ("mmerw", "mmerw_json")])
+def test_eval_on_each_benchmark(bench, fixture, request, tmp_path):
+    path = request.getfixturevalue(fixture)
+    out = tmp_path / "out" / bench
+    s = ev.main(["--bench", bench, "--data", path, "--out", str(out), "--html", str(tmp_path / "r.html"), *TINY])
+    assert s["num_items"] == {"hrbench": 3, "vstar": 2, "mmerw": 2}[bench]
+    assert json.load(open(out / "summary.json"))["num_items"] == s["num_items"]
+    assert "| **overall** |" in open(out / "table.md").read()
+    assert open(tmp_path / "r.html").read().count("<hr>") == s["num_items"]
+    if bench == "hrbench":
+        assert "official" in s and "HR-Bench official" in open(out / "table.md").read()
+
+
+def test_probes_and_their_summary(vstar_dir, tmp_path, capsys):
+    root = tmp_path / "eval"
+    for probe in (None, "noise", "gt-box", "no-tool"):
+        name = "vstar" + (f"-{probe}" if probe else "")
+        ev.main(["--bench", "vstar", "--data", vstar_dir, "--out", str(root / name), *TINY]
+                + (["--probe", probe] if probe else []))
+    capsys.readouterr()
+    results = ev.main(["--bench", "vstar", "--summary", "--out", str(root / "vstar")])
+    text = capsys.readouterr().out
+    assert set(results) == {"none", "noise", "gt-box", "no-tool"}
+    assert "| noise | 2 |" in text and "crop dependency" in text
+
+
+def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hr"
+    real = ev.rollout
+    calls = []
+
+    def dying(policy, samples, cfg):
+        calls.append([s.id for s in samples])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(policy, samples, cfg)
+
+    monkeypatch.setattr(ev, "rollout", dying)
+    args = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), "--batch", "1", *TINY]
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(args)
+    assert len(open(out / "items.jsonl").readlines()) == 1
+    calls.clear()
+    monkeypatch.setattr(ev, "rollout", lambda p, s, c: calls.append([x.id for x in s]) or real(p, s, c))
+    s = ev.main(args)
+    assert calls == [["1"], ["2"]] and s["num_items"] == 3  # item 0 was not redone
+    assert "1 item(s) already in" in capsys.readouterr().out
+
+
+def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
+    out = tmp_path / "hr"
+    base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), *TINY]
+    ev.main(base + ["--shard", "0/2"])
+    ev.main(base + ["--shard", "1/2"])
+    assert sorted(os.listdir(out)) == ["items.shard-0-of-2.jsonl", "items.shard-1-of-2.jsonl", "summary.json", "table.md"]
+    assert len(open(out / "items.shard-0-of-2.jsonl").readlines()) == 2  # items 0 and 2
+    monkeypatch.setattr(ev, "rollout", lambda *a: pytest.fail("everything was done by the shards"))
+    assert ev.main(base)["num_items"] == 3
+    with pytest.raises(SystemExit):
+        ev.main(base + ["--shard", "2/2"])
