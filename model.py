@@ -6,9 +6,12 @@ from hidden states through `kernels.selective_logprobs` (never the full logits).
 same model with its adapters disabled, so there is no second copy in memory.
 
     python -c "import model; p = model.load_policy('tiny'); print(p.model)"
+    python model.py export --adapter runs/stage2/final --out merged/     # a plain checkpoint
 """
 import contextlib
+import json
 import logging
+import os
 import warnings
 
 import torch
@@ -280,3 +283,91 @@ def _load_checkpoint(name, device, quantize):
                          f"  Download it first (e.g. huggingface-cli download {name} --local-dir DIR) and pass "
                          f"--model DIR; use --model tiny for the built-in toy model.")
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- memory estimate (no download)
+
+# Qwen2.5-VL language-model shapes: hidden, layers, query heads, KV heads, MLP, vocab, tied embeddings
+LM_SHAPES = {"7b": (3584, 28, 28, 4, 18944, 152064, False), "3b": (2048, 36, 16, 2, 11008, 151936, True),
+             "tiny": (64, 2, 4, 2, 128, 602, False)}
+VISION_PARAMS = {"7b": 676e6, "3b": 669e6, "tiny": 0.05e6}  # 32 blocks of hidden 1,280 + merger
+PROMPT_TOKENS = 400  # system prompt (tool schema) + question + template, without the image
+
+
+def shape_of(name):
+    """Which shape a model name stands for, from the name alone: tiny, 3b, else 7b."""
+    name = name.lower()
+    return "tiny" if name.startswith("tiny") and name != "tiny-7b" else "3b" if "3b" in name else "7b"
+
+
+def estimate_memory(cfg):
+    """Peak GPU memory of a training step by part, in GB, from the shapes alone (nothing is downloaded).
+
+    cfg: train.Config (model, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
+    max_response_tokens, gradient_checkpointing). The rollout and the update do not overlap, so the peak
+    is weights + LoRA/optimizer + the larger of (KV cache) and (activations + log-prob chunks)."""
+    shape = shape_of(cfg.model)
+    h, layers, heads, kv, mlp, vocab, tied = LM_SHAPES[shape]
+    hd = h // heads
+    linear = layers * (2 * h * h + 2 * h * kv * hd + 3 * h * mlp)  # q, o, k, v, gate/up/down
+    quantized = shape != "tiny" and cfg.model != "tiny-7b"  # the random tiny-7b is bf16
+    weights = linear * (0.5 + 0.127 / 8 if quantized else 2)  # NF4 + double-quantised constants, or bf16
+    weights += vocab * h * 2 * (1 if tied else 2) + VISION_PARAMS[shape] * 2  # embeddings, head, vision: bf16
+    lora = layers * cfg.lora_r * (2 * h + 2 * h + 2 * (h + kv * hd) + 3 * (h + mlp))
+    lora_bytes = lora * 16  # fp32 weight, gradient and two AdamW moments
+    seq = PROMPT_TOKENS + cfg.global_tokens + cfg.max_response_tokens
+    rows = min(cfg.rollout_rows, cfg.prompts_per_step * cfg.group_size)
+    kv_cache = rows * seq * layers * 2 * kv * hd * 2  # K and V in bf16
+    if cfg.gradient_checkpointing:  # a checkpoint per layer, plus one layer recomputed with its gradients
+        per_token = layers * h * 2 + (4 * h + 3 * mlp) * 2 * 2
+    else:  # every layer keeps its attention and MLP activations
+        per_token = layers * (10 * h + 4 * mlp) * 2
+    activations = cfg.micro_batch * seq * per_token
+    n = cfg.micro_batch * cfg.max_response_tokens
+    logprobs = n * h * 4 + min(n, 8192) * 2048 * 4  # the gradient accumulator and one logit tile
+    parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, activations=activations,
+                 logprob_chunks=logprobs, cuda_overhead=1.5e9 if shape != "tiny" else 0)
+    gb = {k: v / 1e9 for k, v in parts.items()}
+    gb["peak"] = gb["weights"] + gb["lora_and_optimizer"] + gb["cuda_overhead"] + max(
+        gb["kv_cache"], gb["activations"] + gb["logprob_chunks"])
+    return gb
+
+
+# ---------------------------------------------------------------- export
+
+def export(adapter, out, name=None):
+    """Merge a trained adapter into its base model and save a plain bf16 Qwen2.5-VL checkpoint (loadable by
+    transformers, and so by vLLM or lmms-eval), with the adapter alone in out/adapter in PEFT's format."""
+    import shutil
+
+    meta = os.path.join(adapter, "config.json")  # our checkpoints record the run's Config, base model included
+    run = json.load(open(meta)) if os.path.exists(meta) else {}
+    name = name or run.get("model")
+    if not name:
+        raise SystemExit(f"error: {adapter} does not say which base model it was trained on: pass --model")
+    policy = load_policy(name, adapter=adapter, quantize=False, trainable=False, seed=run.get("seed", 0))
+    merged = policy.model.merge_and_unload()  # base weights + B A * alpha / r, in full precision
+    if name != "tiny":
+        merged = merged.to(torch.bfloat16)
+    merged.save_pretrained(out)
+    policy.tokenizer.save_pretrained(out)
+    shutil.copytree(adapter, os.path.join(out, "adapter"), dirs_exist_ok=True)
+    print(f"merged {name} + {adapter} -> {out} (adapter alone in {os.path.join(out, 'adapter')})")
+    return out
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Model utilities.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="merge an adapter into its base model and save a plain checkpoint")
+    ex.add_argument("--adapter", required=True, help="an adapter folder (e.g. runs/stage2/final)")
+    ex.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    ex.add_argument("--model", default=None, help="the base model (default: the one the adapter's run used)")
+    args = ap.parse_args()
+    export(args.adapter, args.out, args.model)
+
+
+if __name__ == "__main__":
+    main()

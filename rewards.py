@@ -38,6 +38,13 @@ def extract_letter(text):
     return m.group(1) if m else None
 
 
+def _reply_letter(reply):
+    """A lone letter in any case ("b", "(c)", "d."), else the first standalone capital A-E."""
+    if BARE_LETTER_RE.fullmatch(reply.strip()):
+        return reply.strip().strip("().:").upper()
+    return extract_letter(reply)
+
+
 def normalize(text):
     """Lowercase, drop punctuation, articles and extra spaces (short-answer matching)."""
     text = "".join(c for c in text.lower() if c not in string.punctuation)
@@ -53,11 +60,11 @@ def accuracy(reply, answer, options=None):
         texts = [normalize(o) for o in options]
         if normalize(reply) in texts:  # the option's own text (checked first: "A dog" is not the letter A)
             letter = "ABCDE"[texts.index(normalize(reply))]
-        elif BARE_LETTER_RE.fullmatch(reply.strip()):  # "b", "(c)", "d." : a lone letter in any case
-            letter = reply.strip().strip("().:").upper()
         else:
-            letter = extract_letter(reply)
+            letter = _reply_letter(reply)
         return float(letter == answer.strip().upper())
+    if re.fullmatch(r"[A-E]", answer.strip()):  # an option letter without the options (e.g. DeepEyes' data)
+        return float(_reply_letter(reply) == answer.strip())
     return float(normalize(reply) == normalize(answer))
 
 

@@ -39,6 +39,7 @@ class RolloutConfig:
     probe: str = None  # None | "noise" (crop -> noise) | "gt-box" (box -> ground truth) | "no-tool"
     seed: int = 0  # sampling seeds derive from (seed, step, prompt, sample)
     reuse_cache: bool = True  # False: the baseline that re-runs the whole conversation after each tool call
+    crop_from_shown: bool = False  # crops cut from the shown global image, not the original (no information gap)
 
 
 @dataclass
@@ -128,8 +129,11 @@ def rollout(policy, samples, cfg, *, step=0, force=None):
 def _rollout_slice(policy, samples, cfg, step, first, force):
     rows = []
     for p, sample in enumerate(samples, first):
-        orig = crop.to_uint8(sample.image()).to(policy.device)  # on a GPU, crops go through the Triton kernel
         budget = min(cfg.global_tokens, sample.global_tokens or cfg.global_tokens)  # info-gap level
+        image = sample.image()
+        if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
+            image = crop.resized(image, crop.tokens_to_pixels(budget))
+        orig = crop.to_uint8(image).to(policy.device)  # on a GPU, crops go through the Triton kernel
         pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
         shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
         pv_host = pv.cpu()

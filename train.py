@@ -61,6 +61,7 @@ class Config:
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
     rollout_rows: int = 64  # rows per rollout forward batch
     global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
+    infogap: str = ""  # "": samples' own levels if any; FILE: levels from data.py infogap; fixed:N; off (crops from the shown image: no gap)
     crop_tokens: int = 1024  # budget of each returned crop
     w_accuracy: float = 0.8  # reward weight of accuracy
     w_format: float = 0.2  # reward weight of the format penalty (-1 when malformed)
@@ -72,6 +73,8 @@ class Config:
     keep_checkpoints: int = 2  # newest step checkpoints kept
     dump_every: int = 5  # rollout transcripts interval in steps
     seed: int = 0  # data order, LoRA init, sampling seeds
+    memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
+    ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
 
 
 PRESETS = {
@@ -79,11 +82,11 @@ PRESETS = {
                  max_turns=3, max_turn_tokens=40, max_response_tokens=120, global_tokens=64, crop_tokens=64,
                  save_every=3, dump_every=3),
     "24gb": dict(prompts_per_step=2, group_size=8, micro_batch=2, global_tokens=1024, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16),
-    "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=4, global_tokens=4096, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32),
-    "80gb": dict(prompts_per_step=4, group_size=16, micro_batch=4, global_tokens=16384, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32),
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16, memory_gb=24),
+    "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=2, global_tokens=4096, crop_tokens=1024,
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32, memory_gb=48),
+    "80gb": dict(prompts_per_step=4, group_size=16, micro_batch=1, global_tokens=16384, crop_tokens=1024,
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16, memory_gb=80),
 }
 
 
@@ -219,6 +222,24 @@ def _prune(out_dir, keep):
 
 # ---------------------------------------------------------------- the run
 
+def apply_infogap(cfg, samples):
+    """Set each sample's global-image level (stage 1's information gap) from cfg.infogap."""
+    if cfg.infogap in ("", "off"):
+        return
+    if cfg.infogap.startswith("fixed:"):
+        level = cfg.infogap.split(":", 1)[1]
+        if not level.isdigit() or int(level) < 4:
+            raise SystemExit(f"error: --infogap {cfg.infogap!r}: expected fixed:N with N >= 4 tokens")
+        for s in samples:
+            s.global_tokens = int(level)
+        return
+    levels = data.read_levels(cfg.infogap)
+    for s in samples:
+        s.global_tokens = levels.get(s.id, (None,))[0]
+    missing = sum(s.id not in levels for s in samples)
+    print(f"info-gap levels from {cfg.infogap}" + (f"; {missing} sample(s) have none (global_tokens)" if missing else ""))
+
+
 def step_prompts(samples, step, n, seed):
     """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order."""
     out = []
@@ -236,6 +257,7 @@ def train(cfg, resume=None):
     out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = data.load(cfg.data, seed=cfg.seed)
+    apply_infogap(cfg, samples)
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
     init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
@@ -255,7 +277,7 @@ def train(cfg, resume=None):
                          max_crops=cfg.max_crops, max_turn_tokens=cfg.max_turn_tokens,
                          max_response_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, global_tokens=cfg.global_tokens, crop_tokens=cfg.crop_tokens,
-                         seed=cfg.seed)
+                         seed=cfg.seed, crop_from_shown=cfg.infogap == "off")
     wcfg = rewards.RewardConfig(w_accuracy=cfg.w_accuracy, w_format=cfg.w_format, w_tool=cfg.w_tool,
                                 w_grounding=cfg.w_grounding if cfg.stage == 2 else 0.0, tau=cfg.tau, omega=cfg.omega)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
@@ -360,6 +382,17 @@ def parse_overrides(cfg, items):
     return cfg
 
 
+def check_memory(cfg):
+    """Print the estimated peak memory by part; refuse to start when it exceeds the card (memory_gb)."""
+    est = model.estimate_memory(cfg)
+    print("estimated peak GPU memory (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
+    if cfg.memory_gb and est["peak"] > cfg.memory_gb and not cfg.ignore_memory_estimate:
+        raise SystemExit(f"error: the estimated peak, {est['peak']:.1f} GB, exceeds memory_gb={cfg.memory_gb:g}. "
+                         f"Lower micro_batch, rollout_rows, group_size or the token budgets, turn on "
+                         f"gradient_checkpointing, or pass --ignore_memory_estimate=true")
+    return est
+
+
 def main(argv=None):
     helps = field_help()
     epilog = "Any Config field can be set as --key=value:\n" + "\n".join(
@@ -371,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="'synthetic[:N]' or a .jsonl file")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides sized for a GPU")
     ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
+    ap.add_argument("--infogap", default=None, help="FILE (levels from data.py infogap), fixed:N (one budget for "
+                                                    "all) or off (crops from the shown image: the baseline)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, rest = ap.parse_known_args(argv)
     cfg = Config(stage=args.stage, preset=args.preset, **PRESETS[args.preset])
@@ -378,10 +413,13 @@ def main(argv=None):
         cfg.model = args.model
     if args.data:
         cfg.data = args.data
+    if args.infogap is not None:
+        cfg.infogap = args.infogap
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    check_memory(cfg)
     if args.dry_run:
         return cfg
     train(cfg, resume=args.resume)
