@@ -25,7 +25,43 @@ WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver 
          "honey violin planet marble castle dragon").split()
 GLYPHS = ("circle", "square", "triangle", "cross")
 LETTERS = "ABCDE"
-Image.MAX_IMAGE_PIXELS = 200_000_000  # PIL's bomb guard, raised for 8K+ originals (about 6x an 8K image)
+# Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
+MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message names the file and says why."""
+
+    def __init__(self, message, sample_id=None):
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
+def to_rgb(im):
+    """Any PIL mode -> RGB: 16- and 32-bit images are scaled to 8 bits rather than clipped."""
+    if im.mode.startswith("I") or im.mode == "F":
+        import numpy as np
+        a = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if "16" in im.mode else max(float(a.max()), 1.0)
+        im = Image.fromarray((a / peak * 255).clip(0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def _open_checked(path_or_file, name):
+    """(width, height) of an image file after cheap checks: it decodes its header, passes verify(), and is
+    within MAX_PIXELS. Raises ValueError with the reason."""
+    try:
+        with Image.open(path_or_file) as im:
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} is over the {MAX_PIXELS:,}-pixel limit (LFPC_MAX_PIXELS)")
+            if width == 0 or height == 0:
+                raise ValueError("zero-size image")
+            im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL raises SyntaxError for broken PNGs
+        raise ValueError(f"image {name}: {e}") from None
+    return width, height
 
 
 @dataclass
@@ -44,11 +80,14 @@ class Sample:
     meta: dict = field(default_factory=dict)  # benchmark fields used in scoring (cycle, task, subtask)
 
     def image(self):
-        """The original image, RGB."""
-        if self.make is not None:
-            return self.make()
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        """The original image, RGB. Raises BadImage (naming the file) when it cannot be decoded."""
+        try:
+            if self.make is not None:
+                return self.make()
+            with Image.open(self.image_path) as im:
+                return to_rgb(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BadImage(f"sample {self.id} ({self.image_path or 'embedded image'}): {e}", self.id) from None
 
     def prompt_text(self):
         """The question with its options as lettered lines."""
@@ -148,12 +187,7 @@ def _jsonl_row(row, root, n):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise ValueError(f"missing or empty {key!r}")
     path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
-    try:
-        with Image.open(path) as im:  # the header: is it an image, what size
-            width, height = im.size
-            im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL raises SyntaxError for broken PNGs
-        raise ValueError(f"image {path}: {e}") from None
+    width, height = _open_checked(path, path)
     options = row.get("options")
     answer = row["answer"].strip()
     if options is not None:
@@ -207,7 +241,7 @@ def load_benchmark(bench, path, seed=0):
 def _image_from_bytes(raw):
     def make():
         with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     return make
 
 
@@ -229,8 +263,7 @@ def _hrbench(path, seed):
             if len(image) < 64 and image in by_index:  # VLMEvalKit stores a repeated image once
                 image = str(by_index[image]["image"])
             raw = base64.b64decode(image, validate=False)
-            with Image.open(io.BytesIO(raw)) as im:
-                width, height = im.size
+            width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
             options = [str(r[k]) for k in "ABCD" if r.get(k) not in (None, "") and str(r[k]) != "nan"]
             samples.append(Sample(
                 id=str(r["index"]), question=str(r["question"]), answer=str(r["answer"]).strip().upper(),
@@ -259,8 +292,7 @@ def _vstar(path, seed):
                               if os.path.exists(os.path.join(folder, stem + ext))), None)
                 if image is None:
                     raise ValueError("no image beside it")
-                with Image.open(image) as im:
-                    width, height = im.size
+                width, height = _open_checked(image, image)
                 options = [str(o) for o in item["options"]]
                 order = list(range(len(options)))
                 random.Random(f"{seed}/{category}/{stem}").shuffle(order)
@@ -289,8 +321,7 @@ def _mmerw(path, seed):
     for item in items:
         try:
             image = os.path.join(root, item["Image"])
-            with Image.open(image) as im:
-                width, height = im.size
+            width, height = _open_checked(image, image)
             options = [re.sub(r"^\s*\(?[A-E]\)\s*", "", str(c)) for c in item["Answer choices"]]
             letter = re.search(r"[A-E]", str(item["Ground truth"]).upper())  # "B" or "(B)"
             if letter is None:
@@ -336,14 +367,10 @@ def read_deepeyes(path):
             if image.get("bytes"):
                 raw = image["bytes"]
                 make, image_path = _image_from_bytes(raw), None
-                with Image.open(io.BytesIO(raw)) as im:
-                    width, height = im.size
-                    im.verify()
+                width, height = _open_checked(io.BytesIO(raw), "(embedded)")
             elif image.get("path"):
                 image_path, make = os.path.join(root, image["path"]), None
-                with Image.open(image_path) as im:
-                    width, height = im.size
-                    im.verify()
+                width, height = _open_checked(image_path, image_path)
             else:
                 raise ValueError("no image")
             answer = str((r.get("reward_model") or {}).get("ground_truth") or "").strip()

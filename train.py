@@ -17,7 +17,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from tqdm import tqdm
 import data
 import model
 import rewards
+from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                        truncate_metrics)
 from rollout import RolloutConfig, rollout
 
 
@@ -73,6 +74,7 @@ class Config:
     keep_checkpoints: int = 2  # newest step checkpoints kept
     dump_every: int = 5  # rollout transcripts interval in steps
     seed: int = 0  # data order, LoRA init, sampling seeds
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
 
@@ -151,7 +153,7 @@ def train_step(policy, optimizer, episodes, advantages, cfg):
         with torch.no_grad():
             old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in c]), cfg.temperature)
                    for c in chunks]
-    stats = dict(loss=0.0, clip=0.0, kl=0.0, grad_norm=0.0)
+    stats = dict(loss=0.0, clip=0.0, kl=0.0, grad_norm=0.0, skipped=0)
     policy.model.train()
     for _ in range(cfg.num_epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -163,61 +165,13 @@ def train_step(policy, optimizer, episodes, advantages, cfg):
             stats["kl"] += s["kl"] / num_tokens / cfg.num_epochs
         norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
         stats["grad_norm"] = float(norm)
+        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+            optimizer.zero_grad(set_to_none=True)  # a NaN/inf step would poison the weights: skip it
+            stats["skipped"] = 1
+            break
         optimizer.step()
     policy.model.eval()
     return stats
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, policy, optimizer, cfg, state):
-    """Write a checkpoint folder atomically: everything goes to PATH.tmp, which is renamed when complete."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_adapter(tmp)  # PEFT format: PeftModel.from_pretrained(base, path) loads it
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(dict(torch=torch.get_rng_state(), python=random.getstate()), os.path.join(tmp, "rng.pt"))
-    _write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(cfg))
-    _write_json(os.path.join(tmp, "state.json"), state)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def latest_checkpoint(path):
-    """The newest complete step checkpoint in a run folder (or the folder itself if it is one)."""
-    if os.path.isfile(os.path.join(path, "state.json")):
-        return path
-    steps = sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp")
-                   and os.path.isfile(os.path.join(path, d, "state.json"))) if os.path.isdir(path) else []
-    return os.path.join(path, steps[-1]) if steps else None
-
-
-def load_checkpoint(path, policy, optimizer):
-    """Restore adapter weights, optimizer and RNG states; returns state.json. Loads no pickled code."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-def _prune(out_dir, keep):
-    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-    for d in steps[:-keep]:
-        shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -240,15 +194,38 @@ def apply_infogap(cfg, samples):
     print(f"info-gap levels from {cfg.infogap}" + (f"; {missing} sample(s) have none (global_tokens)" if missing else ""))
 
 
-def step_prompts(samples, step, n, seed):
-    """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order."""
-    out = []
-    for i in range(step * n, (step + 1) * n):
+def step_prompts(samples, step, n, seed, skip=()):
+    """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order. A sample
+    in `skip` (its image is broken) is replaced by the next one in the order."""
+    if len(skip) >= len(samples):
+        raise SystemExit("error: every sample's image is unreadable")
+    out, i = [], step * n
+    while len(out) < n:
         epoch, k = divmod(i, len(samples))
         order = list(range(len(samples)))
         random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(samples[order[k]])
+        if samples[order[k]].id not in skip:
+            out.append(samples[order[k]])
+        i += 1
     return out
+
+
+def _on_oom(cfg, rcfg, retried, step):
+    """First out-of-memory error: halve the micro-batch and the rollout batch, and retry the step. Second: stop,
+    with the estimate of what fits."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if retried:
+        est = model.estimate_memory(cfg)
+        raise SystemExit(f"error: out of memory again at step {step + 1} with micro_batch={cfg.micro_batch}, "
+                         f"rollout_rows={rcfg.max_rows}. Estimated peak for these settings: {est['peak']:.1f} GB "
+                         f"({', '.join(f'{k} {v:.1f}' for k, v in est.items() if k != 'peak')}). Lower the token "
+                         f"budgets or group_size, or use a smaller preset.")
+    cfg.micro_batch = max(1, cfg.micro_batch // 2)
+    rcfg.max_rows = cfg.rollout_rows = max(cfg.group_size, rcfg.max_rows // 2)
+    print(f"out of memory at step {step + 1}: retrying with micro_batch={cfg.micro_batch}, "
+          f"rollout_rows={rcfg.max_rows}")
+    return True
 
 
 def train(cfg, resume=None):
@@ -280,31 +257,58 @@ def train(cfg, resume=None):
                          seed=cfg.seed, crop_from_shown=cfg.infogap == "off")
     wcfg = rewards.RewardConfig(w_accuracy=cfg.w_accuracy, w_format=cfg.w_format, w_tool=cfg.w_tool,
                                 w_grounding=cfg.w_grounding if cfg.stage == 2 else 0.0, tau=cfg.tau, omega=cfg.omega)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    truncate_metrics(metrics_path, start)
+    stop, bad_steps, oom_retried, bad_ids = GracefulStop(), 0, False, set()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
-    for step in bar:
-        t0 = time.time()
-        _reset_peak_memory()
-        # 1. rollout: prompts_per_step x group_size episodes with the current policy
-        episodes = rollout(policy, step_prompts(samples, step, cfg.prompts_per_step, cfg.seed), rcfg, step=step)
-        rollout_mem = _peak_memory_gb()
-        # 2. rewards, 3. advantages within each group
-        scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
-        adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
-        # 4.-5. loss and LoRA step
-        stats = train_step(policy, optimizer, episodes, adv, cfg)
-        # 6. log
-        metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                   file=sys.stdout)
-        if (step + 1) % cfg.dump_every == 0:
-            _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
-        # 7. checkpoint
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
-                            dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
-            _prune(out_dir, cfg.keep_checkpoints)
+    try:
+        for step in bar:
+            t0 = time.time()
+            while True:  # a step is retried after an out-of-memory error or an undecodable image
+                try:
+                    _reset_peak_memory()
+                    # 1. rollout: prompts_per_step x group_size episodes with the current policy
+                    prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=bad_ids)
+                    episodes = rollout(policy, prompts, rcfg, step=step)
+                    rollout_mem = _peak_memory_gb()
+                    fault("rollout", step + 1)
+                    # 2. rewards, 3. advantages within each group
+                    scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
+                    adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
+                    # 4.-5. loss and LoRA step
+                    stats = train_step(policy, optimizer, episodes, adv, cfg)
+                    fault("step", step + 1)
+                    break
+                except data.BadImage as e:  # costs the sample, not the run
+                    print(f"skipping a bad image: {e}")
+                    bad_ids.add(e.sample_id)
+                except torch.OutOfMemoryError:
+                    oom_retried = _on_oom(cfg, rcfg, oom_retried, step)
+            # numerical faults: a NaN/inf step was skipped in train_step; too many in a row stop the run
+            bad_steps = bad_steps + 1 if stats["skipped"] else 0
+            if bad_steps >= cfg.max_bad_steps:
+                raise SystemExit(f"error: stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite "
+                                 f"loss or gradient (likely causes: a learning rate too high, a broken reward, or "
+                                 f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
+            # 6. log
+            metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                       file=sys.stdout)
+            if (step + 1) % cfg.dump_every == 0:
+                _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+            # 7. checkpoint
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal:
+                save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
+                                dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
+                prune_checkpoints(out_dir, cfg.keep_checkpoints)
+            if stop.signal:
+                print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
+                      f"{cfg.stage} --resume {out_dir} (and the same options)")
+                return policy
+    finally:
+        stop.restore()
     save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
     print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
     return policy
@@ -323,6 +327,7 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 tool_calls=sum(e.num_tool_calls for e in episodes) / n,
                 tool_errors=sum(e.num_tool_errors for e in episodes) / n,
                 truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],
+                skipped=stats["skipped"],
                 clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
                 peak_mem_gb=_peak_memory_gb())
 
