@@ -59,7 +59,7 @@ def _open_checked(path_or_file, name):
             if width == 0 or height == 0:
                 raise ValueError("zero-size image")
             im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL raises SyntaxError for broken PNGs
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
         raise ValueError(f"image {name}: {e}") from None
     return width, height
 

@@ -93,7 +93,9 @@ def evaluate(args):
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()
-            episodes = rollout(policy, todo[i:i + args.batch], cfg)
+            episodes = _rollout_skipping_bad_images(policy, todo[i:i + args.batch], cfg)
+            if not episodes:
+                continue
             seconds = (time.time() - t0) / len(episodes)
             with open(items_path, "a") as f:
                 for e in episodes:
@@ -110,6 +112,17 @@ def evaluate(args):
         write_html(args.html, items, {s.id: s for s in all_samples}, summary)
     print(_markdown(summary))
     return summary
+
+
+def _rollout_skipping_bad_images(policy, batch, cfg):
+    """Roll out a batch; an item whose image fails to decode is reported in one line and left out."""
+    while batch:
+        try:
+            return rollout(policy, batch, cfg)
+        except data.BadImage as e:
+            print(f"skipping a bad image: {e}")
+            batch = [s for s in batch if s.id != e.sample_id]
+    return []
 
 
 def _item(e, seconds):
