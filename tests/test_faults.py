@@ -196,16 +196,22 @@ def test_hostile_images(tmp_path, monkeypatch, capsys):
     assert 0 < max(deep.getextrema()[0]) < 255  # scaled from 16 bits, not clipped to white
 
 
-def test_an_image_that_breaks_mid_run_costs_only_that_sample(tmp_path, capsys):
-    """A JPEG whose header is fine but whose data is cut passes the cheap checks and fails when decoded."""
+def _good_and_cut_jpeg(folder):
+    """ok.jpg and cut.jpg (the same JPEG cut short: its header is fine, so it passes the cheap checks and fails
+    when decoded), with a JSONL naming both; returns the JSONL's path."""
     import numpy as np
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    img.save(tmp_path / "ok.jpg")
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    img.save(folder / "ok.jpg")
     buf = io.BytesIO()
     img.save(buf, format="JPEG")
-    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:2000])
-    rows = [dict(id="ok", image="ok.jpg", question="q", answer="x"), dict(id="cut", image="cut.jpg", question="q", answer="x")]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[:1500])
+    rows = [dict(id=k, image=f"{k}.jpg", question="q", answer="x") for k in ("ok", "cut")]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "d.jsonl"
+
+
+def test_an_image_that_breaks_mid_run_costs_only_that_sample(tmp_path, capsys):
+    _good_and_cut_jpeg(tmp_path)
     cfg = _tiny_cfg(tmp_path / "run", data=str(tmp_path / "d.jsonl"), steps=2, prompts_per_step=2)
     train.train(cfg)
     out = capsys.readouterr().out
@@ -240,14 +246,7 @@ def test_parquet_with_wrong_columns(tmp_path):
 
 def test_eval_skips_an_image_that_breaks_mid_run(tmp_path, capsys):
     import eval as ev
-    import numpy as np
-    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (200, 300, 3), dtype=np.uint8))
-    img.save(tmp_path / "ok.jpg")
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG")
-    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:1500])
-    rows = [dict(id=k, image=f"{k}.jpg", question="q", answer="x") for k in ("ok", "cut")]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _good_and_cut_jpeg(tmp_path)
     s = ev.main(["--bench", "synthetic", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "ev"),
                  "--global-tokens", "16", "--max-turn-tokens", "4", "--max-response-tokens", "10"])
     assert s["num_items"] == 1 and "skipping a bad image: sample cut" in capsys.readouterr().out
