@@ -24,6 +24,7 @@ WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver 
          "honey violin planet marble castle dragon").split()
 GLYPHS = ("circle", "square", "triangle", "cross")
 LETTERS = "ABCDE"
+SYNTHETIC_LEVEL = 64  # the synthetic set's designed information-gap level: at 64 tokens no label is readable (tested)
 # Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -87,13 +88,6 @@ class Sample:
                 return to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImage(f"sample {self.id} ({self.image_path or 'embedded image'}): {e}", self.id) from None
-
-    def prompt_text(self):
-        """The question with its options as lettered lines."""
-        if not self.options:
-            return self.question
-        lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options)]
-        return self.question + "\n" + "\n".join(lines) + "\nAnswer with the option's letter."
 
 
 # ---------------------------------------------------------------- synthetic
@@ -416,8 +410,8 @@ def main():
     ap.add_argument("--limit", type=int, default=4, help="how many samples to print")
     args = ap.parse_args()
     for s in load(args.data)[:args.limit]:
-        print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  "
-              + s.prompt_text().replace("\n", "\n  "))
+        options = "".join(f"\n  {LETTERS[i]}. {o}" for i, o in enumerate(s.options or []))
+        print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  {s.question}{options}")
 
 
 if __name__ == "__main__":

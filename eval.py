@@ -23,11 +23,15 @@ import data
 import model
 import rewards
 import train
-from rollout import rollout
+from rollout import RolloutConfig, rollout
 
 
 # Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
-SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens")
+SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens",
+          "prompt", "matcher")
+
+
+PROBES = ("", "noise", "noise-replace", "gt-box", "no-tool")
 
 
 def parse_args(argv=None):
@@ -41,9 +45,12 @@ def parse_args(argv=None):
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
                         help=f"{helps[key]} (default: the adapter's run, else {getattr(train.Config, key)!r})")
-    ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
-                    help="noise: crops replaced by noise; gt-box: the model's box replaced by the ground truth; "
+    ap.add_argument("--probe", default=None, choices=PROBES[1:],
+                    help="noise: Gaussian noise added to every returned crop (the paper's probe); noise-replace: "
+                         "crops replaced by pure noise; gt-box: the model's box replaced by the ground truth; "
                          "no-tool: the tool is not offered")
+    ap.add_argument("--noise-sigma", type=float, default=RolloutConfig.noise_sigma,
+                    help="the noise probe's standard deviation in 0..255 pixel levels")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
@@ -100,6 +107,8 @@ def _shard(samples, shard):
 def evaluate(args):
     settings = resolve_settings(args)
     all_samples = load_bench(args)[:args.limit]
+    for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
+        s.global_tokens = None
     samples, tag = _shard(all_samples, args.shard)
     name = args.bench + (f"-{args.probe}" if args.probe else "")
     out = args.out or os.path.join("runs", "eval", name)
@@ -114,7 +123,8 @@ def evaluate(args):
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
         policy = model.load_policy(settings.model, adapter=args.adapter, lora=False, trainable=False)
-        cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch)
+        cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch,
+                                   noise_sigma=args.noise_sigma)
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()
@@ -124,7 +134,7 @@ def evaluate(args):
             seconds = (time.time() - t0) / len(episodes)
             with open(items_path, "a") as f:
                 for e in episodes:
-                    item = _item(e, seconds)
+                    item = _item(e, seconds, settings.matcher)
                     done[item["id"]] = item
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
             bar.update(len(episodes))
@@ -132,6 +142,8 @@ def evaluate(args):
         bar.close()
     items = [done[s.id] for s in all_samples if s.id in done]
     summary = summarize(items, name, args.bench)
+    summary["settings"] = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
+                               adapter=args.adapter, **{k: getattr(settings, k) for k in SHARED})
     _write_reports(out, summary)
     if args.html:
         write_html(args.html, items, {s.id: s for s in all_samples}, summary)
@@ -150,13 +162,13 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
     return []
 
 
-def _item(e, seconds):
+def _item(e, seconds, matcher="rule"):
     reply = rewards.extract_answer(e.text)
     if reply is None:  # a model that does not use the protocol: take the bare reply
         reply = e.text
     s = e.sample
     return dict(id=s.id, category=s.category, answer=s.answer, reply=reply,
-                correct=rewards.accuracy(reply, s.answer, s.options), text=e.text, boxes_shown=e.boxes_shown,
+                correct=rewards.accuracy(reply, s.answer, s.options, matcher), text=e.text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 
@@ -215,6 +227,8 @@ def _markdown(summary):
     for key in ("per_task", "per_subtask"):
         if summary.get(key):
             lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
+    if summary.get("settings"):
+        lines.append("settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items() if v is not None))
     lines.append(f"tool calls per item {summary['tool_calls']:.2f}, tool errors per item "
                  f"{summary['tool_errors']:.2f}, {summary['seconds_per_item']:.2f} s per item")
     return "\n".join(lines)
@@ -224,7 +238,7 @@ def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
     returned crop is noise), from the summaries that earlier runs wrote."""
     results = {}
-    for probe in ("", "noise", "gt-box", "no-tool"):
+    for probe in PROBES:
         path = os.path.join(root, bench + (f"-{probe}" if probe else ""), "summary.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -237,9 +251,10 @@ def probe_summary(bench, root="runs/eval"):
             for p, s in results.items()]
     text = "\n".join([f"### {bench}: probes", "", "| probe | items | accuracy (%) | change (points) |",
                       "|---|---|---|---|", *rows])
-    if "noise" in results:
-        text += ("\n\ncrop dependency (accuracy lost when crops are noise): "
-                 f"{100 * (base - results['noise']['accuracy']):.1f} points")
+    for probe, what in (("noise", "noise is added to the crops"), ("noise-replace", "crops are replaced by noise")):
+        if probe in results:
+            text += (f"\n\ncrop dependency (accuracy lost when {what}): "
+                     f"{100 * (base - results[probe]['accuracy']):.1f} points")
     print(text)
     return results
 

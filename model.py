@@ -22,7 +22,40 @@ import kernels
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT calls a renamed transformers API
 
-SYSTEM_PROMPT = """You are a helpful assistant.
+# ---------------------------------------------------------------- prompts: --prompt deepeyes | qwen
+
+# DeepEyes' wording, which DeepEyes-7B was trained with and LFPC starts from. Source: github.com/Visual-Agent/DeepEyes
+# at 6c5e796: SYSTEM_PROMPT_V2 and USER_PROMPT_V2 in verl/workers/agent/envs/mm_process_engine/prompt.py; the
+# user turn "Question: ...\nOptions: \nA. ...\n" + USER_PROMPT_V2 in eval/eval_vstar.py; the tool's reply
+# "<tool_response><image>" + USER_PROMPT_V2 + "</tool_response>" and the error turn "Error: ..." in
+# verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py. (Its schema says "required": ["bbox"] while the
+# property is bbox_2d: kept as written, since that is what the checkpoints saw.)
+DEEPEYES_SYSTEM = """You are a helpful assistant.
+
+# Tools
+You may call one or more functions to assist with the user query.
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}
+</tools>
+
+# How to call a tool
+Return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+
+**Example**:  
+<tool_call>  
+{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  
+</tool_call>"""
+DEEPEYES_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  "
+                 "<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
+# without the tool (the no-tool probe, the information-gap selection): DeepEyes has no such prompt [choice]
+DEEPEYES_USER_NO_TOOL = "\nThink first, then answer. Format strictly as:  <think>...</think>  <answer>...</answer> "
+
+# The project's own wording (Qwen's tool-calling layout), for models trained with it.
+QWEN_SYSTEM = """You are a helpful assistant.
 
 # Tools
 
@@ -37,12 +70,31 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {"name": <function-name>, "arguments": <args-json-object>}
 </tool_call>"""
+QWEN_USER = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
+             "its region. Put the final answer inside <answer></answer>.")
+QWEN_USER_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
+PLAIN_SYSTEM = "You are a helpful assistant."
+PROMPTS = ("deepeyes", "qwen")
 
-USER_SUFFIX = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
-               "its region. Put the final answer inside <answer></answer>.")
 
-SYSTEM_PROMPT_NO_TOOL = "You are a helpful assistant."
-USER_SUFFIX_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
+def _check_prompt(prompt):
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
+
+
+def user_text(question, options=None, prompt="deepeyes", tools=True):
+    """The user turn's text after the image: the question, its lettered options, the instructions."""
+    _check_prompt(prompt)
+    letters = "ABCDE"
+    if prompt == "deepeyes":
+        text = f"Question: {question}\n"
+        if options:
+            text += "Options: \n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options))
+        return text + (DEEPEYES_USER if tools else DEEPEYES_USER_NO_TOOL)
+    if options:
+        question += "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options)) + "\nAnswer with the option's letter."
+    return question + (QWEN_USER if tools else QWEN_USER_NO_TOOL)
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -91,21 +143,27 @@ class Policy:
         n = int(grid[0] * grid[1] * grid[2]) // self.merge ** 2
         return [self.vision_start] + [self.image_pad] * n + [self.vision_end]
 
-    def prompt_ids(self, question, grid, tools=True):
-        """System + user turn with the global image + the opening of the assistant turn. tools=False: the
-        prompt declares no tool (the no-tool probe)."""
-        system, suffix = (SYSTEM_PROMPT, USER_SUFFIX) if tools else (SYSTEM_PROMPT_NO_TOOL, USER_SUFFIX_NO_TOOL)
+    def prompt_ids(self, text, grid, tools=True, prompt="deepeyes"):
+        """System + user turn (the global image, then `text`, from user_text) + the opening of the assistant
+        turn. tools=False: the system prompt declares no tool (the no-tool probe, the info-gap selection)."""
+        _check_prompt(prompt)
+        system = PLAIN_SYSTEM if not tools else DEEPEYES_SYSTEM if prompt == "deepeyes" else QWEN_SYSTEM
         head = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
-        tail = self.encode(f"{question}{suffix}<|im_end|>\n<|im_start|>assistant\n")
+        tail = self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
         return head + self.image_block(grid) + tail
 
-    def tool_turn_ids(self, closed, grid=None, error=None):
+    def tool_turn_ids(self, closed, grid=None, error=None, prompt="deepeyes"):
         """The tool's reply as a user turn: the crop (grid) or an `Error: ...` text, then a new assistant
         turn. `closed`: the assistant turn already ended with <|im_end|> (else we close it here)."""
-        ids = [] if closed else self.encode("<|im_end|>\n")
-        ids += self.encode("<|im_start|>user\n<tool_response>")
-        ids += self.image_block(grid) if error is None else self.encode(f"Error: {error}")
-        return ids + self.encode("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        _check_prompt(prompt)
+        ids = self.encode("\n" if closed else "<|im_end|>\n")  # the chat template's newline after <|im_end|>
+        ids += self.encode("<|im_start|>user\n")
+        if error is not None:  # DeepEyes answers a bad call with bare "Error: ..." text
+            ids += self.encode(f"Error: {error}" if prompt == "deepeyes" else f"<tool_response>Error: {error}</tool_response>")
+        else:
+            ids += self.encode("<tool_response>") + self.image_block(grid)
+            ids += self.encode((DEEPEYES_USER if prompt == "deepeyes" else "") + "</tool_response>")
+        return ids + self.encode("<|im_end|>\n<|im_start|>assistant\n")
 
     def forward_hidden(self, ids, attention_mask, position_ids, pixel_values=None, grid_thw=None, cache=None):
         """Last hidden states (B, T, D) of the language model (no lm_head), and the updated KV cache.
@@ -200,7 +258,8 @@ def build_tiny_tokenizer():
     words = ("what which where is the word written in small box letter color shape circle square triangle "
              "cross star answer think zoom region image tool call bbox label A B C D yes no left right top "
              "bottom red green blue black white").split()
-    corpus = [SYSTEM_PROMPT, USER_SUFFIX, " ".join(words),
+    corpus = [DEEPEYES_SYSTEM, DEEPEYES_USER, DEEPEYES_USER_NO_TOOL, QWEN_SYSTEM, QWEN_USER, QWEN_USER_NO_TOOL,
+              "Question: Options: ", " ".join(words),
               '<think>The text is too small, zoom in.</think>',
               '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 300, 400]}}',
               "<answer>B</answer> <tool_response> Error: </tool_response> 0123456789 [], .:;!?'\""]
