@@ -30,46 +30,28 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PE
 # "<tool_response><image>" + USER_PROMPT_V2 + "</tool_response>" and the error turn "Error: ..." in
 # verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py. (Its schema says "required": ["bbox"] while the
 # property is bbox_2d: kept as written, since that is what the checkpoints saw.)
-DEEPEYES_SYSTEM = """You are a helpful assistant.
+# Both system prompts declare the tool in Qwen's layout: a <tools> block with the schema, then the call format.
+TOOLS = "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{schema}\n</tools>"
+CALL_FORMAT = '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 
-# Tools
-You may call one or more functions to assist with the user query.
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}
-</tools>
-
-# How to call a tool
-Return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call>
-
-**Example**:  
-<tool_call>  
-{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  
-</tool_call>"""
+DEEPEYES_SYSTEM = (
+    "You are a helpful assistant.\n\n# Tools\nYou may call one or more functions to assist with the user query.\n"
+    + TOOLS.format(schema='{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}')
+    + "\n\n# How to call a tool\nReturn a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n" + CALL_FORMAT + "\n\n**Example**:  \n<tool_call>  \n"
+    '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  '
+    "\n</tool_call>")
 DEEPEYES_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  "
                  "<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
 # without the tool (the no-tool probe, the information-gap selection): DeepEyes has no such prompt [choice]
 DEEPEYES_USER_NO_TOOL = "\nThink first, then answer. Format strictly as:  <think>...</think>  <answer>...</answer> "
 
 # The project's own wording (Qwen's tool-calling layout), for models trained with it.
-QWEN_SYSTEM = """You are a helpful assistant.
-
-# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{"type": "function", "function": {"name": "image_zoom_in_tool", "description": "Zoom in on a region of the image by cropping it with a bounding box and return the crop at high resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "The region to zoom in on, as [x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of the image you were shown."}, "label": {"type": "string", "description": "The name of the object in the box (optional)."}}, "required": ["bbox_2d"]}}}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call>"""
+QWEN_SYSTEM = (
+    "You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    + TOOLS.format(schema='{"type": "function", "function": {"name": "image_zoom_in_tool", "description": "Zoom in on a region of the image by cropping it with a bounding box and return the crop at high resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "The region to zoom in on, as [x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of the image you were shown."}, "label": {"type": "string", "description": "The name of the object in the box (optional)."}}, "required": ["bbox_2d"]}}}')
+    + "\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n" + CALL_FORMAT)
 QWEN_USER = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
              "its region. Put the final answer inside <answer></answer>.")
 QWEN_USER_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."

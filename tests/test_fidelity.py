@@ -142,6 +142,28 @@ def test_crop_budget_defaults_to_deepeyes():
 
 # ---------------------------------------------------------------- the DeepEyes prompt
 
+# SYSTEM_PROMPT_V2, written down verbatim from DeepEyes' verl/workers/agent/envs/mm_process_engine/prompt.py at 6c5e796
+# (also eval/eval_vstar.py's instruction_prompt_system); note the two spaces before some line ends.
+DEEPEYES_SYSTEM_PROMPT_V2 = """You are a helpful assistant.
+
+# Tools
+You may call one or more functions to assist with the user query.
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}
+</tools>
+
+# How to call a tool
+Return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+
+**Example**:  
+<tool_call>  
+{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  
+</tool_call>"""
+
 # Written down from DeepEyes' eval/eval_vstar.py (instruction_prompt_before and its option string) at 6c5e796:
 # the user turn after the image, for a question with two options.
 DEEPEYES_USER_TURN = ("Question: Is the flag left or right of the pole?\nOptions: \nA. left\nB. right\n\nThink first, "
@@ -160,11 +182,9 @@ def test_the_deepeyes_prompt_renders_byte_identical():
     text = model.user_text("Is the flag left or right of the pole?", ["left", "right"], "deepeyes")
     assert text == DEEPEYES_USER_TURN
     ids = p.prompt_ids(text, [1, 2, 2], prompt="deepeyes")
-    expected = (f"<|im_start|>system\n{model.DEEPEYES_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    expected = (f"<|im_start|>system\n{DEEPEYES_SYSTEM_PROMPT_V2}<|im_end|>\n<|im_start|>user\n"
                 f"<|vision_start|><|image_pad|><|vision_end|>{DEEPEYES_USER_TURN}<|im_end|>\n<|im_start|>assistant\n")
     assert p.tokenizer.decode(ids) == expected
-    assert model.DEEPEYES_SYSTEM.startswith("You are a helpful assistant.\n\n# Tools\nYou may call")
-    assert '"required":["bbox"]}}}\n</tools>\n\n# How to call a tool\n' in model.DEEPEYES_SYSTEM
     assert p.tokenizer.decode(p.tool_turn_ids(True, grid=[1, 2, 2], prompt="deepeyes")) == DEEPEYES_TOOL_TURN
     assert p.tokenizer.decode(p.tool_turn_ids(True, error="bad box", prompt="deepeyes")) == (
         "\n<|im_start|>user\nError: bad box<|im_end|>\n<|im_start|>assistant\n")
