@@ -27,9 +27,18 @@ BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 
 
+TOOL_TURN_RE = re.compile(r"<\|im_start\|>user\n.*?<\|im_start\|>assistant\n", re.S)
+
+
+def assistant_text(text):
+    """An episode's response without the tool's replies (user turns): what the policy wrote. DeepEyes' tool
+    reply repeats its instructions, "<tool_call>...</tool_call>" and "<answer>...</answer>" included."""
+    return TOOL_TURN_RE.sub("", text)
+
+
 def extract_answer(text):
-    """The content of the last <answer>...</answer>, stripped; None when there is none."""
-    found = ANSWER_RE.findall(text)
+    """The content of the last <answer>...</answer> the policy wrote, stripped; None when there is none."""
+    found = ANSWER_RE.findall(assistant_text(text))
     return found[-1].strip() if found else None
 
 
@@ -137,10 +146,11 @@ PAIRED_RE = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.S)
 def format_ok(text):
     """Well formed: <think>/<tool_call> tags open and close in order, no tool error replies, exactly one
     <answer>, at the end."""
+    if ERROR_TURN_RE.search(text):  # a tool call that got an error reply
+        return False
+    text = assistant_text(text)  # what the policy wrote
     stray = PAIRED_RE.sub("", text)
     if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
-        return False
-    if ERROR_TURN_RE.search(text):  # a tool call that got an error reply
         return False
     if len(ANSWER_RE.findall(text)) != 1:
         return False
