@@ -20,3 +20,13 @@ def scripted(policy, turns_by_group):
         return script[k] if k < len(script) else None
 
     return force
+
+
+def linked_copy(folder, dst):
+    """A copy of a model folder made of symbolic links (cheap), in which a test may replace or remove files."""
+    import os
+
+    os.makedirs(dst)
+    for name in os.listdir(folder):
+        os.symlink(os.path.join(folder, name), os.path.join(dst, name))
+    return str(dst)
