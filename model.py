@@ -278,7 +278,9 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
     else:
         folder = locate(name)
         model, tokenizer = _load_checkpoint(folder, device, precision)
-    model.name_or_path = name if name in BUILT_IN else folder  # what checkpoints and adapters record
+    # what adapters record as their base: the absolute folder; nothing for a built-in model (PEFT would look
+    # a name up on the Hub when saving)
+    model.name_or_path = "" if name in BUILT_IN else folder
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -1,10 +1,8 @@
-"""Real-run plumbing: DeepEyes parquet and image folders, offline info-gap selection, the memory estimate,
-and export of a merged checkpoint."""
+"""Real-run plumbing: DeepEyes parquet and image folders, offline info-gap selection, and export of a merged
+checkpoint of the tiny model (the memory estimate and the Hub layout: test_snapshot.py)."""
 import io
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,8 +15,6 @@ import model
 import train
 from helpers import scripted, tiny_policy
 from rollout import RolloutConfig, rollout
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(w=64, h=48, color="red"):
@@ -94,36 +90,6 @@ def test_infogap_off_crops_the_shown_image():
     (off,) = rollout(p, data.synthetic(1, seed=2), RolloutConfig(**cfg, crop_from_shown=True), force=force)
     assert off.boxes == [[10, 20, 40, 50]]  # the crop source is the shown image: no mapping, no new pixels
     assert gap.boxes != off.boxes and gap.boxes[0][2] > 40  # with the gap: mapped to the original
-
-
-def test_memory_estimate_for_7b_by_hand():
-    cfg = train.Config(model="Qwen/Qwen2.5-VL-7B-Instruct", **train.PRESETS["24gb"])
-    est = model.estimate_memory(cfg)
-    # language-model linears: 28 layers x (2*3584^2 + 2*3584*512 + 3*3584*18944) = 6,525,288,448 parameters in NF4
-    # (0.5 bytes + 0.127 bits of double-quantised constants); embeddings and head 2 x 152,064 x 3,584 bf16;
-    # vision tower about 676 M bf16
-    weights = 6_525_288_448 * (0.5 + 0.127 / 8) + 2 * 152_064 * 3_584 * 2 + 676e6 * 2
-    assert est["weights"] == pytest.approx(weights / 1e9) and 6.8 < est["weights"] < 7.0
-    # KV cache: 16 rows x (400 + 1,024 + 2,048) tokens x 28 layers x K,V x 4 heads x 128 x 2 bytes = 57,344 B/token
-    assert est["kv_cache"] == pytest.approx(16 * 3472 * 57_344 / 1e9)
-    # LoRA r=16: per layer 16 x (2*3584 + 2*3584 + 2*(3584+512) + 3*(3584+18944)) parameters, 16 bytes each
-    assert est["lora_and_optimizer"] == pytest.approx(28 * 16 * (4 * 3584 + 2 * 4096 + 3 * 22528) * 16 / 1e9)
-    assert est["peak"] < 24
-
-
-def test_dry_run_prints_the_estimate_and_refuses_what_does_not_fit():
-    run = lambda *a: subprocess.run([sys.executable, "train.py", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                    timeout=120)
-    ok = run("--preset", "24gb", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--dry-run")
-    assert ok.returncode == 0 and "estimated peak GPU memory (GB)" in ok.stdout
-    peak = float(ok.stdout.split("peak ")[-1].split()[0])
-    assert peak < 24
-    too_big = run("--preset", "24gb", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--dry-run",
-                  "--gradient_checkpointing=false")
-    assert too_big.returncode != 0 and "exceeds memory_gb=24" in too_big.stderr and "Traceback" not in too_big.stderr
-    forced = run("--preset", "24gb", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--dry-run",
-                 "--gradient_checkpointing=false", "--ignore_memory_estimate=true")
-    assert forced.returncode == 0
 
 
 def test_export_merges_and_reloads_with_the_same_logprobs(tmp_path):

@@ -188,3 +188,53 @@ def test_export_loads_anywhere_the_base_loads(hub_model, tmp_path):
             base = model.sequence_logprobs(p, batch)
     assert (a - base).abs().max() > 0.05  # the adapter matters ...
     assert (a - b).abs().max() < 0.1 * (a - base).abs().max()  # ... and the export keeps it (bf16 rounding aside)
+
+
+def _small_set(folder):
+    """A two-item JSONL set with small images and boxes: the data path of a real run, at the cost of a toy."""
+    from PIL import Image
+
+    os.makedirs(folder / "imgs")
+    rows = []
+    for i, color in enumerate(["red", "blue"]):
+        Image.new("RGB", (320, 240), color).save(folder / "imgs" / f"{i}.png")
+        rows.append(dict(id=str(i), image=f"imgs/{i}.png", question="What color is it?", answer=color,
+                         boxes=[[10, 10, 90, 60], [0, 0, 160, 120]]))
+    (folder / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder / "set.jsonl")
+
+
+def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model, tmp_path, monkeypatch):
+    """train.py stage 1 (QLoRA: NF4 + LoRA) and stage 2, data.py infogap, eval.py with and without the adapter,
+    and model.py export from another folder, through their command lines."""
+    import sys
+
+    import eval as ev
+
+    dataset = _small_set(tmp_path / "data")
+    monkeypatch.chdir(os.path.dirname(hub_model))
+    rel = "./" + os.path.basename(hub_model)
+    small = ["--data", dataset, "--prompts_per_step=1", "--group_size=2", "--max_turn_tokens=8",
+             "--max_response_tokens=16", "--global_tokens=16", "--crop_tokens=16"]
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    train.main(["--stage", "1", "--model", rel, "--base_precision=nf4", f"--out_dir={s1}", "--steps=2", *small])
+    assert json.load(open(s1 / "final" / "config.json"))["model"] == hub_model  # absolute, not "./..."
+    assert json.load(open(s1 / "final" / "adapter_config.json"))["base_model_name_or_path"] == hub_model
+    assert len(open(s1 / "metrics.jsonl").readlines()) == 2
+    train.main(["--stage", "2", "--model", rel, "--base_precision=bf16", f"--init_adapter={s1 / 'final'}",
+                f"--out_dir={s2}", "--steps=1", *small])
+    assert os.path.isfile(s2 / "final" / "adapter_model.safetensors")
+    levels = tmp_path / "levels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["data.py", "infogap", "--model", rel, "--data", dataset, "--ladder", "64,16",
+                                      "--max-tokens", "4", "--out", str(levels)])
+    data.main()
+    assert len(open(levels).readlines()) == 2
+    budgets = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "16"]
+    for name, adapter in [("plain", []), ("tuned", ["--adapter", str(s2 / "final")])]:
+        ev.main(["--bench", "synthetic", "--data", dataset, "--model", rel, *budgets, *adapter,
+                 "--out", str(tmp_path / name)])
+        assert len(open(tmp_path / name / "items.jsonl").readlines()) == 2
+    monkeypatch.chdir(tmp_path)  # the adapter says where its base is, from anywhere
+    monkeypatch.setattr(sys, "argv", ["model.py", "export", "--adapter", str(s2 / "final"), "--out", "merged"])
+    model.main()
+    assert set(os.listdir(hub_model)) | {"adapter"} == set(os.listdir(tmp_path / "merged"))
