@@ -313,10 +313,10 @@ def _load_checkpoint(folder, device, precision):
 
     tokenizer = snapshot.check(folder)
     dtype = DTYPES.get(precision, torch.bfloat16 if device == "cuda" else torch.float32)
+    # transformers 5 matches skipped modules from the start of their names (model.visual.*), 4 anywhere (visual)
+    skip = ["visual", "model.visual", "lm_head"]
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype,
-                             # transformers 5 matches these from the start of the module name (model.visual.*)
-                             llm_int8_skip_modules=["visual", "model.visual", "lm_head"]) if precision == "nf4" else None
+                             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip) if precision == "nf4" else None
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, quantization_config=bnb, device_map={"": device}, attn_implementation="sdpa")
@@ -356,8 +356,9 @@ def check_template(policy, folder):
     if theirs == ours:
         return None
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    show = lambda ids: repr(policy.tokenizer.decode(ids[at:at + 8]))  # noqa: E731
     warning = (f"warning: {folder}'s chat template renders the prompt differently from token {at} on: "
-               f"ours {policy.tokenizer.decode(ours[at:at + 8])!r}, template {policy.tokenizer.decode(theirs[at:at + 8])!r}")
+               f"ours {show(ours)}, template {show(theirs)}")
     print(warning)
     return warning
 
@@ -392,7 +393,8 @@ def estimate_memory(cfg):
     precision = base_precision(cfg.model, cfg.base_precision)
     per_weight = 4 if precision == "fp32" else 2  # bf16 on the GPU
     weights = linear * (0.5 + 0.127 / 8 if precision == "nf4" else per_weight)  # NF4 + double-quantised constants
-    weights += (vocab * h * (1 if tied else 2) + snapshot.vision_params(config)) * per_weight  # embeddings, head, vision
+    # embeddings, head and vision tower
+    weights += (vocab * h * (1 if tied else 2) + snapshot.vision_params(config)) * per_weight
     lora = layers * cfg.lora_r * (2 * h + 2 * h + 2 * (h + kv * hd) + 3 * (h + mlp))
     lora_bytes = lora * 16  # fp32 weight, gradient and two AdamW moments
     seq = PROMPT_TOKENS + cfg.global_tokens + cfg.max_response_tokens

@@ -3,7 +3,7 @@ reading its shapes from config.json, and writing an adapter merged into it.
 
 Every check fails with one line that names the file and what is wrong with it, before any weight is read.
 
-    python -c "import snapshot; f = snapshot.resolve('ckpt/qwen25vl7b'); snapshot.check(f); print(snapshot.read_config(f))"
+    python -c "import snapshot; snapshot.check(snapshot.resolve('ckpt/qwen25vl7b'))"   # what --dry-run checks
 """
 import json
 import math
@@ -234,7 +234,6 @@ def merge(base, adapter, out):
     computed in fp32 and stored in W's own dtype, under the base's own tensor names, shards and index. Every
     other file (config, tokenizer, chat template, processor and generation configs) is copied unchanged:
     training changes none of them. The adapter alone goes to out/adapter."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 

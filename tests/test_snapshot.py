@@ -12,8 +12,7 @@ import hub_fixture
 import model
 import snapshot
 import train
-from helpers import linked_copy
-from rollout import RolloutConfig, rollout
+from helpers import linked_copy, logprobs_three_ways, move_lora
 
 QWEN_7B = dict(hub_fixture.CONFIG, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                num_hidden_layers=28, num_key_value_heads=4, max_window_layers=28,
@@ -47,7 +46,8 @@ def test_hub_layout_loads_with_qwen_ids_and_the_official_template(hub_model, tmp
     assert model.check_template(p, hub_model) is None  # the project's prompt is Qwen's, token for token
     off = linked_copy(hub_model, tmp_path / "off")
     os.remove(os.path.join(off, "chat_template.json"))
-    template = hub_fixture.CHAT_TEMPLATE.replace("<|im_start|>{{ message['role'] }}\n", "<|im_start|>{{ message['role'] }}:\n")
+    role = "<|im_start|>{{ message['role'] }}"
+    template = hub_fixture.CHAT_TEMPLATE.replace(role + "\n", role + ":\n")
     with open(os.path.join(off, "chat_template.json"), "w") as f:
         json.dump({"chat_template": template}, f)
     warning = model.check_template(p, off)
@@ -159,10 +159,7 @@ def test_export_loads_anywhere_the_base_loads(hub_model, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     p = model.load_policy(hub_model, precision="fp32", lora_r=4, lora_alpha=8)
-    with torch.no_grad():
-        for name, w in p.model.named_parameters():
-            if "lora_B" in name:
-                w.normal_(0, 0.05)  # a trained adapter, not the zero init
+    move_lora(p)
     train.save_checkpoint(str(tmp_path / "ckpt"), p, None, train.Config(model=hub_model), dict(step=1))
     out = str(tmp_path / "merged")
     model.export(str(tmp_path / "ckpt"), out)
@@ -176,16 +173,7 @@ def test_export_loads_anywhere_the_base_loads(hub_model, tmp_path):
     assert AutoImageProcessor.from_pretrained(out).patch_size == 14
     if importlib.util.find_spec("torchvision"):  # Qwen's video processor, part of AutoProcessor, needs it
         assert AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
-    merged = model.Policy(AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval(),
-                          p.tokenizer, "merged")
-    (ep,) = rollout(p, data.synthetic(1, seed=3, min_side=300, max_side=400),
-                    RolloutConfig(group_size=1, max_turn_tokens=12, max_response_tokens=12, global_tokens=16))
-    batch = train.collate(p, [ep])
-    with torch.no_grad():
-        a = model.sequence_logprobs(p, batch)
-        b = model.sequence_logprobs(merged, batch)
-        with p.reference():
-            base = model.sequence_logprobs(p, batch)
+    a, b, base = logprobs_three_ways(p, AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval())
     assert (a - base).abs().max() > 0.05  # the adapter matters ...
     assert (a - b).abs().max() < 0.1 * (a - base).abs().max()  # ... and the export keeps it (bf16 rounding aside)
 
@@ -214,14 +202,14 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
     dataset = _small_set(tmp_path / "data")
     monkeypatch.chdir(os.path.dirname(hub_model))
     rel = "./" + os.path.basename(hub_model)
-    small = ["--data", dataset, "--prompts_per_step=1", "--group_size=2", "--max_turn_tokens=8",
-             "--max_response_tokens=16", "--global_tokens=16", "--crop_tokens=16"]
+    small = ["--data", dataset, "--prompts_per_step=1", "--group_size=2", "--max_turn_tokens=4",
+             "--max_response_tokens=8", "--global_tokens=16", "--crop_tokens=16"]
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
     train.main(["--stage", "1", "--model", rel, "--base_precision=nf4", f"--out_dir={s1}", "--steps=2", *small])
     assert json.load(open(s1 / "final" / "config.json"))["model"] == hub_model  # absolute, not "./..."
     assert json.load(open(s1 / "final" / "adapter_config.json"))["base_model_name_or_path"] == hub_model
     assert len(open(s1 / "metrics.jsonl").readlines()) == 2
-    train.main(["--stage", "2", "--model", rel, "--base_precision=bf16", f"--init_adapter={s1 / 'final'}",
+    train.main(["--stage", "2", "--model", rel, "--base_precision=fp32", f"--init_adapter={s1 / 'final'}",
                 f"--out_dir={s2}", "--steps=1", *small])
     assert os.path.isfile(s2 / "final" / "adapter_model.safetensors")
     levels = tmp_path / "levels.jsonl"
@@ -229,11 +217,11 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
                                       "--max-tokens", "4", "--out", str(levels)])
     data.main()
     assert len(open(levels).readlines()) == 2
-    budgets = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "16"]
+    budgets = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "4", "--max-response-tokens", "4"]
     for name, adapter in [("plain", []), ("tuned", ["--adapter", str(s2 / "final")])]:
-        ev.main(["--bench", "synthetic", "--data", dataset, "--model", rel, *budgets, *adapter,
+        ev.main(["--bench", "synthetic", "--data", dataset, "--model", rel, *budgets, *adapter, "--limit", "1",
                  "--out", str(tmp_path / name)])
-        assert len(open(tmp_path / name / "items.jsonl").readlines()) == 2
+        assert len(open(tmp_path / name / "items.jsonl").readlines()) == 1
     monkeypatch.chdir(tmp_path)  # the adapter says where its base is, from anywhere
     monkeypatch.setattr(sys, "argv", ["model.py", "export", "--adapter", str(s2 / "final"), "--out", "merged"])
     model.main()
