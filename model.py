@@ -368,7 +368,7 @@ def check_template(policy, folder):
 PROMPT_TOKENS = 400  # system prompt (tool schema) + question + template, without the image
 
 
-def model_config(name, download=False):
+def model_config(name):
     """(config dict, where it came from) for the memory estimate: the built-in shapes, or the model's own
     config.json (any Qwen2.5-VL size). Nothing is downloaded: a model that cannot be found is an error."""
     if name in BUILT_IN:
@@ -376,14 +376,14 @@ def model_config(name, download=False):
         text = {k: v for k, v in shape["text"].items() if k != "mrope_section"}
         return dict(text, vocab_size=text.get("vocab_size", 602), vision_config=dict(
             shape["vision"], out_hidden_size=text["hidden_size"])), f"the built-in {name}"
-    folder = locate(name, download)
+    folder = locate(name, download=False)
     return snapshot.read_config(folder), os.path.join(folder, "config.json")
 
 
 def estimate_memory(cfg):
     """Peak GPU memory of a training step by part, in GB, from the shapes in the model's config.json.
 
-    cfg: train.Config (model, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
+    cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
     max_response_tokens, gradient_checkpointing). The rollout and the update do not overlap, so the peak
     is weights + LoRA/optimizer + the larger of (KV cache) and (activations + log-prob chunks)."""
     config, _ = model_config(cfg.model)
@@ -391,7 +391,7 @@ def estimate_memory(cfg):
     hd = h // heads
     linear = layers * (2 * h * h + 2 * h * kv * hd + 3 * h * mlp)  # q, o, k, v, gate/up/down
     precision = base_precision(cfg.model, cfg.base_precision)
-    per_weight = 4 if precision == "fp32" else 2  # bf16 on the GPU
+    per_weight = 4 if precision == "fp32" else 2  # bytes of a weight kept unquantized: bf16 unless fp32 is asked
     weights = linear * (0.5 + 0.127 / 8 if precision == "nf4" else per_weight)  # NF4 + double-quantised constants
     # embeddings, head and vision tower
     weights += (vocab * h * (1 if tied else 2) + snapshot.vision_params(config)) * per_weight
