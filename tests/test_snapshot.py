@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 
-import data
 import hub_fixture
 import model
 import snapshot
@@ -193,11 +192,12 @@ def _small_set(folder):
 
 
 def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model, tmp_path, monkeypatch):
-    """train.py stage 1 (QLoRA: NF4 + LoRA) and stage 2, data.py infogap, eval.py with and without the adapter,
+    """train.py stage 1 (QLoRA: NF4 + LoRA) and stage 2, infogap.py, eval.py with and without the adapter,
     and model.py export from another folder, through their command lines."""
     import sys
 
     import eval as ev
+    import infogap
 
     dataset = _small_set(tmp_path / "data")
     monkeypatch.chdir(os.path.dirname(hub_model))
@@ -213,9 +213,9 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
                 f"--out_dir={s2}", "--steps=1", *small])
     assert os.path.isfile(s2 / "final" / "adapter_model.safetensors")
     levels = tmp_path / "levels.jsonl"
-    monkeypatch.setattr(sys, "argv", ["data.py", "infogap", "--model", rel, "--data", dataset, "--ladder", "64,16",
+    monkeypatch.setattr(sys, "argv", ["infogap.py", "--model", rel, "--data", dataset, "--ladder", "64,16",
                                       "--max-tokens", "4", "--out", str(levels)])
-    data.main()
+    infogap.main()
     assert len(open(levels).readlines()) == 2
     budgets = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "4", "--max-response-tokens", "4"]
     for name, adapter in [("plain", []), ("tuned", ["--adapter", str(s2 / "final")])]:
