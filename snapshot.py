@@ -50,8 +50,8 @@ def _from_hub(name, download):
         return snapshot_download(name, local_files_only=True)  # already in the Hub cache
     except OSError:  # LocalEntryNotFoundError: not cached
         pass
-    hint = (f"Download it where there is network (hf download {name} --local-dir DIR), then pass --model DIR "
-            f"(a local folder)")
+    hint = (f"No folder {os.path.abspath(name)} either. Download it where there is network (hf download {name} "
+            f"--local-dir DIR), then pass --model DIR (a local folder)")
     if not download:
         raise SystemExit(f"error: {name} is not downloaded. {hint}")
     if constants.HF_HUB_OFFLINE:

@@ -105,8 +105,9 @@ def test_paths_are_paths_and_an_unreachable_hub_fails_fast(tmp_path, monkeypatch
     assert time.time() - t0 < 10
     assert "cannot reach http://127.0.0.1:9" in str(e.value)
     assert "hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR" in str(e.value) and "--model DIR" in str(e.value)
-    with pytest.raises(SystemExit, match="is not downloaded"):  # --dry-run: nothing is downloaded
+    with pytest.raises(SystemExit) as e:  # --dry-run: nothing is downloaded
         snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct", download=False)
+    assert f"is not downloaded. No folder {tmp_path}/Qwen/Qwen2.5-VL-7B-Instruct either" in str(e.value)
 
 
 def test_memory_estimate_reads_the_config_of_any_size(tmp_path):
