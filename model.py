@@ -6,7 +6,7 @@ from hidden states through `kernels.selective_logprobs` (never the full logits).
 same model with its adapters disabled, so there is no second copy in memory.
 
     python -c "import model; p = model.load_policy('tiny'); print(p.model)"
-    python model.py export --adapter runs/stage2/final --out merged/     # a plain checkpoint
+    python model.py export --adapter runs/stage2/final --out merged/     # the base's own layout, adapter merged
 """
 import contextlib
 import json
