@@ -28,6 +28,7 @@ import data
 import infogap
 import model
 import rewards
+import snapshot
 from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                         truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
@@ -38,6 +39,7 @@ from rollout import RolloutConfig, rollout
 class Config:
     stage: int = 1  # 1: information gap; 2: + grounding reward, starting from stage 1's adapter
     model: str = "tiny"  # "tiny" (built-in toy model) or a Qwen2.5-VL checkpoint (hub id or local folder)
+    base_precision: str = "auto"  # base weights: nf4 (QLoRA) | bf16 | fp32; auto: nf4 for a checkpoint, fp32 for tiny
     data: str = "synthetic:64"  # "synthetic[:N]" or a .jsonl file (see README)
     preset: str = "tiny"  # tiny | 24gb | 48gb | 80gb: a dict of overrides below
     out_dir: str = ""  # default runs/stage{stage}
@@ -322,8 +324,10 @@ def train(cfg, resume=None):
     init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
     if init and not os.path.isdir(init):
         raise SystemExit(f"error: adapter {init} not found (run stage 1 first, or pass --init_adapter=DIR)")
+    cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
     policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+                               precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                               seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
@@ -446,8 +450,10 @@ def parse_overrides(cfg, items):
 
 
 def check_memory(cfg):
-    """Print the estimated peak memory by part; refuse to start when it exceeds the card (memory_gb)."""
+    """Print the estimated peak memory by part and the file the shapes came from; refuse to start when it
+    exceeds the card (memory_gb)."""
     est = model.estimate_memory(cfg)
+    print(f"shapes from {model.model_config(cfg.model)[1]}")
     print("estimated peak GPU memory (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
     if cfg.memory_gb and est["peak"] > cfg.memory_gb and not cfg.ignore_memory_estimate:
         raise SystemExit(f"error: the estimated peak, {est['peak']:.1f} GB, exceeds memory_gb={cfg.memory_gb:g}. "
@@ -469,7 +475,8 @@ def main(argv=None):
     ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
     ap.add_argument("--infogap", default=None, help="auto (select levels now), FILE (from infogap.py), fixed:N "
                                                     "(one budget for all) or off (crops from the shown image: the baseline)")
-    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config and the memory estimate, check the model folder, and exit")
     args, rest = ap.parse_known_args(argv)
     cfg = Config(stage=args.stage, preset=args.preset, **PRESETS[args.preset])
     if args.model:
@@ -481,9 +488,13 @@ def main(argv=None):
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
+    cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     check_memory(cfg)
     if args.dry_run:
+        if cfg.model not in model.BUILT_IN:  # read and validate the download, without loading the weights
+            snapshot.check(cfg.model)
+            print(f"checked {cfg.model}: config.json, every shard, the tokenizer's special tokens")
         return cfg
     train(cfg, resume=args.resume)
     return cfg
