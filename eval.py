@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
 import data
@@ -51,6 +52,9 @@ def parse_args(argv=None):
                          "no-tool: the tool is not offered")
     ap.add_argument("--noise-sigma", type=float, default=RolloutConfig.noise_sigma,
                     help="the noise probe's standard deviation in 0..255 pixel levels")
+    ap.add_argument("--precision", default=None, choices=["bf16", "nf4", "fp32"],
+                    help="the base weights: bf16 (default on a GPU: the paper and DeepEyes evaluate in bf16), nf4 for "
+                         "small cards; default elsewhere: as train.py's base_precision=auto")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
@@ -106,6 +110,7 @@ def _shard(samples, shard):
 
 def evaluate(args):
     settings = resolve_settings(args)
+    precision = model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
     all_samples = load_bench(args)[:args.limit]
     for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
         s.global_tokens = None
@@ -122,7 +127,8 @@ def evaluate(args):
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
-        policy = model.load_policy(settings.model, adapter=args.adapter, lora=False, trainable=False)
+        policy = model.load_policy(settings.model, adapter=args.adapter, lora=False, trainable=False,
+                                   precision=precision)
         cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch,
                                    noise_sigma=args.noise_sigma)
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
@@ -143,7 +149,7 @@ def evaluate(args):
     items = [done[s.id] for s in all_samples if s.id in done]
     summary = summarize(items, name, args.bench)
     summary["settings"] = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
-                               adapter=args.adapter, **{k: getattr(settings, k) for k in SHARED})
+                               adapter=args.adapter, precision=precision, **{k: getattr(settings, k) for k in SHARED})
     _write_reports(out, summary)
     if args.html:
         write_html(args.html, items, {s.id: s for s in all_samples}, summary)

@@ -251,6 +251,7 @@ def test_the_summary_records_the_matcher_and_probe(tmp_path):
                                "--probe", "noise", "--noise-sigma", "30", "--matcher", "exact"])
     assert summary["settings"]["matcher"] == "exact" and summary["settings"]["probe"] == "noise"
     assert summary["settings"]["noise_sigma"] == 30.0 and summary["settings"]["prompt"] == "deepeyes"
+    assert summary["settings"]["precision"] == "fp32"  # tiny on a CPU; bf16 is the default on a GPU
 
 
 # ---------------------------------------------------------------- the step: streaming parts, aggregation
