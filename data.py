@@ -390,7 +390,7 @@ def read_deepeyes(path):
     return _report(samples, bad, path, "row")
 
 
-def load(spec, seed=0):
+def load(spec, seed=0, columns=None):
     """A data spec -> samples: `synthetic[:N]` (seeded), a project JSONL, a DeepEyes parquet, or a folder of
     images with one JSONL beside them."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
