@@ -19,6 +19,7 @@ import time
 
 from tqdm import tqdm
 
+import benchmarks
 import data
 import model
 import rewards
@@ -55,7 +56,7 @@ def parse_args(argv=None):
 def load_bench(args):
     if args.bench == "synthetic":
         return data.load(args.data or "synthetic:32", seed=args.seed)
-    return data.load_benchmark(args.bench, args.data, seed=args.seed)
+    return benchmarks.load_benchmark(args.bench, args.data, seed=args.seed)
 
 
 def _shard(samples, shard):
