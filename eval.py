@@ -4,6 +4,8 @@
     python eval.py --bench synthetic --adapter runs/stage2/final      # a trained adapter
     python eval.py --bench synthetic --probe noise                    # every returned crop is noise
     python eval.py --bench synthetic --data eval.jsonl --model DIR    # any JSONL in the project's format
+    python eval.py --bench vstar --data vstar_bench --sweep 256,1024,4096,16384 --adapter A --adapter B
+                                      # plain, noise and no-tool at each global budget, per model: table + figure
 
 Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finish, so a rerun skips what
 is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
@@ -32,7 +34,8 @@ def parse_args(argv=None):
                     help="which benchmark to run")
     ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
     ap.add_argument("--model", default="tiny", help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final)")
+    ap.add_argument("--adapter", action="append", default=None,
+                    help="a LoRA adapter folder (e.g. runs/stage2/final); with --sweep, give several to compare")
     ap.add_argument("--global-tokens", type=int, default=1024, help="global image budget in tokens (paper: 1024, 16384)")
     ap.add_argument("--crop-tokens", type=int, default=1024, help="budget of each returned crop in tokens")
     ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
@@ -48,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--shard", default=None, help="i/n: evaluate every n-th item starting at i (run n in parallel)")
     ap.add_argument("--summary", action="store_true",
                     help="print accuracy with and without each probe side by side (from earlier runs) and exit")
+    ap.add_argument("--sweep", default=None, help="N,N,...: global budgets; at each, evaluate plain, with noise crops "
+                                                   "and without the tool (resumable); writes sweep.md/json/png")
+    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
     return ap.parse_args(argv)
@@ -55,7 +61,7 @@ def parse_args(argv=None):
 
 def load_bench(args):
     if args.bench == "synthetic":
-        return data.load(args.data or "synthetic:32", seed=args.seed)
+        return data.load(args.data or "synthetic:32", seed=args.seed, columns=args.columns)
     return benchmarks.load_benchmark(args.bench, args.data, seed=args.seed)
 
 
@@ -72,7 +78,9 @@ def _shard(samples, shard):
     return samples[i::n], f".shard-{i}-of-{n}"
 
 
-def evaluate(args):
+def evaluate(args, load_policy=None):
+    """One evaluation into its folder; `load_policy` (a function) supplies the policy when items are left to do
+    (the sweep loads each model once for all its points)."""
     all_samples = load_bench(args)[:args.limit]
     samples, tag = _shard(all_samples, args.shard)
     name = args.bench + (f"-{args.probe}" if args.probe else "")
@@ -87,7 +95,8 @@ def evaluate(args):
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
-        policy = model.load_policy(args.model, adapter=args.adapter, lora=False, trainable=False)
+        policy = (load_policy or (lambda: model.load_policy(args.model, adapter=args.adapter, lora=False,
+                                                             trainable=False)))()
         cfg = RolloutConfig(group_size=1, greedy=True, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
                             max_response_tokens=args.max_response_tokens, global_tokens=args.global_tokens,
                             crop_tokens=args.crop_tokens, probe=args.probe, max_crops=args.max_turns)
@@ -259,8 +268,69 @@ def write_html(path, items, samples, summary, thumb=512):
         f.write("".join(parts) + "</body></html>")
 
 
+# ---------------------------------------------------------------- the global-budget sweep
+
+SWEEP_PROBES = (("plain", None), ("noise", "noise"), ("no-tool", "no-tool"))
+
+
+def _sweep_folder(root, tag, budget, name):
+    """Each point's settings folder: <sweep>/<model>/g<budget>-<probe>; its items.jsonl makes it resumable."""
+    return os.path.join(root, tag, f"g{budget}-{name}")
+
+
+def _model_tag(model_name, adapter):
+    """A folder name and legend label per model: the adapter's path, or the base model's name."""
+    return os.path.normpath(adapter or model_name).strip(os.sep).replace(os.sep, "-") or "model"
+
+
+def sweep(args):
+    """The paper's analysis: accuracy with the tool, with noise crops and without the tool, and the crop
+    dependency, against the global image's budget; one line per model (--adapter, repeatable)."""
+    import functools
+    import plot
+
+    budgets = [int(b) for b in args.sweep.split(",") if b.strip()]
+    root = args.out or os.path.join("runs", "eval", f"sweep-{args.bench}")
+    points = []
+    for adapter in args.adapter or [None]:
+        tag = _model_tag(args.model, adapter)
+        load = functools.lru_cache(maxsize=None)(
+            lambda a=adapter: model.load_policy(args.model, adapter=a, lora=False, trainable=False))
+        for budget in budgets:
+            point = dict(model=tag, global_tokens=budget)
+            for name, probe in SWEEP_PROBES:
+                point_args = argparse.Namespace(**{**vars(args), "adapter": adapter, "global_tokens": budget,
+                                                   "probe": probe, "html": None, "shard": None,
+                                                   "out": _sweep_folder(root, tag, budget, name)})
+                summary = evaluate(point_args, load)
+                point[name], point["num_items"] = summary["accuracy"], summary["num_items"]
+            points.append(point)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump(points, f, indent=1)
+    table = _sweep_markdown(points, args.bench)
+    with open(os.path.join(root, "sweep.md"), "w") as f:
+        f.write(table + "\n")
+    plot.plot_sweep(points, os.path.join(root, "sweep.png"))
+    print(table + f"\n\nsweep: {root}/sweep.md, sweep.json, sweep.png")
+    return points
+
+
+def _sweep_markdown(points, bench):
+    rows = [f"| {p['model']} | {p['global_tokens']:,} | {p['num_items']} | {100 * p['plain']:.1f} | "
+            f"{100 * p['noise']:.1f} | {100 * p['no-tool']:.1f} | {100 * (p['plain'] - p['noise']):+.1f} |"
+            for p in points]
+    return "\n".join([f"### {bench}: accuracy (%) against the global image's budget", "",
+                      "| model | global tokens | items | with the tool | noise crops | without the tool | "
+                      "crop dependency (points) |", "|---|---|---|---|---|---|---|", *rows])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sweep:
+        return sweep(args)
+    if args.adapter and len(args.adapter) > 1:
+        raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
+    args.adapter = args.adapter[0] if args.adapter else None
     if args.summary:
         return probe_summary(args.bench, os.path.dirname(os.path.normpath(args.out)) if args.out else "runs/eval")
     return evaluate(args)
