@@ -11,9 +11,6 @@ Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finis
 is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
 """
 import argparse
-import base64
-import html
-import io
 import json
 import os
 import sys
@@ -24,6 +21,7 @@ from tqdm import tqdm
 import benchmarks
 import data
 import model
+import report
 import rewards
 from rollout import RolloutConfig, rollout
 
@@ -109,7 +107,7 @@ def evaluate(args, load_policy=None):
             seconds = (time.time() - t0) / len(episodes)
             with open(items_path, "a") as f:
                 for e in episodes:
-                    item = _item(e, seconds)
+                    item = _item(e, seconds, response_text(policy, e))
                     done[item["id"]] = item
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
             bar.update(len(episodes))
@@ -119,7 +117,7 @@ def evaluate(args, load_policy=None):
     summary = summarize(items, name, args.bench)
     _write_reports(out, summary)
     if args.html:
-        write_html(args.html, items, {s.id: s for s in all_samples}, summary)
+        report.write_html(args.html, items, {s.id: s for s in all_samples}, _markdown(summary))
     print(_markdown(summary))
     return summary
 
@@ -135,15 +133,34 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
     return []
 
 
-def _item(e, seconds):
+def _item(e, seconds, text):
     reply = rewards.extract_answer(e.text)
     if reply is None:  # a model that does not use the protocol: take the bare reply
         reply = e.text
     s = e.sample
     return dict(id=s.id, category=s.category, answer=s.answer, reply=reply,
-                correct=rewards.accuracy(reply, s.answer, s.options), text=e.text, boxes_shown=e.boxes_shown,
+                correct=rewards.accuracy(reply, s.answer, s.options), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
+
+
+def _byte_decoder():
+    """GPT-2's byte-level alphabet, which Qwen's tokenizer and the tiny one use: character -> byte."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def response_text(policy, e):
+    """The episode's text as the rollout decoded it, except that bytes which are not valid UTF-8 (a token cut
+    inside a character) are written as \\x.. escapes instead of U+FFFD, so a report shows what was there."""
+    if "\ufffd" not in e.text:
+        return e.text
+    table, out = _byte_decoder(), bytearray()
+    for tok in policy.tokenizer.convert_ids_to_tokens([t for t in e.ids[e.prompt_len:] if t != policy.image_pad]):
+        out += bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
+    return out.decode("utf-8", errors="backslashreplace")
 
 
 def _read_items(path):
@@ -234,38 +251,6 @@ def _write_reports(out, summary):
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(_markdown(summary) + "\n")
-
-
-def _png(im, side):
-    im = im.copy()
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-
-
-def write_html(path, items, samples, summary, thumb=512):
-    """One self-contained page: the summary on top, then per item the image with the model's boxes (red) and
-    the ground truth (lime), each crop the model got back, the answer, and the transcript."""
-    import crop
-
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(summary['name'])}</title></head><body>",
-             f"<pre>{html.escape(_markdown(summary))}</pre>"]
-    for it in items:
-        s = samples[it["id"]]
-        original = s.image()
-        width = max(2, s.width // 300)
-        im = crop.draw_boxes(original, it["boxes"], colors=("red",), width=width)
-        if it["gt_boxes"]:
-            im = crop.draw_boxes(im, it["gt_boxes"][:1], colors=("lime",), width=width)
-        crops = "".join(_png(original.crop(tuple(b)), 160) for b in it["boxes"])
-        mark = "right" if it["correct"] else "wrong"
-        parts.append(f"<hr><h3>{html.escape(it['id'])} [{html.escape(it['category'])}]: {mark} "
-                     f"(answer {html.escape(it['answer'])}, reply {html.escape(str(it['reply'])[:80])})</h3>"
-                     f"{_png(im, thumb)}<p>red: the model's boxes; lime: ground truth. Crops: {crops or 'none'}</p>"
-                     f"<pre>{html.escape(it['text'])}</pre>")
-    with open(path, "w") as f:
-        f.write("".join(parts) + "</body></html>")
 
 
 # ---------------------------------------------------------------- the global-budget sweep

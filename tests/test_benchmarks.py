@@ -157,7 +157,7 @@ def test_eval_on_each_benchmark(bench, fixture, request, tmp_path):
     assert s["num_items"] == {"hrbench": 3, "vstar": 2, "mmerw": 2}[bench]
     assert json.load(open(out / "summary.json"))["num_items"] == s["num_items"]
     assert "| **overall** |" in open(out / "table.md").read()
-    assert open(tmp_path / "r.html").read().count("<hr>") == s["num_items"]
+    assert open(tmp_path / "r.html").read().count("<section class='item'") == s["num_items"]
     if bench == "hrbench":
         assert "official" in s and "HR-Bench official" in open(out / "table.md").read()
 
