@@ -33,7 +33,8 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
     ap.add_argument("--model", default="tiny", help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
     ap.add_argument("--adapter", action="append", default=None,
-                    help="a LoRA adapter folder (e.g. runs/stage2/final); with --sweep, give several to compare")
+                    help="a LoRA adapter folder (e.g. runs/stage2/final; 'none': the base model); with --sweep, "
+                         "give several to compare")
     ap.add_argument("--global-tokens", type=int, default=1024, help="global image budget in tokens (paper: 1024, 16384)")
     ap.add_argument("--crop-tokens", type=int, default=1024, help="budget of each returned crop in tokens")
     ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
@@ -54,7 +55,12 @@ def parse_args(argv=None):
     ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.adapters = [None if a == "none" else a for a in args.adapter or ["none"]]  # several: --sweep, one line each
+    if len(args.adapters) > 1 and not args.sweep:
+        raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
+    args.adapter = args.adapters[0]
+    return args
 
 
 def load_bench(args):
@@ -277,7 +283,7 @@ def sweep(args):
     budgets = [int(b) for b in args.sweep.split(",") if b.strip()]
     root = args.out or os.path.join("runs", "eval", f"sweep-{args.bench}")
     points = []
-    for adapter in args.adapter or [None]:
+    for adapter in args.adapters:
         tag = _model_tag(args.model, adapter)
         load = functools.lru_cache(maxsize=None)(
             lambda a=adapter: model.load_policy(args.model, adapter=a, lora=False, trainable=False))
@@ -313,9 +319,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.sweep:
         return sweep(args)
-    if args.adapter and len(args.adapter) > 1:
-        raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
-    args.adapter = args.adapter[0] if args.adapter else None
     if args.summary:
         return probe_summary(args.bench, os.path.dirname(os.path.normpath(args.out)) if args.out else "runs/eval")
     return evaluate(args)

@@ -44,17 +44,20 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
     assert not (out / "sweep.json").exists()
     monkeypatch.setenv("RESUMED", "1")
     calls.clear()
-    points = ev.main(args)
-    assert calls == [(32, None), (32, "noise"), (32, "no-tool")]  # the finished points were not redone
+    points = ev.main(args + ["--adapter", "none", "--adapter", "runs/b"])  # resumed, and a second model added
+    assert calls[:3] == [(32, None), (32, "noise"), (32, "no-tool")]  # the finished points were not redone
+    assert len(calls) == 3 + 6  # the second model: every point
     folders = sorted(os.listdir(out / "tiny"))
     assert folders == ["g16-no-tool", "g16-noise", "g16-plain", "g32-no-tool", "g32-noise", "g32-plain"]
+    assert sorted(os.listdir(out / "runs-b")) == folders
     assert all((out / "tiny" / f / "items.jsonl").exists() for f in folders)
-    assert [(p["model"], p["global_tokens"], p["num_items"]) for p in points] == [("tiny", 16, 2), ("tiny", 32, 2)]
+    assert [(p["model"], p["global_tokens"], p["num_items"]) for p in points] == [
+        ("tiny", 16, 2), ("tiny", 32, 2), ("runs-b", 16, 2), ("runs-b", 32, 2)]
     assert json.load(open(out / "sweep.json")) == points
     with open(out / "tiny" / "g32-noise" / "summary.json") as f:
         assert points[1]["noise"] == json.load(f)["accuracy"]
     table = (out / "sweep.md").read_text()
-    assert table.count("| tiny |") == 2 and "crop dependency" in table
+    assert table.count("| tiny |") == 2 and table.count("| runs-b |") == 2 and "crop dependency" in table
     assert (out / "sweep.png").stat().st_size > 5_000
 
 
