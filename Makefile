@@ -40,14 +40,15 @@ bench: setup
 # The README's pictures, from the built-in default (tiny model, synthetic data; CPU, a few minutes): the curves of
 # stage 1 against the no-gap baseline, the global-budget sweep, and a screenshot of an HTML report (Debian's chromium).
 FIG := runs/figures
+FIG_EVAL := --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160
 figures: setup
 	rm -rf $(FIG)
 	$(PY) train.py --stage 1 --out_dir=$(FIG)/stage1
 	$(PY) train.py --stage 1 --out_dir=$(FIG)/baseline --infogap=off
 	$(PY) plot.py $(FIG)/stage1 $(FIG)/baseline --out docs/curves.png
-	$(PY) eval.py --bench synthetic --data synthetic:8 --sweep 16,64,256 --out $(FIG)/sweep $(EVAL_ARGS)
+	$(PY) eval.py --bench synthetic --data synthetic:8 --sweep 16,64,256 --out $(FIG)/sweep $(FIG_EVAL)
 	cp $(FIG)/sweep/sweep.png docs/sweep.png
-	$(PY) eval.py --bench synthetic --data synthetic:2 --out $(FIG)/eval --html $(FIG)/report.html $(EVAL_ARGS)
+	$(PY) eval.py --bench synthetic --data synthetic:2 --out $(FIG)/eval --html $(FIG)/report.html --global-tokens 64 $(FIG_EVAL)
 	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
 		--disable-sync --no-first-run --user-data-dir=$$(mktemp -d) --hide-scrollbars --window-size=1000,1250 \
 		--screenshot=$(CURDIR)/docs/report.png file://$(CURDIR)/$(FIG)/report.html

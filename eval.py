@@ -139,13 +139,17 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
     return []
 
 
+def _reply(text):
+    reply = rewards.extract_answer(text)
+    return text if reply is None else reply  # a model that does not use the protocol: take the bare reply
+
+
 def _item(e, seconds, text):
-    reply = rewards.extract_answer(e.text)
-    if reply is None:  # a model that does not use the protocol: take the bare reply
-        reply = e.text
+    """One item's result; `text` is the transcript with undecodable bytes escaped (shown in reports; scoring
+    uses the rollout's own text)."""
     s = e.sample
-    return dict(id=s.id, category=s.category, answer=s.answer, reply=reply,
-                correct=rewards.accuracy(reply, s.answer, s.options), text=text, boxes_shown=e.boxes_shown,
+    return dict(id=s.id, category=s.category, answer=s.answer, reply=_reply(text),
+                correct=rewards.accuracy(_reply(e.text), s.answer, s.options), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 
