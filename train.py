@@ -80,7 +80,7 @@ class Config:
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
     report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
-    columns: str = ""  # a parquet's columns, e.g. image=img,question=q,answer=a (layouts the readers do not know)
+    columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
 
 
 PRESETS = {
