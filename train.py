@@ -29,6 +29,7 @@ import infogap
 import model
 import rewards
 import snapshot
+import trackers
 from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                         truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
@@ -89,6 +90,8 @@ class Config:
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
+    report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
+    columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
 
 
 PRESETS = {
@@ -312,8 +315,9 @@ def train(cfg, resume=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
+    trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
-    samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed))
+    samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
         print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
@@ -340,6 +344,7 @@ def train(cfg, resume=None):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
+    tracker = trackers.start(cfg.report_to, out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
     try:
         for step in bar:
@@ -356,6 +361,7 @@ def train(cfg, resume=None):
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log(metrics, step + 1)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                        file=sys.stdout)
             if (step + 1) % cfg.dump_every == 0:
@@ -365,12 +371,14 @@ def train(cfg, resume=None):
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                draw_curves(out_dir)
             if stop.signal:
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)")
                 return policy
     finally:
         stop.restore()
+        tracker.close()
     save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
     print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
     return policy
@@ -381,7 +389,11 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     ious = [s["iou"] for s in scores if s["iou"] is not None]
     covs = [s["coverage"] for s in scores if s["coverage"] is not None]
-    return dict(step=step, reward=mean([s["total"] for s in scores]), accuracy=mean([s["accuracy"] for s in scores]),
+    groups = {}
+    for e, s in zip(episodes, scores):
+        groups.setdefault(e.group, []).append(s["total"])
+    return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
+                accuracy=mean([s["accuracy"] for s in scores]),
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
                 grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
                 response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
@@ -392,6 +404,21 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 skipped=stats["skipped"],
                 clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
                 peak_mem_gb=_peak_memory_gb())
+
+
+def _std(xs):
+    """Population std: the spread of the group means a step's reward averages over."""
+    m = sum(xs) / len(xs) if xs else 0.0
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else 0.0
+
+
+def draw_curves(out_dir):
+    """curves.png of the run so far (plot.py); a plotting failure costs the figure, never the run."""
+    try:
+        import plot
+        plot.curves([out_dir])
+    except (ImportError, OSError, ValueError) as e:
+        print(f"warning: curves not drawn: {type(e).__name__}: {e}")
 
 
 def _dump(path, episodes, scores):
