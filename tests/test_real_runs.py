@@ -60,26 +60,21 @@ def test_a_folder_of_images_with_its_jsonl(tmp_path):
 
 
 def test_infogap_selection_on_the_tiny_model(tmp_path, capsys):
+    """The real selection end to end (its rules are in test_fidelity.py, with scripted answers)."""
     out = str(tmp_path / "levels.jsonl")
-    levels = infogap.select("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)
+    levels = infogap.select("tiny", "synthetic:3", [16, 4], out, reference_tokens=64, max_tokens=6)
     rows = [json.loads(x) for x in open(out)]
-    assert [r["id"] for r in rows] == [f"syn-0-{i}" for i in range(3)]
+    assert [r["id"] for r in rows] == [f"syn-0-{i}" for i in range(3)] and set(levels) == {r["id"] for r in rows}
     for r in rows:
-        answers = [r["answers"][k] for k in ("64", "16", "4")]
-        first = next((k for k in (1, 2) if answers[k] != answers[0]), None)
-        assert r["global_tokens"] == [64, 16, 4][first if first else -1] and r["diverged"] == (first is not None)
-    assert levels == {r["id"]: (r["global_tokens"], r["diverged"]) for r in rows}
-    assert "levels (global tokens: samples)" in capsys.readouterr().out
-    infogap.select("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)  # resumable: nothing is redone
-    assert len(open(out).readlines()) == 3
-    # train.py reads them, and the ablations
+        assert r["diverged"] == (r["global_tokens"] is not None) and r["global_tokens"] in (None, 16, 4)
+        assert r["ladder"] == [16, 4] and r["reference_tokens"] == 64 and "reference" in r
+    assert "never diverged" in capsys.readouterr().out
+    # the ablations
     samples = data.synthetic(3)
-    infogap.assign(out, samples)
-    assert [s.global_tokens for s in samples] == [r["global_tokens"] for r in rows]
-    infogap.assign("fixed:256", samples)
-    assert {s.global_tokens for s in samples} == {256}
+    assert {s.global_tokens for s in infogap.prepare(train.Config(infogap="fixed:256"), samples)} == {256}
+    assert {s.global_tokens for s in infogap.prepare(train.Config(infogap="off"), samples)} == {None}
     with pytest.raises(SystemExit):
-        infogap.assign("fixed:lots", samples)
+        infogap.prepare(train.Config(infogap="fixed:lots"), samples)
 
 
 def test_infogap_off_crops_the_shown_image():
