@@ -206,7 +206,7 @@ def _good_and_cut_jpeg(folder):
 
 def test_an_image_that_breaks_mid_run_costs_only_that_sample(tmp_path, capsys):
     _good_and_cut_jpeg(tmp_path)
-    cfg = _cfg(tmp_path / "run", data=str(tmp_path / "d.jsonl"), steps=2, prompts_per_step=2)
+    cfg = _cfg(tmp_path / "run", data=str(tmp_path / "d.jsonl"), steps=2, prompts_per_step=2, infogap="fixed:64")
     train.train(cfg)
     out = capsys.readouterr().out
     assert out.count("skipping a bad image: sample cut") == 1

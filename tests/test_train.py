@@ -51,7 +51,9 @@ def _learn(sign, steps=16):
     favoured = set(range(100, 108))
     reward = _token_reward(p, favoured)
     cfg = dataclasses.replace(train.Config(), group_size=8, micro_batch=16, lr=1e-2, clip_high=0.2)
-    rcfg = RolloutConfig(group_size=8, max_turn_tokens=8, max_response_tokens=8, global_tokens=16, crop_tokens=16)
+    # the prompt the tiny tokenizer was trained on (the favoured ids are tokens of that vocabulary)
+    rcfg = RolloutConfig(group_size=8, max_turn_tokens=8, max_response_tokens=8, global_tokens=16, crop_tokens=16,
+                         prompt="qwen")
     samples = data.synthetic(2, seed=0, min_side=300, max_side=400)
     opt = torch.optim.AdamW(p.trainable_parameters(), lr=cfg.lr)
     means = []
@@ -67,7 +69,7 @@ def _learn(sign, steps=16):
 def test_grpo_learns_and_the_flipped_sign_does_not():
     before, after = _learn(+1)
     assert 0 < before < 0.05  # solved now and then by chance
-    assert after > 0.3  # observed: 0.008 -> 0.63 in 16 steps
+    assert after > 0.3  # observed: 0.008 -> 0.55 in 16 steps
     before_flipped, after_flipped = _learn(-1)
     assert before_flipped == before  # same seeds, same first rollout
     assert after_flipped <= 2 * before  # observed: stays at 0.008 (it cannot go below 0)
