@@ -21,14 +21,38 @@ class RewardConfig:
     omega: float = 0.5  # r_geo = omega * r_IoU + (1 - omega) * r_L1 [choice]
 
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 
 
+def tag_spans(text, pairs):
+    """Non-overlapping (start, end, open tag) spans of `open ... close` in `text`, leftmost first, the first close
+    after each open: what re.findall(r"open(.*?)close|...", re.S) finds, in linear time on any model output (the
+    lazy regex rescans to the end from every unclosed open tag: 5,000 unclosed <tool_call> tags took 82 s)."""
+    spans, pos, nxt = [], 0, {o: text.find(o) for o in pairs}
+    while True:
+        live = [(i, o) for o, i in nxt.items() if i >= 0]
+        if not live:
+            return spans
+        start, open_ = min(live)
+        end = text.find(pairs[open_], start + len(open_))
+        if end < 0:  # no close after this open, so none after any later open of this tag either
+            del nxt[open_]
+            continue
+        end += len(pairs[open_])
+        spans.append((start, end, open_))
+        pos = end
+        nxt = {o: (i if i >= pos else text.find(o, pos)) for o, i in nxt.items()}
+
+
+def tag_contents(text, open_, close):
+    """The contents of every `open_ ... close` (innermost text, tags dropped), in order; linear time."""
+    return [text[s + len(open_):e - len(close)] for s, e, _ in tag_spans(text, {open_: close})]
+
+
 def extract_answer(text):
     """The content of the last <answer>...</answer>, stripped; None when there is none."""
-    found = ANSWER_RE.findall(text)
+    found = tag_contents(text, "<answer>", "</answer>")
     return found[-1].strip() if found else None
 
 
@@ -68,18 +92,22 @@ def accuracy(reply, answer, options=None):
     return float(normalize(reply) == normalize(answer))
 
 
-PAIRED_RE = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.S)
+PAIRED = {"<think>": "</think>", "<tool_call>": "</tool_call>"}
 
 
 def format_ok(text):
     """Well formed: <think>/<tool_call> tags open and close in order, no tool error replies, exactly one
     <answer>, at the end."""
-    stray = PAIRED_RE.sub("", text)
+    stray, last = [], 0
+    for start, end, _ in tag_spans(text, PAIRED):
+        stray.append(text[last:start])
+        last = end
+    stray = "".join(stray) + text[last:]
     if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
         return False
     if "<tool_response>Error:" in text:
         return False
-    if len(ANSWER_RE.findall(text)) != 1:
+    if len(tag_contents(text, "<answer>", "</answer>")) != 1:
         return False
     tail = text[text.rfind("</answer>") + len("</answer>"):]
     return tail.replace("<|im_end|>", "").strip() == ""
