@@ -48,14 +48,17 @@ def fault(point, step):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM: finish the current step, save a checkpoint, say how to resume, and return."""
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, say how to resume, then exit with the
+    shell's code for that signal (130, 143), so make and job schedulers do not take the run as finished."""
 
     def __init__(self):
         self.signal = None
+        self.exit_code = 0
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+        self.exit_code = 128 + signum
         print(f"\n{self.signal}: finishing this step, then saving a checkpoint", flush=True)
 
     def restore(self):

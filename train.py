@@ -237,9 +237,7 @@ def train(cfg, resume=None):
     apply_infogap(cfg, samples)
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
-    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
-    if init and not os.path.isdir(init):
-        raise SystemExit(f"error: adapter {init} not found (run stage 1 first, or pass --init_adapter=DIR)")
+    init = resolve_init_adapter(cfg)
     policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -305,8 +303,8 @@ def train(cfg, resume=None):
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
             if stop.signal:
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
-                      f"{cfg.stage} --resume {out_dir} (and the same options)")
-                return policy
+                      f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
+                raise SystemExit(stop.exit_code)
     finally:
         stop.restore()
     save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
@@ -364,14 +362,32 @@ def field_help():
     return out
 
 
+# fields whose value must be at least 1 (0 would divide by zero, loop forever or train on nothing)
+AT_LEAST_ONE = ("steps", "prompts_per_step", "group_size", "micro_batch", "num_epochs", "rollout_rows", "max_turns",
+                "max_turn_tokens", "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
+
+
+def override_pairs(items):
+    """Command-line overrides -> (key, value) pairs; `--key=value` and `--key value` are the same."""
+    pairs, i = [], 0
+    while i < len(items):
+        key, eq, value = items[i].lstrip("-").partition("=")
+        if not eq and items[i].startswith("--") and i + 1 < len(items) and not items[i + 1].startswith("--"):
+            value, eq, i = items[i + 1], "=", i + 1
+        if not eq:
+            raise SystemExit(f"error: option {items[i]!r} needs a value (see --help for the options)")
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
 def parse_overrides(cfg, items):
-    """Apply --key=value overrides to a Config: unknown keys and wrong types are errors. Prints changes."""
+    """Apply --key=value (or --key value) overrides to a Config: unknown keys, wrong types and counts below 1
+    are errors. Prints changes."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in items:
-        key, eq, value = item.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if key not in fields or not eq:
-            raise SystemExit(f"error: unknown option {item!r} (see --help for the options)")
+    for key, value in override_pairs(items):
+        if key not in fields:
+            raise SystemExit(f"error: unknown option --{key} (see --help for the options)")
         kind = type(getattr(Config, key))
         try:
             if kind is bool:
@@ -382,9 +398,35 @@ def parse_overrides(cfg, items):
                 new = kind(value)
         except ValueError:
             raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
+        if key in AT_LEAST_ONE and new < 1:
+            raise SystemExit(f"error: --{key} must be at least 1, got {value!r}")
         print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")
         setattr(cfg, key, new)
     return cfg
+
+
+def resolve_init_adapter(cfg, given=()):
+    """The adapter a run starts from (stage 2 default: runs/stage1/final), checked before any loading. Its LoRA
+    rank is the run's: --lora_r given with an adapter of another rank is an error; otherwise the config takes
+    the adapter's rank and alpha, so that the config saved with every checkpoint tells the truth."""
+    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
+    if not init:
+        return ""
+    path = os.path.join(init, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: adapter {init} not found (no adapter_config.json there): run stage 1 first "
+                         f"(make stage1), or pass --init_adapter=DIR")
+    with open(path) as f:
+        adapter = json.load(f)
+    for key, name in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        if adapter.get(name) is None or adapter[name] == getattr(cfg, key):
+            continue
+        if key in given:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)} but the init adapter {init} has {name}="
+                             f"{adapter[name]}: drop --{key} (the adapter's is used) or start without the adapter")
+        print(f"  {key}: {getattr(cfg, key)!r} -> {adapter[name]!r} (from the init adapter {init})")
+        setattr(cfg, key, adapter[name])
+    return init
 
 
 def check_memory(cfg):
@@ -423,6 +465,7 @@ def main(argv=None):
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
+    resolve_init_adapter(cfg, given={key for key, _ in override_pairs(rest)})
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     check_memory(cfg)
     if args.dry_run:
