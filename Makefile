@@ -27,7 +27,7 @@ stage2: setup
 	$(PY) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
 
 eval: setup
-	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) --model $(MODEL) --adapter $(ADAPTER) $(EVAL_ARGS) $(ARGS)
+	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(EVAL_ARGS) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -71,7 +71,20 @@ def _shard(samples, shard):
     return samples[i::n], f".shard-{i}-of-{n}"
 
 
+def check_adapter(path):
+    """A missing adapter is one line naming the folder and what makes it, before any model loads (not PEFT's
+    "Can't find 'adapter_config.json'" traceback after it)."""
+    if path is None or os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return
+    made_by = next((f"`make {stage}` (python train.py --stage {stage[-1]})" for stage in ("stage1", "stage2")
+                    if os.path.normpath(path).endswith(os.path.join(stage, "final"))), "a training run's final/")
+    raise SystemExit(f"error: adapter {path} not found (no adapter_config.json there). It is made by {made_by}; "
+                     f"to evaluate another adapter pass --adapter DIR (make: ADAPTER=runs/stage1/final), or "
+                     f"ADAPTER= for the base model")
+
+
 def evaluate(args):
+    check_adapter(args.adapter)
     all_samples = load_bench(args)[:args.limit]
     samples, tag = _shard(all_samples, args.shard)
     name = args.bench + (f"-{args.probe}" if args.probe else "")

@@ -42,3 +42,17 @@ def test_lora_r_must_match_the_init_adapter(tmp_path, capsys):
     assert (cfg.lora_r, cfg.lora_alpha) == (8, 16) and "lora_r: 16 -> 8 (from the init adapter" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         train.main(["--stage", "2", f"--init_adapter={tmp_path / 'nope'}", "--dry-run"])
+
+
+# ---------------------------------------------------------------- a missing adapter is named
+
+
+def test_eval_names_a_missing_adapter_and_what_makes_it(tmp_path, monkeypatch):
+    import eval as ev
+    import model
+    monkeypatch.chdir(tmp_path)  # make stage1, no stage 2, then make eval
+    monkeypatch.setattr(model, "load_policy", lambda *a, **kw: pytest.fail("the model loaded first"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--bench", "synthetic", "--data", "synthetic:2", "--adapter", "runs/stage2/final"])
+    assert "adapter runs/stage2/final not found" in str(e.value)
+    assert "make stage2" in str(e.value) and "ADAPTER=runs/stage1/final" in str(e.value)
