@@ -27,8 +27,8 @@ from tqdm import tqdm
 import data
 import model
 import rewards
-from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                        truncate_metrics)
+from checkpoint import (GracefulStop, fault, latest_checkpoint, plan_run, prune_checkpoints, restore_checkpoint,
+                        save_checkpoint, truncate_metrics)
 from rollout import RolloutConfig, rollout
 
 
@@ -231,7 +231,7 @@ def _on_oom(cfg, rcfg, retried, step):
 def train(cfg, resume=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
+    out_dir, ckpt, saved = plan_run(cfg, resume, default_out=f"runs/stage{cfg.stage}")
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = data.load(cfg.data, seed=cfg.seed)
     apply_infogap(cfg, samples)
@@ -242,11 +242,8 @@ def train(cfg, resume=None):
                                gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if resume:
-        ckpt = latest_checkpoint(resume)
-        if ckpt is None:
-            raise SystemExit(f"error: no complete checkpoint in {resume}")
-        start = load_checkpoint(ckpt, policy, optimizer)["step"]
+    if saved:
+        start = restore_checkpoint(saved, policy, optimizer)["step"]
         print(f"resumed from {ckpt} at step {start}")
     rcfg = RolloutConfig(group_size=cfg.group_size, max_rows=cfg.rollout_rows, max_turns=cfg.max_turns,
                          max_crops=cfg.max_crops, max_turn_tokens=cfg.max_turn_tokens,

@@ -56,3 +56,91 @@ def test_eval_names_a_missing_adapter_and_what_makes_it(tmp_path, monkeypatch):
         ev.main(["--bench", "synthetic", "--data", "synthetic:2", "--adapter", "runs/stage2/final"])
     assert "adapter runs/stage2/final not found" in str(e.value)
     assert "make stage2" in str(e.value) and "ADAPTER=runs/stage1/final" in str(e.value)
+
+
+# ---------------------------------------------------------------- a run folder belongs to one run
+
+
+def _cfg(out, **kw):
+    """A run of the tiny model small enough to take a second or two per step here."""
+    cfg = train.Config(**train.PRESETS["tiny"])
+    cfg.out_dir, cfg.data, cfg.steps, cfg.save_every, cfg.keep_checkpoints = str(out), "synthetic:4", 2, 1, 10
+    cfg.prompts_per_step, cfg.group_size, cfg.max_turn_tokens, cfg.max_response_tokens = 1, 2, 8, 16
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A two-step run with checkpoints at steps 1 and 2 (tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train.train(_cfg(out))
+    return out
+
+
+def _copy(run, tmp_path):
+    import shutil
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _no_model(monkeypatch):
+    """Every refusal must come before the model loads."""
+    monkeypatch.setattr(train.model, "load_policy", lambda *a, **kw: pytest.fail("the model loaded first"))
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(finished_run, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, seed=1))
+    assert f"{finished_run} already holds a run" in str(e.value) and "--resume" in str(e.value)
+    assert "--out_dir" in str(e.value)
+
+
+def test_resume_refuses_another_run_and_a_finished_adapter(finished_run, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, seed=1, group_size=4, steps=5), resume=str(finished_run))
+    assert "seed=0 there, 1 now" in str(e.value) and "group_size=2 there, 4 now" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, steps=5), resume=str(finished_run / "final"))
+    assert "finished run's adapter" in str(e.value) and "--init_adapter=" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # shortened below the newest checkpoint: said, not relabelled
+        train.train(_cfg(finished_run, steps=1), resume=str(finished_run))
+    assert "step_000002 is at step 2, past --steps=1" in str(e.value)
+
+
+def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path, monkeypatch, capsys):
+    run = _copy(finished_run, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the default out_dir, runs/stage1, would be here
+    train.train(_cfg("", steps=3), resume=str(run))
+    assert "resumed from" in capsys.readouterr().out
+    assert (run / "step_000003").is_dir() and not (tmp_path / "runs").exists()
+    assert json.load(open(run / "final" / "state.json"))["step"] == 3
+
+
+def test_a_damaged_newest_checkpoint_costs_one_checkpoint(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    opt = run / "step_000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])  # cut by a power loss
+    train.train(_cfg(run, steps=2), resume=str(run))
+    out = capsys.readouterr().out
+    assert f"{opt} is damaged" in out and "falling back" in out and f"resumed from {run / 'step_000001'}" in out
+    assert checkpoint.read_checkpoint(str(run / "step_000002"))["state.json"]["step"] == 2  # rewritten whole
+
+
+def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run, tmp_path, monkeypatch):
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+
+    def replace(src, dst):
+        if src.endswith(".tmp"):
+            assert {os.path.join(src, n) for n in os.listdir(src)} | {src} <= set(synced)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = _cfg(tmp_path / "run", steps=1)
+    train.train(cfg)
+    assert str(tmp_path / "run") in synced  # the rename itself
+    assert {n for n in os.listdir(tmp_path / "run" / "final")} >= {"adapter_model.safetensors", "state.json"}
