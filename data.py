@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
@@ -235,7 +236,37 @@ def load_benchmark(bench, path, seed=0):
     """Samples of a benchmark from the file or folder users download (formats in METHOD.md §5)."""
     if not path or not os.path.exists(path):
         raise SystemExit(f"error: --data {path!r} not found: --bench {bench} expects {BENCHMARKS[bench]}")
-    return dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed)
+    return unique_ids(dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed), path)
+
+
+def unique_ids(samples, path):
+    """Evaluation results are kept by item id: two items with one id would overwrite each other's result."""
+    dup = [i for i, n in Counter(s.id for s in samples).items() if n > 1]
+    if dup:
+        raise SystemExit(f"error: {path}: {len(dup)} item id(s) appear more than once: {', '.join(dup[:10])}")
+    return samples
+
+
+def cut_partial_line(path):
+    """A JSONL whose last line was cut by a kill is truncated to its last newline, so that appending goes on
+    from a whole line (the cut item is redone), never glued onto the cut one. Returns whether it cut."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        end = f.tell()
+        while end > 0:  # backwards in blocks to the last newline
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            i = f.read(end - start).rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return True
+            end = start
+        f.truncate(0)
+    return True
 
 
 def _image_from_bytes(raw):
@@ -425,6 +456,7 @@ def infogap(model_name, spec, ladder, out, adapter=None, max_tokens=64, batch=8,
     samples = load(spec, seed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     done = set()
+    cut_partial_line(out)  # a killed selection: its cut last line is redone, not appended onto
     if os.path.exists(out):
         with open(out) as f:
             done = {json.loads(line)["id"] for line in f if line.strip()}

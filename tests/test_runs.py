@@ -144,3 +144,96 @@ def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run
     train.train(cfg)
     assert str(tmp_path / "run") in synced  # the rename itself
     assert {n for n in os.listdir(tmp_path / "run" / "final")} >= {"adapter_model.safetensors", "state.json"}
+
+
+# ---------------------------------------------------------------- an evaluation folder belongs to one setting
+
+from test_benchmarks import TINY, _hrbench_rows, hrbench_tsv  # noqa: E402,F401  (fixture and its rows)
+
+import eval as ev  # noqa: E402
+
+
+def _write_tsv(path, rows):
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(hrbench_tsv, tmp_path):
+    out = str(tmp_path / "ev")
+    base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", out, "--limit", "1", *TINY]
+    ev.main(base)
+    assert json.load(open(os.path.join(out, "run.json")))["settings"]["global_tokens"] == 16
+    with pytest.raises(SystemExit, match="global_tokens=16 there, 24 now"):
+        ev.main(base + ["--global-tokens", "24"])
+    with pytest.raises(SystemExit, match="probe=None there, 'noise' now"):
+        ev.main(base + ["--probe", "noise"])
+    ev.main(base + ["--limit", "2", "--batch", "4"])  # how much and how fast is no setting: --out is reused
+    rows = _hrbench_rows()
+    rows[0]["question"] = "What colour?"  # the same file name, other contents
+    _write_tsv(hrbench_tsv, rows)
+    with pytest.raises(SystemExit, match="data='sha256:"):
+        ev.main(base)
+
+
+def test_default_folder_names_tell_runs_apart(tmp_path):
+    def name(*argv):
+        return ev.default_name(ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv]))
+    for f in ("hr_bench_4k.tsv", "hr_bench_8k.tsv"):
+        (tmp_path / f).write_text("x")
+    four, eight = name("--data", str(tmp_path / "hr_bench_4k.tsv")), name("--data", str(tmp_path / "hr_bench_8k.tsv"))
+    assert four == "hrbench-hr_bench_4k-qwen25vl7b-g1024" and eight != four and "hr_bench_8k" in eight
+    full = name("--data", str(tmp_path / "hr_bench_8k.tsv"), "--probe", "noise", "--global-tokens", "16384",
+                "--adapter", "runs/stage2/final")
+    assert full == "hrbench-hr_bench_8k-qwen25vl7b-g16384-noise-stage2_final"
+
+
+# ---------------------------------------------------------------- shards and summaries; a cut last line
+
+
+def test_a_summary_covers_every_shard_at_the_time_it_is_written(hrbench_tsv, tmp_path, monkeypatch):
+    out = str(tmp_path / "hr")
+    base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", out, *TINY]
+    real = ev.rollout
+    calls = []
+
+    def shard_0_finishes_meanwhile(policy, samples, cfg):
+        calls.append(samples)
+        if len(calls) == 1:  # shard 1 has read what was done; shard 0 now runs to its end beside it
+            ev.main(base + ["--shard", "0/2"])
+        return real(policy, samples, cfg)
+
+    monkeypatch.setattr(ev, "rollout", shard_0_finishes_meanwhile)
+    s = ev.main(base + ["--shard", "1/2"])
+    assert (s["num_items"], s["num_total"]) == (3, 3)  # not shard 1's one item labelled as the benchmark
+    os.remove(os.path.join(out, "summary.json"))
+    os.remove(os.path.join(out, "items.shard-1-of-2.jsonl"))  # as if shard 1 were still running
+    [results] = ev.main(["--bench", "hrbench", "--summary", "--out", out])
+    assert (results["none"]["num_items"], results["none"]["num_total"]) == (2, 3)
+    assert json.load(open(os.path.join(out, "summary.json")))["num_items"] == 2
+    assert "partial: 2 of 3 items" in open(os.path.join(out, "table.md")).read()
+
+
+def test_duplicate_item_ids_are_refused_at_load(tmp_path):
+    rows = _hrbench_rows()
+    rows[2]["index"] = 1
+    with pytest.raises(SystemExit, match="1 item id.* more than once: 1"):
+        ev.load_bench(ev.parse_args(["--bench", "hrbench", "--data", _write_tsv(tmp_path / "hr.tsv", rows)]))
+
+
+def test_a_cut_last_line_is_truncated_and_its_item_redone(hrbench_tsv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hr"
+    args = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), "--limit", "2", *TINY]
+    ev.main(args)
+    items = out / "items.jsonl"
+    whole = items.read_bytes()
+    items.write_bytes(whole[:len(whole) - len(whole.splitlines()[-1]) // 2 - 1])  # the kill cut line 2 in half
+    real, redone = ev.rollout, []
+    monkeypatch.setattr(ev, "rollout", lambda p, s, c: redone.extend(x.id for x in s) or real(p, s, c))
+    s = ev.main(args)
+    assert "its last line was cut" in capsys.readouterr().out and redone == ["1"]
+    lines = items.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["0", "1"] and s["num_items"] == 2
