@@ -17,10 +17,13 @@ import json
 import os
 import random
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from crop import MAX_IMAGE_ASPECT
 
 WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver window garden bridge "
          "honey violin planet marble castle dragon").split()
@@ -29,6 +32,7 @@ LETTERS = "ABCDE"
 # Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class BadImage(ValueError):
@@ -40,7 +44,9 @@ class BadImage(ValueError):
 
 
 def to_rgb(im):
-    """Any PIL mode -> RGB: 16- and 32-bit images are scaled to 8 bits rather than clipped."""
+    """Any PIL image -> RGB and upright: EXIF orientation applied (as transformers' own loader does, so boxes
+    are in the upright frame); 16- and 32-bit images scaled to 8 bits rather than clipped."""
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         import numpy as np
         a = np.asarray(im, dtype=np.float64)
@@ -50,16 +56,27 @@ def to_rgb(im):
 
 
 def _open_checked(path_or_file, name):
-    """(width, height) of an image file after cheap checks: it decodes its header, passes verify(), and is
-    within MAX_PIXELS. Raises ValueError with the reason."""
+    """(width, height) of an image file, upright (EXIF orientation applied), after cheap checks: a regular file
+    (a FIFO would block forever), a header that decodes, verify(), within MAX_PIXELS, and an aspect ratio the
+    image encoder accepts. Raises ValueError with the reason."""
     try:
+        if isinstance(path_or_file, str) and not stat.S_ISREG(os.stat(path_or_file).st_mode):
+            raise ValueError("not a regular file (a folder, FIFO or device)")
         with Image.open(path_or_file) as im:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} is over the {MAX_PIXELS:,}-pixel limit (LFPC_MAX_PIXELS)")
             if width == 0 or height == 0:
                 raise ValueError("zero-size image")
+            if max(width, height) / min(width, height) > MAX_IMAGE_ASPECT:
+                raise ValueError(f"{width}x{height}: aspect ratio over {MAX_IMAGE_ASPECT}:1, which the image "
+                                 f"encoder refuses")
             im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
+        if hasattr(path_or_file, "seek"):
+            path_or_file.seek(0)
+        with Image.open(path_or_file) as im:  # verify() leaves the image unusable: open again for EXIF
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: the upright frame's size
+                width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
         raise ValueError(f"image {name}: {e}") from None
     return width, height

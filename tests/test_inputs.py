@@ -1,11 +1,16 @@
 """Inputs that must never cost a run or bend a number: hostile model output, benchmark files and images that
 are checked at load (issue 16)."""
+import json
+import os
 import re
+import threading
 import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+import data
 import rewards
 from rollout import parse_tool_call
 
@@ -46,3 +51,43 @@ def test_unclosed_tags_parse_in_linear_time():
     assert time.perf_counter() - t0 < 1.0
     assert parse_tool_call("<tool_call>x" * n)[1][0] == "unclosed"
     assert not rewards.format_ok("<think>x" * n)
+
+
+# ---------------------------------------------------------------- images that can never be used are refused at load
+
+def _jsonl(folder, images):
+    rows = [dict(id=k, image=v, question="q", answer="x") for k, v in images.items()]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(folder / "d.jsonl")
+
+
+def test_images_the_encoder_refuses_are_skipped_at_load_with_file_and_line(tmp_path, capsys):
+    Image.new("RGB", (50_000, 1), "red").save(tmp_path / "thin.png")  # passed the loader, then killed every run
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it for reading blocks until a writer comes
+
+    def unblock():  # if the loader opens the FIFO anyway, free it after a while so the test fails, not hangs
+        time.sleep(5)
+        with open(tmp_path / "fifo.png", "wb"):
+            pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    path = _jsonl(tmp_path, {"thin": "thin.png", "ok": "ok.png", "fifo": "fifo.png"})
+    samples = data.read_jsonl(path)
+    out = capsys.readouterr().out
+    assert [s.id for s in samples] == ["ok"] and "skipped 2 bad row(s)" in out
+    assert f"{path}:1: image {tmp_path / 'thin.png'}: 50000x1: aspect ratio over 200:1" in out
+    assert f"{path}:3: image {tmp_path / 'fifo.png'}: not a regular file" in out
+
+
+def test_exif_orientation_is_applied_so_boxes_are_in_the_upright_frame(tmp_path):
+    im = Image.new("RGB", (80, 60), "white")
+    im.paste((255, 0, 0), (0, 0, 10, 10))  # a red mark at the stored image's top left
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6  # shown rotated a quarter turn clockwise
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    [s] = data.read_jsonl(_jsonl(tmp_path, {"phone": "phone.jpg"}))
+    upright = s.image()
+    assert (s.width, s.height) == upright.size == (60, 80)
+    r, g, b = upright.getpixel((55, 3))  # the mark is now at the top right
+    assert r > 200 and g < 80 and b < 80
