@@ -289,7 +289,8 @@ def summarize(items, name, bench="synthetic", num_total=None):
                    seconds_per_item=sum(it["seconds"] for it in items) / n)
     if bench == "hrbench" and items:
         cycles = _accuracy_by(items, lambda it: it["meta"].get("cycle", ""))
-        summary["official"] = sum(cycles.values()) / len(cycles)  # HR-Bench's own: accuracy per cycle, averaged
+        # HR-Bench's own: accuracy per cycle, averaged; without cycles it is not computed (not the plain accuracy)
+        summary["official"] = sum(cycles.values()) / len(cycles) if "" not in cycles else None
         fsp, fcp = per_category.get("single"), per_category.get("cross")
         summary["deepeyes"] = (fsp + fcp) / 2 if fsp is not None and fcp is not None else None
     if bench == "mmerw":
@@ -304,10 +305,11 @@ def _markdown(summary):
              f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", ""]
     if summary.get("num_total", summary["num_items"]) > summary["num_items"]:
         lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** (shards or a run still going)")
-    if summary.get("official") is not None:
-        deepeyes = summary.get("deepeyes")
-        lines.append(f"HR-Bench official (per cycle, averaged) {100 * summary['official']:.1f}; DeepEyes' (mean of "
-                     f"FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
+    if "official" in summary:
+        official, deepeyes = summary["official"], summary.get("deepeyes")
+        lines.append("HR-Bench official (per cycle, averaged) " + (f"{100 * official:.1f}" if official is not None
+                                                                   else "n/a (no cycle_category)")
+                     + "; DeepEyes' (mean of FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
     for key in ("per_task", "per_subtask"):
         if summary.get(key):
             lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
