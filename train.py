@@ -324,7 +324,7 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],
                 skipped=stats["skipped"],
                 clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
-                peak_mem_gb=_peak_memory_gb())
+                peak_mem_gb=_peak_memory_gb(), **memory_now())
 
 
 def _dump(path, episodes, scores):
@@ -338,6 +338,26 @@ def _dump(path, episodes, scores):
 def _reset_peak_memory():
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def memory_now():
+    """Memory held now, not the peak, so that a slow creep shows in metrics.jsonl: the host's resident set
+    (rss_gb) and, on CUDA, what tensors hold (cuda_alloc_gb) and what the caching allocator holds
+    (cuda_reserved_gb)."""
+    out = dict(rss_gb=host_rss_gb())
+    if torch.cuda.is_available():
+        out.update(cuda_alloc_gb=torch.cuda.memory_allocated() / 2**30,
+                   cuda_reserved_gb=torch.cuda.memory_reserved() / 2**30)
+    return out
+
+
+def host_rss_gb():
+    """This process's resident set now (Linux /proc; elsewhere the peak, which is what the OS offers)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _peak_memory_gb():

@@ -54,8 +54,8 @@ def _state(out):
     opt = torch.load(os.path.join(out, "step_000004", "optimizer.pt"), weights_only=True)
     metrics = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     for m in metrics:  # wall-clock and memory readings differ run to run
-        for k in ("seconds", "peak_mem_gb", "rollout_mem_gb"):
-            m.pop(k)
+        for k in ("seconds", "peak_mem_gb", "rollout_mem_gb", "rss_gb", "cuda_alloc_gb", "cuda_reserved_gb"):
+            m.pop(k, None)
     return adapter, opt, metrics
 
 
