@@ -24,7 +24,12 @@ from tqdm import tqdm
 import data
 import model
 import rewards
-from rollout import RolloutConfig, rollout
+import train
+from rollout import rollout
+
+
+# Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
+SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens")
 
 
 def parse_args(argv=None):
@@ -32,16 +37,15 @@ def parse_args(argv=None):
     ap.add_argument("--bench", default="synthetic", choices=["synthetic", "hrbench", "vstar", "mmerw"],
                     help="which benchmark to run")
     ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
-    ap.add_argument("--model", default="tiny", help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final)")
-    ap.add_argument("--global-tokens", type=int, default=1024, help="global image budget in tokens (paper: 1024, 16384)")
-    ap.add_argument("--crop-tokens", type=int, default=1024, help="budget of each returned crop in tokens")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final); its run's "
+                                                    "settings are the defaults of the options below")
+    helps = train.field_help()
+    for key in SHARED:
+        ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
+                        help=f"{helps[key]} (default: the adapter's run, else {getattr(train.Config, key)!r})")
     ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
                     help="noise: crops replaced by noise; gt-box: the model's box replaced by the ground truth; "
                          "no-tool: the tool is not offered")
-    ap.add_argument("--max-turns", type=int, default=10, help="assistant turns per item")
-    ap.add_argument("--max-turn-tokens", type=int, default=1024, help="tokens the model may write per turn")
-    ap.add_argument("--max-response-tokens", type=int, default=8192, help="tokens after the prompt per item")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>-<data>-<model>-g<global "
@@ -59,6 +63,28 @@ def data_spec(args):
     return args.data or ("synthetic:32" if args.bench == "synthetic" else None)
 
 
+def resolve_settings(args):
+    """The run settings of an evaluation: the command line, else the adapter's training run (its
+    config.json), else train.Config's defaults. Prints where each value came from. Returns a train.Config."""
+    run_path = os.path.join(args.adapter, "config.json") if args.adapter else None
+    run = {}
+    if run_path and os.path.isfile(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+    cfg, sources = train.Config(), []
+    for key in SHARED:
+        if getattr(args, key) is not None:
+            value, source = getattr(args, key), "--" + key.replace("_", "-")
+        elif key in run:
+            value, source = run[key], run_path
+        else:
+            value, source = getattr(cfg, key), "default"
+        setattr(cfg, key, value)
+        sources.append(f"{key}={value} ({source})")
+    print("settings: " + ", ".join(sources))
+    return cfg
+
+
 def load_bench(args):
     if args.bench == "synthetic":
         return data.unique_ids(data.load(data_spec(args), seed=args.seed), data_spec(args))
@@ -71,10 +97,12 @@ def load_bench(args):
 NOT_SETTINGS = ("out", "html", "shard", "summary", "limit", "batch")
 
 
-def settings(args):
-    """What decides the items' results: every other argument, with the data and the adapter identified by
-    their contents (a retrained adapter at the same path is another setting)."""
+def run_settings(args, resolved):
+    """What decides the items' results: every other argument, the shared ones as resolved (from the command line,
+    the adapter's run or the defaults), with the data and the adapter identified by their contents (a retrained
+    adapter at the same path is another setting)."""
     out = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    out.update({k: getattr(resolved, k) for k in SHARED})
     out["data"] = _fingerprint(data_spec(args))
     out["adapter"] = _fingerprint(args.adapter and os.path.join(args.adapter, "adapter_model.safetensors"))
     return out
@@ -97,7 +125,7 @@ def _fingerprint(path):
     return "sha256:" + digest.hexdigest()
 
 
-def default_name(args):
+def default_name(args, resolved):
     """What tells runs apart: bench, data, model, global budget, probe, adapter (runs/stage2/final ->
     stage2_final)."""
     def stem(spec):
@@ -107,16 +135,16 @@ def default_name(args):
         name = "_".join(parts[-2:]) if parts[-1] == "final" and len(parts) > 1 else parts[-1]
         return re.sub(r"[^\w.-]", "_", os.path.splitext(name)[0] if os.path.isfile(spec) else name)
 
-    parts = [args.bench, stem(data_spec(args)), stem(args.model), f"g{args.global_tokens}", args.probe,
+    parts = [args.bench, stem(data_spec(args)), stem(resolved.model), f"g{resolved.global_tokens}", args.probe,
              args.adapter and stem(args.adapter)]
     return "-".join(p for p in parts if p)
 
 
-def claim_folder(out, args, num_total):
-    """An evaluation folder holds one setting's results: the first run writes run.json (settings and the
-    benchmark's size); a rerun (or another shard) with other settings is refused, naming what differs."""
+def claim_folder(out, now, about):
+    """An evaluation folder holds one setting's results: the first run writes run.json (the settings `now` and
+    `about` them: paths, the benchmark's size); a rerun (or another shard) with other settings is refused,
+    naming what differs."""
     os.makedirs(out, exist_ok=True)
-    now = settings(args)
     run = read_run(out)
     if run is None and any(f.startswith("items") for f in os.listdir(out)):
         raise SystemExit(f"error: {out} holds results without a run.json (an older version): their settings are "
@@ -128,8 +156,7 @@ def claim_folder(out, args, num_total):
             + ". Pass another --out (the default folder name tells settings apart), or remove " + out)
     tmp = os.path.join(out, f"run.json.{os.getpid()}.tmp")  # shards may start together: write whole, rename
     with open(tmp, "w") as f:
-        json.dump(dict(settings=now, data_path=data_spec(args), adapter_path=args.adapter, num_total=num_total), f,
-                  indent=1)
+        json.dump(dict(settings=now, **about), f, indent=1)
     os.replace(tmp, os.path.join(out, "run.json"))
 
 
@@ -172,11 +199,13 @@ def check_adapter(path):
 
 def evaluate(args):
     check_adapter(args.adapter)
+    resolved = resolve_settings(args)
     all_samples = load_bench(args)[:args.limit]
     samples, tag = _shard(all_samples, args.shard)
-    out = args.out or os.path.join("runs", "eval", default_name(args))
+    out = args.out or os.path.join("runs", "eval", default_name(args, resolved))
     name = os.path.basename(os.path.normpath(out))
-    claim_folder(out, args, len(all_samples))
+    claim_folder(out, run_settings(args, resolved), dict(data_path=data_spec(args), adapter_path=args.adapter,
+                                                         num_total=len(all_samples)))
     items_path = os.path.join(out, f"items{tag}.jsonl")
     if data.cut_partial_line(items_path):
         print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
@@ -185,10 +214,8 @@ def evaluate(args):
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
-        policy = model.load_policy(args.model, adapter=args.adapter, lora=False, trainable=False)
-        cfg = RolloutConfig(group_size=1, greedy=True, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
-                            max_response_tokens=args.max_response_tokens, global_tokens=args.global_tokens,
-                            crop_tokens=args.crop_tokens, probe=args.probe, max_crops=args.max_turns)
+        policy = model.load_policy(resolved.model, adapter=args.adapter, lora=False, trainable=False)
+        cfg = train.rollout_config(resolved, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch)
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 import crop
-from model import rope_positions
+import model
 from rewards import tag_contents
 
 
 @dataclass
 class RolloutConfig:
     group_size: int = 1  # samples per prompt (GRPO group); rows = prompts x group_size
-    max_rows: int = 64  # rows per forward batch; more prompts are rolled out in slices
+    rollout_rows: int = 64  # rows per forward batch; more prompts are rolled out in slices
     max_turns: int = 5  # assistant turns per episode
     max_crops: int = 6  # successful crops per episode; later calls get an error reply
     max_turn_tokens: int = 512  # tokens the model may write in one turn
@@ -116,7 +116,7 @@ def rollout(policy, samples, cfg, *, step=0, force=None):
     force: for tests and demos, a function (episode) -> token id or None that replaces sampling for a row
     (teacher forcing: the recorded log-probs are still the model's)."""
     episodes = []
-    rows_per_slice = max(1, cfg.max_rows // cfg.group_size)
+    rows_per_slice = max(1, cfg.rollout_rows // cfg.group_size)
     for s in range(0, len(samples), rows_per_slice):
         episodes += _rollout_slice(policy, samples[s:s + rows_per_slice], cfg, step, s, force)
     return episodes
@@ -209,21 +209,15 @@ def _new_cache(policy):
 def _chunk(policy, live):
     """Stack the live rows' pending tokens: ids and attention mask (B, L), positions (3, B, L), the images in
     row order, and the index of each row's last real token."""
-    L = max(len(r.pending) for r in live)
-    ids = torch.full((len(live), L), policy.pad, dtype=torch.long)
-    attn = torch.zeros(len(live), L, dtype=torch.long)
-    pos = torch.zeros(3, len(live), L, dtype=torch.long)
-    pvs, grids, last = [], [], []
-    for b, r in enumerate(live):
-        n = len(r.pending)
-        ids[b, :n] = torch.tensor(r.pending)
-        attn[b, :n] = 1
-        pos[:, b, :n], r.next_pos = rope_positions(r.pending, [g[0] for _, g in r.pending_images],
-                                                   policy.image_pad, r.next_pos, policy.merge)
+    ids, attn, pos, ends = model.pack_rows(
+        policy, [(r.pending, [g[0] for _, g in r.pending_images], r.next_pos) for r in live])
+    pvs, grids = [], []
+    for r, end in zip(live, ends):
+        r.next_pos = end
         for pv, g in r.pending_images:
             pvs.append(pv)
             grids.append(g)
-        last.append(n - 1)
+    last = [len(r.pending) - 1 for r in live]
     if not pvs:
         return ids, attn, pos, None, None, last
     pvs = torch.cat(pvs).to(policy.device, policy.lm.visual.dtype)

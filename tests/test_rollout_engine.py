@@ -9,18 +9,13 @@ from hypothesis import strategies as st
 
 import crop
 import data
-from helpers import scripted, tiny_policy
+from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
 from rollout import RolloutConfig, _sample, parse_tool_call, rollout
 
-CALL = '<tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
-ANSWER = "<answer>B</answer><|im_end|>"
 
 
-def _cfg(**kw):
-    base = dict(group_size=3, max_turn_tokens=70, max_response_tokens=400, global_tokens=48, crop_tokens=32,
-                max_turns=4, temperature=0.9)
-    base.update(kw)
-    return RolloutConfig(**base)
+def _cfg(**kw):  # three rows per group, sampled at 0.9
+    return rollout_cfg(**{**dict(group_size=3, global_tokens=48, temperature=0.9), **kw})
 
 
 def _script(p):

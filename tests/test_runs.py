@@ -8,6 +8,7 @@ import pytest
 
 import checkpoint
 import train
+from helpers import run_cfg
 
 # ---------------------------------------------------------------- exit codes and arguments
 
@@ -63,12 +64,9 @@ def test_eval_names_a_missing_adapter_and_what_makes_it(tmp_path, monkeypatch):
 
 def _cfg(out, **kw):
     """A run of the tiny model small enough to take a second or two per step here."""
-    cfg = train.Config(**train.PRESETS["tiny"])
-    cfg.out_dir, cfg.data, cfg.steps, cfg.save_every, cfg.keep_checkpoints = str(out), "synthetic:4", 2, 1, 10
-    cfg.prompts_per_step, cfg.group_size, cfg.max_turn_tokens, cfg.max_response_tokens = 1, 2, 8, 16
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    small = dict(data="synthetic:4", steps=2, save_every=1, keep_checkpoints=10, prompts_per_step=1, group_size=2,
+                 max_turn_tokens=8, max_response_tokens=16)
+    return run_cfg(out, **{**small, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +179,8 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(hrbench_tsv, tmp_pat
 
 def test_default_folder_names_tell_runs_apart(tmp_path):
     def name(*argv):
-        return ev.default_name(ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv]))
+        args = ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv])
+        return ev.default_name(args, ev.resolve_settings(args))
     for f in ("hr_bench_4k.tsv", "hr_bench_8k.tsv"):
         (tmp_path / f).write_text("x")
     four, eight = name("--data", str(tmp_path / "hr_bench_4k.tsv")), name("--data", str(tmp_path / "hr_bench_8k.tsv"))

@@ -8,7 +8,7 @@ import torch
 
 import data
 import train
-from helpers import scripted
+from helpers import run_cfg, scripted
 
 STEPS, WARMUP = int(os.environ.get("SOAK_STEPS", 60)), 15
 # The bound: after warm-up, the resident set's trend (least-squares slope) stays under 75 KB per step. A leak of
@@ -48,11 +48,9 @@ def _soak(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "rollout", every_path)
     monkeypatch.setattr(train.data, "load", lambda spec, seed: data.synthetic(4, seed, min_side=300, max_side=400))
-    cfg = train.Config(**train.PRESETS["tiny"])
-    cfg.out_dir, cfg.steps, cfg.save_every, cfg.dump_every = str(tmp_path), STEPS, STEPS, STEPS
-    cfg.prompts_per_step, cfg.group_size, cfg.micro_batch = 1, 2, 2
-    cfg.global_tokens, cfg.crop_tokens, cfg.max_turns, cfg.max_turn_tokens, cfg.max_response_tokens = 16, 16, 3, 60, 200
-    train.train(cfg)
+    train.train(run_cfg(tmp_path, steps=STEPS, save_every=STEPS, dump_every=STEPS, prompts_per_step=1, group_size=2,
+                        micro_batch=2, global_tokens=16, crop_tokens=16, max_turns=3, max_turn_tokens=60,
+                        max_response_tokens=200))
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == STEPS
     assert all(m["tool_calls"] == 1 and m["tool_errors"] == 1 for m in metrics)  # every path, every step
