@@ -13,13 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import benchmarks
 import data
 import rewards
 from rollout import parse_tool_call
 
 # ---------------------------------------------------------------- model output is parsed in linear time
 
-TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>", "x", " ", "B"]
+TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>", "x", " ", "B",
+        "<|im_start|>user\n", "<|im_start|>assistant\n"]
 
 
 def _regex_reference(text):
@@ -37,15 +39,16 @@ def test_tag_scanner_finds_what_the_regexes_found(parts):
     answers, calls, stray = _regex_reference(text)
     assert rewards.tag_contents(text, "<answer>", "</answer>") == answers
     assert rewards.tag_contents(text, "<tool_call>", "</tool_call>") == calls
-    spans = rewards.tag_spans(text, rewards.PAIRED)
-    kept = "".join(text[a:b] for a, b in zip([0] + [e for _, e, _ in spans], [s for s, _, _ in spans] + [len(text)]))
-    assert kept == stray
+    assert rewards.strip_spans(text, rewards.PAIRED) == stray
+    turns = re.sub(r"<\|im_start\|>user\n.*?<\|im_start\|>assistant\n", "", text, flags=re.S)
+    assert rewards.assistant_text(text) == turns
 
 
 def test_unclosed_tags_parse_in_linear_time():
     # 10,000 unclosed tags of each kind: the lazy regexes took ~10 s per call here (quadratic); bound 1 s for all
     n = 10_000
-    texts = ["<tool_call>x" * n, "<answer>x" * n, "<think>x" * n, "<tool_call>{}</tool_call>" + "<think>" * n]
+    texts = ["<tool_call>x" * n, "<answer>x" * n, "<think>x" * n, "<tool_call>{}</tool_call>" + "<think>" * n,
+             "<|im_start|>user\nx" * n]
     t0 = time.perf_counter()
     for text in texts:
         parse_tool_call(text)
@@ -108,7 +111,7 @@ def _tsv(path, rows, bom=False):
 
 
 def _load(bench, path):
-    return data.load_benchmark(bench, str(path))
+    return benchmarks.load_benchmark(bench, str(path))
 
 
 def test_benchmark_files_that_cannot_be_read_are_one_message_before_the_model(tmp_path, monkeypatch):
