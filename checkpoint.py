@@ -156,7 +156,7 @@ def plan_run(cfg, resume, default_out):
     A fresh run needs a folder with no run in it (else old and new checkpoints would mix, and pruning would
     delete the new run's). --resume DIR writes into DIR unless --out_dir says otherwise; it takes the newest
     checkpoint that reads, naming and skipping damaged ones; it stops when the checkpoint's run differs in a
-    field of RUN_KEYS, or when its step is past --steps. Returns (out_dir, checkpoint path, its files)."""
+    field of RUN_KEYS. Returns (out_dir, checkpoint path, its files)."""
     if not resume:
         out_dir = cfg.out_dir or default_out
         _check_empty(out_dir)
@@ -180,13 +180,18 @@ def plan_run(cfg, resume, default_out):
             print(f"warning: {e}; falling back to the checkpoint before it")
             continue
         _check_same_run(files["config.json"], cfg, ckpt)
-        if files["state.json"]["step"] > cfg.steps:
-            raise SystemExit(f"error: {ckpt} is at step {files['state.json']['step']}, past --steps={cfg.steps}: its "
-                             f"weights are not step {cfg.steps}'s. Resume with --steps >= {files['state.json']['step']}, "
-                             f"or name an earlier checkpoint with --resume {run_dir}/step_NNNNNN")
         return out_dir, ckpt, files
     raise SystemExit(f"error: no complete, readable checkpoint in {run_dir}: start over in another --out_dir (or "
                      f"delete {run_dir})")
+
+
+def check_steps(ckpt, files, cfg):
+    """A run shortened below its checkpoint's step says so (its weights are not that earlier step's)."""
+    step = files["state.json"]["step"]
+    if step > cfg.steps:
+        raise SystemExit(f"error: {ckpt} is at step {step}, past --steps={cfg.steps}: its weights are not step "
+                         f"{cfg.steps}'s. Resume with --steps >= {step}, or name an earlier checkpoint with --resume "
+                         f"{os.path.dirname(ckpt)}/step_NNNNNN")
 
 
 def _check_empty(out_dir):

@@ -30,8 +30,8 @@ import model
 import rewards
 import snapshot
 import trackers
-from checkpoint import (GracefulStop, fault, latest_checkpoint, plan_run, prune_checkpoints, restore_checkpoint,
-                        save_checkpoint, truncate_metrics)
+from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
+                        restore_checkpoint, save_checkpoint, truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout
 
@@ -322,6 +322,8 @@ def train(cfg, resume=None):
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
         print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
+    if saved:
+        check_steps(ckpt, saved, cfg)
     print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts, in parts of {cfg.rollout_rows} rows; "
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
