@@ -21,6 +21,11 @@ SCRIPT = ['<tool_call>{"name":"image_zoom_in_tool","arguments":{"bbox_2d":[2,2,2
           "<tool_call>[]</tool_call>", "<answer>A</answer><|im_end|>"]
 
 
+def _small_synthetic(spec, seed=0, columns=None):
+    """In place of data.load: four synthetic samples of 300-400 px, so that a step is short."""
+    return data.synthetic(4, seed, min_side=300, max_side=400)
+
+
 def _broken():
     raise OSError("image file is truncated")
 
@@ -38,16 +43,15 @@ def _soak(tmp_path, monkeypatch):
     broken = data.Sample(id="broken", question="q", answer="A", width=64, height=64, make=_broken)
     real = train.rollout
 
-    def every_path(policy, prompts, cfg, step=0):
+    def every_path(policy, prompts, cfg, **kw):
         try:  # an image that fails to decode, every step: the exception must not keep anything alive
-            real(policy, [broken], cfg, step=step)
+            real(policy, [broken], cfg, **kw)
         except data.BadImage:
             pass
-        force = scripted(policy, {g: SCRIPT for g in range(len(prompts))})
-        return real(policy, prompts, cfg, step=step, force=force)
+        return real(policy, prompts, cfg, force=scripted(policy, {g: SCRIPT for g in range(len(prompts))}), **kw)
 
     monkeypatch.setattr(train, "rollout", every_path)
-    monkeypatch.setattr(train.data, "load", lambda spec, seed: data.synthetic(4, seed, min_side=300, max_side=400))
+    monkeypatch.setattr(train.data, "load", _small_synthetic)
     train.train(run_cfg(tmp_path, steps=STEPS, save_every=STEPS, dump_every=STEPS, prompts_per_step=1, group_size=2,
                         micro_batch=2, global_tokens=16, crop_tokens=16, max_turns=3, max_turn_tokens=60,
                         max_response_tokens=200))
