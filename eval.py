@@ -219,12 +219,18 @@ def check_adapter(path):
                      f"ADAPTER= for the base model")
 
 
+def eval_precision(args, settings):
+    """The base weights' precision: --precision, else bf16 on a GPU (the paper and DeepEyes evaluate in bf16),
+    else train.py's base_precision=auto."""
+    return model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
+
+
 def evaluate(args, load_policy=None):
     """One evaluation into its folder; `load_policy` (a function) supplies the policy when items are left to do
     (the sweep loads each model once for all its points)."""
     check_adapter(args.adapter)
     settings = resolve_settings(args)
-    precision = model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
+    precision = eval_precision(args, settings)
     all_samples = load_bench(args)[:args.limit]
     for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
         s.global_tokens = None
@@ -467,10 +473,12 @@ def sweep(args):
     points = []
     for adapter in args.adapters:
         model_args = argparse.Namespace(**{**vars(args), "adapter": adapter, "html": None, "shard": None})
-        base = resolve_settings(model_args).model  # the adapter's own base model unless --model is given
+        settings = resolve_settings(model_args)
+        base = settings.model  # the adapter's own base model unless --model is given
         tag = _model_tag(base, adapter)
         load = functools.lru_cache(maxsize=None)(
-            lambda a=adapter, m=base: model.load_policy(m, adapter=a, lora=False, trainable=False))
+            lambda a=adapter, m=base, p=eval_precision(args, settings): model.load_policy(
+                m, adapter=a, lora=False, trainable=False, precision=p))
         for budget in budgets:
             point = dict(model=tag, global_tokens=budget)
             for name, probe in SWEEP_PROBES:
