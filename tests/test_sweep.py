@@ -44,6 +44,9 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
     assert not (out / "sweep.json").exists()
     monkeypatch.setenv("RESUMED", "1")
     calls.clear()
+    monkeypatch.chdir(tmp_path)  # a second model: an adapter folder (load_policy is stubbed, so its contents do not matter)
+    os.makedirs("runs/b")
+    (tmp_path / "runs" / "b" / "adapter_config.json").write_text("{}")
     points = ev.main(args + ["--adapter", "none", "--adapter", "runs/b"])  # resumed, and a second model added
     assert calls[:3] == [(32, None), (32, "noise"), (32, "no-tool")]  # the finished points were not redone
     assert len(calls) == 3 + 6  # the second model: every point
