@@ -84,10 +84,29 @@ def test_dispatch_modes(monkeypatch):
     monkeypatch.setenv("KERNELS", "bogus")
     with pytest.raises(ValueError):
         kernels.selective_logprobs(h, w, t)
-    if not hasattr(lp, "selective_logprobs_triton"):  # until the kernel lands, asking for it is an error
-        monkeypatch.setenv("KERNELS", "triton")
-        with pytest.raises(NotImplementedError):
-            kernels.selective_logprobs(h, w, t)
+
+
+def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path):
+    """KERNELS=auto on a GPU: the kernel only where bench.py recorded it winning on this very card; the torch
+    path when never measured, when measured slower, or on another card; never on CPU tensors."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    gpu = SimpleNamespace(is_cuda=True, device=0)
+    pick = lambda t: kernels._triton("logprobs", "selective_logprobs_triton", t)
+    card = "H100"
+    assert pick(gpu) is None  # no measurement yet
+    kernels.record_winner("logprobs", "torch", dict(triton=0.17, chunked=0.044))
+    assert pick(gpu) is None
+    kernels.record_winner("logprobs", "triton", dict(triton=0.03, chunked=0.044))
+    assert pick(gpu) is lp.selective_logprobs_triton
+    assert kernels._triton("crop_resample", "crop_resample_triton", gpu) is None  # another op: not measured
+    assert pick(SimpleNamespace(is_cuda=False, device="cpu")) is None
+    card = "A100"  # measured on another card: torch
+    assert pick(gpu) is None
+    monkeypatch.setenv("KERNELS", "triton")
+    assert pick(gpu) is lp.selective_logprobs_triton
 
 
 # ---------------------------------------------------------------- the Triton kernel (interpreted on CPU, in fp32)
