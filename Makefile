@@ -11,7 +11,7 @@ ADAPTER ?= runs/stage2/final
 EVAL_ARGS ?= $(if $(filter tiny,$(MODEL)),--global-tokens 64 --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160,)
 ARGS    ?=
 
-.PHONY: setup stage1 stage2 eval test bench lint clean
+.PHONY: setup stage1 stage2 eval test bench gpu-check lint clean
 
 setup: .venv/.done
 .venv/.done: requirements.txt
@@ -36,6 +36,12 @@ bench: setup
 	$(PY) bench.py crop
 	$(PY) bench.py logprobs
 	$(PY) bench.py rollout
+
+# on a CUDA machine: GPU tests, the three benchmarks, two 24gb-preset steps; writes runs/gpu-check/report.md.
+# No `setup` first: a GPU box may have no network; its own python3 (torch >= 2.11, triton >= 3.6) will do.
+GPU_PY ?= $(if $(wildcard .venv/bin/python),$(PY),python3)
+gpu-check:
+	$(GPU_PY) gpu_check.py
 
 lint: setup
 	$(PY) -m compileall -q *.py kernels tests
