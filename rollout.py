@@ -129,6 +129,7 @@ class _Batch:
     mask_hist: torch.Tensor  # (B, cache length) on the device; 1 = a real token, 0 = padding
     keys: torch.Tensor  # (B,) int64 on the device: each row's sampling key
     draws: torch.Tensor  # (B,) int64 on the device: tokens drawn so far by each row (the hash counter)
+    banned: torch.Tensor  # the ids the policy never writes, on the device (no copy per step)
 
 
 def rollout(policy, samples, cfg, *, step=0, force=None):
@@ -215,7 +216,7 @@ def _prefill(policy, rows, G):
         row.next_pos = heads[i // G].next_pos
     keys = torch.tensor([r.key for r in rows], dtype=torch.long, device=dev)
     return _Batch(rows, h.repeat_interleave(G, 0), cache, mask_hist.repeat_interleave(G, 0), keys,
-                  torch.zeros_like(keys))
+                  torch.zeros_like(keys), torch.tensor(policy.banned, dtype=torch.long, device=dev))
 
 
 def _select(batch, keep):
@@ -223,7 +224,7 @@ def _select(batch, keep):
     idx = torch.tensor(keep, dtype=torch.long, device=batch.keys.device)
     batch.cache.batch_select_indices(idx)
     return _Batch([batch.live[i] for i in keep], batch.h[idx], batch.cache, batch.mask_hist[idx], batch.keys[idx],
-                  batch.draws[idx])
+                  batch.draws[idx], batch.banned)
 
 
 def _join(a, b):
@@ -239,7 +240,7 @@ def _join(a, b):
     for x, y in zip(a.cache.layers, b.cache.layers):
         x.keys, x.values = cat(x.keys, y.keys, 2), cat(x.values, y.values, 2)  # (B, heads, L, head_dim)
     return _Batch(a.live + b.live, torch.cat([a.h, b.h]), a.cache, cat(a.mask_hist, b.mask_hist, 1),
-                  torch.cat([a.keys, b.keys]), torch.cat([a.draws, b.draws]))
+                  torch.cat([a.keys, b.keys]), torch.cat([a.draws, b.draws]), a.banned)
 
 
 def _forward(policy, rows, cache, mask_hist):
@@ -285,7 +286,7 @@ def _draw(policy, batch, cfg, force):
     """One token per live row, on the device. Returns (ids, log-probs) as host lists: the step's one copy."""
     logits = (batch.h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
     log_z = torch.logsumexp(logits, -1)  # (B,) the full softmax's normaliser, as in the loss
-    logits[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
+    logits.index_fill_(1, batch.banned, -float("inf"))  # the policy never writes image pads or vision markers
     tok = _sample(logits, cfg, _uniforms(batch.keys, batch.draws))
     batch.draws += 1
     if force is not None:  # teacher forcing: a forced id replaces the draw (the log-prob stays the model's)

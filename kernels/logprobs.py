@@ -5,19 +5,24 @@ log-prob of the sampled token (and its gradient in h; the head is frozen under L
 
 Gradient: d logp_n / d h_n = (w_{t_n} - sum_v p_nv w_v) / T, with p = softmax(z), z = h W^T / T.
 
-Two paths, the same math:
-- `selective_logprobs_chunked` (torch ops; CPU, and CUDA until the kernel is measured faster there): rows in
-  chunks, each chunk's full-vocabulary logits by one matmul (cuBLAS on a GPU), its logsumexp, and in the same
-  pass the gradient above by a second matmul, so the backward is one multiply. This is Liger-Kernel's fused
-  linear cross-entropy in plain torch: 4NDV flops, one (chunk, V) buffer of CHUNK_ELEMENTS.
-- `selective_logprobs_triton`: the forward is one Triton kernel over a 2-D grid of row blocks x vocabulary
-  blocks (apple/ml-cross-entropy's layout). Each program computes a (BLOCK_N, BLOCK_V) logit tile over D on
-  tensor cores (bf16 in, fp32 accumulate) and writes its partial max, sum e^(z - max) and sum e^(z - max) z;
-  torch merges the partials across blocks into the logsumexp (and the entropy). The forward keeps only the
-  logsumexp (N floats). The backward recomputes: rows in chunks, the logits and p @ W by cuBLAS (Liger's two
-  matmuls), so no fp32 accumulator goes through global memory per tile. 6NDV flops in all, 2NDV when no
-  gradient is asked for (reference log-probs). Offsets are int64 (V * D passes 2^31 at V = 300k, D = 8k).
-  Tiles are autotuned on CUDA; Triton's CPU interpreter (the tests) runs one small fixed config, in fp32.
+Two paths, the same math, each computing the gradient with the forward (it does not depend on the upstream
+gradient), so the backward is one multiply:
+- `selective_logprobs_chunked` (torch ops; CPU, and CUDA until the kernels are measured faster there): rows in
+  chunks, each chunk's full-vocabulary logits by one matmul (cuBLAS on a GPU), log-softmax in fp32, and the
+  gradient by a second matmul. This is Liger-Kernel's fused linear cross-entropy in plain torch: 4NDV flops,
+  one (chunk, V) buffer of CHUNK_ELEMENTS, but several fp32 passes over it.
+- `selective_logprobs_triton`, two kernels for the two cases:
+  - with a gradient (the policy's log-probs in the loss): the same row chunks and two cuBLAS matmuls, with
+    `_softmax_rows_kernel` between them: one program per row reads the logits in the matmul's dtype, takes
+    the logsumexp online, and writes p over them in place (Liger's structure): one read and one write of the
+    chunk instead of torch's fp32 passes.
+  - without (reference and old-policy log-probs, under no_grad): `_lse_partials_kernel` on a 2-D grid of
+    row blocks x vocabulary blocks (apple/ml-cross-entropy's layout). Each program computes a
+    (BLOCK_N, BLOCK_V) logit tile over D on tensor cores (bf16 in, fp32 accumulate) and writes its partial
+    max, sum e^(z - max) and sum e^(z - max) z; torch merges the partials into the logsumexp (and the
+    entropy). 2NDV flops and nothing of size V beyond the partials (N x V/128 floats). Offsets are int64
+    (V * D passes 2^31 at V = 300k, D = 8k). Tiles are autotuned on CUDA; Triton's CPU interpreter (the
+    tests) runs one small fixed config, in fp32.
 `selective_logprobs_naive` (full logits, log_softmax + gather) is the reference, for tests and benchmarks.
 """
 import os
@@ -39,12 +44,6 @@ def _rows_per_chunk(v):
     return max(1, CHUNK_ELEMENTS // v)
 
 
-def _softmax_grad(z, lse, weight, t, temperature):
-    """z (k, V) fp32 logits (overwritten with p), lse (k,) -> d logp / d h (k, D) fp32 = (w_t - p W) / T."""
-    p = z.sub_(lse[:, None]).exp_()
-    return (weight[t].float() - (p.to(weight.dtype) @ weight).float()) / temperature
-
-
 def _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad):
     """-> logp (N,), entropy (N,) or None, dlogp_dh (N, D) or None; all float32."""
     n, d = hidden.shape
@@ -61,8 +60,9 @@ def _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad):
         logp[r0:r0 + rows] = z.gather(1, t[:, None])[:, 0] - lse
         if with_entropy:  # H = lse - E_p[z]
             entropy[r0:r0 + rows] = lse - (torch.softmax(z, -1) * z).sum(-1)
-        if need_grad:
-            dlogp_dh[r0:r0 + rows] = _softmax_grad(z, lse, weight, t, temperature)
+        if need_grad:  # (w_t - p W) / T, with p written over z
+            p = z.sub_(lse[:, None]).exp_().to(weight.dtype)
+            dlogp_dh[r0:r0 + rows] = (weight[t].float() - (p @ weight).float()) / temperature
     return logp, entropy, dlogp_dh
 
 
@@ -130,8 +130,8 @@ def _interpreted():
 
 
 def _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks=None):
-    """-> logp (N,), lse (N,) (of z = h W^T / T), entropy (N,) or None; fp32. blocks (BLOCK_N, BLOCK_V, BLOCK_D)
-    fixes the tiles (the interpreter, tests); None autotunes."""
+    """The 2-D grid kernel -> logp (N,), entropy (N,) or None; fp32. blocks (BLOCK_N, BLOCK_V, BLOCK_D) fixes the
+    tiles (the interpreter, tests); None autotunes."""
     n, d = hidden.shape
     v = weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -159,36 +159,80 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks=N
     lse = top[:, 0] + total.log()
     z_target = (hidden.float() * weight[targets].float()).sum(-1) / temperature  # exact products, fp32 sum
     entropy = lse - (ez * scale).sum(1) / total if with_entropy else None  # H = lse - E_p[z]
-    return z_target - lse, lse, entropy
+    return z_target - lse, entropy
+
+
+@triton.jit
+def _softmax_rows_kernel(
+    z_ptr,  # in/out: a chunk's logits (rows, V) in the matmul's dtype; overwritten with p = softmax(z / T)
+    t_ptr,  # targets (rows,) int64
+    logp_ptr,  # out: (rows,) fp32 log-probs of the targets
+    ent_ptr,  # out: (rows,) fp32 entropy (WITH_ENTROPY only)
+    V, stride_z, inv_temp,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # one program per row (Liger-Kernel's in-place softmax): an online logsumexp over the row, then p written
+    # over z, so the gradient's p @ W reads it straight back, and no fp32 copy of the chunk is ever made
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride_z  # int64: rows * V passes 2^31 in big chunks
+    m = tl.zeros([], tl.float32) - float("inf")  # running max
+    s = tl.zeros([], tl.float32)  # running sum of e^(z - m)
+    ez = tl.zeros([], tl.float32)  # running sum of e^(z - m) z
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        r = tl.exp(m - m_new)  # sums so far were taken against m
+        e = tl.exp(z - m_new)  # 0 on padding
+        s = s * r + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            ez = ez * r + tl.sum(e * tl.where(ok, z, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_t = tl.load(base + tl.load(t_ptr + row)).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, z_t - lse)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, lse - ez / s)  # H = lse - E_p[z]
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        z = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        tl.store(base + cols, tl.exp(z - lse).to(z_ptr.dtype.element_ty), mask=ok)
 
 
 def _triton_sweep(hidden, weight, targets, temperature, with_entropy, need_grad, blocks=None):
-    """The kernel's forward and, for tests, the gradient the backward computes (recomputed by chunks)."""
-    logp, lse, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks)
-    grad = _recompute_grad(hidden, weight, targets, lse, temperature) if need_grad else None
-    return logp, entropy, grad
-
-
-def _recompute_grad(hidden, weight, targets, lse, temperature):
-    """d logp / d h (N, D) fp32 from the saved logsumexp: rows in chunks, the logits and p @ W by matmuls."""
-    out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-    rows = _rows_per_chunk(weight.shape[0])
-    for r0 in range(0, hidden.shape[0], rows):
-        z = (hidden[r0:r0 + rows].to(weight.dtype) @ weight.T).float()
-        if temperature != 1.0:
-            z /= temperature
-        out[r0:r0 + rows] = _softmax_grad(z, lse[r0:r0 + rows], weight, targets[r0:r0 + rows], temperature)
-    return out
+    """-> logp (N,), entropy (N,) or None, dlogp_dh (N, D) or None; fp32. Without a gradient: the 2-D grid
+    kernel (2NDV flops, nothing of size V kept). With one: rows in chunks, the logits by a matmul (cuBLAS),
+    the in-place softmax kernel, then (w_t - p W) / T by a second matmul (4NDV flops in all)."""
+    if not need_grad:
+        logp, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks)
+        return logp, entropy, None
+    n, d = hidden.shape
+    v = weight.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else logp
+    dlogp_dh = torch.empty(n, d, dtype=torch.float32, device=hidden.device)
+    rows = _rows_per_chunk(v)
+    block = min(16384, triton.next_power_of_2(v))
+    for r0 in range(0, n, rows):
+        h, t = hidden[r0:r0 + rows].to(weight.dtype), targets[r0:r0 + rows].contiguous()
+        z = h @ weight.T  # (k, V) in the weights' dtype, fp32 accumulation inside cuBLAS
+        _softmax_rows_kernel[(len(t),)](z, t, logp[r0:], entropy[r0:], v, z.stride(0), 1.0 / temperature,
+                                        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=8)
+        dlogp_dh[r0:r0 + rows] = (weight[t].float() - (z @ weight).float()) / temperature  # z now holds p
+    return logp, entropy if with_entropy else None, dlogp_dh
 
 
 # ---------------------------------------------------------------- autograd and the public functions
 
-class _ChunkedLogprobs(torch.autograd.Function):
-    """Torch path: the gradient is computed with the forward (it does not depend on the upstream gradient)."""
+class _SelectiveLogprobs(torch.autograd.Function):
+    """Both paths compute the gradient with the forward (it does not depend on the upstream gradient), so the
+    backward is one multiply."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, need_grad):
-        logp, entropy, dlogp_dh = _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad)
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, sweep, need_grad):
+        logp, entropy, dlogp_dh = sweep(hidden, weight, targets, temperature, with_entropy, need_grad)
         ctx.save_for_backward(dlogp_dh)
         ctx.hidden_dtype = hidden.dtype
         if with_entropy:
@@ -199,37 +243,22 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
         (dlogp_dh,) = ctx.saved_tensors
-        return (grad_logp[:, None] * dlogp_dh).to(ctx.hidden_dtype), None, None, None, None, None
+        return (grad_logp[:, None] * dlogp_dh).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-class _TritonLogprobs(torch.autograd.Function):
-    """Triton path: the forward keeps the logsumexp; the backward recomputes the logits by chunks."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
-        logp, lse, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature = temperature
-        if with_entropy:
-            ctx.mark_non_differentiable(entropy)
-            return logp, entropy
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad = _recompute_grad(hidden, weight, targets, lse, ctx.temperature)
-        return (grad_logp[:, None] * grad).to(hidden.dtype), None, None, None, None
+def _apply(hidden, weight, targets, temperature, with_entropy, sweep):
+    # ctx.needs_input_grad stays True under torch.no_grad(); ask the grad mode, so reference log-probs
+    # (computed under no_grad) skip the gradient entirely
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _SelectiveLogprobs.apply(hidden, weight.detach(), targets, float(temperature), with_entropy, sweep,
+                                    need_grad)
 
 
 def selective_logprobs_chunked(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """hidden (N, D), weight (V, D) frozen, targets (N,) -> logp (N,) float32 [, entropy (N,)]. Torch ops."""
-    # ctx.needs_input_grad stays True under torch.no_grad(); ask the grad mode, so reference log-probs
-    # (computed under no_grad) skip the gradient entirely
-    need_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _ChunkedLogprobs.apply(hidden, weight.detach(), targets, float(temperature), with_entropy, need_grad)
+    return _apply(hidden, weight, targets, temperature, with_entropy, _torch_sweep)
 
 
 def selective_logprobs_triton(hidden, weight, targets, temperature=1.0, with_entropy=False):
-    """The same, the forward as one Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)."""
-    return _TritonLogprobs.apply(hidden, weight.detach(), targets, float(temperature), with_entropy)
+    """The same with Triton kernels (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)."""
+    return _apply(hidden, weight, targets, temperature, with_entropy, _triton_sweep)

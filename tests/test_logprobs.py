@@ -117,11 +117,14 @@ def _triton_vs_naive(n, d, v, temp, blocks, dtype=torch.float32, seed=0):
     up[::3] = 0  # masked positions: their rows must get exactly zero gradient
     ref = lp.selective_logprobs_naive(h.float(), w.float(), t, temp)
     (g_ref,) = torch.autograd.grad((ref * up).sum(), h)
-    logp, ent, grad = lp._triton_sweep(h.detach(), w, t, temp, True, True, blocks)
     z = (h.detach().float() @ w.float().T) / temp
     ent_ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    # no gradient asked: the 2-D grid kernel; a gradient: row chunks with the in-place softmax kernel
+    logp0, ent0, _ = lp._triton_sweep(h.detach(), w, t, temp, True, False, blocks)
+    logp, ent, grad = lp._triton_sweep(h.detach(), w, t, temp, True, True)
     assert torch.all((up[:, None] * grad)[::3] == 0)
-    return (logp, ref.detach()), (ent, ent_ref), (up[:, None] * grad, g_ref.float())
+    return ((logp0, ref.detach()), (ent0, ent_ref), (logp, ref.detach()), (ent, ent_ref),
+            (up[:, None] * grad, g_ref.float()))
 
 
 @pytest.mark.parametrize("n,d,v,temp,blocks", [
@@ -129,7 +132,8 @@ def _triton_vs_naive(n, d, v, temp, blocks, dtype=torch.float32, seed=0):
     (37, 80, 1000, 0.7, (16, 256, 32)),  # ragged D slabs, temperature, a block of two partial slots
     (5, 16, 33, 1.3, (16, 128, 16)),  # tiny, every block ragged
 ])
-def test_triton_forward_backward_entropy_match_naive(n, d, v, temp, blocks):
+def test_triton_forward_backward_entropy_match_naive(n, d, v, temp, blocks, monkeypatch):
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", v * 8)  # the gradient path in chunks of 8 rows, the last ragged
     for ours, ref in _triton_vs_naive(n, d, v, temp, blocks):
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
@@ -163,15 +167,16 @@ def test_triton_kernel_bf16_within_twice_torch_error():
     h, w, t = _inputs(37, 64, 1000, torch.bfloat16, device=KERNEL_DEVICE)
     exact = lp.selective_logprobs_naive(h.detach().float(), w.float(), t)
     torch_bf16 = torch.log_softmax((h.detach() @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
-    ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, False, (16, 128, 32))
-    assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
+    for need_grad in (False, True):  # each kernel
+        ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, need_grad, (16, 128, 32))
+        assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fixed tiles; CUDA autotunes")
 def test_interpreter_runs_fixed_tiles_not_the_autotuner(monkeypatch):
     monkeypatch.setattr(lp, "_lse_partials_tuned", None)  # would raise if called
     h, w, t = _inputs(5, 16, 200)
-    logp, _, _ = lp._triton_forward(h.detach(), w, t, 1.0, False)
+    logp, _ = lp._triton_forward(h.detach(), w, t, 1.0, False)
     torch.testing.assert_close(logp, lp.selective_logprobs_naive(h, w, t).detach(), atol=2e-5, rtol=1e-4)
 
 
