@@ -1,4 +1,5 @@
-# make stage1 | stage2 | eval | test | bench, with MODEL=, DATA=, PRESET= passed through.
+# make stage1 | stage2 | eval | test | bench, with MODEL=, DATA=, PRESET= passed through. `make eval` takes the
+# budgets and tool limits the adapter was trained with (its config.json); ARGS=--global-tokens=1024 overrides.
 # Every target runs `setup` first, so a fresh clone needs nothing else.
 PY      := .venv/bin/python
 MODEL   ?= tiny
@@ -7,9 +8,9 @@ DATA    ?= synthetic:64
 EVAL_DATA ?= synthetic:16
 BENCH   ?= synthetic
 ADAPTER ?= runs/stage2/final
-# on the tiny model, small budgets keep `make eval` to seconds; a real run sets EVAL_ARGS= (paper: 1024 tokens)
-EVAL_ARGS ?= $(if $(filter tiny,$(MODEL)),--global-tokens 64 --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160,)
 ARGS    ?=
+# eval's base model: the adapter's own unless MODEL= is given
+EVAL_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),)
 
 .PHONY: setup stage1 stage2 eval test bench gpu-check lint clean
 
@@ -27,7 +28,7 @@ stage2: setup
 	$(PY) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
 
 eval: setup
-	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) --model $(MODEL) --adapter $(ADAPTER) $(EVAL_ARGS) $(ARGS)
+	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) --adapter $(ADAPTER) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -48,7 +48,7 @@ def bench_crop():
     import crop
     import data
     import kernels
-    from kernels.crop_resample import crop_resample_ref, crop_resample_triton
+    from kernels.resample import crop_resample_ref, crop_resample_triton
 
     W, H = 7680, 4320
     image = data._draw(W, H, [4000, 2000, 4096, 2030], "word", "violin", __import__("random").Random(0))
@@ -72,8 +72,8 @@ def bench_crop():
         img_gpu = img.cuda()
         times["reference"] = _time(lambda: crop_resample_ref(img_gpu, box_t, out_hw))
         times["triton"] = _time(lambda: crop_resample_triton(img_gpu, box_t, out_hw))
-        rows += [("torch reference (CUDA)", times["reference"]), ("kernels.crop_resample Triton (CUDA)", times["triton"])]
-        kernels.record_winner("crop_resample", "triton" if times["triton"] < times["reference"] else "torch", times)
+        rows += [("torch reference (CUDA)", times["reference"]), ("kernels/resample.py Triton (CUDA)", times["triton"])]
+        kernels.record_winner("resample", "triton" if times["triton"] < times["reference"] else "torch", times)
     table = [(name, f"{1e3 * s / n:.2f}", f"{n / s:.1f}", f"{t_proc / s:.1f}") for name, s in rows]
     if torch.cuda.is_available():
         # the least traffic possible: each crop's uint8 pixels read once, the fp32 patch tensor written once
@@ -258,7 +258,7 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
     rows = []
     for b in batch_sizes:
         samples = data.synthetic(max(1, b // 8), seed=1)
-        cfg = RolloutConfig(group_size=min(8, b), max_rows=b, max_turn_tokens=new_tokens,
+        cfg = RolloutConfig(group_size=min(8, b), rollout_rows=b, max_turn_tokens=new_tokens,
                             max_response_tokens=new_tokens, global_tokens=1024)
         rollout(policy, samples[:1], cfg)  # warm-up
         _sync()

@@ -7,7 +7,6 @@ JSONL (one sample per line; relative image paths resolve against the file's fold
      "boxes": [[x1, y1, x2, y2], ...]}     # options and boxes optional; boxes nested, innermost first
 
     python data.py show --data synthetic:4          # print samples
-    python data.py infogap --model M --data D.jsonl --ladder 16384,4096,1024,256,64 --out D.infogap.jsonl
 """
 import argparse
 import base64
@@ -220,8 +219,6 @@ def _check_nested(boxes, width, height):
     return out
 
 
-# ---------------------------------------------------------------- entry points
-
 # ---------------------------------------------------------------- benchmarks, as users download them
 
 BENCHMARKS = {
@@ -412,72 +409,12 @@ def load(spec, seed=0):
     raise SystemExit(f"error: unsupported data {spec!r}: expected 'synthetic[:N]', a .jsonl, a .parquet or a folder")
 
 
-def infogap(model_name, spec, ladder, out, adapter=None, max_tokens=64, batch=8, seed=0):
-    """Offline information-gap selection (LFPC stage 1). Per sample, the policy answers greedily, without the
-    tool, from the global image at each budget of the ladder (largest first). The first level whose answer
-    differs from the answer at the largest is the sample's level; a sample that never diverges keeps the
-    smallest and is flagged. Appends one JSON line per sample to `out`; a rerun skips what is done."""
-    import rewards
-    from model import load_policy
-    from rollout import RolloutConfig, rollout
-    from tqdm import tqdm
-
-    samples = load(spec, seed)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    done = set()
-    if os.path.exists(out):
-        with open(out) as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
-    todo = [s for s in samples if s.id not in done]
-    policy = load_policy(model_name, adapter=adapter, lora=False, trainable=False) if todo else None
-    for i in tqdm(range(0, len(todo), batch), desc="infogap", unit="batch"):
-        group = todo[i:i + batch]
-        answers = {}
-        for level in ladder:
-            cfg = RolloutConfig(greedy=True, probe="no-tool", max_turns=1, max_turn_tokens=max_tokens,
-                                max_response_tokens=max_tokens, global_tokens=level)
-            for s, e in zip(group, rollout(policy, group, cfg)):
-                reply = rewards.extract_answer(e.text)
-                answers.setdefault(s.id, []).append(rewards.normalize(reply if reply is not None else e.text))
-        with open(out, "a") as f:
-            for s in group:
-                a = answers[s.id]
-                first = next((k for k in range(1, len(ladder)) if a[k] != a[0]), None)
-                f.write(json.dumps(dict(id=s.id, global_tokens=ladder[first if first else -1],
-                                        diverged=first is not None, answers=dict(zip(map(str, ladder), a)))) + "\n")
-    levels = read_levels(out)
-    print("levels (global tokens: samples): " + ", ".join(
-        f"{lv}: {sum(v == lv for v, _ in levels.values())}" for lv in ladder)
-        + f"; never diverged: {sum(not d for _, d in levels.values())}")
-    return levels
-
-
-def read_levels(path):
-    """id -> (global_tokens, diverged) from an infogap JSONL."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: info-gap file not found: {path} (make it with python data.py infogap)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["id"]: (int(r["global_tokens"]), bool(r["diverged"])) for r in rows}
-
-
 def main():
-    ap = argparse.ArgumentParser(description="Inspect a data set, or select information-gap levels.")
-    ap.add_argument("command", choices=["show", "infogap"],
-                    help="show: print the first samples; infogap: per-sample global-image levels (stage 1)")
-    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N] or a .jsonl file")
-    ap.add_argument("--limit", type=int, default=4, help="show: how many samples to print")
-    ap.add_argument("--model", default="tiny", help="infogap: the policy that answers")
-    ap.add_argument("--adapter", default=None, help="infogap: an adapter for the policy")
-    ap.add_argument("--ladder", default="16384,4096,1024,256,64", help="infogap: global budgets, largest first")
-    ap.add_argument("--max-tokens", type=int, default=64, help="infogap: tokens per answer")
-    ap.add_argument("--out", default=None, help="infogap: output JSONL (default: DATA.infogap.jsonl)")
+    ap = argparse.ArgumentParser(description="Print the first samples of a data set.")
+    ap.add_argument("command", choices=["show"], help="show: print the first samples")
+    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet or a folder")
+    ap.add_argument("--limit", type=int, default=4, help="how many samples to print")
     args = ap.parse_args()
-    if args.command == "infogap":
-        ladder = sorted((int(x) for x in args.ladder.split(",")), reverse=True)
-        out = args.out or args.data.replace(":", "_").removesuffix(".jsonl") + ".infogap.jsonl"
-        infogap(args.model, args.data, ladder, out, args.adapter, args.max_tokens)
-        return
     for s in load(args.data)[:args.limit]:
         print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  "
               + s.prompt_text().replace("\n", "\n  "))

@@ -22,7 +22,12 @@ from tqdm import tqdm
 import data
 import model
 import rewards
-from rollout import RolloutConfig, rollout
+import train
+from rollout import rollout
+
+
+# Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
+SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens")
 
 
 def parse_args(argv=None):
@@ -30,16 +35,15 @@ def parse_args(argv=None):
     ap.add_argument("--bench", default="synthetic", choices=["synthetic", "hrbench", "vstar", "mmerw"],
                     help="which benchmark to run")
     ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
-    ap.add_argument("--model", default="tiny", help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final)")
-    ap.add_argument("--global-tokens", type=int, default=1024, help="global image budget in tokens (paper: 1024, 16384)")
-    ap.add_argument("--crop-tokens", type=int, default=1024, help="budget of each returned crop in tokens")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final); its run's "
+                                                    "settings are the defaults of the options below")
+    helps = train.field_help()
+    for key in SHARED:
+        ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
+                        help=f"{helps[key]} (default: the adapter's run, else {getattr(train.Config, key)!r})")
     ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
                     help="noise: crops replaced by noise; gt-box: the model's box replaced by the ground truth; "
                          "no-tool: the tool is not offered")
-    ap.add_argument("--max-turns", type=int, default=10, help="assistant turns per item")
-    ap.add_argument("--max-turn-tokens", type=int, default=1024, help="tokens the model may write per turn")
-    ap.add_argument("--max-response-tokens", type=int, default=8192, help="tokens after the prompt per item")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
@@ -50,6 +54,28 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
     return ap.parse_args(argv)
+
+
+def resolve_settings(args):
+    """The run settings of an evaluation: the command line, else the adapter's training run (its
+    config.json), else train.Config's defaults. Prints where each value came from. Returns a train.Config."""
+    run_path = os.path.join(args.adapter, "config.json") if args.adapter else None
+    run = {}
+    if run_path and os.path.isfile(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+    cfg, sources = train.Config(), []
+    for key in SHARED:
+        if getattr(args, key) is not None:
+            value, source = getattr(args, key), "--" + key.replace("_", "-")
+        elif key in run:
+            value, source = run[key], run_path
+        else:
+            value, source = getattr(cfg, key), "default"
+        setattr(cfg, key, value)
+        sources.append(f"{key}={value} ({source})")
+    print("settings: " + ", ".join(sources))
+    return cfg
 
 
 def load_bench(args):
@@ -72,6 +98,7 @@ def _shard(samples, shard):
 
 
 def evaluate(args):
+    settings = resolve_settings(args)
     all_samples = load_bench(args)[:args.limit]
     samples, tag = _shard(all_samples, args.shard)
     name = args.bench + (f"-{args.probe}" if args.probe else "")
@@ -86,10 +113,8 @@ def evaluate(args):
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
-        policy = model.load_policy(args.model, adapter=args.adapter, lora=False, trainable=False)
-        cfg = RolloutConfig(group_size=1, greedy=True, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
-                            max_response_tokens=args.max_response_tokens, global_tokens=args.global_tokens,
-                            crop_tokens=args.crop_tokens, probe=args.probe, max_crops=args.max_turns)
+        policy = model.load_policy(settings.model, adapter=args.adapter, lora=False, trainable=False)
+        cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch)
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()

@@ -155,6 +155,28 @@ def rope_positions(ids, grids, image_pad, start=0, merge=2):
     return pos, s
 
 
+def pad_right(rows, value):
+    """Lists of ints of different lengths -> long (B, L), each row right-padded with `value`."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def pack_rows(policy, rows):
+    """Right-pad token rows into one batch. rows: (ids, grids of the images among ids, rotary start) each.
+    Returns ids and attention mask (B, L) (a pad has mask 0 and is never attended to), Qwen's 3-D
+    positions (3, B, L) and each row's rotary counter after its tokens."""
+    ids = pad_right([r[0] for r in rows], policy.pad)
+    attn = pad_right([[1] * len(r[0]) for r in rows], 0)
+    pos = torch.zeros(3, *ids.shape, dtype=torch.long)
+    ends = []
+    for b, (row_ids, grids, start) in enumerate(rows):
+        pos[:, b, :len(row_ids)], end = rope_positions(row_ids, grids, policy.image_pad, start, policy.merge)
+        ends.append(end)
+    return ids, attn, pos, ends
+
+
 def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
     """Log-probs of the tokens with loss_mask == 1, from hidden states (never the full logits).
 

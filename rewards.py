@@ -85,23 +85,24 @@ def format_ok(text):
     return tail.replace("<|im_end|>", "").strip() == ""
 
 
-def iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def area(b):
     return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
 
 
+def intersection(a, b):
+    """Area of the overlap of two boxes (x1, y1, x2, y2)."""
+    return area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+def iou(a, b):
+    inter = intersection(a, b)
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def coverage(pred, target):
     """Fraction of `target` inside `pred`."""
-    ix = max(0.0, min(pred[2], target[2]) - max(pred[0], target[0]))
-    iy = max(0.0, min(pred[3], target[3]) - max(pred[1], target[1]))
-    return ix * iy / area(target) if area(target) > 0 else 0.0
+    return intersection(pred, target) / area(target) if area(target) > 0 else 0.0
 
 
 def grounding(pred, nested, width, height, tau=0.9, omega=0.5):

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import torch
 
 import crop
-from model import rope_positions
+import model
 
 
 @dataclass
 class RolloutConfig:
     group_size: int = 1  # samples per prompt (GRPO group); rows = prompts x group_size
-    max_rows: int = 64  # rows per forward batch; more prompts are rolled out in slices
+    rollout_rows: int = 64  # rows in flight; waiting prompts take the places of finished rows
     max_turns: int = 5  # assistant turns per episode
     max_crops: int = 6  # successful crops per episode; later calls get an error reply
     max_turn_tokens: int = 512  # tokens the model may write in one turn
@@ -143,7 +143,7 @@ def rollout(policy, samples, cfg, *, step=0, force=None):
     with torch.no_grad():
         while True:
             # 1. admit waiting groups while their rows fit (at least one group when nothing is in flight)
-            room = (cfg.max_rows - (len(batch.live) if batch else 0)) // G
+            room = (cfg.rollout_rows - (len(batch.live) if batch else 0)) // G
             if waiting and (room > 0 or batch is None):
                 admitted, waiting = waiting[:max(room, 1)], waiting[max(room, 1):]
                 new = _prefill(policy, [r for p, s in admitted for r in _new_rows(policy, p, s, cfg, step)], G)
@@ -261,21 +261,15 @@ def _new_cache(policy):
 def _chunk(policy, live):
     """Stack the live rows' pending tokens: ids and attention mask (B, L), positions (3, B, L), the images in
     row order, and the index of each row's last real token."""
-    L = max(len(r.pending) for r in live)
-    ids = torch.full((len(live), L), policy.pad, dtype=torch.long)
-    attn = torch.zeros(len(live), L, dtype=torch.long)
-    pos = torch.zeros(3, len(live), L, dtype=torch.long)
-    pvs, grids, last = [], [], []
-    for b, r in enumerate(live):
-        n = len(r.pending)
-        ids[b, :n] = torch.tensor(r.pending)
-        attn[b, :n] = 1
-        pos[:, b, :n], r.next_pos = rope_positions(r.pending, [g[0] for _, g in r.pending_images],
-                                                   policy.image_pad, r.next_pos, policy.merge)
+    ids, attn, pos, ends = model.pack_rows(
+        policy, [(r.pending, [g[0] for _, g in r.pending_images], r.next_pos) for r in live])
+    pvs, grids = [], []
+    for r, end in zip(live, ends):
+        r.next_pos = end
         for pv, g in r.pending_images:
             pvs.append(pv)
             grids.append(g)
-        last.append(n - 1)
+    last = [len(r.pending) - 1 for r in live]
     if not pvs:
         return ids, attn, pos, None, None, last
     pvs = torch.cat(pvs).to(policy.device, policy.lm.visual.dtype)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import infogap
 import model
 import rewards
 from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
@@ -62,7 +63,7 @@ class Config:
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
     rollout_rows: int = 64  # rows per rollout forward batch
     global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
-    infogap: str = ""  # "": samples' own levels if any; FILE: levels from data.py infogap; fixed:N; off (crops from the shown image: no gap)
+    infogap: str = ""  # "": samples' own levels if any; FILE: levels from infogap.py; fixed:N; off (crops from the shown image: no gap)
     crop_tokens: int = 1024  # budget of each returned crop
     w_accuracy: float = 0.8  # reward weight of accuracy
     w_format: float = 0.2  # reward weight of the format penalty (-1 when malformed)
@@ -92,6 +93,22 @@ PRESETS = {
 }
 
 
+# Settings only the rollout has (evaluation and tests set them); every other RolloutConfig field is a Config field.
+ROLLOUT_ONLY = ("greedy", "probe", "reuse_cache", "crop_from_shown")
+
+
+def rollout_config(cfg, **overrides):
+    """The rollout's settings, built from the Config's fields of the same names (and `overrides`)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig) if f.name not in ROLLOUT_ONLY}
+    return RolloutConfig(**{**shared, "crop_from_shown": cfg.infogap == "off", **overrides})
+
+
+def reward_config(cfg):
+    """The reward's settings, from the Config's fields of the same names; the grounding term is stage 2's."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(rewards.RewardConfig)}
+    return rewards.RewardConfig(**{**shared, "w_grounding": cfg.w_grounding if cfg.stage == 2 else 0.0})
+
+
 # ---------------------------------------------------------------- GRPO pieces (plain torch)
 
 def group_advantages(rewards_, group_size):
@@ -104,18 +121,8 @@ def group_advantages(rewards_, group_size):
 def collate(policy, episodes):
     """Episodes -> right-padded tensors for one forward: ids, attention/loss masks (B, T), 3-D positions
     (3, B, T), and every image of every episode in order."""
-    T = max(len(e.ids) for e in episodes)
-    B = len(episodes)
-    ids = torch.full((B, T), policy.pad, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    loss_mask = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(3, B, T, dtype=torch.long)
-    for b, e in enumerate(episodes):
-        n = len(e.ids)
-        ids[b, :n] = torch.tensor(e.ids)
-        attn[b, :n] = 1
-        loss_mask[b, :n] = torch.tensor(e.loss_mask)
-        pos[:, b, :n] = model.rope_positions(e.ids, e.grids, policy.image_pad, 0, policy.merge)[0]
+    ids, attn, pos, _ = model.pack_rows(policy, [(e.ids, e.grids, 0) for e in episodes])
+    loss_mask = model.pad_right([e.loss_mask for e in episodes], 0)
     dev = policy.device
     return dict(ids=ids.to(dev), attention_mask=attn.to(dev), loss_mask=loss_mask.to(dev), position_ids=pos.to(dev),
                 pixel_values=torch.cat([pv for e in episodes for pv in e.pixel_values]).to(dev, policy.lm.visual.dtype),
@@ -176,24 +183,6 @@ def train_step(policy, optimizer, episodes, advantages, cfg):
 
 # ---------------------------------------------------------------- the run
 
-def apply_infogap(cfg, samples):
-    """Set each sample's global-image level (stage 1's information gap) from cfg.infogap."""
-    if cfg.infogap in ("", "off"):
-        return
-    if cfg.infogap.startswith("fixed:"):
-        level = cfg.infogap.split(":", 1)[1]
-        if not level.isdigit() or int(level) < 4:
-            raise SystemExit(f"error: --infogap {cfg.infogap!r}: expected fixed:N with N >= 4 tokens")
-        for s in samples:
-            s.global_tokens = int(level)
-        return
-    levels = data.read_levels(cfg.infogap)
-    for s in samples:
-        s.global_tokens = levels.get(s.id, (None,))[0]
-    missing = sum(s.id not in levels for s in samples)
-    print(f"info-gap levels from {cfg.infogap}" + (f"; {missing} sample(s) have none (global_tokens)" if missing else ""))
-
-
 def step_prompts(samples, step, n, seed, skip=()):
     """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order. A sample
     in `skip` (its image is broken) is replaced by the next one in the order."""
@@ -210,22 +199,59 @@ def step_prompts(samples, step, n, seed, skip=()):
     return out
 
 
-def _on_oom(cfg, rcfg, retried, step):
-    """First out-of-memory error: halve the micro-batch and the rollout batch, and retry the step. Second: stop,
-    with the estimate of what fits."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if retried:
-        est = model.estimate_memory(cfg)
-        raise SystemExit(f"error: out of memory again at step {step + 1} with micro_batch={cfg.micro_batch}, "
-                         f"rollout_rows={rcfg.max_rows}. Estimated peak for these settings: {est['peak']:.1f} GB "
-                         f"({', '.join(f'{k} {v:.1f}' for k, v in est.items() if k != 'peak')}). Lower the token "
-                         f"budgets or group_size, or use a smaller preset.")
-    cfg.micro_batch = max(1, cfg.micro_batch // 2)
-    rcfg.max_rows = cfg.rollout_rows = max(cfg.group_size, rcfg.max_rows // 2)
-    print(f"out of memory at step {step + 1}: retrying with micro_batch={cfg.micro_batch}, "
-          f"rollout_rows={rcfg.max_rows}")
-    return True
+def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
+    """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update.
+    Returns the episodes, their scores, the update's stats and the rollout's peak memory (GB)."""
+    _reset_peak_memory()
+    # 1. rollout: prompts_per_step x group_size episodes with the current policy
+    prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=skip)
+    episodes = rollout(policy, prompts, rcfg, step=step)
+    rollout_mem = _peak_memory_gb()
+    fault("rollout", step + 1)
+    # 2. rewards, 3. advantages within each group
+    scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
+    adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
+    # 4.-5. loss and LoRA step
+    stats = train_step(policy, optimizer, episodes, adv, cfg)
+    fault("step", step + 1)
+    return episodes, scores, stats, rollout_mem
+
+
+class Retry:
+    """The retry policy around a step. An undecodable image costs its sample (it is skipped from then on)
+    and the step is redone. The first out-of-memory error halves micro_batch and rollout_rows and redoes
+    the step; a second one stops the run with the memory estimate for those settings."""
+
+    def __init__(self, cfg, rcfg):
+        self.cfg, self.rcfg = cfg, rcfg
+        self.bad_ids = set()  # samples whose image failed to decode
+        self.oom_retried = False
+
+    def __call__(self, step_fn, step):
+        while True:
+            try:
+                return step_fn(self.bad_ids)
+            except data.BadImage as e:
+                print(f"skipping a bad image: {e}")
+                self.bad_ids.add(e.sample_id)
+            except torch.OutOfMemoryError:
+                self._on_oom(step)
+
+    def _on_oom(self, step):
+        cfg, rcfg = self.cfg, self.rcfg
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.oom_retried:
+            est = model.estimate_memory(cfg)
+            raise SystemExit(f"error: out of memory again at step {step + 1} with micro_batch={cfg.micro_batch}, "
+                             f"rollout_rows={rcfg.rollout_rows}. Estimated peak for these settings: "
+                             f"{est['peak']:.1f} GB ({', '.join(f'{k} {v:.1f}' for k, v in est.items() if k != 'peak')})"
+                             f". Lower the token budgets or group_size, or use a smaller preset.")
+        self.oom_retried = True
+        cfg.micro_batch = max(1, cfg.micro_batch // 2)
+        rcfg.rollout_rows = cfg.rollout_rows = max(cfg.group_size, rcfg.rollout_rows // 2)
+        print(f"out of memory at step {step + 1}: retrying with micro_batch={cfg.micro_batch}, "
+              f"rollout_rows={rcfg.rollout_rows}")
 
 
 def train(cfg, resume=None):
@@ -234,7 +260,7 @@ def train(cfg, resume=None):
     out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = data.load(cfg.data, seed=cfg.seed)
-    apply_infogap(cfg, samples)
+    infogap.assign(cfg.infogap, samples)
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
     init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
@@ -250,40 +276,16 @@ def train(cfg, resume=None):
             raise SystemExit(f"error: no complete checkpoint in {resume}")
         start = load_checkpoint(ckpt, policy, optimizer)["step"]
         print(f"resumed from {ckpt} at step {start}")
-    rcfg = RolloutConfig(group_size=cfg.group_size, max_rows=cfg.rollout_rows, max_turns=cfg.max_turns,
-                         max_crops=cfg.max_crops, max_turn_tokens=cfg.max_turn_tokens,
-                         max_response_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, global_tokens=cfg.global_tokens, crop_tokens=cfg.crop_tokens,
-                         seed=cfg.seed, crop_from_shown=cfg.infogap == "off")
-    wcfg = rewards.RewardConfig(w_accuracy=cfg.w_accuracy, w_format=cfg.w_format, w_tool=cfg.w_tool,
-                                w_grounding=cfg.w_grounding if cfg.stage == 2 else 0.0, tau=cfg.tau, omega=cfg.omega)
+    rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_metrics(metrics_path, start)
-    stop, bad_steps, oom_retried, bad_ids = GracefulStop(), 0, False, set()
+    stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
     try:
         for step in bar:
             t0 = time.time()
-            while True:  # a step is retried after an out-of-memory error or an undecodable image
-                try:
-                    _reset_peak_memory()
-                    # 1. rollout: prompts_per_step x group_size episodes with the current policy
-                    prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=bad_ids)
-                    episodes = rollout(policy, prompts, rcfg, step=step)
-                    rollout_mem = _peak_memory_gb()
-                    fault("rollout", step + 1)
-                    # 2. rewards, 3. advantages within each group
-                    scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
-                    adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
-                    # 4.-5. loss and LoRA step
-                    stats = train_step(policy, optimizer, episodes, adv, cfg)
-                    fault("step", step + 1)
-                    break
-                except data.BadImage as e:  # costs the sample, not the run
-                    print(f"skipping a bad image: {e}")
-                    bad_ids.add(e.sample_id)
-                except torch.OutOfMemoryError:
-                    oom_retried = _on_oom(cfg, rcfg, oom_retried, step)
+            episodes, scores, stats, rollout_mem = retry(
+                lambda skip: run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip), step)
             # numerical faults: a NaN/inf step was skipped in train_step; too many in a row stop the run
             bad_steps = bad_steps + 1 if stats["skipped"] else 0
             if bad_steps >= cfg.max_bad_steps:
@@ -409,7 +411,7 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="'synthetic[:N]' or a .jsonl file")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides sized for a GPU")
     ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
-    ap.add_argument("--infogap", default=None, help="FILE (levels from data.py infogap), fixed:N (one budget for "
+    ap.add_argument("--infogap", default=None, help="FILE (levels from infogap.py), fixed:N (one budget for "
                                                     "all) or off (crops from the shown image: the baseline)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args, rest = ap.parse_known_args(argv)

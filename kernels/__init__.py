@@ -1,20 +1,28 @@
-"""Kernel dispatch. Each op has a torch path (CPU, and any device) and, where written, a Triton kernel.
+"""Kernel dispatch. Each op has a torch path (CPU, and any device) and a Triton kernel, one file per op:
+resample.py (crop + resample + normalise + patchify) and logprobs.py (selective log-probs).
 
 KERNELS=auto (default): the torch path, except on a GPU where `bench.py` (or `make gpu-check`) measured the
 kernel faster than the torch path on this card: a kernel earns its place by measurement, never by device
 type. The measurements live in runs/kernel_choice.json (per card name, per op; KERNEL_CHOICE= names
 another file). KERNELS=ref: always torch. KERNELS=triton: always Triton (on CPU tensors this needs
 TRITON_INTERPRET=1; the tests use it).
+
+The name: run from the repository root, `import kernels` finds this folder before Hugging Face's `kernels`
+package (the kernel hub client) when that is installed, and transformers and bitsandbytes import that
+package by name. So names this package does not define are looked up in the installed distribution
+(`__getattr__` below): with it installed, `from kernels import get_kernel` gets the real one; without it,
+the import fails as it would anyway, and those libraries fall back quietly.
 """
 import functools
-import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import sys
 
 import torch
 
-from .crop_resample import crop_resample_ref
-from .logprobs import selective_logprobs_chunked
+from . import logprobs, resample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +33,8 @@ def choice_file():
 
 @functools.lru_cache(maxsize=None)
 def _measured(path, mtime):
-    """{card name: {op: "triton" | "torch", ...}} as bench.py wrote it (cached until the file changes)."""
+    """{card name: {op: {"winner": "triton" | "torch", "seconds": ...}}} as bench.py wrote it (cached until the
+    file changes)."""
     with open(path) as f:
         return json.load(f)
 
@@ -57,27 +66,54 @@ def record_winner(op, winner, times):
     os.replace(tmp, path)
 
 
-def _triton(module, name, t):
-    """The Triton function `name` of `module` when it should run for tensor t, else None (the torch path)."""
+def _use_triton(op, t):
+    """Whether the Triton kernel of `op` (its file's name) should run for tensor t (else the torch path)."""
     mode = os.environ.get("KERNELS", "auto")
     if mode not in ("auto", "ref", "triton"):
         raise ValueError(f"KERNELS={mode!r}: expected auto, ref or triton")
-    if mode == "ref" or (mode == "auto" and not (t.is_cuda and measured_winner(module, t.device) == "triton")):
-        return None
-    fn = getattr(importlib.import_module(f".{module}", __name__), name, None)
-    if fn is None and mode == "triton":
-        raise NotImplementedError(f"KERNELS=triton: kernels/{module}.py has no Triton kernel yet")
-    return fn
+    return mode == "triton" or (mode == "auto" and t.is_cuda and measured_winner(op, t.device) == "triton")
 
 
 def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
     """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> pixel_values (sum N_k, 1176) in out_dtype."""
-    fn = _triton("crop_resample", "crop_resample_triton", image) or crop_resample_ref
+    fn = resample.crop_resample_triton if _use_triton("resample", image) else resample.crop_resample_ref
     return fn(image, boxes, out_hw, out_dtype)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log softmax(hidden @ weight.T / T)[targets] without materialising (N, V) logits; differentiable in
     `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient)."""
-    fn = _triton("logprobs", "selective_logprobs_triton", hidden) or selective_logprobs_chunked
+    fn = logprobs.selective_logprobs_triton if _use_triton("logprobs", hidden) else logprobs.selective_logprobs_chunked
     return fn(hidden, weight, targets, temperature, with_entropy)
+
+
+# ---------------------------------------------------------------- the installed `kernels` distribution
+
+_HUB_NAME = __name__ + "._installed"
+
+
+def _installed():
+    """Hugging Face's `kernels` package when it is installed (loaded under another name), else None."""
+    if _HUB_NAME in sys.modules:
+        return sys.modules[_HUB_NAME]
+    try:
+        init = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not os.path.isfile(init):
+        return None
+    # its own absolute imports (`from kernels.utils import ...`) resolve through this package: let them
+    # find its submodules by searching its folder after ours
+    __path__.append(os.path.dirname(str(init)))
+    spec = importlib.util.spec_from_file_location(_HUB_NAME, init, submodule_search_locations=[os.path.dirname(str(init))])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_HUB_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def __getattr__(name):
+    real = None if name.startswith("__") else _installed()
+    if real is None or not hasattr(real, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(real, name)

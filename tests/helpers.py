@@ -1,7 +1,14 @@
-"""Shared test fixtures: the tiny policy (built once) and scripted episodes."""
+"""Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, and a
+reward that varies with the text."""
 import functools
 
 import model
+import train
+from rollout import RolloutConfig
+
+# a tool call with a box to format in ("[1, 2, 30, 40]"), and an answer that ends the episode
+CALL = '<think>too small</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
+ANSWER = "<think>it is B</think><answer>B</answer><|im_end|>"
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,3 +27,23 @@ def scripted(policy, turns_by_group):
         return script[k] if k < len(script) else None
 
     return force
+
+
+def rollout_cfg(**kw):
+    """Small rollout settings for the tiny model (64-token global image, 32-token crops)."""
+    base = dict(group_size=2, max_turn_tokens=80, max_response_tokens=400, global_tokens=64, crop_tokens=32,
+                max_turns=4, seed=0)
+    return RolloutConfig(**{**base, **kw})
+
+
+def run_cfg(out, **kw):
+    """A short training run of the tiny preset into `out`: 4 steps on 8 synthetic samples, a checkpoint every 2."""
+    base = dict(train.PRESETS["tiny"], out_dir=str(out), data="synthetic:8", steps=4, save_every=2, keep_checkpoints=5)
+    return train.Config(**{**base, **kw})
+
+
+def varying_score(text, sample, boxes, cfg):
+    """In place of rewards.score: the random tiny model earns the same reward on every episode of the real task,
+    so nothing would move. This reward varies with the text, so every step changes the weights."""
+    return dict(total=text.count("e") / max(1, len(text)), accuracy=0.0, format=0.0, tool=0.0, grounding=0.0,
+                iou=None, coverage=None)

@@ -1,13 +1,12 @@
-"""kernels.crop_resample: the Triton kernel (Triton's interpreter on CPU) against the torch reference."""
-import importlib
-
+"""kernels/resample.py: the Triton kernel (Triton's interpreter on CPU) against the torch reference."""
 import pytest
 import torch
 
 import crop
 import kernels
 from conftest import KERNEL_DEVICE
-from kernels.crop_resample import crop_resample_ref, crop_resample_triton, pil_weights
+from kernels import resample
+from kernels.resample import crop_resample_ref, crop_resample_triton, pil_weights
 
 
 def _image(h, w, seed=0):
@@ -76,8 +75,7 @@ def test_dispatch_uses_the_kernel(monkeypatch):
     img = _image(40, 50, seed=4)
     b = torch.tensor([(0, 0, 50, 40)], dtype=torch.float32)
     calls = []
-    module = importlib.import_module("kernels.crop_resample")  # kernels.crop_resample is the function
-    monkeypatch.setattr(module, "crop_resample_triton", lambda *a: calls.append(1) or crop_resample_ref(*a))
+    monkeypatch.setattr(resample, "crop_resample_triton", lambda *a: calls.append(1) or crop_resample_ref(*a))
     assert kernels.crop_resample(img, b, [(28, 56)], torch.bfloat16).dtype == torch.bfloat16
     monkeypatch.setenv("KERNELS", "triton")
     kernels.crop_resample(img, b, [(28, 56)])

@@ -125,10 +125,6 @@ def test_synthetic_label_is_unreadable_at_64_tokens(s):
     assert w * h < 25
 
 
-def test_drawn_samples_cover_both_categories():
-    assert {s.category for s in DRAWN} == {"word", "glyph"}
-
-
 # ------------------------------------------------------------------ JSONL
 
 def _png(path, size=(120, 80), color=(200, 30, 30)):

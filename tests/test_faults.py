@@ -16,19 +16,17 @@ import checkpoint
 import data
 import model
 import train
+from helpers import run_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The random tiny model earns the same reward on every episode of the real task, so nothing would move. These
-# runs use a reward that varies with the text, so every step changes the weights and resume is a real check.
+# These runs use a reward that varies with the text (helpers.varying_score), so resume is a real check.
 RUNNER = """
 import sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 import train
-def score(text, sample, boxes, cfg):
-    return dict(total=text.count("e") / max(1, len(text)), accuracy=0.0, format=0.0, tool=0.0, grounding=0.0,
-                iou=None, coverage=None)
-train.rewards.score = score
+from helpers import varying_score
+train.rewards.score = varying_score
 train.main(sys.argv[1:])
 """
 
@@ -88,13 +86,9 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     assert 1 <= step < 50 and not os.path.exists(os.path.join(out, "final"))
 
 
-def _tiny_cfg(out, **kw):
-    cfg = train.Config(**train.PRESETS["tiny"])
-    cfg.out_dir, cfg.data, cfg.steps, cfg.save_every, cfg.keep_checkpoints = str(out), "synthetic:4", 3, 1, 10
-    cfg.prompts_per_step, cfg.group_size = 1, 2
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+def _cfg(out, **kw):  # 3 steps of one prompt x 2 rows, a checkpoint after each
+    small = dict(data="synthetic:4", steps=3, save_every=1, keep_checkpoints=10, prompts_per_step=1, group_size=2)
+    return run_cfg(out, **{**small, **kw})
 
 
 def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch, capsys):
@@ -107,12 +101,12 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch, 
         return out * float("nan") if calls["n"] == 2 else out  # the second step's loss is NaN
 
     monkeypatch.setattr(model, "sequence_logprobs", nan_once)
-    train.train(_tiny_cfg(tmp_path / "a"))
+    train.train(_cfg(tmp_path / "a"))
     metrics = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert [m["skipped"] for m in metrics] == [0, 1, 0]
     monkeypatch.setattr(model, "sequence_logprobs", lambda *a, **kw: real(*a, **kw) * float("nan"))
     with pytest.raises(SystemExit) as e:
-        train.train(_tiny_cfg(tmp_path / "b", max_bad_steps=2))
+        train.train(_cfg(tmp_path / "b", max_bad_steps=2))
     assert "stopping at step 2" in str(e.value) and "non-finite" in str(e.value)
 
 
@@ -127,13 +121,13 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
         return real(*a, **kw)
 
     monkeypatch.setattr(train, "rollout", oom_once)
-    cfg = _tiny_cfg(tmp_path / "a", micro_batch=4, rollout_rows=8)
+    cfg = _cfg(tmp_path / "a", micro_batch=4, rollout_rows=8)
     train.train(cfg)
     assert "retrying with micro_batch=2, rollout_rows=4" in capsys.readouterr().out
     assert len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 3
     monkeypatch.setattr(train, "rollout", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("again")))
     with pytest.raises(SystemExit) as e:
-        train.train(_tiny_cfg(tmp_path / "b"))
+        train.train(_cfg(tmp_path / "b"))
     assert "out of memory again at step 1" in str(e.value) and "Estimated peak" in str(e.value)
 
 
@@ -148,7 +142,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(SystemExit) as e:
-        train.train(_tiny_cfg(tmp_path))
+        train.train(_cfg(tmp_path))
     assert "No space left on device" in str(e.value) and "step_000001" in str(e.value) and "is intact" in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "rollouts", "step_000001"]  # no half checkpoint
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000001")
@@ -212,7 +206,7 @@ def _good_and_cut_jpeg(folder):
 
 def test_an_image_that_breaks_mid_run_costs_only_that_sample(tmp_path, capsys):
     _good_and_cut_jpeg(tmp_path)
-    cfg = _tiny_cfg(tmp_path / "run", data=str(tmp_path / "d.jsonl"), steps=2, prompts_per_step=2)
+    cfg = _cfg(tmp_path / "run", data=str(tmp_path / "d.jsonl"), steps=2, prompts_per_step=2)
     train.train(cfg)
     out = capsys.readouterr().out
     assert out.count("skipping a bad image: sample cut") == 1

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import infogap
 import model
 import train
 from helpers import scripted, tiny_policy
@@ -64,7 +65,7 @@ def test_a_folder_of_images_with_its_jsonl(tmp_path):
 
 def test_infogap_selection_on_the_tiny_model(tmp_path, capsys):
     out = str(tmp_path / "levels.jsonl")
-    levels = data.infogap("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)
+    levels = infogap.select("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)
     rows = [json.loads(x) for x in open(out)]
     assert [r["id"] for r in rows] == [f"syn-0-{i}" for i in range(3)]
     for r in rows:
@@ -73,16 +74,16 @@ def test_infogap_selection_on_the_tiny_model(tmp_path, capsys):
         assert r["global_tokens"] == [64, 16, 4][first if first else -1] and r["diverged"] == (first is not None)
     assert levels == {r["id"]: (r["global_tokens"], r["diverged"]) for r in rows}
     assert "levels (global tokens: samples)" in capsys.readouterr().out
-    data.infogap("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)  # resumable: nothing is redone
+    infogap.select("tiny", "synthetic:3", [64, 16, 4], out, max_tokens=6)  # resumable: nothing is redone
     assert len(open(out).readlines()) == 3
     # train.py reads them, and the ablations
     samples = data.synthetic(3)
-    train.apply_infogap(train.Config(infogap=out), samples)
+    infogap.assign(out, samples)
     assert [s.global_tokens for s in samples] == [r["global_tokens"] for r in rows]
-    train.apply_infogap(train.Config(infogap="fixed:256"), samples)
+    infogap.assign("fixed:256", samples)
     assert {s.global_tokens for s in samples} == {256}
     with pytest.raises(SystemExit):
-        train.apply_infogap(train.Config(infogap="fixed:lots"), samples)
+        infogap.assign("fixed:lots", samples)
 
 
 def test_infogap_off_crops_the_shown_image():

@@ -323,9 +323,3 @@ def test_score_takes_a_data_sample():
     assert r["total"] == pytest.approx(0.8 + 1.2 + 1.0)
     r = rewards.score("<answer>c</answer>", s, [], STAGE2)  # the option text "c", not a letter
     assert r["total"] == pytest.approx(0.8)
-
-
-def test_default_weights_are_deepeyes():
-    cfg = RewardConfig()
-    assert (cfg.w_accuracy, cfg.w_format, cfg.w_tool, cfg.w_grounding) == (0.8, 0.2, 1.2, 0.0)
-    assert (cfg.tau, cfg.omega) == (0.9, 0.5)

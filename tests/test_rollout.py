@@ -7,11 +7,9 @@ import torch
 import data
 import model
 import train
-from helpers import scripted, tiny_policy
-from rollout import RolloutConfig, parse_tool_call, rollout
+from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
+from rollout import parse_tool_call, rollout
 
-CALL = '<think>too small</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
-ANSWER = "<think>it is B</think><answer>B</answer><|im_end|>"
 
 
 @pytest.mark.parametrize("text,box,kind", [
@@ -34,18 +32,11 @@ def test_parse_tool_call(text, box, kind):
         assert isinstance(err[1], str) and err[1]
 
 
-def _cfg(**kw):
-    base = dict(group_size=2, max_turn_tokens=80, max_response_tokens=400, global_tokens=64, crop_tokens=32,
-                max_turns=4, seed=0)
-    base.update(kw)
-    return RolloutConfig(**base)
-
-
 def test_tool_call_crops_the_original_and_masks_the_reply():
     p = tiny_policy()
     samples = data.synthetic(2, seed=5)
     force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER], 1: [ANSWER]})
-    eps = rollout(p, samples, _cfg(), force=force)
+    eps = rollout(p, samples, rollout_cfg(), force=force)
     assert len(eps) == 4 and [e.group for e in eps] == [0, 0, 1, 1]
     e = eps[0]
     shown_w, shown_h = e.grids[0][2] * 14, e.grids[0][1] * 14
@@ -71,7 +62,7 @@ def test_tool_call_crops_the_original_and_masks_the_reply():
 def test_bad_box_gets_an_error_turn_and_the_episode_goes_on(bad, kind):
     p = tiny_policy()
     force = scripted(p, {0: [CALL.format(bad), ANSWER]})
-    (e,) = rollout(p, data.synthetic(1, seed=6), _cfg(group_size=1), force=force)
+    (e,) = rollout(p, data.synthetic(1, seed=6), rollout_cfg(group_size=1), force=force)
     assert e.num_tool_errors == 1 and e.tool_errors[kind] == 1 and e.num_tool_calls == 0
     assert "<tool_response>Error: " in e.text and e.finished and e.text.endswith("<answer>B</answer><|im_end|>")
     assert len(e.pixel_values) == 1
@@ -81,18 +72,18 @@ def test_limits_stop_episodes():
     p = tiny_policy()
     call = CALL.format("[10, 20, 40, 50]")
     # max_turns: the third tool call comes at turn 3 of 3 -> truncated
-    (e,) = rollout(p, data.synthetic(1, seed=7), _cfg(group_size=1, max_turns=3), force=scripted(p, {0: [call] * 5}))
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_turns=3), force=scripted(p, {0: [call] * 5}))
     assert e.truncated and not e.finished and e.turns == 3 and e.num_tool_calls == 2
     # max_crops: later calls are answered with an error
-    (e,) = rollout(p, data.synthetic(1, seed=7), _cfg(group_size=1, max_crops=1),
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_crops=1),
                    force=scripted(p, {0: [call, call, ANSWER]}))
     assert e.num_tool_calls == 1 and e.tool_errors["limit"] == 1 and e.finished
     # a turn longer than max_turn_tokens is cut
-    (e,) = rollout(p, data.synthetic(1, seed=7), _cfg(group_size=1, max_turn_tokens=10),
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_turn_tokens=10),
                    force=scripted(p, {0: ["<think>" + "word " * 50]}))
     assert e.truncated and sum(e.loss_mask) == 10
     # a tool reply that would overflow the response budget is not appended
-    (e,) = rollout(p, data.synthetic(1, seed=7), _cfg(group_size=1, max_response_tokens=60),
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_response_tokens=60),
                    force=scripted(p, {0: [call, ANSWER]}))
     assert e.truncated and e.num_tool_calls == 0 and len(e.ids) - e.prompt_len <= 60
 
@@ -104,7 +95,7 @@ def test_recorded_logprobs_equal_a_full_forward():
     samples = data.synthetic(2, seed=8)
     force = scripted(p, {0: [CALL.format("[5, 5, 60, 40]"), CALL.format("[0, 0, 20, 20]")],
                          1: ["<think>hmm</think>" + CALL.format("[30, 10, 50, 90]")]})
-    eps = rollout(p, samples, _cfg(group_size=3, max_turn_tokens=90, temperature=0.9), force=force)
+    eps = rollout(p, samples, rollout_cfg(group_size=3, max_turn_tokens=90, temperature=0.9), force=force)
     assert sum(e.num_tool_calls for e in eps) >= 6 and len({len(e.ids) for e in eps}) > 1
     batch = train.collate(p, eps)
     with torch.no_grad():
@@ -116,9 +107,9 @@ def test_recorded_logprobs_equal_a_full_forward():
 def test_sampling_is_seeded():
     p = tiny_policy()
     s = data.synthetic(1, seed=9)
-    a = rollout(p, s, _cfg(max_turn_tokens=12), step=3)
-    b = rollout(p, s, _cfg(max_turn_tokens=12), step=3)
-    c = rollout(p, s, _cfg(max_turn_tokens=12), step=4)
+    a = rollout(p, s, rollout_cfg(max_turn_tokens=12), step=3)
+    b = rollout(p, s, rollout_cfg(max_turn_tokens=12), step=3)
+    c = rollout(p, s, rollout_cfg(max_turn_tokens=12), step=4)
     assert [e.ids for e in a] == [e.ids for e in b]
     assert [e.ids for e in a] != [e.ids for e in c]
     assert a[0].ids != a[1].ids  # group members differ
@@ -128,10 +119,10 @@ def test_probes():
     p = tiny_policy()
     s = data.synthetic(1, seed=10)
     force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER]})
-    (gt,) = rollout(p, s, _cfg(group_size=1, probe="gt-box"), force=force)
-    (plain,) = rollout(p, s, _cfg(group_size=1), force=force)
-    (noise,) = rollout(p, s, _cfg(group_size=1, probe="noise"), force=force)
-    (off,) = rollout(p, s, _cfg(group_size=1, probe="no-tool"), force=force)
+    (gt,) = rollout(p, s, rollout_cfg(group_size=1, probe="gt-box"), force=force)
+    (plain,) = rollout(p, s, rollout_cfg(group_size=1), force=force)
+    (noise,) = rollout(p, s, rollout_cfg(group_size=1, probe="noise"), force=force)
+    (off,) = rollout(p, s, rollout_cfg(group_size=1, probe="no-tool"), force=force)
     assert gt.pixel_values[1].shape != plain.pixel_values[1].shape or not torch.equal(gt.pixel_values[1], plain.pixel_values[1])
     assert noise.grids == plain.grids and not torch.allclose(noise.pixel_values[1], plain.pixel_values[1])
     assert off.num_tool_calls == 0 and off.tool_errors["disabled"] == 1

@@ -11,18 +11,13 @@ from hypothesis import strategies as st
 import crop
 import data
 import rollout as rollout_module
-from helpers import scripted, tiny_policy
+from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
 from rollout import RolloutConfig, _hash32, _sample, _uniforms, parse_tool_call, rollout
 
-CALL = '<tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
-ANSWER = "<answer>B</answer><|im_end|>"
 
 
-def _cfg(**kw):
-    base = dict(group_size=3, max_turn_tokens=70, max_response_tokens=400, global_tokens=48, crop_tokens=32,
-                max_turns=4, temperature=0.9)
-    base.update(kw)
-    return RolloutConfig(**base)
+def _cfg(**kw):  # three rows per group, sampled at 0.9
+    return rollout_cfg(**{**dict(group_size=3, global_tokens=48, temperature=0.9), **kw})
 
 
 def _script(p):
@@ -219,10 +214,10 @@ def test_waiting_groups_take_finished_rows_places():
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(rollout_module, "_join", lambda a, b: joins.append(len(a.live)) or real_join(a, b))
-            small = rollout(p, samples, _cfg(group_size=2, max_rows=4), force=scripted(p, script))
+            small = rollout(p, samples, _cfg(group_size=2, rollout_rows=4), force=scripted(p, script))
     finally:
         counter.close()
-    big = rollout(p, samples, _cfg(group_size=2, max_rows=64), force=scripted(p, script))
+    big = rollout(p, samples, _cfg(group_size=2, rollout_rows=64), force=scripted(p, script))
     assert joins == [2]  # group 1 finished; group 0 was still in flight when group 2 joined it
     assert [e.group for e in small] == [0, 0, 1, 1, 2, 2]
     assert [e.ids for e in small] == [e.ids for e in big]

@@ -9,6 +9,7 @@ import torch
 import data
 import model
 import train
+from helpers import run_cfg, varying_score
 from rollout import RolloutConfig, rollout
 
 
@@ -71,26 +72,9 @@ def test_grpo_learns_and_the_flipped_sign_does_not():
     assert after_flipped <= 2 * before  # observed: stays at 0.008 (it cannot go below 0)
 
 
-def _tiny_cfg(out, **kw):
-    cfg = train.Config(**train.PRESETS["tiny"])
-    cfg.out_dir = str(out)
-    cfg.data = "synthetic:8"
-    cfg.steps = 4
-    cfg.save_every = 2
-    cfg.keep_checkpoints = 5
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
 @pytest.fixture
 def varied_reward(monkeypatch):
-    """The random tiny model scores -0.2 on every episode of the real task (no learning signal); a reward
-    that varies with the text makes every step move the weights, so resume is checked on real updates."""
-    def score(text, sample, boxes, cfg):
-        total = text.count("e") / max(1, len(text))
-        return dict(total=total, accuracy=0.0, format=0.0, tool=0.0, grounding=0.0, iou=None, coverage=None)
-    monkeypatch.setattr(train.rewards, "score", score)
+    monkeypatch.setattr(train.rewards, "score", varying_score)
 
 
 def _adapter(path):
@@ -99,7 +83,7 @@ def _adapter(path):
 
 
 def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch, varied_reward):
-    full = train.train(_tiny_cfg(tmp_path / "a"))
+    full = train.train(run_cfg(tmp_path / "a"))
     # the same run, killed during step 3 (after the step-2 checkpoint), then resumed
     real_step = train.train_step
     calls = {"n": 0}
@@ -112,11 +96,11 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch, varied_rewa
 
     monkeypatch.setattr(train, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train.train(_tiny_cfg(tmp_path / "b"))
+        train.train(run_cfg(tmp_path / "b"))
     monkeypatch.setattr(train, "train_step", real_step)
     os.makedirs(tmp_path / "b" / "step_000004.tmp")  # a half-written checkpoint must be ignored
     assert train.latest_checkpoint(str(tmp_path / "b")).endswith("step_000002")
-    train.train(_tiny_cfg(tmp_path / "b"), resume=str(tmp_path / "b"))
+    train.train(run_cfg(tmp_path / "b"), resume=str(tmp_path / "b"))
     a, b = _adapter(tmp_path / "a" / "final"), _adapter(tmp_path / "b" / "final")
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it learned
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,123 @@
+"""The house rules that keep the code easy to change: imports point down (shared/DESIGN.md), Config is the one
+source of the rollout's, the reward's and the evaluation's settings, and the `kernels` name clashes with nothing."""
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import eval as evaluation
+import rewards
+import train
+from rollout import RolloutConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# DESIGN.md's arrows: a file imports only files of a lower level, and the files named here only what is listed
+LEVEL = dict(kernels=0, rewards=0, plot=0, crop=1, model=1, data=2, rollout=2, checkpoint=2, infogap=3, train=4,
+             eval=5, bench=5, gpu_check=6)
+ONLY = dict(kernels=set(), rewards=set(), plot=set(), data={"crop"})
+
+
+def _project_imports(path):
+    """Every project module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(LEVEL)
+
+
+def test_imports_point_down():
+    files = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert set(files) <= set(LEVEL), f"a new top-level file needs its place in LEVEL: {set(files) - set(LEVEL)}"
+    kernel_files = [os.path.join(ROOT, "kernels", f) for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py")]
+    bad = []
+    for name, path in [*files.items(), *(("kernels", p) for p in kernel_files)]:
+        allowed = {m for m in LEVEL if LEVEL[m] < LEVEL[name]}
+        allowed &= ONLY.get(name, allowed)
+        bad += [f"{os.path.relpath(path, ROOT)} imports {m}" for m in _project_imports(path) - allowed - {name}]
+    assert not bad, "imports that point up (shared/DESIGN.md): " + "; ".join(bad)
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    path = tmp_path / "data.py"
+    path.write_text("import crop\n\ndef f():\n    from model import load_policy\n")
+    assert _project_imports(str(path)) == {"crop", "model"}
+
+
+# ---------------------------------------------------------------- one configuration
+
+def test_rollout_and_reward_settings_are_built_from_config():
+    cfg = train.Config()
+    for f in dataclasses.fields(RolloutConfig):
+        # the same name and default in both, so the copy cannot drift; group_size is 1 outside training
+        if f.name not in train.ROLLOUT_ONLY and f.name != "group_size":
+            assert getattr(train.Config, f.name) == f.default, f.name
+    for f in dataclasses.fields(rewards.RewardConfig):
+        if f.name != "w_grounding":  # 0 outside stage 2, by the builder
+            assert getattr(train.Config, f.name) == f.default, f.name
+    # every shared field travels: give each a value of its own
+    changed = {f.name: (getattr(cfg, f.name) + 3 if isinstance(getattr(cfg, f.name), (int, float))
+                        and not isinstance(getattr(cfg, f.name), bool) else getattr(cfg, f.name))
+               for f in dataclasses.fields(train.Config)}
+    cfg = dataclasses.replace(cfg, **{**changed, "stage": 2, "infogap": "off"})
+    r = train.rollout_config(cfg, greedy=True)
+    assert all(getattr(r, k) == getattr(cfg, k) for k in (f.name for f in dataclasses.fields(RolloutConfig))
+               if k not in train.ROLLOUT_ONLY)
+    assert r.greedy and r.crop_from_shown
+    w = train.reward_config(cfg)
+    assert all(getattr(w, f.name) == getattr(cfg, f.name) for f in dataclasses.fields(rewards.RewardConfig))
+    assert train.reward_config(dataclasses.replace(cfg, stage=1)).w_grounding == 0.0
+
+
+def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", global_tokens=48, max_turns=2)))
+    cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path), "--max-turns", "7"]))
+    assert (cfg.global_tokens, cfg.max_turns, cfg.crop_tokens) == (48, 7, train.Config.crop_tokens)
+    out = capsys.readouterr().out
+    assert f"global_tokens=48 ({tmp_path / 'config.json'})" in out and "max_turns=7 (--max-turns)" in out
+    assert f"crop_tokens={train.Config.crop_tokens} (default)" in out
+    cfg = evaluation.resolve_settings(evaluation.parse_args([]))  # no adapter: Config's defaults
+    assert cfg.global_tokens == train.Config.global_tokens and cfg.max_turns == train.Config.max_turns
+
+
+# ---------------------------------------------------------------- the `kernels` name
+
+FAKE_HUB = '''
+__version__ = "0.17.2"
+def get_kernel(repo_id, version=None):
+    raise RuntimeError("offline")
+'''
+
+CHECK = r'''
+import torch, bitsandbytes as bnb
+import kernels, model
+from kernels import get_kernel  # what bitsandbytes' CPU backend imports
+assert get_kernel.__module__.endswith("_installed"), get_kernel.__module__
+assert callable(kernels.crop_resample) and callable(kernels.selective_logprobs)  # ours are untouched
+policy = model.load_policy("tiny", lora_r=4, lora_alpha=8)
+layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+layer.load_state_dict({"weight": torch.randn(32, 64)})
+layer = layer.to("cpu")  # quantizes
+x = torch.randn(3, 64)
+assert layer(x).shape == (3, 32)
+print("ok")
+'''
+
+
+def test_the_kernel_hub_package_installed_beside_ours(tmp_path):
+    """Hugging Face's `kernels` package installed: our folder shadows its name when run from the repository,
+    so its names must still reach bitsandbytes and transformers, and model loading and NF4 must work."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text(FAKE_HUB)
+    (site / "kernels-0.17.2.dist-info").mkdir()
+    (site / "kernels-0.17.2.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.17.2\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert "Failed to load" not in out.stderr and "cannot import name" not in out.stderr
