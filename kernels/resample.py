@@ -114,7 +114,7 @@ def _hpass_kernel(
     box = boxes_ptr + tl.load(tiles_ptr + tl.program_id(0) * 3).to(tl.int64) * BOX_FIELDS
     ys = tl.load(tiles_ptr + tl.program_id(0) * 3 + 1) + tl.arange(0, BLOCK_R)
     xs = tl.load(tiles_ptr + tl.program_id(0) * 3 + 2) + tl.arange(0, BLOCK_C)
-    h_in, ow, kx = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KX)
+    h_in, ow, kx = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KX).to(tl.int32)  # a loop bound
     y_ok, x_ok = ys < h_in, xs < ow
     x0 = tl.load(taps_ptr + tl.load(box + X_LO) + xs, mask=x_ok, other=0)  # absolute first input column
     rows = (tl.load(box + Y1) + ys).to(tl.int64)[:, None] * W  # int64: an 8K image has 33M pixels x 3
@@ -155,7 +155,7 @@ def _vpass_kernel(
     ok = i < 14
     ys = tl.load(patches_ptr + p * 3 + 1) + i
     xs = tl.load(patches_ptr + p * 3 + 2) + i
-    h_in, ow, ky = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KY)
+    h_in, ow, ky = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KY).to(tl.int32)  # a loop bound
     y0 = tl.load(taps_ptr + tl.load(box + Y_LO) + ys, mask=ok, other=0)
     plane = h_in * ow
     r = tl.zeros([BLOCK, BLOCK], tl.float32)

@@ -204,6 +204,9 @@ def _gpu_case(n, d, v, dtype, targets=None):
     (g_low,) = torch.autograd.grad(low.sum(), hb)
     assert (ours.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
     assert (g_ours.double() - g_exact).abs().max() <= 2 * (g_low.double() - g_exact).abs().max() + 1e-4
+    with torch.no_grad():  # no gradient asked: the 2-D grid kernel, with autotuned tiles
+        no_grad = lp.selective_logprobs_triton(h, w, t)
+    assert (no_grad.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
 
 
 @cuda
