@@ -122,18 +122,18 @@ def main():
         name = "tiny-7b"  # built in memory, bf16
     report["benchmarks"] = {}
     for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150),
-                               ("rollout", ["--model", name], 120)):
+                               ("rollout", ["--model", name], 200)):
         ok, seconds, text = run(f"bench {what}", ["bench.py", what] + extra, limit, log)
         report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
 
     train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(args.out, 'stage1')}"]
-    ok, _, text = run("train --dry-run", train_args + ["--dry-run"], 60, log)
+    ok, _, text = run("train --dry-run", train_args + ["--dry-run"], 45, log)
     est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
     estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
     metrics_path = os.path.join(HERE, args.out, "stage1", "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    ok, seconds, text = run("train 2 steps", train_args, 180, log)
+    ok, seconds, text = run("train 2 steps", train_args, 200, log)
     steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
     measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
     report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
