@@ -207,7 +207,8 @@ def test_waiting_groups_take_finished_rows_places():
 
     p = tiny_policy()
     samples = data.synthetic(3, seed=14)
-    script = {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: [ANSWER], 2: [CALL.format("[30, 10, 50, 90]"), ANSWER]}
+    # group 1 ends first; group 2 joins group 0 (still writing) and calls the tool after joining
+    script = {0: ["<think>hm</think>" + ANSWER], 1: [ANSWER], 2: [CALL.format("[30, 10, 50, 90]"), ANSWER]}
     joins = []
     real_join = rollout_module._join
     counter = _Counter(p)
