@@ -4,6 +4,7 @@
     python bench.py logprobs   # token log-probs at Qwen2.5-VL-7B's head: naive (in the inputs' dtype), chunked
                                # torch (Liger-style), the Triton kernel, liger-kernel itself when installed
     python bench.py rollout [--model tiny-7b|DIR]  # the rollout's engines, and its decode step vs the model's
+                                                   # (tiny-7b: 7B's shape, random, NF4 with bitsandbytes)
 
 Ratios are against the baseline measured in the same run. On a GPU, `crop` and `logprobs` record in
 runs/kernel_choice.json which path won on this card, and KERNELS=auto follows it. Results go in
@@ -197,10 +198,33 @@ def bench_logprobs(sizes=None):
            + (["time / 4NDV floor"] if peak else []), rows)
 
 
+TINY_7B_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny-7b")  # saved once, like a checkpoint
+
+
+def tiny_7b():
+    """What `--model tiny-7b` loads: with bitsandbytes, the 7B-shaped random model saved to disk once and loaded
+    like a downloaded checkpoint, in NF4 + LoRA as a real run loads Qwen2.5-VL-7B; without it, built in bf16."""
+    import importlib.util
+
+    import model
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("bitsandbytes is not installed: tiny-7b runs in bf16, not NF4")
+        return "tiny-7b"
+    if not os.path.exists(os.path.join(TINY_7B_DIR, "config.json")):
+        m, tok = model.build_tiny(shape="7b", dtype=torch.bfloat16, device="cuda")
+        m.save_pretrained(TINY_7B_DIR)
+        tok.save_pretrained(TINY_7B_DIR)
+        del m
+        torch.cuda.empty_cache()
+    return TINY_7B_DIR
+
+
 def bench_rollout(models=None):
     import model
 
     for name in models or (["tiny"] + (["tiny-7b"] if torch.cuda.is_available() else [])):
+        name = tiny_7b() if name == "tiny-7b" and torch.cuda.is_available() else name
         policy = model.load_policy(name)
         _bench_engines(policy, name)
         _bench_decode(policy, name, [16, 64] if torch.cuda.is_available() else [8])

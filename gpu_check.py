@@ -25,6 +25,8 @@ import time
 
 import torch
 
+import bench
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_rollout.py", "tests/test_rollout_engine.py"]
 # two short stage-1 steps at the 24gb preset; shorter responses than the preset's 2,048 keep the check quick,
@@ -74,20 +76,6 @@ def tables(text):
     return found
 
 
-def save_7b(path):
-    """The 7B-shaped random model saved like a downloaded checkpoint, so train.py and bench.py load it the
-    way they load Qwen2.5-VL-7B (NF4 when bitsandbytes is there)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return
-    import model
-
-    m, tok = model.build_tiny(shape="7b", dtype=torch.bfloat16, device="cuda")
-    m.save_pretrained(path)
-    tok.save_pretrained(path)
-    del m
-    torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the saved model")
@@ -114,12 +102,7 @@ def main():
     ok, _, text = run("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150, log)
     report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
 
-    model_dir = os.path.join(out, "tiny-7b")
-    if ver["bitsandbytes"] is not None:
-        save_7b(model_dir)
-        name = model_dir
-    else:
-        name = "tiny-7b"  # built in memory, bf16
+    name = bench.tiny_7b()  # saved once and loaded like a checkpoint (NF4), or built in bf16 without bitsandbytes
     report["benchmarks"] = {}
     for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150),
                                ("rollout", ["--model", name], 200)):
