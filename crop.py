@@ -109,15 +109,28 @@ def encode_image(image, box=None, *, min_pixels=MIN_PIXELS, max_pixels):
     return encode_crops(to_uint8(image), [box], min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels):
-    """Many boxes of one uint8 image in one call (None = whole image) -> (pixel_values, grid_thw (K, 3))."""
+def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels=None, out_hw=None):
+    """Many boxes of one uint8 image in one call (None = whole image) -> (pixel_values, grid_thw (K, 3)).
+    Each crop is resized with smart_resize under max_pixels, or to the given `out_hw` sizes (multiples of 28)."""
     H, W, _ = image_u8.shape
     boxes = [(0, 0, W, H) if b is None else b for b in boxes]
-    out_hw = [smart_resize(y2 - y1, x2 - x1, min_pixels=min_pixels, max_pixels=max_pixels)
-              for x1, y1, x2, y2 in boxes]
+    if out_hw is None:
+        out_hw = [smart_resize(y2 - y1, x2 - x1, min_pixels=min_pixels, max_pixels=max_pixels)
+                  for x1, y1, x2, y2 in boxes]
     pv = kernels.crop_resample(image_u8, torch.tensor(boxes, dtype=torch.float32), out_hw)
     grids = torch.tensor([[1, h // 14, w // 14] for h, w in out_hw], dtype=torch.long)
     return pv, grids
+
+
+def crop_size(box, shown_wh, orig_wh, max_pixels):
+    """(height, width) a crop of `box` (original pixels) is sent back at: smart_resize under the crop budget,
+    but never coarser than the global image it was cut from (pixels per original pixel, on each axis), which a
+    small crop budget would otherwise make it for a large box."""
+    x1, y1, x2, y2 = box
+    h, w = smart_resize(y2 - y1, x2 - x1, max_pixels=max_pixels)
+    floor_h = math.ceil((y2 - y1) * shown_wh[1] / orig_wh[1] / FACTOR) * FACTOR
+    floor_w = math.ceil((x2 - x1) * shown_wh[0] / orig_wh[0] / FACTOR) * FACTOR
+    return max(h, floor_h), max(w, floor_w)
 
 
 def resized(image, max_pixels):
@@ -127,9 +140,17 @@ def resized(image, max_pixels):
 
 
 def noise_image(width, height, seed):
-    """Uniform noise of a crop's size: the noise probe swaps a returned crop for this."""
+    """Uniform noise of a crop's size: the noise-replace probe swaps a returned crop for this."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
+
+
+def add_noise(image_u8, sigma, seed):
+    """The noise probe as the paper describes it: Gaussian noise of standard deviation `sigma` (in 0..255
+    pixel levels) added to a crop's pixels, clipped to 0..255."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(image_u8.shape, generator=g) * sigma
+    return (image_u8.cpu().float() + noise).round().clamp(0, 255).to(torch.uint8).to(image_u8.device)
 
 
 def draw_boxes(image, boxes, colors=("red", "lime", "cyan", "yellow"), width=4):

@@ -1,4 +1,5 @@
-"""Data: the synthetic high-resolution VQA set (the embedded default) and the project's JSONL format.
+"""Data: the synthetic high-resolution VQA set (the embedded default), the project's JSONL format, and
+training tables as published on the Hub (DeepEyes, Pixel-Reasoner, Chain-of-Focus, ThinkLite-VL: sources.py).
 
 Synthetic: 2-4K images full of clutter with one small white label holding a short word or a tiny glyph.
 At the global budget the label is a few pixels wide and unreadable; a crop of the original reads it.
@@ -7,23 +8,25 @@ JSONL (one sample per line; relative image paths resolve against the file's fold
      "boxes": [[x1, y1, x2, y2], ...]}     # options and boxes optional; boxes nested, innermost first
 
     python data.py show --data synthetic:4          # print samples
+    python data.py show --data release.parquet,ThinkLite-VL-70k.parquet     # sources mixed
+    python data.py convert release.parquet --out pr/train.jsonl       # any source -> JSONL + image folder
 """
 import argparse
-import base64
-import csv
 import io
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
+
+import sources
 
 WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver window garden bridge "
          "honey violin planet marble castle dragon").split()
 GLYPHS = ("circle", "square", "triangle", "cross")
 LETTERS = "ABCDE"
+SYNTHETIC_LEVEL = 64  # the synthetic set's designed information-gap level: at 64 tokens no label is readable (tested)
 # Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -87,13 +90,6 @@ class Sample:
                 return to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImage(f"sample {self.id} ({self.image_path or 'embedded image'}): {e}", self.id) from None
-
-    def prompt_text(self):
-        """The question with its options as lettered lines."""
-        if not self.options:
-            return self.question
-        lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options)]
-        return self.question + "\n" + "\n".join(lines) + "\nAnswer with the option's letter."
 
 
 # ---------------------------------------------------------------- synthetic
@@ -219,118 +215,14 @@ def _check_nested(boxes, width, height):
     return out
 
 
-# ---------------------------------------------------------------- benchmarks, as users download them
-
-BENCHMARKS = {
-    "hrbench": "hr_bench_4k.tsv or hr_bench_8k.tsv (or .parquet), from the HR-Bench release (DreamMr/HR-Bench)",
-    "vstar": "the V* Bench folder holding direct_attributes/ and relative_position/ (craigwu/vstar_bench)",
-    "mmerw": "MME-RealWorld(-Lite) JSON with its image folder beside it (yifanzhang114/MME-RealWorld)",
-}
-
-
-def load_benchmark(bench, path, seed=0):
-    """Samples of a benchmark from the file or folder users download (formats in METHOD.md §5)."""
-    if not path or not os.path.exists(path):
-        raise SystemExit(f"error: --data {path!r} not found: --bench {bench} expects {BENCHMARKS[bench]}")
-    return dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed)
-
+# ---------------------------------------------------------------- tables as published on the Hub
 
 def _image_from_bytes(raw):
     def make():
         with Image.open(io.BytesIO(raw)) as im:
             return to_rgb(im)
+    make.raw = raw  # convert writes the original bytes, not a re-encoding
     return make
-
-
-def _hrbench(path, seed):
-    """HR-Bench TSV (or parquet): index, question, answer letter, A-D, category (single = FSP, cross = FCP),
-    cycle_category, image (base64; a short number instead refers to the row holding the image)."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        rows = pq.read_table(path).to_pylist()
-    else:
-        csv.field_size_limit(1 << 31)
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    by_index = {str(r["index"]): r for r in rows}
-    samples, bad = [], []
-    for r in rows:
-        try:
-            image = str(r["image"])
-            if len(image) < 64 and image in by_index:  # VLMEvalKit stores a repeated image once
-                image = str(by_index[image]["image"])
-            raw = base64.b64decode(image, validate=False)
-            width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
-            options = [str(r[k]) for k in "ABCD" if r.get(k) not in (None, "") and str(r[k]) != "nan"]
-            samples.append(Sample(
-                id=str(r["index"]), question=str(r["question"]), answer=str(r["answer"]).strip().upper(),
-                width=width, height=height, options=options, category=str(r.get("category", "default")),
-                make=_image_from_bytes(raw), meta=dict(cycle=str(r.get("cycle_category", "")))))
-        except (KeyError, ValueError, OSError) as e:
-            bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
-    return _report(samples, bad, path)
-
-
-def _vstar(path, seed):
-    """V* Bench: <folder>/<category>/X.jpg + X.json with question, options (options[0] is right) and bbox
-    ([x, y, w, h], or a list of them). Options are shuffled into letters with a fixed seed per item."""
-    samples, bad = [], []
-    for category in ("direct_attributes", "relative_position"):
-        folder = os.path.join(path, category)
-        if not os.path.isdir(folder):
-            bad.append(f"{folder}: missing")
-            continue
-        for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    item = json.load(f)
-                stem = name[:-5]
-                image = next((os.path.join(folder, stem + ext) for ext in (".jpg", ".jpeg", ".png")
-                              if os.path.exists(os.path.join(folder, stem + ext))), None)
-                if image is None:
-                    raise ValueError("no image beside it")
-                width, height = _open_checked(image, image)
-                options = [str(o) for o in item["options"]]
-                order = list(range(len(options)))
-                random.Random(f"{seed}/{category}/{stem}").shuffle(order)
-                boxes = item.get("bbox") or []
-                boxes = [boxes] if boxes and isinstance(boxes[0], (int, float)) else boxes
-                union = None
-                if boxes:  # every target's box, as one [x1, y1, x2, y2]: what the gt-box probe crops
-                    union = [min(b[0] for b in boxes), min(b[1] for b in boxes),
-                             max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
-                samples.append(Sample(
-                    id=f"{category}/{stem}", question=str(item["question"]), answer=LETTERS[order.index(0)],
-                    width=width, height=height, options=[options[k] for k in order], category=category,
-                    image_path=image, boxes=[union] if union else None))
-            except (KeyError, ValueError, TypeError, OSError) as e:
-                bad.append(f"{os.path.join(folder, name)}: {type(e).__name__}: {e}")
-    return _report(samples, bad, path)
-
-
-def _mmerw(path, seed):
-    """MME-RealWorld(-Lite) JSON: Question_id, Image (relative to the JSON's folder), Text, Answer choices
-    ["(A) ...", ...], Ground truth (a letter), Category, Subtask, Task."""
-    root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
-    samples, bad = [], []
-    for item in items:
-        try:
-            image = os.path.join(root, item["Image"])
-            width, height = _open_checked(image, image)
-            options = [re.sub(r"^\s*\(?[A-E]\)\s*", "", str(c)) for c in item["Answer choices"]]
-            letter = re.search(r"[A-E]", str(item["Ground truth"]).upper())  # "B" or "(B)"
-            if letter is None:
-                raise ValueError(f"ground truth {item['Ground truth']!r} is not a letter A-E")
-            samples.append(Sample(
-                id=str(item["Question_id"]), question=str(item["Text"]), answer=letter.group(0),
-                width=width, height=height, options=options, category=str(item.get("Category", "default")),
-                image_path=image, meta=dict(task=str(item.get("Task", "")), subtask=str(item.get("Subtask", "")))))
-        except (KeyError, ValueError, TypeError, OSError) as e:
-            bad.append(f"{path}: item {item.get('Question_id', '?') if isinstance(item, dict) else '?'}: "
-                       f"{type(e).__name__}: {e}")
-    return _report(samples, bad, path)
 
 
 def _report(samples, bad, path, what="item", max_reasons=5):
@@ -344,52 +236,90 @@ def _report(samples, bad, path, what="item", max_reasons=5):
     return samples
 
 
-def read_deepeyes(path):
-    """DeepEyes-Datasets-47k parquet: prompt (chat messages, the user text with an <image> placeholder),
-    images ([{bytes, path}]), reward_model.ground_truth, extra_info.question, data_source. A single-letter
-    ground truth is scored as an option letter, anything else as a short answer. Bad rows are skipped."""
-    import pyarrow.parquet as pq
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: data file not found: {path}")
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise SystemExit(f"error: cannot read {path} as parquet: {e}") from None
+def read_table(path, columns=None):
+    """Samples from a table as published on the Hub: a parquet (or a JSON list of rows) in one of the layouts
+    of sources.py (DeepEyes, Pixel-Reasoner, Chain-of-Focus, ThinkLite-VL), picked by its columns, or any
+    table with `columns` naming them ("image=img,question=q,answer=a"). A single-letter answer with no
+    options is scored as a letter, anything else as a short answer. Bad rows are skipped and counted."""
+    rows = _read_rows(path)
+    names = sorted({k for r in rows[:100] if isinstance(r, dict) for k in r})
+    layout = ("--columns", sources.by_columns(columns)) if columns else sources.detect(names)
+    if layout is None:
+        raise SystemExit(f"error: no usable sample in {path}: its columns ({', '.join(names) or 'none'}) match no "
+                         f"known layout ({', '.join(sources.LAYOUTS)}); name them with --columns "
+                         f"image=COL,question=COL,answer=COL")
     root = os.path.dirname(os.path.abspath(path))
     samples, bad = [], []
     for n, r in enumerate(rows):
         try:
-            image = (r.get("images") or [None])[0] or {}
-            if image.get("bytes"):
-                raw = image["bytes"]
-                make, image_path = _image_from_bytes(raw), None
-                width, height = _open_checked(io.BytesIO(raw), "(embedded)")
-            elif image.get("path"):
-                image_path, make = os.path.join(root, image["path"]), None
-                width, height = _open_checked(image_path, image_path)
-            else:
-                raise ValueError("no image")
-            answer = str((r.get("reward_model") or {}).get("ground_truth") or "").strip()
-            if not answer:
-                raise ValueError("no ground truth")
-            question = (r.get("extra_info") or {}).get("question")
-            if not question:
-                users = [m["content"] for m in r.get("prompt") or [] if m.get("role") == "user"]
-                question = users[-1].replace("<image>", "").strip() if users else ""
-            if not question:
-                raise ValueError("no question")
-            samples.append(Sample(id=str((r.get("extra_info") or {}).get("index", n)), question=question,
-                                  answer=answer, width=width, height=height, image_path=image_path, make=make,
-                                  category=str(r.get("data_source") or "default")))
+            samples.append(_table_sample(layout[1](r), root, n))
         except (KeyError, ValueError, TypeError, AttributeError, OSError, SyntaxError) as e:
             bad.append(f"{path}: row {n}: {type(e).__name__}: {e}")
+    print(f"{path}: {layout[0]} layout, {len(samples)} sample(s)")
     return _report(samples, bad, path, "row")
 
 
-def load(spec, seed=0):
-    """A data spec -> samples: `synthetic[:N]` (seeded), a project JSONL, a DeepEyes parquet, or a folder of
-    images with one JSONL beside them."""
+def _read_rows(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file not found: {path}")
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+            if not isinstance(rows, list):
+                raise ValueError("a .json data file must hold a list of rows")
+            return rows
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise SystemExit(f"error: cannot read {path} as {'JSON' if path.endswith('.json') else 'parquet'}: {e}") from None
+
+
+def _table_sample(f, root, n):
+    """A layout's fields -> a Sample: the image checked (embedded bytes, or a path relative to the table's
+    folder or to images/ beside it, where the Hub's images.zip unpacks), question and answer non-empty."""
+    question, answer = str(f.get("question") or "").strip(), str(f.get("answer") or "").strip()
+    if not question or not answer:
+        raise ValueError("no question" if not question else "no answer")
+    image = f.get("image")
+    if isinstance(image, dict):  # the Hub's Image feature: {bytes, path}
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        make, image_path = _image_from_bytes(bytes(image)), None
+        width, height = _open_checked(io.BytesIO(image), "(embedded)")
+    elif isinstance(image, str) and image:
+        image = image.removeprefix("./")
+        candidates = [os.path.join(root, image), os.path.join(root, "images", image)]
+        image_path, make = next((c for c in candidates if os.path.isfile(c)), candidates[0]), None
+        width, height = _open_checked(image_path, image_path)
+    else:
+        raise ValueError("no image")
+    options = f.get("options")
+    if options is not None:
+        options = [str(o) for o in options]
+        answer = answer.upper()
+        if not 2 <= len(options) <= 5 or answer not in list(LETTERS[:len(options)]):
+            raise ValueError(f"answer {answer!r} is not a letter of the {len(options)} options")
+    return Sample(id=str(f["id"] if f.get("id") is not None else n), question=question, answer=answer, width=width,
+                  height=height, options=options, image_path=image_path, make=make,
+                  category=str(f.get("category") or "default"))
+
+
+def load(spec, seed=0, columns=None):
+    """A data spec -> samples: `synthetic[:N]` (seeded), a project JSONL, a table from the Hub (.parquet or
+    .json; see sources.py), a folder of images with one JSONL beside them, or several of those separated by
+    commas (mixed; each id is prefixed by its source's file name)."""
+    if "," in spec:
+        parts = [p for p in spec.split(",") if p]
+        mixed = []
+        for part in parts:
+            tag = os.path.splitext(os.path.basename(os.path.normpath(part)))[0]
+            for s in load(part, seed, columns):
+                s.id = f"{tag}/{s.id}"
+                mixed.append(s)
+        if len({s.id for s in mixed}) < len(mixed):
+            raise SystemExit(f"error: --data {spec!r}: two sources share a file name; rename one")
+        return mixed
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = spec.partition(":")[2] or "256"
         if not n.isdigit() or int(n) < 1:
@@ -397,27 +327,76 @@ def load(spec, seed=0):
         return synthetic(int(n), seed)
     if spec.endswith(".jsonl"):
         return read_jsonl(spec)
-    if spec.endswith(".parquet"):
-        return read_deepeyes(spec)
+    if spec.endswith((".parquet", ".json")):
+        return read_table(spec, columns)
     if os.path.isdir(spec):  # a folder of images with one JSONL beside them
         found = sorted(f for f in os.listdir(spec) if f.endswith(".jsonl"))
         if len(found) != 1:
             raise SystemExit(f"error: {spec} holds {len(found)} .jsonl files; expected exactly one")
         return read_jsonl(os.path.join(spec, found[0]))
+    kinds = "'synthetic[:N]', a .jsonl, a .parquet or .json table, a folder, or several joined by commas"
     if not os.path.exists(spec):
-        raise SystemExit(f"error: data not found: {spec} (expected 'synthetic[:N]', a .jsonl, a .parquet or a folder)")
-    raise SystemExit(f"error: unsupported data {spec!r}: expected 'synthetic[:N]', a .jsonl, a .parquet or a folder")
+        raise SystemExit(f"error: data not found: {spec} (expected {kinds})")
+    raise SystemExit(f"error: unsupported data {spec!r}: expected {kinds}")
+
+
+def convert(spec, out, columns=None, seed=0):
+    """Write any readable source as the project's JSONL, its images in a folder beside it (<out>_images/):
+    embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG."""
+    samples = load(spec, seed, columns)
+    folder = os.path.splitext(out)[0] + "_images"
+    os.makedirs(folder, exist_ok=True)
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        for n, s in enumerate(samples):
+            name = os.path.join(folder, f"{n:06d}")
+            name = _write_image(s, name)
+            row = dict(id=s.id, image=os.path.relpath(name, os.path.dirname(os.path.abspath(out))),
+                       question=s.question, answer=s.answer, options=s.options, boxes=s.boxes,
+                       category=s.category, global_tokens=s.global_tokens)
+            f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
+    os.replace(out + ".tmp", out)
+    print(f"wrote {len(samples)} sample(s) to {out}, images in {folder}/")
+    return out
+
+
+def _write_image(s, stem):
+    """The sample's image at stem + its extension; returns the path."""
+    raw = getattr(s.make, "raw", None)
+    if s.image_path:
+        import shutil
+        path = stem + os.path.splitext(s.image_path)[1].lower()
+        shutil.copyfile(s.image_path, path)
+    elif raw is not None:
+        with Image.open(io.BytesIO(raw)) as im:
+            path = stem + "." + (im.format or "png").lower().replace("jpeg", "jpg")
+        with open(path, "wb") as f:
+            f.write(raw)
+    else:
+        path = stem + ".png"
+        s.image().save(path)
+    return path
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Print the first samples of a data set.")
-    ap.add_argument("command", choices=["show"], help="show: print the first samples")
-    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet or a folder")
-    ap.add_argument("--limit", type=int, default=4, help="how many samples to print")
+    ap = argparse.ArgumentParser(description="Print the first samples of a data set, or convert it to JSONL.")
+    ap.add_argument("command", choices=["show", "convert"],
+                    help="show: print the first samples; convert: write a source as the project's JSONL with "
+                         "its images in a folder")
+    ap.add_argument("src", nargs="?", default=None, help="convert: the source (same forms as --data)")
+    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet/.json table, a "
+                                                         "folder, or several joined by commas")
+    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
+    ap.add_argument("--limit", type=int, default=4, help="show: how many samples to print")
+    ap.add_argument("--out", default=None, help="convert: the JSONL to write (its images go in <out>_images/)")
     args = ap.parse_args()
-    for s in load(args.data)[:args.limit]:
-        print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  "
-              + s.prompt_text().replace("\n", "\n  "))
+    if args.command == "convert":
+        if not args.out:
+            ap.error("convert needs --out FILE.jsonl")
+        convert(args.src or args.data, args.out, args.columns)
+        return
+    for s in load(args.data, columns=args.columns)[:args.limit]:
+        options = "".join(f"\n  {LETTERS[i]}. {o}" for i, o in enumerate(s.options or []))
+        print(f"{s.id} [{s.category}] {s.width}x{s.height} answer={s.answer} boxes={s.boxes}\n  {s.question}{options}")
 
 
 if __name__ == "__main__":

@@ -4,30 +4,36 @@
     python eval.py --bench synthetic --adapter runs/stage2/final      # a trained adapter
     python eval.py --bench synthetic --probe noise                    # every returned crop is noise
     python eval.py --bench synthetic --data eval.jsonl --model DIR    # any JSONL in the project's format
+    python eval.py --bench vstar --data vstar_bench --sweep 256,1024,4096,16384 --adapter A --adapter B
+                                      # plain, noise and no-tool at each global budget, per model: table + figure
 
 Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finish, so a rerun skips what
 is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
 """
 import argparse
-import base64
-import html
-import io
 import json
 import os
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
+import benchmarks
 import data
 import model
+import report
 import rewards
 import train
-from rollout import rollout
+from rollout import RolloutConfig, rollout
 
 
 # Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
-SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens")
+SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "max_turn_tokens", "max_response_tokens",
+          "prompt", "matcher")
+
+
+PROBES = ("", "noise", "noise-replace", "gt-box", "no-tool")
 
 
 def parse_args(argv=None):
@@ -35,15 +41,22 @@ def parse_args(argv=None):
     ap.add_argument("--bench", default="synthetic", choices=["synthetic", "hrbench", "vstar", "mmerw"],
                     help="which benchmark to run")
     ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/stage2/final); its run's "
-                                                    "settings are the defaults of the options below")
+    ap.add_argument("--adapter", action="append", default=None,
+                    help="a LoRA adapter folder (e.g. runs/stage2/final; 'none': the base model); its run's settings "
+                         "are the defaults of the options below; with --sweep, give several to compare")
     helps = train.field_help()
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
                         help=f"{helps[key]} (default: the adapter's run, else {getattr(train.Config, key)!r})")
-    ap.add_argument("--probe", default=None, choices=["noise", "gt-box", "no-tool"],
-                    help="noise: crops replaced by noise; gt-box: the model's box replaced by the ground truth; "
+    ap.add_argument("--probe", default=None, choices=PROBES[1:],
+                    help="noise: Gaussian noise added to every returned crop (the paper's probe); noise-replace: "
+                         "crops replaced by pure noise; gt-box: the model's box replaced by the ground truth; "
                          "no-tool: the tool is not offered")
+    ap.add_argument("--noise-sigma", type=float, default=RolloutConfig.noise_sigma,
+                    help="the noise probe's standard deviation in 0..255 pixel levels")
+    ap.add_argument("--precision", default=None, choices=["bf16", "nf4", "fp32"],
+                    help="the base weights: bf16 (default on a GPU: the paper and DeepEyes evaluate in bf16), nf4 for "
+                         "small cards; default elsewhere: as train.py's base_precision=auto")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
@@ -51,9 +64,17 @@ def parse_args(argv=None):
     ap.add_argument("--shard", default=None, help="i/n: evaluate every n-th item starting at i (run n in parallel)")
     ap.add_argument("--summary", action="store_true",
                     help="print accuracy with and without each probe side by side (from earlier runs) and exit")
+    ap.add_argument("--sweep", default=None, help="N,N,...: global budgets; at each, evaluate plain, with noise crops "
+                                                   "and without the tool (resumable); writes sweep.md/json/png")
+    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.adapters = [None if a == "none" else a for a in args.adapter or ["none"]]  # several: --sweep, one line each
+    if len(args.adapters) > 1 and not args.sweep:
+        raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
+    args.adapter = args.adapters[0]
+    return args
 
 
 def resolve_settings(args):
@@ -80,8 +101,8 @@ def resolve_settings(args):
 
 def load_bench(args):
     if args.bench == "synthetic":
-        return data.load(args.data or "synthetic:32", seed=args.seed)
-    return data.load_benchmark(args.bench, args.data, seed=args.seed)
+        return data.load(args.data or "synthetic:32", seed=args.seed, columns=args.columns)
+    return benchmarks.load_benchmark(args.bench, args.data, seed=args.seed)
 
 
 def _shard(samples, shard):
@@ -97,9 +118,14 @@ def _shard(samples, shard):
     return samples[i::n], f".shard-{i}-of-{n}"
 
 
-def evaluate(args):
+def evaluate(args, load_policy=None):
+    """One evaluation into its folder; `load_policy` (a function) supplies the policy when items are left to do
+    (the sweep loads each model once for all its points)."""
     settings = resolve_settings(args)
+    precision = model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
     all_samples = load_bench(args)[:args.limit]
+    for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
+        s.global_tokens = None
     samples, tag = _shard(all_samples, args.shard)
     name = args.bench + (f"-{args.probe}" if args.probe else "")
     out = args.out or os.path.join("runs", "eval", name)
@@ -113,8 +139,10 @@ def evaluate(args):
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
-        policy = model.load_policy(settings.model, adapter=args.adapter, lora=False, trainable=False)
-        cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch)
+        policy = (load_policy or (lambda: model.load_policy(settings.model, adapter=args.adapter, lora=False,
+                                                             trainable=False, precision=precision)))()
+        cfg = train.rollout_config(settings, group_size=1, greedy=True, probe=args.probe, rollout_rows=args.batch,
+                                   noise_sigma=args.noise_sigma)
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()
@@ -124,7 +152,7 @@ def evaluate(args):
             seconds = (time.time() - t0) / len(episodes)
             with open(items_path, "a") as f:
                 for e in episodes:
-                    item = _item(e, seconds)
+                    item = _item(e, seconds, response_text(policy, e), settings.matcher)
                     done[item["id"]] = item
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
             bar.update(len(episodes))
@@ -132,9 +160,11 @@ def evaluate(args):
         bar.close()
     items = [done[s.id] for s in all_samples if s.id in done]
     summary = summarize(items, name, args.bench)
+    summary["settings"] = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
+                               adapter=args.adapter, precision=precision, **{k: getattr(settings, k) for k in SHARED})
     _write_reports(out, summary)
     if args.html:
-        write_html(args.html, items, {s.id: s for s in all_samples}, summary)
+        report.write_html(args.html, items, {s.id: s for s in all_samples}, _markdown(summary))
     print(_markdown(summary))
     return summary
 
@@ -150,15 +180,38 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
     return []
 
 
-def _item(e, seconds):
-    reply = rewards.extract_answer(e.text)
-    if reply is None:  # a model that does not use the protocol: take the bare reply
-        reply = e.text
+def _reply(text):
+    reply = rewards.extract_answer(text)
+    return text if reply is None else reply  # a model that does not use the protocol: take the bare reply
+
+
+def _item(e, seconds, text, matcher="rule"):
+    """One item's result; `text` is the transcript with undecodable bytes escaped (shown in reports; scoring
+    uses the rollout's own text)."""
     s = e.sample
-    return dict(id=s.id, category=s.category, answer=s.answer, reply=reply,
-                correct=rewards.accuracy(reply, s.answer, s.options), text=e.text, boxes_shown=e.boxes_shown,
+    return dict(id=s.id, category=s.category, answer=s.answer, reply=_reply(text),
+                correct=rewards.accuracy(_reply(e.text), s.answer, s.options, matcher), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
+
+
+def _byte_decoder():
+    """GPT-2's byte-level alphabet, which Qwen's tokenizer and the tiny one use: character -> byte."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def response_text(policy, e):
+    """The episode's text as the rollout decoded it, except that bytes which are not valid UTF-8 (a token cut
+    inside a character) are written as \\x.. escapes instead of U+FFFD, so a report shows what was there."""
+    if "\ufffd" not in e.text:
+        return e.text
+    table, out = _byte_decoder(), bytearray()
+    for tok in policy.tokenizer.convert_ids_to_tokens([t for t in e.ids[e.prompt_len:] if t != policy.image_pad]):
+        out += bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
+    return out.decode("utf-8", errors="backslashreplace")
 
 
 def _read_items(path):
@@ -215,6 +268,8 @@ def _markdown(summary):
     for key in ("per_task", "per_subtask"):
         if summary.get(key):
             lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
+    if summary.get("settings"):
+        lines.append("settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items() if v is not None))
     lines.append(f"tool calls per item {summary['tool_calls']:.2f}, tool errors per item "
                  f"{summary['tool_errors']:.2f}, {summary['seconds_per_item']:.2f} s per item")
     return "\n".join(lines)
@@ -224,7 +279,7 @@ def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
     returned crop is noise), from the summaries that earlier runs wrote."""
     results = {}
-    for probe in ("", "noise", "gt-box", "no-tool"):
+    for probe in PROBES:
         path = os.path.join(root, bench + (f"-{probe}" if probe else ""), "summary.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -237,9 +292,10 @@ def probe_summary(bench, root="runs/eval"):
             for p, s in results.items()]
     text = "\n".join([f"### {bench}: probes", "", "| probe | items | accuracy (%) | change (points) |",
                       "|---|---|---|---|", *rows])
-    if "noise" in results:
-        text += ("\n\ncrop dependency (accuracy lost when crops are noise): "
-                 f"{100 * (base - results['noise']['accuracy']):.1f} points")
+    for probe, what in (("noise", "noise is added to the crops"), ("noise-replace", "crops are replaced by noise")):
+        if probe in results:
+            text += (f"\n\ncrop dependency (accuracy lost when {what}): "
+                     f"{100 * (base - results[probe]['accuracy']):.1f} points")
     print(text)
     return results
 
@@ -251,40 +307,67 @@ def _write_reports(out, summary):
         f.write(_markdown(summary) + "\n")
 
 
-def _png(im, side):
-    im = im.copy()
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+# ---------------------------------------------------------------- the global-budget sweep
+
+SWEEP_PROBES = (("plain", None), ("noise", "noise"), ("no-tool", "no-tool"))
 
 
-def write_html(path, items, samples, summary, thumb=512):
-    """One self-contained page: the summary on top, then per item the image with the model's boxes (red) and
-    the ground truth (lime), each crop the model got back, the answer, and the transcript."""
-    import crop
+def _sweep_folder(root, tag, budget, name):
+    """Each point's settings folder: <sweep>/<model>/g<budget>-<probe>; its items.jsonl makes it resumable."""
+    return os.path.join(root, tag, f"g{budget}-{name}")
 
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(summary['name'])}</title></head><body>",
-             f"<pre>{html.escape(_markdown(summary))}</pre>"]
-    for it in items:
-        s = samples[it["id"]]
-        original = s.image()
-        width = max(2, s.width // 300)
-        im = crop.draw_boxes(original, it["boxes"], colors=("red",), width=width)
-        if it["gt_boxes"]:
-            im = crop.draw_boxes(im, it["gt_boxes"][:1], colors=("lime",), width=width)
-        crops = "".join(_png(original.crop(tuple(b)), 160) for b in it["boxes"])
-        mark = "right" if it["correct"] else "wrong"
-        parts.append(f"<hr><h3>{html.escape(it['id'])} [{html.escape(it['category'])}]: {mark} "
-                     f"(answer {html.escape(it['answer'])}, reply {html.escape(str(it['reply'])[:80])})</h3>"
-                     f"{_png(im, thumb)}<p>red: the model's boxes; lime: ground truth. Crops: {crops or 'none'}</p>"
-                     f"<pre>{html.escape(it['text'])}</pre>")
-    with open(path, "w") as f:
-        f.write("".join(parts) + "</body></html>")
+
+def _model_tag(model_name, adapter):
+    """A folder name and legend label per model: the adapter's path, or the base model's name."""
+    return os.path.normpath(adapter or model_name).strip(os.sep).replace(os.sep, "-") or "model"
+
+
+def sweep(args):
+    """The paper's analysis: accuracy with the tool, with noise crops and without the tool, and the crop
+    dependency, against the global image's budget; one line per model (--adapter, repeatable)."""
+    import functools
+    import plot
+
+    budgets = [int(b) for b in args.sweep.split(",") if b.strip()]
+    root = args.out or os.path.join("runs", "eval", f"sweep-{args.bench}")
+    points = []
+    for adapter in args.adapters:
+        model_args = argparse.Namespace(**{**vars(args), "adapter": adapter, "html": None, "shard": None})
+        base = resolve_settings(model_args).model  # the adapter's own base model unless --model is given
+        tag = _model_tag(base, adapter)
+        load = functools.lru_cache(maxsize=None)(
+            lambda a=adapter, m=base: model.load_policy(m, adapter=a, lora=False, trainable=False))
+        for budget in budgets:
+            point = dict(model=tag, global_tokens=budget)
+            for name, probe in SWEEP_PROBES:
+                point_args = argparse.Namespace(**{**vars(model_args), "global_tokens": budget, "probe": probe,
+                                                   "out": _sweep_folder(root, tag, budget, name)})
+                summary = evaluate(point_args, load)
+                point[name], point["num_items"] = summary["accuracy"], summary["num_items"]
+            points.append(point)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump(points, f, indent=1)
+    table = _sweep_markdown(points, args.bench)
+    with open(os.path.join(root, "sweep.md"), "w") as f:
+        f.write(table + "\n")
+    plot.plot_sweep(points, os.path.join(root, "sweep.png"))
+    print(table + f"\n\nsweep: {root}/sweep.md, sweep.json, sweep.png")
+    return points
+
+
+def _sweep_markdown(points, bench):
+    rows = [f"| {p['model']} | {p['global_tokens']:,} | {p['num_items']} | {100 * p['plain']:.1f} | "
+            f"{100 * p['noise']:.1f} | {100 * p['no-tool']:.1f} | {100 * (p['plain'] - p['noise']):+.1f} |"
+            for p in points]
+    return "\n".join([f"### {bench}: accuracy (%) against the global image's budget", "",
+                      "| model | global tokens | items | with the tool | noise crops | without the tool | "
+                      "crop dependency (points) |", "|---|---|---|---|---|---|---|", *rows])
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sweep:
+        return sweep(args)
     if args.summary:
         return probe_summary(args.bench, os.path.dirname(os.path.normpath(args.out)) if args.out else "runs/eval")
     return evaluate(args)

@@ -1,9 +1,16 @@
-"""Stage 1's information gap: per sample, the global-image budget at which the policy stops being able to
-answer from the global image (offline selection), and the rules by which training assigns levels.
+"""Stage 1's information gap: per sample, the global-image budget at which the policy's answer departs from
+its answer on the original (the offline "resolution selection"), and how a training run assigns levels.
 
-    python infogap.py --model M --data D.jsonl --ladder 16384,4096,1024,256,64 --out D.infogap.jsonl
+    python infogap.py --model M --data D.jsonl --out D.infogap.jsonl        # or train.py --infogap auto
+
+The reference answer is the policy's, greedy and without the tool, on the original image at full resolution
+(up to --reference-tokens, 16,384 by default). Then down the ladder: the first budget whose answer is a
+different answer (compared as the accuracy reward compares answers: "B" and "(B) red" agree) is the sample's
+level, its global image in training. A reply without <answer> is "no answer", not a divergence. A sample whose
+answers never diverge is flagged; the run decides what to do with it (Config.infogap_never).
 """
 import argparse
+import hashlib
 import json
 import os
 
@@ -14,68 +21,142 @@ import rewards
 from model import load_policy
 from rollout import RolloutConfig, rollout
 
+LADDER = "4096,1024,256,64"  # global budgets below the reference, largest first [choice]
 
-def select(model_name, spec, ladder, out, adapter=None, max_tokens=64, batch=8, seed=0):
-    """Offline information-gap selection (LFPC stage 1). Per sample, the policy answers greedily, without the
-    tool, from the global image at each budget of the ladder (largest first). The first level whose answer
-    differs from the answer at the largest is the sample's level; a sample that never diverges keeps the
-    smallest and is flagged. Appends one JSON line per sample to `out`; a rerun skips what is done."""
+
+def _answers(policy, samples, tokens, max_tokens, prompt):
+    """Greedy replies without the tool at a global budget: the <answer> content, or None."""
+    cfg = RolloutConfig(greedy=True, probe="no-tool", max_turns=1, max_turn_tokens=max_tokens,
+                        max_response_tokens=max_tokens, global_tokens=tokens, prompt=prompt)
+    return [rewards.extract_answer(e.text) for e in rollout(policy, samples, cfg)]
+
+
+def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=16384, max_tokens=1024, batch=8,
+           seed=0, prompt="deepeyes", matcher="rule"):
+    """Select every sample's level; one JSON line per sample is appended to `out` as its batch finishes, so a
+    rerun skips what is done. Returns read_levels(out)."""
     samples = data.load(spec, seed)
+    ladder = sorted((t for t in ladder if t < reference_tokens), reverse=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    done = set()
-    if os.path.exists(out):
-        with open(out) as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
+    done = set(read_levels(out)) if os.path.exists(out) else set()
     todo = [s for s in samples if s.id not in done]
     policy = load_policy(model_name, adapter=adapter, lora=False, trainable=False) if todo else None
     for i in tqdm(range(0, len(todo), batch), desc="infogap", unit="batch"):
         group = todo[i:i + batch]
-        answers = {}
-        for level in ladder:
-            cfg = RolloutConfig(greedy=True, probe="no-tool", max_turns=1, max_turn_tokens=max_tokens,
-                                max_response_tokens=max_tokens, global_tokens=level)
-            for s, e in zip(group, rollout(policy, group, cfg)):
-                reply = rewards.extract_answer(e.text)
-                answers.setdefault(s.id, []).append(rewards.normalize(reply if reply is not None else e.text))
+        reference = dict(zip((s.id for s in group), _answers(policy, group, reference_tokens, max_tokens, prompt)))
+        answers = {s.id: {} for s in group}
+        level = {}
+        open_ = [s for s in group if reference[s.id] is not None]  # no reference answer: nothing to depart from
+        for tokens in ladder:  # down the ladder, only for the samples still undecided
+            if not open_:
+                break
+            for s, a in zip(open_, _answers(policy, open_, tokens, max_tokens, prompt)):
+                answers[s.id][str(tokens)] = a
+                if a is not None and not rewards.same_answer(a, reference[s.id], s.options, matcher):
+                    level[s.id] = tokens
+            open_ = [s for s in open_ if s.id not in level]
         with open(out, "a") as f:
             for s in group:
-                a = answers[s.id]
-                first = next((k for k in range(1, len(ladder)) if a[k] != a[0]), None)
-                f.write(json.dumps(dict(id=s.id, global_tokens=ladder[first if first else -1],
-                                        diverged=first is not None, answers=dict(zip(map(str, ladder), a)))) + "\n")
+                f.write(json.dumps(dict(id=s.id, global_tokens=level.get(s.id), diverged=s.id in level,
+                                        reference=reference[s.id], reference_tokens=reference_tokens,
+                                        ladder=ladder, answers=answers[s.id])) + "\n")
     levels = read_levels(out)
-    print("levels (global tokens: samples): " + ", ".join(
-        f"{lv}: {sum(v == lv for v, _ in levels.values())}" for lv in ladder)
-        + f"; never diverged: {sum(not d for _, d in levels.values())}")
+    print(f"information-gap levels in {out}: " + ", ".join(
+        f"{t} tokens: {sum(r['global_tokens'] == t for r in levels.values())}" for t in ladder)
+        + f"; never diverged: {sum(not r['diverged'] for r in levels.values())} of {len(levels)}")
     return levels
 
 
 def read_levels(path):
-    """id -> (global_tokens, diverged) from an infogap JSONL."""
+    """id -> the row of an infogap JSONL (global_tokens or None, diverged, reference, ladder, ...)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: info-gap file not found: {path} (make it with python infogap.py)")
+        raise SystemExit(f"error: info-gap file not found: {path} (make it with python infogap.py, or pass "
+                         f"--infogap auto)")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {r["id"]: (int(r["global_tokens"]), bool(r["diverged"])) for r in rows}
+    return {r["id"]: r for r in rows}
 
 
-def assign(setting, samples):
-    """Set each sample's global-image level from a run's `infogap` setting: "" (the samples' own levels, if
-    any), "off" (no gap), "fixed:N" (one budget for all) or a levels file from select()."""
-    if setting in ("", "off"):
-        return
+def cache_path(cfg):
+    """Where --infogap auto keeps its selection: next to the data file (runs/ for synthetic data), named by
+    what the selection depends on, so a different model or ladder never reuses it."""
+    key = json.dumps([cfg.model, cfg.init_adapter, cfg.infogap_ladder, cfg.infogap_reference_tokens,
+                      cfg.infogap_max_tokens, cfg.prompt, cfg.matcher, cfg.seed])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    if os.path.exists(cfg.data):
+        return f"{os.path.splitext(cfg.data.rstrip('/'))[0]}.infogap-{tag}.jsonl"
+    return os.path.join("runs", f"{cfg.data.replace(':', '_')}.infogap-{tag}.jsonl")
+
+
+NO_LEVELS = ("error: stage 1 needs each sample's information-gap level, and {data} has none. Choose one:\n"
+             "  --infogap auto      select them now with the policy (cached next to the data, resumable)\n"
+             "  --infogap FILE      levels from python infogap.py\n"
+             "  --infogap fixed:N   one global budget of N tokens for every sample\n"
+             "  --infogap off       no gap: crops cut from the shown image (the paper's same-resolution baseline)")
+
+
+def prepare(cfg, samples):
+    """Give each sample its global-image level for a run from cfg.infogap (see Config), and return the
+    samples to train on. Prints what was assigned; stops when stage 1 would otherwise train without a gap."""
+    setting = cfg.infogap
+    if setting == "off":  # the baseline: every global image at the run's budget
+        for s in samples:
+            s.global_tokens = None
+        return samples
     if setting.startswith("fixed:"):
         level = setting.split(":", 1)[1]
         if not level.isdigit() or int(level) < 4:
             raise SystemExit(f"error: --infogap {setting!r}: expected fixed:N with N >= 4 tokens")
         for s in samples:
             s.global_tokens = int(level)
-        return
-    levels = read_levels(setting)
+        return samples
+    if setting == "auto":
+        setting = cache_path(cfg)
+        select(cfg.model, cfg.data, [int(t) for t in cfg.infogap_ladder.split(",")], setting,
+               adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
+               max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher)
+    if setting:
+        samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)
+    elif cfg.data.startswith("synthetic") and not any(s.global_tokens for s in samples):
+        print(f"synthetic data: its designed information-gap level, {data.SYNTHETIC_LEVEL} tokens")
+        for s in samples:
+            s.global_tokens = data.SYNTHETIC_LEVEL
+    if cfg.stage == 1 and not any(s.global_tokens for s in samples):
+        raise SystemExit(NO_LEVELS.format(data=cfg.data))
+    _report_above_budget(samples, cfg.global_tokens)
+    return samples
+
+
+def _apply_levels(levels, samples, never, path):
+    """Set levels from a selection; a sample that never diverged follows `never`: coarsest (the ladder's
+    smallest budget, the largest gap), reference (its reference budget: no gap) or drop."""
+    if never not in ("coarsest", "reference", "drop"):
+        raise SystemExit(f"error: --infogap_never {never!r}: expected coarsest, reference or drop")
+    kept, missing, undiverged = [], 0, 0
     for s in samples:
-        s.global_tokens = levels.get(s.id, (None,))[0]
-    missing = sum(s.id not in levels for s in samples)
-    print(f"info-gap levels from {setting}" + (f"; {missing} sample(s) have none (global_tokens)" if missing else ""))
+        row = levels.get(s.id)
+        if row is None:
+            missing += 1
+        elif row["diverged"]:
+            s.global_tokens = int(row["global_tokens"])
+        else:
+            undiverged += 1
+            if never == "drop":
+                continue
+            s.global_tokens = min(row["ladder"]) if never == "coarsest" and row["ladder"] else row["reference_tokens"]
+        kept.append(s)
+    print(f"info-gap levels from {path}: {len(samples) - missing - undiverged} diverged, {undiverged} never "
+          f"diverged ({'dropped' if never == 'drop' else never}), {missing} without a level (global_tokens)")
+    return kept
+
+
+def _report_above_budget(samples, budget):
+    """A level is the sample's global image, never capped; say how many exceed the budget memory was sized for."""
+    above = [s.global_tokens for s in samples if s.global_tokens and s.global_tokens > budget]
+    if above:
+        print(f"note: {len(above)} of {len(samples)} samples have an information-gap level above global_tokens="
+              f"{budget} (up to {max(above)} tokens); their global images are larger than the memory estimate "
+              f"assumes: raise global_tokens to {max(above)} to size it, or use a smaller ladder")
 
 
 def main():
@@ -83,13 +164,17 @@ def main():
     ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet or a folder")
     ap.add_argument("--model", default="tiny", help="the policy that answers")
     ap.add_argument("--adapter", default=None, help="an adapter for the policy")
-    ap.add_argument("--ladder", default="16384,4096,1024,256,64", help="global budgets, largest first")
-    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
+    ap.add_argument("--ladder", default=LADDER, help="global budgets below the reference, largest first")
+    ap.add_argument("--reference-tokens", type=int, default=16384, help="the reference answer's budget")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="tokens per answer (a 7B thinks before answering)")
+    ap.add_argument("--prompt", default="deepeyes", choices=["deepeyes", "qwen"], help="prompt wording")
+    ap.add_argument("--matcher", default="rule", choices=list(rewards.MATCHERS), help="short-answer matcher")
     ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl)")
     args = ap.parse_args()
-    ladder = sorted((int(x) for x in args.ladder.split(",")), reverse=True)
     out = args.out or args.data.replace(":", "_").removesuffix(".jsonl") + ".infogap.jsonl"
-    select(args.model, args.data, ladder, out, args.adapter, args.max_tokens)
+    select(args.model, args.data, [int(x) for x in args.ladder.split(",")], out, adapter=args.adapter,
+           reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, prompt=args.prompt,
+           matcher=args.matcher)
 
 
 if __name__ == "__main__":

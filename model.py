@@ -6,43 +6,79 @@ from hidden states through `kernels.selective_logprobs` (never the full logits).
 same model with its adapters disabled, so there is no second copy in memory.
 
     python -c "import model; p = model.load_policy('tiny'); print(p.model)"
-    python model.py export --adapter runs/stage2/final --out merged/     # a plain checkpoint
+    python model.py export --adapter runs/stage2/final --out merged/     # the base's own layout, adapter merged
 """
 import contextlib
 import json
 import logging
 import os
+import tempfile
 import warnings
 
 import torch
 
 import kernels
+import snapshot
 
 # bitsandbytes' CPU backend warns on import when an optional kernel hub package is missing; it falls back.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT calls a renamed transformers API
 
-SYSTEM_PROMPT = """You are a helpful assistant.
+# ---------------------------------------------------------------- prompts: --prompt deepeyes | qwen
 
-# Tools
+# DeepEyes' wording, which DeepEyes-7B was trained with and LFPC starts from. Source: github.com/Visual-Agent/DeepEyes
+# at 6c5e796: SYSTEM_PROMPT_V2 and USER_PROMPT_V2 in verl/workers/agent/envs/mm_process_engine/prompt.py; the
+# user turn "Question: ...\nOptions: \nA. ...\n" + USER_PROMPT_V2 in eval/eval_vstar.py; the tool's reply
+# "<tool_response><image>" + USER_PROMPT_V2 + "</tool_response>" and the error turn "Error: ..." in
+# verl/workers/agent/envs/mm_process_engine/visual_toolbox_v2.py. (Its schema says "required": ["bbox"] while the
+# property is bbox_2d: kept as written, since that is what the checkpoints saw.)
+# Both system prompts declare the tool in Qwen's layout: a <tools> block with the schema, then the call format.
+TOOLS = "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{schema}\n</tools>"
+CALL_FORMAT = '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 
-You may call one or more functions to assist with the user query.
+DEEPEYES_SYSTEM = (
+    "You are a helpful assistant.\n\n# Tools\nYou may call one or more functions to assist with the user query.\n"
+    + TOOLS.format(schema='{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}')
+    + "\n\n# How to call a tool\nReturn a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n" + CALL_FORMAT + "\n\n**Example**:  \n<tool_call>  \n"
+    '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  '
+    "\n</tool_call>")
+DEEPEYES_USER = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  "
+                 "<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
+# without the tool (the no-tool probe, the information-gap selection): DeepEyes has no such prompt [choice]
+DEEPEYES_USER_NO_TOOL = "\nThink first, then answer. Format strictly as:  <think>...</think>  <answer>...</answer> "
 
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{"type": "function", "function": {"name": "image_zoom_in_tool", "description": "Zoom in on a region of the image by cropping it with a bounding box and return the crop at high resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "The region to zoom in on, as [x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of the image you were shown."}, "label": {"type": "string", "description": "The name of the object in the box (optional)."}}, "required": ["bbox_2d"]}}}
-</tools>
+# The project's own wording (Qwen's tool-calling layout), for models trained with it.
+QWEN_SYSTEM = (
+    "You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    + TOOLS.format(schema='{"type": "function", "function": {"name": "image_zoom_in_tool", "description": "Zoom in on a region of the image by cropping it with a bounding box and return the crop at high resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "The region to zoom in on, as [x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of the image you were shown."}, "label": {"type": "string", "description": "The name of the object in the box (optional)."}}, "required": ["bbox_2d"]}}}')
+    + "\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n" + CALL_FORMAT)
+QWEN_USER = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
+             "its region. Put the final answer inside <answer></answer>.")
+QWEN_USER_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
+PLAIN_SYSTEM = "You are a helpful assistant."
+PROMPTS = ("deepeyes", "qwen")
 
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call>"""
 
-USER_SUFFIX = ("\nThink first inside <think></think>. If a detail is too small to see, call image_zoom_in_tool on "
-               "its region. Put the final answer inside <answer></answer>.")
+def _check_prompt(prompt):
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
 
-SYSTEM_PROMPT_NO_TOOL = "You are a helpful assistant."
-USER_SUFFIX_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
+
+def user_text(question, options=None, prompt="deepeyes", tools=True):
+    """The user turn's text after the image: the question, its lettered options, the instructions."""
+    _check_prompt(prompt)
+    letters = "ABCDE"
+    if prompt == "deepeyes":
+        text = f"Question: {question}\n"
+        if options:
+            text += "Options: \n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options))
+        return text + (DEEPEYES_USER if tools else DEEPEYES_USER_NO_TOOL)
+    if options:
+        question += "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options)) + "\nAnswer with the option's letter."
+    return question + (QWEN_USER if tools else QWEN_USER_NO_TOOL)
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -91,21 +127,27 @@ class Policy:
         n = int(grid[0] * grid[1] * grid[2]) // self.merge ** 2
         return [self.vision_start] + [self.image_pad] * n + [self.vision_end]
 
-    def prompt_ids(self, question, grid, tools=True):
-        """System + user turn with the global image + the opening of the assistant turn. tools=False: the
-        prompt declares no tool (the no-tool probe)."""
-        system, suffix = (SYSTEM_PROMPT, USER_SUFFIX) if tools else (SYSTEM_PROMPT_NO_TOOL, USER_SUFFIX_NO_TOOL)
+    def prompt_ids(self, text, grid, tools=True, prompt="deepeyes"):
+        """System + user turn (the global image, then `text`, from user_text) + the opening of the assistant
+        turn. tools=False: the system prompt declares no tool (the no-tool probe, the info-gap selection)."""
+        _check_prompt(prompt)
+        system = PLAIN_SYSTEM if not tools else DEEPEYES_SYSTEM if prompt == "deepeyes" else QWEN_SYSTEM
         head = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
-        tail = self.encode(f"{question}{suffix}<|im_end|>\n<|im_start|>assistant\n")
+        tail = self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
         return head + self.image_block(grid) + tail
 
-    def tool_turn_ids(self, closed, grid=None, error=None):
+    def tool_turn_ids(self, closed, grid=None, error=None, prompt="deepeyes"):
         """The tool's reply as a user turn: the crop (grid) or an `Error: ...` text, then a new assistant
         turn. `closed`: the assistant turn already ended with <|im_end|> (else we close it here)."""
-        ids = [] if closed else self.encode("<|im_end|>\n")
-        ids += self.encode("<|im_start|>user\n<tool_response>")
-        ids += self.image_block(grid) if error is None else self.encode(f"Error: {error}")
-        return ids + self.encode("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        _check_prompt(prompt)
+        ids = self.encode("\n" if closed else "<|im_end|>\n")  # the chat template's newline after <|im_end|>
+        ids += self.encode("<|im_start|>user\n")
+        if error is not None:  # DeepEyes answers a bad call with bare "Error: ..." text
+            ids += self.encode(f"Error: {error}" if prompt == "deepeyes" else f"<tool_response>Error: {error}</tool_response>")
+        else:
+            ids += self.encode("<tool_response>") + self.image_block(grid)
+            ids += self.encode((DEEPEYES_USER if prompt == "deepeyes" else "") + "</tool_response>")
+        return ids + self.encode("<|im_end|>\n<|im_start|>assistant\n")
 
     def forward_hidden(self, ids, attention_mask, position_ids, pixel_values=None, grid_thw=None, cache=None):
         """Last hidden states (B, T, D) of the language model (no lm_head), and the updated KV cache.
@@ -200,7 +242,8 @@ def build_tiny_tokenizer():
     words = ("what which where is the word written in small box letter color shape circle square triangle "
              "cross star answer think zoom region image tool call bbox label A B C D yes no left right top "
              "bottom red green blue black white").split()
-    corpus = [SYSTEM_PROMPT, USER_SUFFIX, " ".join(words),
+    corpus = [DEEPEYES_SYSTEM, DEEPEYES_USER, DEEPEYES_USER_NO_TOOL, QWEN_SYSTEM, QWEN_USER, QWEN_USER_NO_TOOL,
+              "Question: Options: ", " ".join(words),
               '<think>The text is too small, zoom in.</think>',
               '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 300, 400]}}',
               "<answer>B</answer> <tool_response> Error: </tool_response> 0123456789 [], .:;!?'\""]
@@ -258,20 +301,49 @@ def build_tiny(seed=0, shape="tiny", dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer
 
 
-def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=32, quantize=None,
+BUILT_IN = ("tiny", "tiny-7b")  # random weights, built here: no download
+PRECISIONS = ("auto", "nf4", "bf16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def base_precision(name, precision="auto"):
+    """The precision of the base weights: `auto` is nf4 (QLoRA) for a checkpoint, fp32 for `tiny` and bf16 for
+    `tiny-7b`; nf4, bf16 and fp32 are asked for by name, on any device."""
+    if precision not in PRECISIONS:
+        raise SystemExit(f"error: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return {"tiny": "fp32", "tiny-7b": "bf16"}.get(name, "nf4")
+
+
+def locate(name, download=True):
+    """A built-in name as is, else the absolute path of the model's folder (snapshot.resolve)."""
+    return name if name in BUILT_IN else snapshot.resolve(name, download)
+
+
+def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=32, precision="auto",
                 gradient_checkpointing=False, trainable=True, seed=0, device=None):
     """Load `tiny` or a Qwen2.5-VL checkpoint (hub id or local path) and wrap it with LoRA.
 
     adapter: a PEFT adapter folder to start from (stage 2 starts from stage 1's). lora=False: the model as
-    it is (an external checkpoint such as DeepEyes, for evaluation). quantize: 4-bit NF4 (default: on CUDA)."""
+    it is (an external checkpoint such as DeepEyes, for evaluation). precision: of the base weights, see
+    base_precision (eval.py --precision and train.py --base_precision pass it)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name in ("tiny", "tiny-7b"):  # tiny-7b: random weights at 7B's shape, bf16 (GPU benchmarks)
-        shape, dtype = ("7b", torch.bfloat16) if name == "tiny-7b" else ("tiny", torch.float32)
-        model, tokenizer = build_tiny(seed, shape, dtype, device)
+    precision = base_precision(name, precision)
+    if name in BUILT_IN and precision != "nf4":  # tiny-7b: random weights at 7B's shape (GPU benchmarks)
+        model, tokenizer = build_tiny(seed, "7b" if name == "tiny-7b" else "tiny", DTYPES[precision], device)
+    elif name in BUILT_IN:  # NF4 quantises while loading: the built-in model goes through a folder like any other
+        with tempfile.TemporaryDirectory() as folder:
+            save_tiny(folder, seed, name)
+            model, tokenizer = _load_checkpoint(folder, device, precision)
     else:
-        model, tokenizer = _load_checkpoint(name, device, quantize)
+        folder = locate(name)
+        model, tokenizer = _load_checkpoint(folder, device, precision)
+    # what adapters record as their base: the absolute folder; nothing for a built-in model (PEFT would look
+    # a name up on the Hub when saving)
+    model.name_or_path = "" if name in BUILT_IN else folder
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -283,58 +355,109 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                          bias="none", init_lora_weights=True)
         model = get_peft_model(model, cfg)
-    return Policy(model, tokenizer, name)
+    policy = Policy(model, tokenizer, name)
+    if name not in BUILT_IN:
+        check_template(policy, folder)
+    return policy
 
 
-def _load_checkpoint(name, device, quantize):
-    """A real checkpoint: the language model's linear layers in NF4 (double quant, bf16 compute); the vision
-    tower and lm_head stay in bf16. A missing checkpoint is one clear line, not a hub traceback."""
-    from transformers import AutoTokenizer, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+def save_tiny(folder, seed=0, name="tiny"):
+    """The built-in model as a checkpoint folder (weights, config, tokenizer, chat template)."""
+    model, tokenizer = build_tiny(seed, "7b" if name == "tiny-7b" else "tiny")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
-    quantize = (device == "cuda") if quantize is None else quantize
+
+def _load_checkpoint(folder, device, precision):
+    """A checkpoint folder, checked first (snapshot.check). nf4: the language model's linear layers in 4-bit
+    NF4 (double quant); the vision tower and lm_head stay in the compute dtype: bf16 on CUDA, fp32 on CPU."""
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = snapshot.check(folder)
+    dtype = DTYPES.get(precision, torch.bfloat16 if device == "cuda" else torch.float32)
+    # transformers 5 matches skipped modules from the start of their names (model.visual.*), 4 anywhere (visual)
+    skip = ["visual", "model.visual", "lm_head"]
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16,
-                             llm_int8_skip_modules=["visual", "lm_head"]) if quantize else None
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+                             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip) if precision == "nf4" else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            name, dtype=dtype, quantization_config=bnb, device_map={"": device}, attn_implementation="sdpa")
+            folder, dtype=dtype, quantization_config=bnb, device_map={"": device}, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}\n"
-                         f"  Download it first (e.g. huggingface-cli download {name} --local-dir DIR) and pass "
-                         f"--model DIR; use --model tiny for the built-in toy model.")
+        raise SystemExit(f"error: cannot load the weights in {folder}: {str(e).splitlines()[0]}") from None
+    if bnb is not None:
+        _keep_trainable_layout(model)
     return model.eval(), tokenizer
+
+
+def _keep_trainable_layout(model):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout the first
+    time its layer runs in eval mode without gradients (our rollout). That layout has no backward and adds the
+    bias in place, so the next update fails ("a view of a leaf Variable ... in-place operation") and no
+    gradient reaches the LoRA layers below. Switching the repacking off keeps one layout for both."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def check_template(policy, folder):
+    """Warn when the snapshot's chat template does not render the project's prompt token for token (the model
+    was tuned on its template, so a prompt that departs from it is off-distribution)."""
+    template = snapshot.chat_template(folder)
+    if template is None:
+        return None
+    grid = (1, 2 * policy.merge, 2 * policy.merge)  # one image of 4 pads
+    messages = [dict(role="system", content=SYSTEM_PROMPT),
+                dict(role="user", content=[dict(type="image"), dict(type="text", text="What is it?" + USER_SUFFIX)])]
+    text = policy.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                add_generation_prompt=True)
+    pads = "<|image_pad|>" * (len(policy.image_block(grid)) - 2)
+    theirs = policy.encode(text.replace("<|image_pad|>", pads))
+    ours = policy.prompt_ids("What is it?", grid)
+    if theirs == ours:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    show = lambda ids: repr(policy.tokenizer.decode(ids[at:at + 8]))  # noqa: E731
+    warning = (f"warning: {folder}'s chat template renders the prompt differently from token {at} on: "
+               f"ours {show(ours)}, template {show(theirs)}")
+    print(warning)
+    return warning
 
 
 # ---------------------------------------------------------------- memory estimate (no download)
 
-# Qwen2.5-VL language-model shapes: hidden, layers, query heads, KV heads, MLP, vocab, tied embeddings
-LM_SHAPES = {"7b": (3584, 28, 28, 4, 18944, 152064, False), "3b": (2048, 36, 16, 2, 11008, 151936, True),
-             "tiny": (64, 2, 4, 2, 128, 602, False)}
-VISION_PARAMS = {"7b": 676e6, "3b": 669e6, "tiny": 0.05e6}  # 32 blocks of hidden 1,280 + merger
 PROMPT_TOKENS = 400  # system prompt (tool schema) + question + template, without the image
 
 
-def shape_of(name):
-    """Which shape a model name stands for, from the name alone: tiny, 3b, else 7b."""
-    name = name.lower()
-    return "tiny" if name.startswith("tiny") and name != "tiny-7b" else "3b" if "3b" in name else "7b"
+def model_config(name):
+    """(config dict, where it came from) for the memory estimate: the built-in shapes, or the model's own
+    config.json (any Qwen2.5-VL size). Nothing is downloaded: a model that cannot be found is an error."""
+    if name in BUILT_IN:
+        shape = SHAPES["7b" if name == "tiny-7b" else "tiny"]
+        text = {k: v for k, v in shape["text"].items() if k != "mrope_section"}
+        return dict(text, vocab_size=text.get("vocab_size", 602), vision_config=dict(
+            shape["vision"], out_hidden_size=text["hidden_size"])), f"the built-in {name}"
+    folder = locate(name, download=False)
+    return snapshot.read_config(folder), os.path.join(folder, "config.json")
 
 
 def estimate_memory(cfg):
-    """Peak GPU memory of a training step by part, in GB, from the shapes alone (nothing is downloaded).
+    """Peak GPU memory of a training step by part, in GB, from the shapes in the model's config.json.
 
-    cfg: train.Config (model, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
+    cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
     max_response_tokens, gradient_checkpointing). The rollout and the update do not overlap, so the peak
     is weights + LoRA/optimizer + the larger of (KV cache) and (activations + log-prob chunks)."""
-    shape = shape_of(cfg.model)
-    h, layers, heads, kv, mlp, vocab, tied = LM_SHAPES[shape]
+    config, _ = model_config(cfg.model)
+    h, layers, heads, kv, mlp, vocab, tied = snapshot.lm_shape(config)
     hd = h // heads
     linear = layers * (2 * h * h + 2 * h * kv * hd + 3 * h * mlp)  # q, o, k, v, gate/up/down
-    quantized = shape != "tiny" and cfg.model != "tiny-7b"  # the random tiny-7b is bf16
-    weights = linear * (0.5 + 0.127 / 8 if quantized else 2)  # NF4 + double-quantised constants, or bf16
-    weights += vocab * h * 2 * (1 if tied else 2) + VISION_PARAMS[shape] * 2  # embeddings, head, vision: bf16
+    precision = base_precision(cfg.model, cfg.base_precision)
+    per_weight = 4 if precision == "fp32" else 2  # bytes of a weight kept unquantized: bf16 unless fp32 is asked
+    weights = linear * (0.5 + 0.127 / 8 if precision == "nf4" else per_weight)  # NF4 + double-quantised constants
+    # embeddings, head and vision tower
+    weights += (vocab * h * (1 if tied else 2) + snapshot.vision_params(config)) * per_weight
     lora = layers * cfg.lora_r * (2 * h + 2 * h + 2 * (h + kv * hd) + 3 * (h + mlp))
     lora_bytes = lora * 16  # fp32 weight, gradient and two AdamW moments
     seq = PROMPT_TOKENS + cfg.global_tokens + cfg.max_response_tokens
@@ -349,7 +472,7 @@ def estimate_memory(cfg):
     # the gradient (N, D) fp32 and one chunk of logits: fp32, its bf16 matmul output, and p in bf16
     logprobs = n * h * 4 + min(n * vocab, kernels.logprobs.CHUNK_ELEMENTS) * (4 + 2 + 2)
     parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, activations=activations,
-                 logprob_chunks=logprobs, cuda_overhead=1.5e9 if shape != "tiny" else 0)
+                 logprob_chunks=logprobs, cuda_overhead=0 if cfg.model == "tiny" else 1.5e9)
     gb = {k: v / 1e9 for k, v in parts.items()}
     gb["peak"] = gb["weights"] + gb["lora_and_optimizer"] + gb["cuda_overhead"] + max(
         gb["kv_cache"], gb["activations"] + gb["logprob_chunks"])
@@ -359,23 +482,21 @@ def estimate_memory(cfg):
 # ---------------------------------------------------------------- export
 
 def export(adapter, out, name=None):
-    """Merge a trained adapter into its base model and save a plain bf16 Qwen2.5-VL checkpoint (loadable by
-    transformers, and so by vLLM or lmms-eval), with the adapter alone in out/adapter in PEFT's format."""
-    import shutil
-
+    """Merge a trained adapter into its bf16 base and write a folder that loads wherever the base loads
+    (transformers 4 and 5, vLLM, lmms-eval): the base's own files, tensor names, shards and dtype, with the
+    merged weights (snapshot.merge), and the adapter alone in out/adapter in PEFT's format."""
     meta = os.path.join(adapter, "config.json")  # our checkpoints record the run's Config, base model included
     run = json.load(open(meta)) if os.path.exists(meta) else {}
     name = name or run.get("model")
     if not name:
         raise SystemExit(f"error: {adapter} does not say which base model it was trained on: pass --model")
-    policy = load_policy(name, adapter=adapter, quantize=False, trainable=False, seed=run.get("seed", 0))
-    merged = policy.model.merge_and_unload()  # base weights + B A * alpha / r, in full precision
-    if name != "tiny":
-        merged = merged.to(torch.bfloat16)
-    merged.save_pretrained(out)
-    policy.tokenizer.save_pretrained(out)
-    shutil.copytree(adapter, os.path.join(out, "adapter"), dirs_exist_ok=True)
-    print(f"merged {name} + {adapter} -> {out} (adapter alone in {os.path.join(out, 'adapter')})")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise SystemExit(f"error: {adapter} holds no adapter_config.json (not a PEFT adapter folder)")
+    with tempfile.TemporaryDirectory() as tiny:  # the built-in model has no folder: write one to merge into
+        base = save_tiny(tiny, run.get("seed", 0), name) if name in BUILT_IN else locate(name)
+        num_merged = snapshot.merge(base, adapter, out)
+    print(f"merged {adapter} into {base} ({num_merged} weights) -> {out}; the adapter alone in "
+          f"{os.path.join(out, 'adapter')}")
     return out
 
 

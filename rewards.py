@@ -19,6 +19,7 @@ class RewardConfig:
     w_grounding: float = 0.0  # stage 2 turns it on
     tau: float = 0.9  # coverage of B1 needed before IoU counts
     omega: float = 0.5  # r_geo = omega * r_IoU + (1 - omega) * r_L1 [choice]
+    matcher: str = "rule"  # short answers: exact | rule | math (see accuracy)
 
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -26,9 +27,18 @@ BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 
 
+TOOL_TURN_RE = re.compile(r"<\|im_start\|>user\n.*?<\|im_start\|>assistant\n", re.S)
+
+
+def assistant_text(text):
+    """An episode's response without the tool's replies (user turns): what the policy wrote. DeepEyes' tool
+    reply repeats its instructions, "<tool_call>...</tool_call>" and "<answer>...</answer>" included."""
+    return TOOL_TURN_RE.sub("", text)
+
+
 def extract_answer(text):
-    """The content of the last <answer>...</answer>, stripped; None when there is none."""
-    found = ANSWER_RE.findall(text)
+    """The content of the last <answer>...</answer> the policy wrote, stripped; None when there is none."""
+    found = ANSWER_RE.findall(assistant_text(text))
     return found[-1].strip() if found else None
 
 
@@ -51,33 +61,96 @@ def normalize(text):
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
-def accuracy(reply, answer, options=None):
-    """1.0 if the reply is right. Multiple choice: the letter (or the option's text) matches. Short answer:
-    normalised exact match. `reply` is the <answer> content (or a bare reply)."""
+def accuracy(reply, answer, options=None, matcher="rule"):
+    """1.0 if the reply is right. Multiple choice: the letter (or the option's text) matches. Short answer,
+    by `matcher`: "exact" (normalised exact match), "rule" (also: numbers compared as numbers, yes/no by the
+    reply's first word, the answer contained in a short reply) or "math" (math-verify, then "rule").
+    `reply` is the <answer> content (or a bare reply)."""
     if reply is None:
         return 0.0
     if options:
-        texts = [normalize(o) for o in options]
-        if normalize(reply) in texts:  # the option's own text (checked first: "A dog" is not the letter A)
-            letter = "ABCDE"[texts.index(normalize(reply))]
-        else:
-            letter = _reply_letter(reply)
-        return float(letter == answer.strip().upper())
+        return float(picked_option(reply, options) == answer.strip().upper())
     if re.fullmatch(r"[A-E]", answer.strip()):  # an option letter without the options (e.g. DeepEyes' data)
         return float(_reply_letter(reply) == answer.strip())
-    return float(normalize(reply) == normalize(answer))
+    if matcher not in MATCHERS:
+        raise ValueError(f"matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+    if normalize(reply) == normalize(answer):
+        return 1.0
+    if matcher == "math" and _math_equal(reply, answer):
+        return 1.0
+    return float(matcher != "exact" and _rule_match(reply, answer))
 
 
+MATCHERS = ("exact", "rule", "math")
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _numbers(text):
+    """The numbers written in a text, as floats ("1,000" is 1000, "3.0" is 3)."""
+    out = []
+    for m in NUMBER_RE.findall(text):
+        try:
+            out.append(float(m.replace(",", "")))
+        except ValueError:
+            continue
+    return out
+
+
+def _rule_match(reply, answer):
+    """The rule-based matcher for short answers (beyond exact match): an answer that is a number matches a
+    reply holding that one number; yes/no match the reply's first word; otherwise the answer's words must
+    appear together in a reply of at most a few more words than the answer (so a reply listing every
+    option does not count)."""
+    a, r = normalize(answer), normalize(reply)
+    numbers = _numbers(answer.replace(" ", ""))
+    if len(numbers) == 1 and NUMBER_RE.fullmatch(answer.strip().rstrip("%").replace(" ", "")):
+        found = _numbers(reply)
+        return len(found) == 1 and abs(found[0] - numbers[0]) <= 1e-6 * max(1.0, abs(numbers[0]))
+    if a in ("yes", "no"):
+        return r.split()[:1] == [a]
+    words = r.split()
+    return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5
+
+
+def _math_equal(reply, answer):
+    """math-verify's equivalence of two answers (LaTeX or plain expressions); False when it cannot parse."""
+    from math_verify import parse, verify
+    try:
+        gold, pred = parse(answer), parse(reply)
+        return bool(gold and pred and verify(gold, pred))
+    except Exception:  # math-verify raises on expressions it cannot handle; that is "not shown equal"
+        return False
+
+
+def picked_option(reply, options):
+    """The option letter a reply picks: the option's own text (checked first: "A dog" is not the letter A),
+    else a letter in it; None when it names neither."""
+    texts = [normalize(o) for o in options]
+    if normalize(reply) in texts:
+        return "ABCDE"[texts.index(normalize(reply))]
+    return _reply_letter(reply)
+
+
+def same_answer(a, b, options=None, matcher="rule"):
+    """Two replies give the same answer (the information-gap selection compares the policy with itself):
+    the same option for multiple choice ("B" and "(B) red" agree), else a match either way under `matcher`."""
+    if options:
+        return picked_option(a, options) is not None and picked_option(a, options) == picked_option(b, options)
+    return accuracy(a, b, matcher=matcher) == 1.0 or accuracy(b, a, matcher=matcher) == 1.0
+
+
+ERROR_TURN_RE = re.compile(r"<tool_response>Error: |<\|im_start\|>user\nError: ")  # both prompt styles
 PAIRED_RE = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.S)
 
 
 def format_ok(text):
     """Well formed: <think>/<tool_call> tags open and close in order, no tool error replies, exactly one
     <answer>, at the end."""
+    if ERROR_TURN_RE.search(text):  # a tool call that got an error reply
+        return False
+    text = assistant_text(text)  # what the policy wrote
     stray = PAIRED_RE.sub("", text)
     if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
-        return False
-    if "<tool_response>Error:" in text:
         return False
     if len(ANSWER_RE.findall(text)) != 1:
         return False
@@ -122,7 +195,7 @@ def score(episode_text, sample, boxes, cfg=RewardConfig()):
 
     episode_text: the response (assistant turns and tool replies); sample: has .answer, .options, .boxes,
     .width, .height; boxes: the boxes the episode cropped, original frame, in order."""
-    acc = accuracy(extract_answer(episode_text), sample.answer, sample.options)
+    acc = accuracy(extract_answer(episode_text), sample.answer, sample.options, cfg.matcher)
     fmt = 0.0 if format_ok(episode_text) else -1.0
     tool = 1.0 if boxes and acc > 0.5 else 0.0
     parts = dict(accuracy=acc, format=fmt, tool=tool, grounding=0.0, iou=None, coverage=None)

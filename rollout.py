@@ -42,8 +42,10 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling
     greedy: bool = False  # argmax decoding (evaluation)
     global_tokens: int = 1024  # budget of the global image, in language-model tokens
-    crop_tokens: int = 1024  # budget of each returned crop
-    probe: str = None  # None | "noise" (crop -> noise) | "gt-box" (box -> ground truth) | "no-tool"
+    crop_tokens: int = 16384  # budget of each returned crop (DeepEyes: 16,384); never coarser than the global image
+    prompt: str = "deepeyes"  # the wording of the system prompt, the user turn and the tool's reply (model.PROMPTS)
+    probe: str = None  # None | "noise" (noise added to the crop) | "noise-replace" (crop -> noise) | "gt-box" | "no-tool"
+    noise_sigma: float = 64.0  # the noise probe's standard deviation, in 0..255 pixel levels [choice]
     seed: int = 0  # sampling seeds derive from (seed, step, prompt, sample)
     reuse_cache: bool = True  # False: the baseline that re-runs the whole conversation after each tool call
     crop_from_shown: bool = False  # crops cut from the shown global image, not the original (no information gap)
@@ -132,13 +134,14 @@ class _Batch:
     banned: torch.Tensor  # the ids the policy never writes, on the device (no copy per step)
 
 
-def rollout(policy, samples, cfg, *, step=0, force=None):
+def rollout(policy, samples, cfg, *, step=0, force=None, first=0):
     """Roll out every sample group_size times. Returns Episodes, group-major (prompt 0's samples first).
 
-    force: for tests and demos, a function (episode) -> token id or None that replaces sampling for a row
-    (teacher forcing: the recorded log-probs are still the model's)."""
+    first: the index of samples[0] among the step's prompts (sampling seeds derive from it, so a step rolled
+    out in parts draws what it would in one call). force: for tests and demos, a function (episode) -> token id
+    or None that replaces sampling for a row (teacher forcing: the recorded log-probs are still the model's)."""
     G = cfg.group_size
-    waiting = list(enumerate(samples))  # (prompt index, sample), admitted a group at a time
+    waiting = list(enumerate(samples, first))  # (prompt index, sample), admitted a group at a time
     rows, batch = [], None
     with torch.no_grad():
         while True:
@@ -185,7 +188,7 @@ def rollout(policy, samples, cfg, *, step=0, force=None):
 
 def _new_rows(policy, p, sample, cfg, step):
     """The group_size rows of prompt p: the global image encoded once, shared by the group."""
-    budget = min(cfg.global_tokens, sample.global_tokens or cfg.global_tokens)  # info-gap level
+    budget = sample.global_tokens or cfg.global_tokens  # the sample's info-gap level is its global image
     image = sample.image()
     if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
         image = crop.resized(image, crop.tokens_to_pixels(budget))
@@ -193,7 +196,9 @@ def _new_rows(policy, p, sample, cfg, step):
     pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
     shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
     pv_host = pv.cpu()
-    ids = policy.prompt_ids(sample.prompt_text(), grid[0], tools=cfg.probe != "no-tool")
+    tools = cfg.probe != "no-tool"
+    text = model.user_text(sample.question, sample.options, cfg.prompt, tools)
+    ids = policy.prompt_ids(text, grid[0], tools=tools, prompt=cfg.prompt)
     rows = []
     for k in range(cfg.group_size):
         ep = Episode(sample=sample, group=p, ids=list(ids), loss_mask=[0] * len(ids), logps=[0.0] * len(ids),
@@ -368,10 +373,10 @@ def _advance(policy, row, tok, cfg):
     if err is not None:
         ep.num_tool_errors += 1
         ep.tool_errors[err[0]] += 1
-        tool_ids, request = policy.tool_turn_ids(closed, error=err[1]), None
+        tool_ids, request = policy.tool_turn_ids(closed, error=err[1], prompt=cfg.prompt), None
     else:
         request = _crop_request(row, orig_box, cfg)  # encoded after this step, with the other rows' crops
-        tool_ids = policy.tool_turn_ids(closed, grid=request[2])
+        tool_ids = policy.tool_turn_ids(closed, grid=request[2], prompt=cfg.prompt)
     if response_len + len(tool_ids) > cfg.max_response_tokens:  # no room for the reply: stop here
         ep.truncated = True
         return False
@@ -390,16 +395,19 @@ def _advance(policy, row, tok, cfg):
 
 
 def _crop_request(row, box, cfg):
-    """(source image, box, grid) of a crop under the crop budget; the probes swap the box or the pixels.
-    The grid is known before encoding, so the tool turn's length is too."""
+    """(source image, box, grid) of a crop; the probes swap the box or the pixels. The grid is known before
+    encoding, so the tool turn's length is too."""
     sample = row.ep.sample
     if cfg.probe == "gt-box" and sample.boxes:
         box = tuple(round(v) for v in sample.boxes[0])
     x1, y1, x2, y2 = box
+    h, w = crop.crop_size(box, row.shown_wh, (row.orig.shape[1], row.orig.shape[0]),
+                          crop.tokens_to_pixels(cfg.crop_tokens))
     source = row.orig
-    if cfg.probe == "noise":  # same size as the crop, so the same grid and token count
+    if cfg.probe == "noise":  # the paper's probe: noise added to the crop's pixels
+        source, box = crop.add_noise(row.orig[y1:y2, x1:x2], cfg.noise_sigma, seed=len(row.ep.ids)), None
+    elif cfg.probe == "noise-replace":  # a stronger variant: the crop replaced by noise of the same size
         source, box = crop.noise_image(x2 - x1, y2 - y1, seed=len(row.ep.ids)).to(row.orig.device), None
-    h, w = crop.smart_resize(y2 - y1, x2 - x1, max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
     return source, box, [1, h // 14, w // 14]
 
 
@@ -411,10 +419,9 @@ def _encode_requests(rows, cfg):
             by_source.setdefault(id(r.crop_request[0]), []).append(r)
     for group in by_source.values():
         source = group[0].crop_request[0]
-        pv, grids = crop.encode_crops(source, [r.crop_request[1] for r in group],
-                                      max_pixels=crop.tokens_to_pixels(cfg.crop_tokens))
+        sizes = [(r.crop_request[2][1] * 14, r.crop_request[2][2] * 14) for r in group]
+        pv, grids = crop.encode_crops(source, [r.crop_request[1] for r in group], out_hw=sizes)
         for r, part, grid in zip(group, pv.split([int(g.prod()) for g in grids]), grids):
-            assert grid.tolist() == r.crop_request[2]
             r.ep.pixel_values.append(part.cpu())  # episodes wait for the loss on the host, not in GPU memory
             r.pending_images.append((part, grid[None]))
             r.crop_request = None

@@ -28,8 +28,11 @@ import data
 import infogap
 import model
 import rewards
+import snapshot
+import trackers
 from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                         truncate_metrics)
+from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout
 
 
@@ -37,6 +40,7 @@ from rollout import RolloutConfig, rollout
 class Config:
     stage: int = 1  # 1: information gap; 2: + grounding reward, starting from stage 1's adapter
     model: str = "tiny"  # "tiny" (built-in toy model) or a Qwen2.5-VL checkpoint (hub id or local folder)
+    base_precision: str = "auto"  # base weights: nf4 (QLoRA) | bf16 | fp32; auto: nf4 for a checkpoint, fp32 for tiny
     data: str = "synthetic:64"  # "synthetic[:N]" or a .jsonl file (see README)
     preset: str = "tiny"  # tiny | 24gb | 48gb | 80gb: a dict of overrides below
     out_dir: str = ""  # default runs/stage{stage}
@@ -45,12 +49,14 @@ class Config:
     prompts_per_step: int = 4  # distinct prompts per step
     group_size: int = 8  # rollouts per prompt (the GRPO group)
     micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
-    num_epochs: int = 1  # policy updates per rollout batch (>1 makes the clipping matter)
+    epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / prompts_per_step)
+    ppo_epochs: int = 1  # policy updates per rollout batch (DeepEyes: 1; > 1 makes the clipping matter and keeps the step's episodes in memory)
+    loss_agg: str = "micro-token-mean"  # micro-token-mean: each micro-batch's token mean, averaged (verl's token-mean, as DeepEyes); token-mean: over the step's tokens
     lr: float = 1e-5  # AdamW learning rate for the LoRA weights [choice: the paper's 1e-6 is for full FT]
-    weight_decay: float = 0.0  # AdamW weight decay
+    weight_decay: float = 0.01  # AdamW weight decay (DeepEyes' verl: 0.01)
     max_grad_norm: float = 1.0  # gradient clipping
     clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.28  # DAPO's asymmetric upper clip [choice]
+    clip_high: float = 0.2  # DeepEyes' verl: 0.2 (DAPO's asymmetric 0.28 is an option)
     kl_beta: float = 0.0  # weight of the k3 KL to the adapter-free reference (the paper: 0)
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA alpha
@@ -63,8 +69,14 @@ class Config:
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
     rollout_rows: int = 64  # rows per rollout forward batch
     global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
-    infogap: str = ""  # "": samples' own levels if any; FILE: levels from infogap.py; fixed:N; off (crops from the shown image: no gap)
-    crop_tokens: int = 1024  # budget of each returned crop
+    infogap: str = ""  # "": the samples' own levels; auto: select them now (cached); FILE (from infogap.py); fixed:N; off (crops from the shown image: the baseline)
+    infogap_ladder: str = INFOGAP_LADDER  # global budgets tried below the reference, largest first [choice]
+    infogap_reference_tokens: int = 16384  # the reference answer's budget: the original up to this many tokens
+    infogap_max_tokens: int = 1024  # tokens the policy may write per answer in the selection (a 7B thinks first)
+    infogap_never: str = "coarsest"  # a sample that never diverges: coarsest (the ladder's smallest: the largest gap) | reference (no gap) | drop
+    crop_tokens: int = 16384  # budget of each returned crop (DeepEyes: 16,384; presets lower it to fit); never coarser than the global image
+    prompt: str = "deepeyes"  # prompt wording: deepeyes (what DeepEyes-7B and LFPC start from) | qwen
+    matcher: str = "rule"  # short answers: exact | rule (numbers, yes/no, containment) | math (math-verify, then rule)
     w_accuracy: float = 0.8  # reward weight of accuracy
     w_format: float = 0.2  # reward weight of the format penalty (-1 when malformed)
     w_tool: float = 1.2  # reward weight of the tool bonus (tool used and answer right)
@@ -78,6 +90,8 @@ class Config:
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
+    report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
+    columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
 
 
 PRESETS = {
@@ -94,7 +108,7 @@ PRESETS = {
 
 
 # Settings only the rollout has (evaluation and tests set them); every other RolloutConfig field is a Config field.
-ROLLOUT_ONLY = ("greedy", "probe", "reuse_cache", "crop_from_shown")
+ROLLOUT_ONLY = ("greedy", "probe", "noise_sigma", "reuse_cache", "crop_from_shown")
 
 
 def rollout_config(cfg, **overrides):
@@ -112,9 +126,10 @@ def reward_config(cfg):
 # ---------------------------------------------------------------- GRPO pieces (plain torch)
 
 def group_advantages(rewards_, group_size):
-    """(num_prompts * group_size,) rewards -> advantages normalised within each group: (r - mean) / (std + eps)."""
+    """(num_prompts * group_size,) rewards -> advantages normalised within each group: (r - mean) / (std + eps),
+    std unbiased (torch.std, as DeepEyes' verl)."""
     r = rewards_.view(-1, group_size)  # (P, G)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
     return adv.view(-1)
 
 
@@ -129,9 +144,9 @@ def collate(policy, episodes):
                 grid_thw=torch.tensor([g for e in episodes for g in e.grids], dtype=torch.long, device=dev))
 
 
-def policy_loss(policy, episodes, advantages, old_logp, num_tokens, cfg):
-    """Clipped token-level GRPO loss of a micro-batch, summed over its tokens and divided by the step's token
-    count (so the accumulated gradient is the token mean over the whole step). Returns loss and stats."""
+def policy_loss(policy, episodes, advantages, old_logp, cfg):
+    """Clipped token-level GRPO loss of a micro-batch. Returns the sum over its tokens (differentiable), the
+    token count and stats (clipped tokens, KL sum)."""
     batch = collate(policy, episodes)
     logp = model.sequence_logprobs(policy, batch, cfg.temperature)  # (N,) loss-mask tokens, row-major
     counts = batch["loss_mask"][:, 1:].sum(1)  # (B,) response tokens per episode
@@ -146,38 +161,64 @@ def policy_loss(policy, episodes, advantages, old_logp, num_tokens, cfg):
             ref = model.sequence_logprobs(policy, batch, cfg.temperature)
         kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimator of KL(pi || ref), >= 0
         per_token = per_token + cfg.kl_beta * kl
-    loss = per_token.sum() / num_tokens
     clip_frac = ((ratio - clipped).abs() > 1e-6).float().sum()
-    return loss, dict(clip=clip_frac.item(), kl=kl.detach().sum().item())
+    return per_token.sum(), logp.numel(), dict(clip=clip_frac.item(), kl=kl.detach().sum().item())
+
+
+def _micro_batches(n, size):
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def accumulate_gradients(policy, episodes, advantages, cfg, old=None):
+    """Backward of the loss of some of the step's episodes, micro-batch by micro-batch; gradients add up
+    until optimizer_step. A micro-batch adds its token sum (loss_agg token-mean) or its token mean
+    (micro-token-mean); optimizer_step divides by the step's token or micro-batch count, known only then.
+    Returns the sums the step's stats are made of."""
+    sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0)
+    policy.model.train()
+    for k, idx in enumerate(_micro_batches(len(episodes), cfg.micro_batch)):
+        total, n, s = policy_loss(policy, [episodes[i] for i in idx], advantages[idx], old and old[k], cfg)
+        loss = total if cfg.loss_agg == "token-mean" else total / max(1, n)
+        loss.backward()
+        sums["loss"] += loss.item()
+        sums["clip"] += s["clip"]
+        sums["kl"] += s["kl"]
+        sums["tokens"] += n
+        sums["micro"] += 1
+    policy.model.eval()
+    return sums
+
+
+def optimizer_step(policy, optimizer, sums, cfg):
+    """Normalise the accumulated gradients (the step's token mean, or the mean over micro-batches), clip,
+    and step; a non-finite loss or gradient skips the update. Returns the step's stats."""
+    denom = max(1, sums["tokens"] if cfg.loss_agg == "token-mean" else sums["micro"])
+    params = policy.trainable_parameters()
+    for p in params:
+        if p.grad is not None:
+            p.grad /= denom
+    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    stats = dict(loss=sums["loss"] / denom, clip=sums["clip"] / max(1, sums["tokens"]),
+                 kl=sums["kl"] / max(1, sums["tokens"]), grad_norm=norm, skipped=0)
+    if math.isfinite(stats["loss"]) and math.isfinite(norm):
+        optimizer.step()
+    else:  # a NaN/inf step would poison the weights: skip it
+        stats["skipped"] = 1
+    optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
 def train_step(policy, optimizer, episodes, advantages, cfg):
-    """One optimizer step (num_epochs updates) on a batch of episodes with their advantages."""
-    num_tokens = max(1, sum(sum(e.loss_mask) for e in episodes))
-    chunks = [range(i, min(i + cfg.micro_batch, len(episodes))) for i in range(0, len(episodes), cfg.micro_batch)]
-    old = [None] * len(chunks)
-    if cfg.num_epochs > 1:  # the ratio needs the log-probs before any update
+    """ppo_epochs optimizer steps on a batch of episodes with their advantages (all of them in memory)."""
+    old = None
+    if cfg.ppo_epochs > 1:  # the ratio needs the log-probs before any update
         with torch.no_grad():
-            old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in c]), cfg.temperature)
-                   for c in chunks]
-    stats = dict(loss=0.0, clip=0.0, kl=0.0, grad_norm=0.0, skipped=0)
-    policy.model.train()
-    for _ in range(cfg.num_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        for c, o in zip(chunks, old):
-            loss, s = policy_loss(policy, [episodes[i] for i in c], advantages[list(c)], o, num_tokens, cfg)
-            loss.backward()
-            stats["loss"] += loss.item() / cfg.num_epochs
-            stats["clip"] += s["clip"] / num_tokens / cfg.num_epochs
-            stats["kl"] += s["kl"] / num_tokens / cfg.num_epochs
-        norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
-        stats["grad_norm"] = float(norm)
-        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-            optimizer.zero_grad(set_to_none=True)  # a NaN/inf step would poison the weights: skip it
-            stats["skipped"] = 1
+            old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in idx]), cfg.temperature)
+                   for idx in _micro_batches(len(episodes), cfg.micro_batch)]
+    for _ in range(cfg.ppo_epochs):
+        stats = optimizer_step(policy, optimizer, accumulate_gradients(policy, episodes, advantages, cfg, old), cfg)
+        if stats["skipped"]:
             break
-        optimizer.step()
-    policy.model.eval()
     return stats
 
 
@@ -200,19 +241,35 @@ def step_prompts(samples, step, n, seed, skip=()):
 
 
 def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
-    """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update.
-    Returns the episodes, their scores, the update's stats and the rollout's peak memory (GB)."""
-    _reset_peak_memory()
-    # 1. rollout: prompts_per_step x group_size episodes with the current policy
+    """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts go
+    through in parts of rollout_rows rows, each part's gradient accumulated and its images freed, so the
+    step's batch (prompts_per_step x group_size) is not bounded by memory. Returns the episodes (without
+    their images), their scores, the update's stats and the rollout's peak memory (GB)."""
+    optimizer.zero_grad(set_to_none=True)  # a retried step starts clean
     prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=skip)
-    episodes = rollout(policy, prompts, rcfg, step=step)
-    rollout_mem = _peak_memory_gb()
-    fault("rollout", step + 1)
-    # 2. rewards, 3. advantages within each group
-    scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in episodes]
-    adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
-    # 4.-5. loss and LoRA step
-    stats = train_step(policy, optimizer, episodes, adv, cfg)
+    per_part = max(1, rcfg.rollout_rows // cfg.group_size)  # whole groups: advantages stay within a part
+    episodes, scores, advantages = [], [], []
+    sums, rollout_mem = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0), 0.0
+    for first in range(0, len(prompts), per_part):
+        # 1. rollout: a part of the step's prompts x group_size episodes with the current policy
+        _reset_peak_memory()
+        part = rollout(policy, prompts[first:first + per_part], rcfg, step=step, first=first)
+        rollout_mem = max(rollout_mem, _peak_memory_gb())
+        fault("rollout", step + 1)
+        # 2. rewards, 3. advantages within each group
+        part_scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in part]
+        adv = group_advantages(torch.tensor([s["total"] for s in part_scores]), cfg.group_size)
+        if cfg.ppo_epochs == 1:  # 4. loss: this part's gradient, then its images can go
+            part_sums = accumulate_gradients(policy, part, adv, cfg)
+            sums = {k: sums[k] + part_sums[k] for k in sums}
+            for e in part:
+                e.pixel_values = []
+        episodes, scores, advantages = episodes + part, scores + part_scores, advantages + [adv]
+    # 5. the LoRA step
+    if cfg.ppo_epochs == 1:
+        stats = optimizer_step(policy, optimizer, sums, cfg)
+    else:
+        stats = train_step(policy, optimizer, episodes, torch.cat(advantages), cfg)
     fault("step", step + 1)
     return episodes, scores, stats, rollout_mem
 
@@ -258,16 +315,23 @@ def train(cfg, resume=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
+    trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
-    samples = data.load(cfg.data, seed=cfg.seed)
-    infogap.assign(cfg.infogap, samples)
+    samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
+    if cfg.epochs > 0:  # passes over the data instead of a step count
+        cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
+        print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
+    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts, in parts of {cfg.rollout_rows} rows; "
+          f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
     init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
     if init and not os.path.isdir(init):
         raise SystemExit(f"error: adapter {init} not found (run stage 1 first, or pass --init_adapter=DIR)")
+    cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
     policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+                               precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                               seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
@@ -280,6 +344,7 @@ def train(cfg, resume=None):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
+    tracker = trackers.start(cfg.report_to, out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
     try:
         for step in bar:
@@ -296,6 +361,7 @@ def train(cfg, resume=None):
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log(metrics, step + 1)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                        file=sys.stdout)
             if (step + 1) % cfg.dump_every == 0:
@@ -305,12 +371,14 @@ def train(cfg, resume=None):
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                draw_curves(out_dir)
             if stop.signal:
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)")
                 return policy
     finally:
         stop.restore()
+        tracker.close()
     save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
     print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
     return policy
@@ -321,7 +389,11 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     ious = [s["iou"] for s in scores if s["iou"] is not None]
     covs = [s["coverage"] for s in scores if s["coverage"] is not None]
-    return dict(step=step, reward=mean([s["total"] for s in scores]), accuracy=mean([s["accuracy"] for s in scores]),
+    groups = {}
+    for e, s in zip(episodes, scores):
+        groups.setdefault(e.group, []).append(s["total"])
+    return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
+                accuracy=mean([s["accuracy"] for s in scores]),
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
                 grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
                 response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
@@ -332,6 +404,21 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 skipped=stats["skipped"],
                 clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
                 peak_mem_gb=_peak_memory_gb())
+
+
+def _std(xs):
+    """Population std: the spread of the group means a step's reward averages over."""
+    m = sum(xs) / len(xs) if xs else 0.0
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else 0.0
+
+
+def draw_curves(out_dir):
+    """curves.png of the run so far (plot.py); a plotting failure costs the figure, never the run."""
+    try:
+        import plot
+        plot.curves([out_dir])
+    except (ImportError, OSError, ValueError) as e:
+        print(f"warning: curves not drawn: {type(e).__name__}: {e}")
 
 
 def _dump(path, episodes, scores):
@@ -390,8 +477,10 @@ def parse_overrides(cfg, items):
 
 
 def check_memory(cfg):
-    """Print the estimated peak memory by part; refuse to start when it exceeds the card (memory_gb)."""
+    """Print the estimated peak memory by part and the file the shapes came from; refuse to start when it
+    exceeds the card (memory_gb)."""
     est = model.estimate_memory(cfg)
+    print(f"shapes from {model.model_config(cfg.model)[1]}")
     print("estimated peak GPU memory (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
     if cfg.memory_gb and est["peak"] > cfg.memory_gb and not cfg.ignore_memory_estimate:
         raise SystemExit(f"error: the estimated peak, {est['peak']:.1f} GB, exceeds memory_gb={cfg.memory_gb:g}. "
@@ -411,9 +500,10 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="'synthetic[:N]' or a .jsonl file")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides sized for a GPU")
     ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
-    ap.add_argument("--infogap", default=None, help="FILE (levels from infogap.py), fixed:N (one budget for "
-                                                    "all) or off (crops from the shown image: the baseline)")
-    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--infogap", default=None, help="auto (select levels now), FILE (from infogap.py), fixed:N "
+                                                    "(one budget for all) or off (crops from the shown image: the baseline)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config and the memory estimate, check the model folder, and exit")
     args, rest = ap.parse_known_args(argv)
     cfg = Config(stage=args.stage, preset=args.preset, **PRESETS[args.preset])
     if args.model:
@@ -425,9 +515,13 @@ def main(argv=None):
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
+    cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     check_memory(cfg)
     if args.dry_run:
+        if cfg.model not in model.BUILT_IN:  # read and validate the download, without loading the weights
+            snapshot.check(cfg.model)
+            print(f"checked {cfg.model}: config.json, every shard, the tokenizer's special tokens")
         return cfg
     train(cfg, resume=args.resume)
     return cfg

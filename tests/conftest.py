@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Triton's interpreter runs the kernels on CPU tensors; on a CUDA machine the kernels run compiled, on the GPU
@@ -18,3 +19,12 @@ if os.environ.get("CI"):
 
 # where the Triton kernels' tests run: the GPU when there is one, else the interpreter on the CPU
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def hub_model(tmp_path_factory):
+    """A tiny model folder laid out like the Hub download of Qwen2.5-VL-7B-Instruct (tests/hub_fixture.py),
+    built offline once per test session. Tests must not change it: copy it with helpers.linked_copy."""
+    import hub_fixture
+
+    return hub_fixture.build(str(tmp_path_factory.mktemp("hub") / "Qwen2.5-VL-tiny"))

@@ -1,10 +1,14 @@
-"""Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, and a
-reward that varies with the text."""
+"""Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, a
+reward that varies with the text, and model-folder helpers (linked copies, a moved adapter, export log-probs)."""
 import functools
+import os
 
+import torch
+
+import data
 import model
 import train
-from rollout import RolloutConfig
+from rollout import RolloutConfig, rollout
 
 # a tool call with a box to format in ("[1, 2, 30, 40]"), and an answer that ends the episode
 CALL = '<think>too small</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
@@ -47,3 +51,32 @@ def varying_score(text, sample, boxes, cfg):
     so nothing would move. This reward varies with the text, so every step changes the weights."""
     return dict(total=text.count("e") / max(1, len(text)), accuracy=0.0, format=0.0, tool=0.0, grounding=0.0,
                 iou=None, coverage=None)
+
+
+def linked_copy(folder, dst):
+    """A copy of a model folder made of symbolic links (cheap), in which a test may replace or remove files."""
+    os.makedirs(dst)
+    for name in os.listdir(folder):
+        os.symlink(os.path.join(folder, name), os.path.join(dst, name))
+    return str(dst)
+
+
+def move_lora(policy, std=0.05):
+    """Give the adapter non-zero B matrices, as training would (at init B = 0 and the adapter does nothing)."""
+    with torch.no_grad():
+        for name, w in policy.model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, std)
+
+
+def logprobs_three_ways(policy, plain_model):
+    """Log-probs of one short episode under the policy (base + adapter), under a plain model (an export, with
+    the policy's tokenizer), and under the base alone."""
+    plain = model.Policy(plain_model, policy.tokenizer, "plain")
+    (ep,) = rollout(policy, data.synthetic(1, seed=3, min_side=300, max_side=400),
+                    RolloutConfig(group_size=1, max_turn_tokens=12, max_response_tokens=12, global_tokens=16))
+    batch = train.collate(policy, [ep])
+    with torch.no_grad(), policy.reference():
+        base = model.sequence_logprobs(policy, batch)
+    with torch.no_grad():
+        return model.sequence_logprobs(policy, batch), model.sequence_logprobs(plain, batch), base

@@ -9,6 +9,7 @@ import os
 import pytest
 from PIL import Image
 
+import benchmarks
 import data
 import eval as ev
 
@@ -81,9 +82,9 @@ def test_hrbench_tsv_and_parquet_load_the_same(hrbench_tsv, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tsv = data.load_benchmark("hrbench", hrbench_tsv)
+    tsv = benchmarks.load_benchmark("hrbench", hrbench_tsv)
     pq.write_table(pa.Table.from_pylist(_hrbench_rows()), tmp_path / "hr.parquet")
-    par = data.load_benchmark("hrbench", str(tmp_path / "hr.parquet"))
+    par = benchmarks.load_benchmark("hrbench", str(tmp_path / "hr.parquet"))
     for samples in (tsv, par):
         assert [s.id for s in samples] == ["0", "1", "2"]
         assert [s.answer for s in samples] == ["A", "B", "C"] and samples[1].options[1] == "red"
@@ -94,20 +95,20 @@ def test_hrbench_tsv_and_parquet_load_the_same(hrbench_tsv, tmp_path):
 
 
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
-    a = data.load_benchmark("vstar", vstar_dir, seed=1)
-    b = data.load_benchmark("vstar", vstar_dir, seed=1)
+    a = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
+    b = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
     assert [(s.options, s.answer) for s in a] == [(s.options, s.answer) for s in b]
     for s, right in zip(a, ["white", "left"]):
         assert s.options["ABCD".index(s.answer)] == right  # options[0] of the file is the right one
     assert [s.category for s in a] == ["direct_attributes", "relative_position"]
     assert a[0].boxes == [[10, 20, 40, 60]]  # [x, y, w, h] -> [x1, y1, x2, y2]
     assert a[1].boxes == [[5, 5, 70, 70]]  # two targets: their union
-    seeds = {tuple(data.load_benchmark("vstar", vstar_dir, seed=k)[0].options) for k in range(8)}
+    seeds = {tuple(benchmarks.load_benchmark("vstar", vstar_dir, seed=k)[0].options) for k in range(8)}
     assert len(seeds) > 1  # the shuffle does move the right answer around
 
 
 def test_mmerw_loader(mmerw_json, capsys):
-    samples = data.load_benchmark("mmerw", mmerw_json)
+    samples = benchmarks.load_benchmark("mmerw", mmerw_json)
     assert [s.id for s in samples] == ["q1", "q2"]  # q3's image is missing: skipped and reported
     assert "missing.png" in capsys.readouterr().out
     assert samples[0].options == ["a tree", "a car", "a dog", "a cup", "a hat"] and samples[0].answer == "B"
@@ -117,8 +118,8 @@ def test_mmerw_loader(mmerw_json, capsys):
 @pytest.mark.parametrize("bench", ["hrbench", "vstar", "mmerw"])
 def test_missing_file_names_what_is_expected(bench, tmp_path):
     with pytest.raises(SystemExit) as e:
-        data.load_benchmark(bench, str(tmp_path / "nope"))
-    assert "nope" in str(e.value) and data.BENCHMARKS[bench].split()[0] in str(e.value)
+        benchmarks.load_benchmark(bench, str(tmp_path / "nope"))
+    assert "nope" in str(e.value) and benchmarks.BENCHMARKS[bench].split()[0] in str(e.value)
 
 
 def _item(id, category, correct, **meta):
@@ -156,7 +157,7 @@ def test_eval_on_each_benchmark(bench, fixture, request, tmp_path):
     assert s["num_items"] == {"hrbench": 3, "vstar": 2, "mmerw": 2}[bench]
     assert json.load(open(out / "summary.json"))["num_items"] == s["num_items"]
     assert "| **overall** |" in open(out / "table.md").read()
-    assert open(tmp_path / "r.html").read().count("<hr>") == s["num_items"]
+    assert open(tmp_path / "r.html").read().count("<section class='item'") == s["num_items"]
     if bench == "hrbench":
         assert "official" in s and "HR-Bench official" in open(out / "table.md").read()
 

@@ -16,7 +16,7 @@ def _digest(image):
 
 
 def _meta(s):
-    return (s.id, s.question, s.answer, s.width, s.height, s.options, s.boxes, s.category, s.prompt_text())
+    return (s.id, s.question, s.answer, s.width, s.height, s.options, s.boxes, s.category, s.global_tokens)
 
 
 # ------------------------------------------------------------------ synthetic: determinism
@@ -54,7 +54,6 @@ def test_synthetic_sample_fields(s):
     assert s.category in ("word", "glyph")
     assert set(s.options) <= set(data.WORDS if s.category == "word" else data.GLYPHS)
     assert s.image_path is None and callable(s.make)
-    assert s.prompt_text().startswith(s.question + "\nA. " + s.options[0])
     # nested boxes, innermost first, all inside the image
     assert len(s.boxes) == 3
     for x1, y1, x2, y2 in s.boxes:
@@ -176,11 +175,11 @@ def test_read_jsonl_good_rows(dataset):
     assert a.boxes == [[10.0, 10.0, 20.0, 20.0], [5.0, 5.0, 40.0, 30.0], [0.0, 0.0, 120.0, 80.0]]
     assert os.path.samefile(a.image_path, dataset.root / "imgs" / "a.png")
     assert a.image().size == (120, 80) and a.image().mode == "RGB"
-    assert a.prompt_text() == "Which colour?\nA. red\nB. blue\nC. green\nAnswer with the option's letter."
+    assert a.options == ["red", "blue", "green"] and a.answer == "B"
     # no options: the answer is text, kept as written (stripped); the id is the line number
     assert (b.id, b.answer, b.options, b.boxes, b.category) == ("2", "cat", None, None, "default")
     assert (b.width, b.height) == (64, 48) and b.image().getpixel((0, 0)) == (1, 2, 3)
-    assert b.prompt_text() == "Name it."
+    assert b.question == "Name it." and b.options is None
     assert (c.id, c.answer, c.width, c.height) == ("7", "E", 30, 40)
     assert c.boxes == [[0.5, 1.5, 29.5, 40.0]]
 

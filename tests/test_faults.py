@@ -144,7 +144,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.train(_cfg(tmp_path))
     assert "No space left on device" in str(e.value) and "step_000001" in str(e.value) and "is intact" in str(e.value)
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "rollouts", "step_000001"]  # no half checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.jsonl", "rollouts", "step_000001"]  # no half checkpoint
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000001")
 
 

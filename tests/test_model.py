@@ -97,3 +97,44 @@ def test_reference_disables_adapter():
         lora_b.sub_(0.5)
     assert not torch.allclose(base, moved)
     torch.testing.assert_close(ref, base)
+
+
+def test_qlora_rollout_update_rollout_on_cpu(monkeypatch):
+    """The QLoRA path on CPU: the tiny model's language model in NF4 with LoRA; rollout (no grad), update
+    (grad), rollout again. Run as on a CPU with AVX512-BF16, where bitsandbytes repacks 4-bit weights into
+    an inference-only layout on the first no-grad eval forward (the cause of the in-place failure)."""
+    import bitsandbytes as bnb
+    import dataclasses
+
+    import data
+    import train
+    from rollout import RolloutConfig, rollout
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    p = model.load_policy("tiny", precision="nf4", lora_r=4, lora_alpha=8)
+    quantized = [m for m in p.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7 and all(m.weight.quant_type == "nf4" for m in quantized)  # 7 linears a layer
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in p.lm.visual.modules())  # the vision tower stays
+    rcfg = RolloutConfig(group_size=4, max_turn_tokens=10, max_response_tokens=10, global_tokens=16)
+    samples = data.synthetic(1, seed=5, min_side=300, max_side=400)
+    episodes = rollout(p, samples, rcfg)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized)
+    # the recorded log-probs equal a full forward through the same 4-bit weights
+    batch = train.collate(p, episodes)
+    with torch.no_grad():
+        full = model.sequence_logprobs(p, batch)
+    recorded = torch.tensor([lp for e in episodes for lp, m in zip(e.logps, e.loss_mask) if m])
+    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    # ... and differ from the unquantized model's: the 4-bit weights are really used
+    with torch.no_grad():  # tiny_policy: the same seed in fp32, its LoRA at the zero init
+        assert (model.sequence_logprobs(tiny_policy(), batch) - full).abs().max() > 1e-3
+    lora = {n: w.detach().clone() for n, w in p.model.named_parameters() if w.requires_grad}
+    cfg = dataclasses.replace(train.Config(), micro_batch=4, lr=1e-2)
+    opt = torch.optim.AdamW(p.trainable_parameters(), lr=cfg.lr)
+    stats = train.train_step(p, opt, episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]), cfg)
+    assert stats["skipped"] == 0 and stats["grad_norm"] > 0
+    moved = [n for n, w in p.model.named_parameters() if w.requires_grad and not torch.equal(w, lora[n])]
+    # every B matrix got a gradient through the 4-bit layers (A's gradient is 0 while B is at its zero init)
+    assert {n for n in lora if "lora_B" in n} <= set(moved)
+    again = rollout(p, samples, rcfg, step=1)
+    assert all(e.num_generated > 0 for e in again)

@@ -76,13 +76,13 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("Yellow", "C", OPTIONS, 0.0),
     ("purple", "A", OPTIONS, 0.0),
     ("red", "A", OPTIONS, 0.0),  # part of an option is not the option
-    # short answers: normalised exact match
+    # short answers
     ("The Cat!", "cat", None, 1.0),
     ("  a   red  apple ", "Red apple.", None, 1.0),
     ("42", "42", None, 1.0),
     ("cats", "cat", None, 0.0),
     ("B", "cat", None, 0.0),
-    ("cat dog", "cat", None, 0.0),
+    ("cat dog", "cat", None, 1.0),  # the rule matcher (default): the answer within a short reply
     (None, "cat", None, 0.0),
     ("cat", "cat", [], 1.0),  # an empty option list is a short answer
     ("b", "B", OPTIONS, 1.0),  # a lone lowercase letter is that letter

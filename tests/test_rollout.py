@@ -50,7 +50,7 @@ def test_tool_call_crops_the_original_and_masks_the_reply():
     assert written == p.encode(CALL.format("[10, 20, 40, 50]") + ANSWER)
     assert all(m == 0 for t, m in zip(e.ids, e.loss_mask) if t == p.image_pad)
     assert e.ids.count(p.image_pad) == sum(g[0] * g[1] * g[2] // 4 for g in e.grids)
-    assert "<tool_response><|vision_start|><|vision_end|></tool_response>" in e.text
+    assert "<tool_response><|vision_start|><|vision_end|>" + model.DEEPEYES_USER + "</tool_response>" in e.text
     assert e.text.endswith("<answer>B</answer><|im_end|>")
     assert eps[2].num_tool_calls == 0 and eps[2].finished
 
@@ -64,7 +64,8 @@ def test_bad_box_gets_an_error_turn_and_the_episode_goes_on(bad, kind):
     force = scripted(p, {0: [CALL.format(bad), ANSWER]})
     (e,) = rollout(p, data.synthetic(1, seed=6), rollout_cfg(group_size=1), force=force)
     assert e.num_tool_errors == 1 and e.tool_errors[kind] == 1 and e.num_tool_calls == 0
-    assert "<tool_response>Error: " in e.text and e.finished and e.text.endswith("<answer>B</answer><|im_end|>")
+    assert "<|im_start|>user\nError: " in e.text  # DeepEyes' error turn
+    assert e.finished and e.text.endswith("<answer>B</answer><|im_end|>")
     assert len(e.pixel_values) == 1
 
 

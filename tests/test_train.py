@@ -16,7 +16,8 @@ from rollout import RolloutConfig, rollout
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
     adv = train.group_advantages(r, 4)
-    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-5, rtol=0)
+    # mean 0.5, unbiased std sqrt(1/3) (torch.std, as DeepEyes' verl): 0.5 / 0.5774 = 0.8660
+    torch.testing.assert_close(adv[:4], torch.tensor([0.8660, -0.8660, 0.8660, -0.8660]), atol=1e-4, rtol=0)
     assert torch.all(adv[4:] == 0)  # a group with one reward teaches nothing
 
 
@@ -87,7 +88,7 @@ def _adapter(path):
 def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch, varied_reward):
     full = train.train(run_cfg(tmp_path / "a"))
     # the same run, killed during step 3 (after the step-2 checkpoint), then resumed
-    real_step = train.train_step
+    real_step = train.optimizer_step
     calls = {"n": 0}
 
     def dying_step(*a, **kw):
@@ -96,10 +97,10 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, monkeypatch, varied_rewa
             raise KeyboardInterrupt("killed")
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(train, "train_step", dying_step)
+    monkeypatch.setattr(train, "optimizer_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train.train(run_cfg(tmp_path / "b"))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(train, "optimizer_step", real_step)
     os.makedirs(tmp_path / "b" / "step_000004.tmp")  # a half-written checkpoint must be ignored
     assert train.latest_checkpoint(str(tmp_path / "b")).endswith("step_000002")
     train.train(run_cfg(tmp_path / "b"), resume=str(tmp_path / "b"))

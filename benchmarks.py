@@ -1,0 +1,119 @@
+"""The paper's benchmarks, read from the files users download: HR-Bench (TSV or parquet), V* Bench (its
+folder), MME-RealWorld(-Lite) (JSON with its image folder). eval.py --bench NAME --data PATH uses them.
+
+    python -c "import benchmarks; print(len(benchmarks.load_benchmark('vstar', 'vstar_bench')))"
+"""
+import base64
+import csv
+import io
+import json
+import os
+import random
+import re
+
+from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report
+
+
+BENCHMARKS = {
+    "hrbench": "hr_bench_4k.tsv or hr_bench_8k.tsv (or .parquet), from the HR-Bench release (DreamMr/HR-Bench)",
+    "vstar": "the V* Bench folder holding direct_attributes/ and relative_position/ (craigwu/vstar_bench)",
+    "mmerw": "MME-RealWorld(-Lite) JSON with its image folder beside it (yifanzhang114/MME-RealWorld)",
+}
+
+
+def load_benchmark(bench, path, seed=0):
+    """Samples of a benchmark from the file or folder users download (formats in METHOD.md §5)."""
+    if not path or not os.path.exists(path):
+        raise SystemExit(f"error: --data {path!r} not found: --bench {bench} expects {BENCHMARKS[bench]}")
+    return dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed)
+
+
+def _hrbench(path, seed):
+    """HR-Bench TSV (or parquet): index, question, answer letter, A-D, category (single = FSP, cross = FCP),
+    cycle_category, image (base64; a short number instead refers to the row holding the image)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        rows = pq.read_table(path).to_pylist()
+    else:
+        csv.field_size_limit(1 << 31)
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    by_index = {str(r["index"]): r for r in rows}
+    samples, bad = [], []
+    for r in rows:
+        try:
+            image = str(r["image"])
+            if len(image) < 64 and image in by_index:  # VLMEvalKit stores a repeated image once
+                image = str(by_index[image]["image"])
+            raw = base64.b64decode(image, validate=False)
+            width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
+            options = [str(r[k]) for k in "ABCD" if r.get(k) not in (None, "") and str(r[k]) != "nan"]
+            samples.append(Sample(
+                id=str(r["index"]), question=str(r["question"]), answer=str(r["answer"]).strip().upper(),
+                width=width, height=height, options=options, category=str(r.get("category", "default")),
+                make=_image_from_bytes(raw), meta=dict(cycle=str(r.get("cycle_category", "")))))
+        except (KeyError, ValueError, OSError) as e:
+            bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
+    return _report(samples, bad, path)
+
+
+def _vstar(path, seed):
+    """V* Bench: <folder>/<category>/X.jpg + X.json with question, options (options[0] is right) and bbox
+    ([x, y, w, h], or a list of them). Options are shuffled into letters with a fixed seed per item."""
+    samples, bad = [], []
+    for category in ("direct_attributes", "relative_position"):
+        folder = os.path.join(path, category)
+        if not os.path.isdir(folder):
+            bad.append(f"{folder}: missing")
+            continue
+        for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    item = json.load(f)
+                stem = name[:-5]
+                image = next((os.path.join(folder, stem + ext) for ext in (".jpg", ".jpeg", ".png")
+                              if os.path.exists(os.path.join(folder, stem + ext))), None)
+                if image is None:
+                    raise ValueError("no image beside it")
+                width, height = _open_checked(image, image)
+                options = [str(o) for o in item["options"]]
+                order = list(range(len(options)))
+                random.Random(f"{seed}/{category}/{stem}").shuffle(order)
+                boxes = item.get("bbox") or []
+                boxes = [boxes] if boxes and isinstance(boxes[0], (int, float)) else boxes
+                union = None
+                if boxes:  # every target's box, as one [x1, y1, x2, y2]: what the gt-box probe crops
+                    union = [min(b[0] for b in boxes), min(b[1] for b in boxes),
+                             max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
+                samples.append(Sample(
+                    id=f"{category}/{stem}", question=str(item["question"]), answer=LETTERS[order.index(0)],
+                    width=width, height=height, options=[options[k] for k in order], category=category,
+                    image_path=image, boxes=[union] if union else None))
+            except (KeyError, ValueError, TypeError, OSError) as e:
+                bad.append(f"{os.path.join(folder, name)}: {type(e).__name__}: {e}")
+    return _report(samples, bad, path)
+
+
+def _mmerw(path, seed):
+    """MME-RealWorld(-Lite) JSON: Question_id, Image (relative to the JSON's folder), Text, Answer choices
+    ["(A) ...", ...], Ground truth (a letter), Category, Subtask, Task."""
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    samples, bad = [], []
+    for item in items:
+        try:
+            image = os.path.join(root, item["Image"])
+            width, height = _open_checked(image, image)
+            options = [re.sub(r"^\s*\(?[A-E]\)\s*", "", str(c)) for c in item["Answer choices"]]
+            letter = re.search(r"[A-E]", str(item["Ground truth"]).upper())  # "B" or "(B)"
+            if letter is None:
+                raise ValueError(f"ground truth {item['Ground truth']!r} is not a letter A-E")
+            samples.append(Sample(
+                id=str(item["Question_id"]), question=str(item["Text"]), answer=letter.group(0),
+                width=width, height=height, options=options, category=str(item.get("Category", "default")),
+                image_path=image, meta=dict(task=str(item.get("Task", "")), subtask=str(item.get("Subtask", "")))))
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            bad.append(f"{path}: item {item.get('Question_id', '?') if isinstance(item, dict) else '?'}: "
+                       f"{type(e).__name__}: {e}")
+    return _report(samples, bad, path)

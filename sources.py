@@ -1,0 +1,103 @@
+"""Training data as published on the Hub: the row layouts of DeepEyes' 47k set and of the paper's stage-1
+sources (Pixel-Reasoner, Chain-of-Focus, ThinkLite-VL), and any other table through --columns.
+
+Each layout is a function from one row (a dict) to the fields of a sample: image (bytes, a path, or a
+{bytes, path} dict), question, answer, and optionally id, options, category. It raises ValueError (or
+KeyError, TypeError) on a bad row; data.py skips and counts those. data.py reads the table (parquet, or a
+JSON list) and picks the layout by the table's columns:
+
+    python train.py --data release.parquet                           # Pixel-Reasoner (images.zip unzipped beside it)
+    python train.py --data ThinkLite-VL-70k.parquet,cof_sft_data.json    # sources mixed
+    python train.py --data other.parquet --columns=image=img,question=q,answer=a
+    python data.py convert release.parquet --out pr/train.jsonl      # the project's JSONL, images in a folder
+
+Imports nothing of the project.
+"""
+import re
+
+
+def deepeyes(r):
+    """DeepEyes-Datasets-47k (ChenShawn/DeepEyes-Datasets-47k, verl parquet): prompt (chat messages, the user
+    text holding an <image> placeholder), images ([{bytes, path}]), reward_model.ground_truth,
+    extra_info.question / .index, data_source."""
+    extra = r.get("extra_info") or {}
+    question = extra.get("question")
+    if not question:
+        users = [m["content"] for m in r.get("prompt") or [] if m.get("role") == "user"]
+        question = users[-1].replace("<image>", "").strip() if users else ""
+    return dict(id=extra.get("index"), image=_first(r.get("images")), question=question,
+                answer=(r.get("reward_model") or {}).get("ground_truth"), category=r.get("data_source"))
+
+
+def pixelreasoner(r):
+    """Pixel-Reasoner's RL data (TIGER-Lab/PixelReasoner-RL-Data, release.parquet; images in images.zip):
+    qid, question, image (a list of paths into the unzipped images folder), is_video, answer. Layout as read by
+    verl-tool's examples/data_preprocess/pixel_reasoner/prepare_train.py. Video items are skipped."""
+    if r.get("is_video"):
+        raise ValueError("a video item (only images are used)")
+    return dict(id=r.get("qid"), image=_first(r["image"]), question=r["question"], answer=r["answer"])
+
+
+def chain_of_focus(r):
+    """Chain-of-Focus (xintongzhang/CoF-SFT-Data-5.4k, cof_sft_data.json or the Hub's parquet of it; images in
+    images.zip): messages (system, user "<image>question" + Qwen's "Think in the mind first..." trailer,
+    assistant <tool_call>, user tool reply, assistant <answer>), images (["./images/x.jpg", crop, ...]; the
+    first is the question's image). Layout as read by the CoF-SFT download and parse scripts of public
+    Apertus/verl ports. Only the question, the first image and the final answer are kept (stage 1 needs no
+    trajectory)."""
+    messages = r["messages"]
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    answers = [a for m in messages if m.get("role") == "assistant"
+               for a in re.findall(r"<answer>(.*?)</answer>", m.get("content") or "", re.S)]
+    if not users or not answers:
+        raise ValueError("no user question or no <answer> in the messages")
+    question = users[0].replace("<image>", "").split("Think in the mind first", 1)[0].strip()
+    image = _first(r.get("images"))
+    if isinstance(image, dict):
+        image = image.get("image") or image
+    return dict(image=image, question=question, answer=answers[-1].strip())
+
+
+def thinklite(r):
+    """ThinkLite-VL (russwang/ThinkLite-VL-70k and -hard-11k, parquet): image ({bytes, path}), problem ("<image>"
+    + the question, options inline), answer. Layout as read by ThinkLite-VL's own MCTS selection script
+    (data['image'], data['problem'].split('<image>')[1], data['answer'])."""
+    return dict(id=r.get("id"), image=r["image"], question=str(r["problem"]).replace("<image>", "").strip(),
+                answer=r["answer"])
+
+
+# Required columns -> layout, tried in this order (the first whose columns the table has).
+LAYOUTS = {
+    "deepeyes": ({"prompt", "images", "reward_model"}, deepeyes),
+    "pixelreasoner": ({"qid", "question", "image", "is_video", "answer"}, pixelreasoner),
+    "chain-of-focus": ({"messages", "images"}, chain_of_focus),
+    "thinklite": ({"problem", "image", "answer"}, thinklite),
+}
+FIELDS = ("image", "question", "answer", "options", "id", "category")
+
+
+def detect(columns):
+    """(name, row function) of the first layout whose required columns are all present, else None."""
+    return next(((name, fn) for name, (need, fn) in LAYOUTS.items() if need <= set(columns)), None)
+
+
+def by_columns(spec):
+    """--columns image=img,question=q,answer=a[,options=...][,id=...][,category=...] -> a row function."""
+    mapping = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    unknown = set(mapping) - set(FIELDS)
+    missing = {"image", "question", "answer"} - set(mapping)
+    if unknown or missing or len(mapping) != len(spec.split(",")):
+        raise SystemExit(f"error: --columns {spec!r}: expected field=column pairs separated by commas; fields "
+                         f"{', '.join(FIELDS)}; image, question and answer required")
+
+    def row(r):
+        out = {field: r[column] for field, column in mapping.items()}
+        out["image"] = _first(out["image"]) if isinstance(out["image"], list) else out["image"]
+        return out
+    return row
+
+
+def _first(values):
+    if not values:
+        raise ValueError("no image")
+    return values[0]

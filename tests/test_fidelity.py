@@ -1,0 +1,304 @@
+"""Fidelity to the method and to DeepEyes: the information-gap selection, crops as large as DeepEyes returns
+them, its prompt, the additive noise probe, open-ended answers, streaming steps and the loss aggregation."""
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import crop
+import data
+import infogap
+import model
+import rewards
+import train
+from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy, varying_score
+from rollout import rollout
+
+# ---------------------------------------------------------------- the information-gap selection
+
+
+def _scripted_selection(monkeypatch, by_tokens):
+    """select() with the policy's answers given per budget: by_tokens[tokens] is a list, one per sample."""
+    calls = []
+
+    def answers(policy, samples, tokens, max_tokens, prompt):
+        calls.append(tokens)
+        idx = {s.id: i for i, s in enumerate(data.synthetic(3))}
+        return [by_tokens[tokens][idx[s.id]] for s in samples]
+
+    monkeypatch.setattr(infogap, "_answers", answers)
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
+    return calls
+
+
+def test_selection_compares_answers_not_strings(tmp_path, monkeypatch):
+    # sample 0: "(B) red" at 4096 is the same answer as "B"; "C" at 1024 departs -> level 1024
+    # sample 1: no <answer> at 4096 and 1024 is "no answer", not a divergence; "A" at 256 departs -> 256
+    # sample 2: never departs -> flagged, no level
+    calls = _scripted_selection(monkeypatch, {
+        16384: ["B", "A", "D"], 4096: ["(B) red", None, "D"], 1024: ["C", None, "(D)"], 256: ["C", "C", "D"],
+        64: ["C", "C", "D"]})
+    out = tmp_path / "levels.jsonl"
+    levels = infogap.select("tiny", "synthetic:3", [16384, 4096, 1024, 256, 64], str(out))
+    assert calls[0] == 16384  # the reference is the original up to the reference budget, asked first
+    rows = [levels[s.id] for s in data.synthetic(3)]
+    assert [r["global_tokens"] for r in rows] == [1024, 256, None]
+    assert [r["diverged"] for r in rows] == [True, True, False]
+    assert [r["reference"] for r in rows] == ["B", "A", "D"] and rows[0]["ladder"] == [4096, 1024, 256, 64]
+    assert rows[0]["answers"] == {"4096": "(B) red", "1024": "C"}  # decided: lower rungs are not asked
+    before = len(calls)
+    infogap.select("tiny", "synthetic:3", [4096, 1024, 256, 64], str(out))  # resumable: nothing is redone
+    assert len(calls) == before and len(out.read_text().splitlines()) == 3
+
+
+def test_a_sample_without_a_reference_answer_never_diverges(tmp_path, monkeypatch):
+    _scripted_selection(monkeypatch, {16384: [None, "A", "A"], 4096: ["B", "A", "A"], 1024: ["B", "A", "A"],
+                                      256: ["B", "A", "A"], 64: ["B", "A", "A"]})
+    levels = infogap.select("tiny", "synthetic:3", [4096, 1024, 256, 64], str(tmp_path / "l.jsonl"))
+    assert not any(r["diverged"] for r in levels.values())
+
+
+def _levels_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("never,expected", [("coarsest", [1024, 64]), ("reference", [1024, 16384]),
+                                            ("drop", [1024])])
+def test_never_diverging_samples_follow_the_rule(tmp_path, never, expected, capsys):
+    samples = data.synthetic(2)
+    rows = [dict(id=samples[0].id, global_tokens=1024, diverged=True, reference="B", reference_tokens=16384,
+                 ladder=[4096, 1024, 256, 64]),
+            dict(id=samples[1].id, global_tokens=None, diverged=False, reference="A", reference_tokens=16384,
+                 ladder=[4096, 1024, 256, 64])]
+    cfg = train.Config(data="x.jsonl", infogap=_levels_file(tmp_path / "l.jsonl", rows), infogap_never=never,
+                       global_tokens=4096)
+    kept = infogap.prepare(cfg, samples)
+    assert [s.global_tokens for s in kept] == expected
+    assert "1 never diverged" in capsys.readouterr().out
+
+
+def test_a_level_above_the_budget_is_reported_not_capped(tmp_path, capsys):
+    s = data.synthetic(1, seed=3, min_side=900, max_side=1000)[0]
+    rows = [dict(id=s.id, global_tokens=256, diverged=True, reference="B", reference_tokens=16384, ladder=[256])]
+    cfg = train.Config(data="x.jsonl", infogap=_levels_file(tmp_path / "l.jsonl", rows), global_tokens=64)
+    (s,) = infogap.prepare(cfg, [s])
+    assert "1 of 1 samples have an information-gap level above global_tokens=64" in capsys.readouterr().out
+    (e,) = rollout(tiny_policy(), [s], rollout_cfg(group_size=1, global_tokens=64, max_turn_tokens=2,
+                                                     max_response_tokens=2))
+    t, h, w = e.grids[0]
+    assert h * w // 4 > 64 and h * w // 4 <= 256  # the global image is the sample's level, not the run's budget
+
+
+def test_stage_1_without_levels_stops_and_names_the_choices(tmp_path):
+    samples = data.synthetic(2)
+    with pytest.raises(SystemExit) as e:
+        infogap.prepare(train.Config(data=str(tmp_path / "train.jsonl")), samples)
+    for choice in ("--infogap auto", "--infogap FILE", "--infogap fixed:N", "--infogap off"):
+        assert choice in str(e.value)
+    assert infogap.prepare(train.Config(data=str(tmp_path / "b.jsonl"), stage=2), samples)  # stage 2 may go on
+    assert {s.global_tokens for s in infogap.prepare(train.Config(), data.synthetic(2))} == {data.SYNTHETIC_LEVEL}
+
+
+def test_infogap_auto_selects_caches_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.Config(infogap="auto", data="synthetic:2", infogap_ladder="16,4", infogap_reference_tokens=64,
+                       infogap_max_tokens=3, prompt="qwen")
+    samples = infogap.prepare(cfg, data.synthetic(2))
+    path = infogap.cache_path(cfg)
+    assert path.startswith("runs/synthetic_2.infogap-") and len(open(path).readlines()) == 2
+    assert all(s.global_tokens in (16, 4) for s in samples)  # diverged, or the coarsest rung
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: pytest.fail("the cache was not reused"))
+    infogap.prepare(cfg, data.synthetic(2))
+    assert infogap.cache_path(dataclasses.replace(cfg, model="other")) != path  # another model, another file
+
+
+# ---------------------------------------------------------------- crops
+
+
+def test_a_crop_is_never_coarser_than_the_global_image():
+    rng = random.Random(0)
+    for _ in range(500):
+        W, H = rng.randint(300, 8000), rng.randint(300, 8000)
+        if max(W, H) / min(W, H) > 100:
+            continue
+        shown = crop.shown_size((W, H), crop.tokens_to_pixels(rng.choice([64, 256, 1024, 4096])))
+        bw, bh = rng.randint(28, W), rng.randint(28, H)
+        if max(bw, bh) / min(bw, bh) > 100:
+            continue
+        x1, y1 = rng.randint(0, W - bw), rng.randint(0, H - bh)
+        h, w = crop.crop_size((x1, y1, x1 + bw, y1 + bh), shown, (W, H), crop.tokens_to_pixels(rng.choice([4, 64, 1024])))
+        assert h % 28 == 0 and w % 28 == 0
+        assert w / bw >= shown[0] / W - 1e-9 and h / bh >= shown[1] / H - 1e-9
+
+
+def test_crop_budget_defaults_to_deepeyes():
+    assert train.Config.crop_tokens == 16384 and train.rollout_config(train.Config()).crop_tokens == 16384
+    assert all(preset["crop_tokens"] < 16384 for preset in train.PRESETS.values())  # presets size it to the card
+
+
+# ---------------------------------------------------------------- the DeepEyes prompt
+
+# SYSTEM_PROMPT_V2, written down verbatim from DeepEyes' verl/workers/agent/envs/mm_process_engine/prompt.py at 6c5e796
+# (also eval/eval_vstar.py's instruction_prompt_system); note the two spaces before some line ends.
+DEEPEYES_SYSTEM_PROMPT_V2 = """You are a helpful assistant.
+
+# Tools
+You may call one or more functions to assist with the user query.
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{"type":"function","function":{"name":"image_zoom_in_tool","description":"Zoom in on a specific region of an image by cropping it based on a bounding box (bbox) and an optional object label.","parameters":{"type":"object","properties":{"bbox_2d":{"type":"array","items":{"type":"number"},"minItems":4,"maxItems":4,"description":"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) is the bottom-right corner."},"label":{"type":"string","description":"The name or label of the object in the specified bounding box (optional)."}},"required":["bbox"]}}}
+</tools>
+
+# How to call a tool
+Return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+
+**Example**:  
+<tool_call>  
+{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  
+</tool_call>"""
+
+# Written down from DeepEyes' eval/eval_vstar.py (instruction_prompt_before and its option string) at 6c5e796:
+# the user turn after the image, for a question with two options.
+DEEPEYES_USER_TURN = ("Question: Is the flag left or right of the pole?\nOptions: \nA. left\nB. right\n\nThink first, "
+                      "call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>  "
+                      "<tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
+# and the tool's reply, from visual_toolbox_v2.py: "\n<|im_start|>user\n<tool_response><image>" + USER_PROMPT_V2 +
+# "</tool_response><|im_end|>\n<|im_start|>assistant\n" after an assistant turn that ended with <|im_end|>
+DEEPEYES_TOOL_TURN = ("\n<|im_start|>user\n<tool_response><|vision_start|><|image_pad|><|vision_end|>\nThink first, "
+                      "call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>  "
+                      "<tool_call>...</tool_call> (if tools needed)  <answer>...</answer> </tool_response><|im_end|>\n"
+                      "<|im_start|>assistant\n")
+
+
+def test_the_deepeyes_prompt_renders_byte_identical():
+    p = tiny_policy()
+    text = model.user_text("Is the flag left or right of the pole?", ["left", "right"], "deepeyes")
+    assert text == DEEPEYES_USER_TURN
+    ids = p.prompt_ids(text, [1, 2, 2], prompt="deepeyes")
+    expected = (f"<|im_start|>system\n{DEEPEYES_SYSTEM_PROMPT_V2}<|im_end|>\n<|im_start|>user\n"
+                f"<|vision_start|><|image_pad|><|vision_end|>{DEEPEYES_USER_TURN}<|im_end|>\n<|im_start|>assistant\n")
+    assert p.tokenizer.decode(ids) == expected
+    assert p.tokenizer.decode(p.tool_turn_ids(True, grid=[1, 2, 2], prompt="deepeyes")) == DEEPEYES_TOOL_TURN
+    assert p.tokenizer.decode(p.tool_turn_ids(True, error="bad box", prompt="deepeyes")) == (
+        "\n<|im_start|>user\nError: bad box<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_error_turn_of_either_prompt_is_a_format_error():
+    for prompt in model.PROMPTS:
+        reply = tiny_policy().tokenizer.decode(tiny_policy().tool_turn_ids(True, error="x", prompt=prompt))
+        assert not rewards.format_ok("<think>a</think><tool_call>{}</tool_call><|im_end|>" + reply
+                                     + "<answer>B</answer><|im_end|>")
+
+
+# ---------------------------------------------------------------- the noise probe
+
+
+def test_additive_noise_changes_the_crop_by_about_sigma():
+    gray = torch.full((200, 300, 3), 128, dtype=torch.uint8)
+    for sigma in (16.0, 40.0):
+        diff = crop.add_noise(gray, sigma, seed=1).float() - 128
+        assert abs(diff.std().item() - sigma) < 0.05 * sigma and abs(diff.mean().item()) < 0.5
+
+
+def test_noise_probes_in_the_rollout():
+    p, s = tiny_policy(), data.synthetic(1, seed=4)
+    force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER]})
+    cfg = dict(group_size=1, noise_sigma=20.0, crop_tokens=1024)  # the crop near its original size: no averaging
+    crops = {probe: rollout(p, s, rollout_cfg(probe=probe, **cfg), force=force)[0].pixel_values[1]
+             for probe in (None, "noise", "noise-replace")}
+    assert crops[None].shape == crops["noise"].shape == crops["noise-replace"].shape
+    std = 0.27  # CLIP's std: pixel levels / 255 / std is the normalised scale
+    added = (crops["noise"] - crops[None]).std().item()
+    assert 0.7 * 20 / 255 / std < added < 1.2 * 20 / 255 / std  # about sigma
+    corr = lambda a, b: torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()  # noqa: E731
+    assert corr(crops["noise"], crops[None]) > 0.5 > corr(crops["noise-replace"], crops[None])
+
+
+# ---------------------------------------------------------------- open-ended answers
+
+
+@pytest.mark.parametrize("reply,answer,matcher,right", [
+    ("It is red.", "red", "rule", 1), ("It is red.", "red", "exact", 0), ("red", "Red", "exact", 1),
+    ("There are 3 apples", "3", "rule", 1), ("3.0", "3", "rule", 1), ("1,000", "1000", "rule", 1),
+    ("3 or 4", "3", "rule", 0), ("13", "3", "rule", 0), ("50%", "50", "rule", 1),
+    ("Yes, it is.", "yes", "rule", 1), ("No.", "yes", "rule", 0), ("not red", "red", "rule", 1),
+    ("red blue green yellow orange purple white", "red", "rule", 0),  # a list of everything is no answer
+    ("$\\frac{1}{2}$", "0.5", "math", 1), ("$\\frac{1}{2}$", "0.5", "rule", 0), ("x^2 + 1", "x^2+2", "math", 0),
+    ("\\boxed{2\\sqrt{2}}", "$\\sqrt{8}$", "math", 1),
+])
+def test_matchers(reply, answer, matcher, right):
+    assert rewards.accuracy(reply, answer, matcher=matcher) == right
+
+
+def test_same_answer_for_the_selection():
+    assert rewards.same_answer("B", "(B) red", ["blue", "red"])
+    assert rewards.same_answer("red", "B", ["blue", "red"])  # the option's text is its letter
+    assert not rewards.same_answer("A", "B", ["blue", "red"])
+    assert rewards.same_answer("It is red.", "red") and not rewards.same_answer("blue", "red")
+
+
+def test_the_summary_records_the_matcher_and_probe(tmp_path):
+    import eval as evaluation
+    summary = evaluation.main(["--data", "synthetic:2", "--out", str(tmp_path / "e"), "--global-tokens", "16",
+                               "--crop-tokens", "16", "--max-turn-tokens", "4", "--max-response-tokens", "4",
+                               "--probe", "noise", "--noise-sigma", "30", "--matcher", "exact"])
+    assert summary["settings"]["matcher"] == "exact" and summary["settings"]["probe"] == "noise"
+    assert summary["settings"]["noise_sigma"] == 30.0 and summary["settings"]["prompt"] == "deepeyes"
+    assert summary["settings"]["precision"] == "fp32"  # tiny on a CPU; bf16 is the default on a GPU
+
+
+# ---------------------------------------------------------------- the step: streaming parts, aggregation
+
+
+def _one_step(rollout_rows, loss_agg="token-mean"):
+    torch.manual_seed(0)  # the same LoRA initialisation
+    p = model.load_policy("tiny", lora_r=4, lora_alpha=8)
+    cfg = train.Config(**{**train.PRESETS["tiny"], "prompts_per_step": 2, "group_size": 2, "micro_batch": 2,
+                          "rollout_rows": rollout_rows, "lr": 1e-2, "loss_agg": loss_agg, "max_turn_tokens": 6,
+                          "max_response_tokens": 6})
+    opt = torch.optim.SGD(p.trainable_parameters(), lr=1.0)  # the update is the gradient (Adam would magnify noise)
+    samples = data.synthetic(2, min_side=300, max_side=400)
+    wcfg = train.reward_config(cfg)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train.rewards, "score", varying_score)  # rewards that differ, so the step moves the weights
+        _, _, stats, _ = train.run_step(p, opt, samples, 0, cfg, train.rollout_config(cfg), wcfg)
+    return {k: v.detach().clone() for k, v in p.model.named_parameters() if v.requires_grad}, stats
+
+
+def test_a_step_in_parts_equals_the_step_at_once():
+    whole, s1 = _one_step(rollout_rows=4)  # both prompts in one part
+    parts, s2 = _one_step(rollout_rows=2)  # one prompt per part: gradients accumulated, images freed
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-6, rtol=1e-4) for k in whole)
+    assert math.isclose(s1["loss"], s2["loss"], rel_tol=1e-5) and s1["grad_norm"] > 0
+
+
+def test_loss_aggregation_modes():
+    p = tiny_policy()
+    eps = rollout(p, data.synthetic(1), rollout_cfg(group_size=3, max_turn_tokens=5, max_response_tokens=5),
+                  force=scripted(p, {0: ["<answer>B</answer><|im_end|>"]}))
+    eps[1].loss_mask = eps[1].loss_mask[:-3] + [0, 0, 0]  # micro-batches with different token counts
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    per_micro = [train.policy_loss(p, [eps[i] for i in idx], adv[idx], None, train.Config())[:2]
+                 for idx in ([0, 1], [2])]
+    for agg, expected in (("token-mean", sum(t.item() for t, _ in per_micro) / sum(n for _, n in per_micro)),
+                          ("micro-token-mean", sum(t.item() / n for t, n in per_micro) / 2)):
+        cfg = train.Config(micro_batch=2, loss_agg=agg)
+        sums = train.accumulate_gradients(p, eps, adv, cfg)
+        denom = sums["tokens"] if agg == "token-mean" else sums["micro"]
+        assert math.isclose(sums["loss"] / denom, expected, rel_tol=1e-5)
+        p.model.zero_grad(set_to_none=True)
+
+
+def test_epochs_set_the_step_count(tmp_path, capsys):
+    cfg = train.Config(**{**train.PRESETS["tiny"], "data": "synthetic:6", "epochs": 1.5, "prompts_per_step": 2,
+                          "out_dir": str(tmp_path), "group_size": 2, "max_turn_tokens": 3, "max_response_tokens": 3})
+    train.train(cfg)
+    assert cfg.steps == 5 and "epochs=1.5: 5 steps of 2 prompts over 6 samples" in capsys.readouterr().out
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 5

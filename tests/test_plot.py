@@ -1,0 +1,111 @@
+"""plot.py and trackers.py: curves from a real run's metrics.jsonl, runs overlaid, the sweep figure, and
+--report_to (TensorBoard events when the package is there; a clear stop at start when a package is not)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+import plot
+import train
+import trackers
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+def _lines_by_panel(fig):
+    return {ax.get_title(): ax.get_lines() for ax in fig.axes}
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """Two steps of stage 1 on the tiny model, reporting to TensorBoard when it is installed."""
+    out = tmp_path_factory.mktemp("run") / "stage1"
+    cfg = train.Config(**train.PRESETS["tiny"])
+    cfg.out_dir, cfg.data, cfg.steps, cfg.save_every = str(out), "synthetic:2", 2, 2
+    cfg.prompts_per_step, cfg.group_size, cfg.max_turn_tokens, cfg.max_response_tokens = 2, 2, 8, 24
+    cfg.report_to = "tensorboard" if HAS_TENSORBOARD else "none"
+    train.train(cfg)
+    return out
+
+
+def test_train_writes_curves_and_the_plot_overlays_runs(real_run, tmp_path, capsys):
+    assert (real_run / "curves.png").stat().st_size > 10_000  # drawn at the step-2 checkpoint (the last step)
+    rows = plot.read_metrics(str(real_run))
+    assert [r["step"] for r in rows] == [1, 2] and all("reward_std" in r for r in rows)
+    # a second run: the same metrics with another reward, and a line cut by a kill at its end
+    other = tmp_path / "baseline"
+    other.mkdir()
+    with open(other / "metrics.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(dict(r, reward=r["reward"] + 1)) + "\n")
+        f.write('{"step": 3, "rew')
+    fig = plot.curves([str(real_run), str(other)], out=str(tmp_path / "both.png"))
+    assert "skipped 1 unreadable line" in capsys.readouterr().out
+    assert (tmp_path / "both.png").exists() and not (tmp_path / "both.png.tmp.png").exists()
+    panels = _lines_by_panel(fig)
+    assert len(panels) == len(plot.PANELS)
+    for title, keys in plot.PANELS:
+        assert len(panels[title]) == 2 * len(keys)  # each run: one line per metric of the panel
+    reward = panels[plot.PANELS[0][0]]
+    assert [ln.get_label() for ln in reward] == ["stage1", "baseline"]
+    assert list(reward[0].get_xdata()) == [1, 2]
+    assert list(reward[1].get_ydata()) == [r["reward"] + 1 for r in rows]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["stage1", "baseline"]
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (optional)")
+def test_report_to_tensorboard_writes_the_metrics(real_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(real_run / "tensorboard"))
+    events.Reload()
+    assert {"reward", "accuracy", "loss", "grad_norm", "seconds"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("reward")] == [1, 2]
+    rows = plot.read_metrics(str(real_run))
+    assert [e.value for e in events.Scalars("response_len")] == pytest.approx([r["response_len"] for r in rows])
+
+
+def test_a_missing_tracker_stops_the_run_at_start(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model must not be loaded before the tracker is checked")
+
+    monkeypatch.setattr(train.model, "load_policy", no_model)
+    cfg = train.Config(out_dir=str(tmp_path / "run"), data="synthetic:2", report_to="wandb")
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        train.train(cfg)
+    with pytest.raises(SystemExit, match="expected one of none, tensorboard, wandb, trackio"):
+        trackers.check("mlflow")
+    trackers.check("none")
+
+
+def test_scalars_keep_numbers_only():
+    assert trackers.scalars(dict(step=3, reward=0.5, skipped=1, flag=True, name="x")) == dict(reward=0.5, skipped=1.0)
+
+
+def test_sweep_figure_one_line_per_model_and_probe(tmp_path):
+    points = [dict(model=m, global_tokens=g, plain=p, noise=n, **{"no-tool": t})
+              for m, rows in (("base", [(64, .2, .2, .1), (256, .4, .3, .2)]),
+                              ("lfpc", [(64, .5, .1, .1), (256, .6, .2, .3)]))
+              for g, p, n, t in rows]
+    with open(tmp_path / "sweep.json", "w") as f:
+        json.dump(points, f)
+    fig = plot.sweep(str(tmp_path))
+    assert (tmp_path / "sweep.png").exists()
+    left, right = fig.axes
+    assert len(left.get_lines()) == 2 * len(plot.SWEEP_LINES)
+    models = [ln for ln in right.get_lines() if not ln.get_label().startswith("_")]  # not the zero line
+    assert [ln.get_label() for ln in models] == ["base", "lfpc"]
+    assert list(models[1].get_xdata()) == [64, 256]
+    assert list(models[1].get_ydata()) == pytest.approx([40, 40])  # crop dependency, points
+    assert list(left.get_lines()[0].get_ydata()) == pytest.approx([20, 40])
+
+
+def test_run_names_and_missing_folder(tmp_path):
+    assert plot.run_names(["runs/a/stage1", "runs/b/stage1", "runs/c"]) == [
+        os.path.normpath("runs/a/stage1"), os.path.normpath("runs/b/stage1"), "c"]
+    with pytest.raises(SystemExit, match="metrics.jsonl"):
+        plot.read_metrics(str(tmp_path))

@@ -1,0 +1,81 @@
+"""The HTML report (report.py), checked by parsing it: a title, the summary as a table, one section per item,
+each turn of the transcript set apart, every crop image referenced; undecodable bytes shown as escapes."""
+import json
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+from PIL import Image
+
+import data
+import eval as ev
+import model
+import report
+
+TEXT = ('<think>The label is small.</think>\n<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+        '[1, 2, 3, 4]}}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|vision_end|>'
+        '</tool_response><|im_end|>\n<|im_start|>assistant\n<tool_call>{bad</tool_call><|im_end|>\n<|im_start|>user\n'
+        '<tool_response>Error: not JSON</tool_response><|im_end|>\n<|im_start|>assistant\n'
+        '<think>' + "a long line " * 60 + '</think><answer>B</answer><|im_end|>')
+
+
+class Page(HTMLParser):
+    """Tags of interest, with their classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.title, self.tags, self._in_title = "", [], False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs).get("class") or ""))
+        self._in_title = tag == "title"
+
+    def handle_data(self, text):
+        self.title += text if self._in_title else ""
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+
+def _items_and_samples(tmp_path):
+    Image.new("RGB", (300, 200), "navy").save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(dict(id=i, image="a.png", question="q?", answer="B",
+                                                                options=["x", "y"])) for i in ("a", "b")))
+    samples = {s.id: s for s in data.read_jsonl(str(tmp_path / "d.jsonl"))}
+    items = [dict(id="a", category="default", answer="B", reply="B", correct=True, text=TEXT,
+                  boxes=[[10, 20, 110, 90]], gt_boxes=[[12, 22, 100, 80]]),
+             dict(id="b", category="default", answer="B", reply="A", correct=False, text="<answer>A</answer>",
+                  boxes=[], gt_boxes=None)]
+    return items, samples
+
+
+def test_report_parses_into_a_page(tmp_path):
+    items, samples = _items_and_samples(tmp_path)
+    summary = ev.summarize([dict(it, tool_calls=1, tool_errors=0, seconds=0.1) for it in items], "vstar")
+    report.write_html(str(tmp_path / "r.html"), items, samples, ev._markdown(summary))
+    page = Page()
+    page.feed(open(tmp_path / "r.html", encoding="utf-8").read())
+    assert page.title == "LFPC evaluation: vstar"
+    assert [t for t, _ in page.tags].count("table") == 1 and ("th", "") in page.tags
+    assert [c for t, c in page.tags if t == "section"] == ["item", "item"]
+    assert sum(c == "crop" for t, c in page.tags if t == "img") == 1  # one box, one crop
+    assert sum(c == "full" for t, c in page.tags if t == "img") == 2
+    turns = [c.split()[1] for t, c in page.tags if t == "div" and c.startswith("turn ")]
+    assert turns == ["think", "call", "reply", "call", "error", "think", "answer", "answer"]
+    css = open(tmp_path / "r.html").read()
+    assert "pre-wrap" in css and "<pre>" not in css  # transcripts wrap to the page
+
+
+def test_markdown_table_rows_and_notes():
+    out = report.markdown_html("### x\n\n| a | b |\n|---|---|\n| **overall** | 3 |\n\ntool calls 1.0")
+    assert out.count("<tr>") == 2 and "<td>overall</td>" in out and "<p>tool calls 1.0</p>" in out
+
+
+def test_undecodable_bytes_become_escapes():
+    tok = model.build_tiny_tokenizer()
+    first, _ = tok.encode("é", add_special_tokens=False)  # two byte tokens; the first is half a character
+    ids = [first] + tok.encode("ok", add_special_tokens=False)
+    policy = SimpleNamespace(tokenizer=tok, image_pad=-1)
+    e = SimpleNamespace(text=tok.decode(ids), ids=ids, prompt_len=0)
+    assert e.text == "\ufffdok" and ev.response_text(policy, e) == "\\xc3ok"
+    whole = SimpleNamespace(text="fine", ids=tok.encode("fine", add_special_tokens=False), prompt_len=0)
+    assert ev.response_text(policy, whole) == "fine"

@@ -1,0 +1,126 @@
+"""The paper's stage-1 data as published on the Hub (sources.py layouts read by data.py), --columns, mixed
+sources, and `data.py convert` round-tripping through the JSONL reader. Small generated tables with each
+dataset's columns."""
+import io
+import json
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import data
+import sources
+
+
+def _png(w=40, h=30, color="red"):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.fixture
+def pixelreasoner(tmp_path):
+    """release.parquet with images.zip unpacked beside it (into images/)."""
+    (tmp_path / "images" / "vstar").mkdir(parents=True)
+    Image.new("RGB", (64, 48), "blue").save(tmp_path / "images" / "vstar" / "a.jpg")
+    rows = [dict(qid="pr-0", question="What color is the car?", image=["vstar/a.jpg"], is_video=False, answer="blue"),
+            dict(qid="pr-1", question="Which frame?", image=["v/1.jpg", "v/2.jpg"], is_video=True, answer="2"),
+            dict(qid="pr-2", question="Missing?", image=["vstar/none.jpg"], is_video=False, answer="x")]
+    return _write(tmp_path / "release.parquet", rows)
+
+
+@pytest.fixture
+def thinklite(tmp_path):
+    rows = [dict(id=7, image=dict(bytes=_png(), path="x.png"), answer="B",
+                 problem="<image>How many cubes?\nChoices:\n(A) 2\n(B) 3"),
+            dict(id=8, image=dict(bytes=_png(color="green"), path=None), answer="", problem="<image>No answer")]
+    return _write(tmp_path / "ThinkLite-VL-70k.parquet", rows)
+
+
+def _cof_row(answer="<answer>the red sign</answer>", image="./images/cof/1.jpg"):
+    return dict(images=[image, "./images/cof/1_crop.jpg"], messages=[
+        dict(role="system", content="You are a helpful assistant. # Tools ..."),
+        dict(role="user", content="<image>What is written on the sign? Think in the mind first, then call tools."),
+        dict(role="assistant", content='<think>zoom</think><tool_call>{"name": "image_zoom_in_tool"}</tool_call>'),
+        dict(role="user", content="<tool_response><image></tool_response>"),
+        dict(role="assistant", content=f"<think>read it</think>{answer}")])
+
+
+@pytest.fixture
+def cof(tmp_path):
+    (tmp_path / "images" / "cof").mkdir(parents=True)
+    Image.new("RGB", (50, 70), "white").save(tmp_path / "images" / "cof" / "1.jpg")
+    return _write(tmp_path / "cof.parquet", [_cof_row(), _cof_row(answer="no answer tag")])
+
+
+def test_pixelreasoner_layout(pixelreasoner, capsys):
+    (s,) = data.load(pixelreasoner)
+    out = capsys.readouterr().out
+    assert "pixelreasoner layout" in out and "skipped 2 bad row(s)" in out
+    assert "row 1: ValueError: a video item" in out and "none.jpg" in out
+    assert (s.id, s.question, s.answer, s.options) == ("pr-0", "What color is the car?", "blue", None)
+    r, g, b = s.image().getpixel((0, 0))
+    assert s.image().size == (64, 48) and b > 250 > 5 > max(r, g)  # the blue JPEG
+
+
+def test_thinklite_layout(thinklite, capsys):
+    (s,) = data.load(thinklite)
+    out = capsys.readouterr().out
+    assert "thinklite layout" in out and "row 1: ValueError: no answer" in out
+    assert s.id == "7" and s.question.startswith("How many cubes?") and "<image>" not in s.question
+    assert s.answer == "B" and s.image().size == (40, 30)
+
+
+def test_chain_of_focus_layout_parquet_and_json(cof, tmp_path, capsys):
+    (s,) = data.load(cof)
+    assert "chain-of-focus layout" in capsys.readouterr().out
+    assert (s.question, s.answer, s.width, s.height) == ("What is written on the sign?", "the red sign", 50, 70)
+    with open(tmp_path / "cof_sft_data.json", "w") as f:  # the file as the Hub holds it
+        json.dump([_cof_row()], f)
+    (j,) = data.load(str(tmp_path / "cof_sft_data.json"))
+    assert (j.question, j.answer, j.image_path) == (s.question, s.answer, s.image_path)
+
+
+def test_deepeyes_is_still_recognised():
+    assert sources.detect(["data_source", "prompt", "images", "reward_model", "extra_info"])[0] == "deepeyes"
+    assert sources.detect(["foo"]) is None
+
+
+def test_generic_columns(tmp_path, capsys):
+    rows = [dict(img=_png(), q="Which?", a="b", opts=["x", "y", "z"], key="k1"),
+            dict(img=_png(), q="Which?", a="E", opts=["x", "y"], key="k2")]  # E is not one of 2 options
+    path = _write(tmp_path / "other.parquet", rows)
+    with pytest.raises(SystemExit, match="match no known layout.*--columns"):
+        data.load(path)
+    (s,) = data.load(path, columns="image=img,question=q,answer=a,options=opts,id=key")
+    assert (s.id, s.answer, s.options) == ("k1", "B", ["x", "y", "z"])
+    assert "row 1: ValueError: answer 'E' is not a letter" in capsys.readouterr().out
+    for bad in ("image=img,question=q", "image=img,question=q,answer=a,colour=c", "image=img,question=q,answer=a,x"):
+        with pytest.raises(SystemExit, match="--columns"):
+            data.load(path, columns=bad)
+
+
+def test_mixed_sources_and_convert_round_trip(pixelreasoner, thinklite, cof, tmp_path, monkeypatch):
+    spec = ",".join([pixelreasoner, thinklite, cof])
+    mixed = data.load(spec)
+    assert [s.id for s in mixed] == ["release/pr-0", "ThinkLite-VL-70k/7", "cof/0"]
+    out = tmp_path / "conv" / "train.jsonl"
+    monkeypatch.setattr(sys, "argv", ["data.py", "convert", spec, "--out", str(out)])
+    data.main()
+    back = data.read_jsonl(str(out))
+    assert [(s.id, s.question, s.answer, s.options) for s in back] == [
+        (s.id, s.question, s.answer, s.options) for s in mixed]
+    for a, b in zip(mixed, back):
+        assert (b.width, b.height) == (a.width, a.height)
+        assert a.image().tobytes() == b.image().tobytes()
+        assert b.image_path.startswith(str(tmp_path / "conv" / "train_images"))
+    first = json.loads(out.read_text().splitlines()[1])
+    assert first["image"] == "train_images/000001.png"  # embedded bytes kept as they were (a PNG)
+    assert not (tmp_path / "conv" / "train.jsonl.tmp").exists()

@@ -1,0 +1,68 @@
+"""eval.py --sweep on the tiny model with tiny budgets: every point in its own folder, the table, sweep.json and
+the figure written, one line per model, and a killed sweep resumes without redoing finished items."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import eval as ev
+from helpers import tiny_policy
+
+ARGS = ["--bench", "synthetic", "--batch", "2", "--sweep", "16,32",
+        "--max-turns", "1", "--max-turn-tokens", "2", "--max-response-tokens", "2", "--crop-tokens", "16"]
+
+
+def _two_items(folder):
+    """Two small images in the project's JSONL: the sweep's cost is the tiny model, not drawing 4K images."""
+    os.makedirs(folder)
+    with open(folder / "d.jsonl", "w") as f:
+        for i, color in enumerate(("red", "blue")):
+            Image.new("RGB", (280, 196), color).save(folder / f"{i}.png")
+            f.write(json.dumps(dict(id=str(i), image=f"{i}.png", question="Which colour?", answer=color)) + "\n")
+    return str(folder / "d.jsonl")
+
+
+def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    args = ARGS + ["--data", _two_items(tmp_path / "data"), "--out", str(out)]
+    policy = tiny_policy(lora=False)  # built once per test session
+    monkeypatch.setattr(ev.model, "load_policy", lambda *a, **kw: policy)
+    calls = []
+    real_rollout = ev.rollout
+
+    def counting_rollout(policy, batch, cfg):
+        calls.append((cfg.global_tokens, cfg.probe))
+        if len(calls) == 4 and not os.environ.get("RESUMED"):
+            raise KeyboardInterrupt("killed")  # the 4th point: g32, plain
+        return real_rollout(policy, batch, cfg)
+
+    monkeypatch.setattr(ev, "rollout", counting_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(args)
+    assert calls == [(16, None), (16, "noise"), (16, "no-tool"), (32, None)]
+    assert not (out / "sweep.json").exists()
+    monkeypatch.setenv("RESUMED", "1")
+    calls.clear()
+    points = ev.main(args + ["--adapter", "none", "--adapter", "runs/b"])  # resumed, and a second model added
+    assert calls[:3] == [(32, None), (32, "noise"), (32, "no-tool")]  # the finished points were not redone
+    assert len(calls) == 3 + 6  # the second model: every point
+    folders = sorted(os.listdir(out / "tiny"))
+    assert folders == ["g16-no-tool", "g16-noise", "g16-plain", "g32-no-tool", "g32-noise", "g32-plain"]
+    assert sorted(os.listdir(out / "runs-b")) == folders
+    assert all((out / "tiny" / f / "items.jsonl").exists() for f in folders)
+    assert [(p["model"], p["global_tokens"], p["num_items"]) for p in points] == [
+        ("tiny", 16, 2), ("tiny", 32, 2), ("runs-b", 16, 2), ("runs-b", 32, 2)]
+    assert json.load(open(out / "sweep.json")) == points
+    with open(out / "tiny" / "g32-noise" / "summary.json") as f:
+        assert points[1]["noise"] == json.load(f)["accuracy"]
+    table = (out / "sweep.md").read_text()
+    assert table.count("| tiny |") == 2 and table.count("| runs-b |") == 2 and "crop dependency" in table
+    assert (out / "sweep.png").stat().st_size > 5_000
+
+
+def test_model_tags_and_the_one_adapter_rule():
+    assert ev._model_tag("tiny", None) == "tiny"
+    assert ev._model_tag("tiny", "runs/stage2/final/") == "runs-stage2-final"
+    with pytest.raises(SystemExit, match="--sweep"):
+        ev.main(["--bench", "synthetic", "--adapter", "a", "--adapter", "b"])
