@@ -28,7 +28,7 @@ stage2: setup
 	$(PY) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
 
 eval: setup
-	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) --adapter $(ADAPTER) $(ARGS)
+	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -11,7 +11,7 @@ import os
 import random
 import re
 
-from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report
+from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report, unique_ids
 
 
 BENCHMARKS = {
@@ -25,7 +25,11 @@ def load_benchmark(bench, path, seed=0):
     """Samples of a benchmark from the file or folder users download (formats in METHOD.md §5)."""
     if not path or not os.path.exists(path):
         raise SystemExit(f"error: --data {path!r} not found: --bench {bench} expects {BENCHMARKS[bench]}")
-    return dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed)
+    return unique_ids(dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed), path)
+
+
+HRBENCH_SCORES = {"category": "DeepEyes' score (mean of FSP and FCP)",
+                  "cycle_category": "HR-Bench's official score (accuracy per option-rotation cycle, averaged)"}
 
 
 def _hrbench(path, seed):
@@ -33,11 +37,18 @@ def _hrbench(path, seed):
     cycle_category, image (base64; a short number instead refers to the row holding the image)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise SystemExit(f"error: cannot read {path} as parquet: {e}") from None
     else:
         csv.field_size_limit(1 << 31)
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t"))
+    columns = set(rows[0]) if rows else set()
+    _require_columns(path, columns, ("index", "question", "answer", "image", "A", "B"))
+    for column, score in HRBENCH_SCORES.items():
+        if column not in columns:
+            print(f"warning: {path} has no {column!r} column: {score} cannot be computed (reported as n/a)")
     by_index = {str(r["index"]): r for r in rows}
     samples, bad = [], []
     for r in rows:
@@ -49,12 +60,41 @@ def _hrbench(path, seed):
             width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
             options = [str(r[k]) for k in "ABCD" if r.get(k) not in (None, "") and str(r[k]) != "nan"]
             samples.append(Sample(
-                id=str(r["index"]), question=str(r["question"]), answer=str(r["answer"]).strip().upper(),
+                id=str(r["index"]), question=str(r["question"]), answer=_option_letter(r["answer"], options),
                 width=width, height=height, options=options, category=str(r.get("category", "default")),
-                make=_image_from_bytes(raw), meta=dict(cycle=str(r.get("cycle_category", "")))))
+                make=_image_from_bytes(raw), meta=dict(cycle=str(r.get("cycle_category") or ""))))
         except (KeyError, ValueError, OSError) as e:
             bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
     return _report(samples, bad, path)
+
+
+def _read_text(path):
+    """A benchmark's text file (a BOM is allowed); a binary or non-UTF-8 file is one message naming it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): is it the benchmark's file?") from None
+    if "\x00" in text:
+        raise SystemExit(f"error: {path} is a binary file, not text: is it the benchmark's file?")
+    return text
+
+
+def _require_columns(path, columns, required):
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise SystemExit(f"error: {path} lacks the column(s) {', '.join(missing)} (it has: "
+                         f"{', '.join(sorted(columns))[:200] or 'none'})")
+
+
+def _option_letter(answer, options):
+    """The answer as an option letter, checked against the options there are."""
+    letter = str(answer).strip().upper()
+    if len(options) > len(LETTERS):
+        raise ValueError(f"{len(options)} options, more than the letters {LETTERS}")
+    if letter not in LETTERS[:len(options)]:
+        raise ValueError(f"answer {answer!r} is not one of the options {LETTERS[:len(options)]}")
+    return letter
 
 
 def _vstar(path, seed):
@@ -77,10 +117,14 @@ def _vstar(path, seed):
                     raise ValueError("no image beside it")
                 width, height = _open_checked(image, image)
                 options = [str(o) for o in item["options"]]
+                _option_letter("A", options)  # options[0] is the answer: only the count is checked
                 order = list(range(len(options)))
                 random.Random(f"{seed}/{category}/{stem}").shuffle(order)
                 boxes = item.get("bbox") or []
                 boxes = [boxes] if boxes and isinstance(boxes[0], (int, float)) else boxes
+                for x, y, w, h in boxes:
+                    if not (w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height):
+                        raise ValueError(f"bbox {[x, y, w, h]} is empty or outside the {width}x{height} image")
                 union = None
                 if boxes:  # every target's box, as one [x1, y1, x2, y2]: what the gt-box probe crops
                     union = [min(b[0] for b in boxes), min(b[1] for b in boxes),
@@ -98,8 +142,13 @@ def _mmerw(path, seed):
     """MME-RealWorld(-Lite) JSON: Question_id, Image (relative to the JSON's folder), Text, Answer choices
     ["(A) ...", ...], Ground truth (a letter), Category, Subtask, Task."""
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
+    try:
+        items = json.loads(_read_text(path))
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is not valid JSON: {e}") from None
+    if not isinstance(items, list):
+        raise SystemExit(f"error: {path} holds a JSON {type(items).__name__}; a list of items was expected "
+                         f"(MME-RealWorld's JSON)")
     samples, bad = [], []
     for item in items:
         try:
@@ -110,7 +159,7 @@ def _mmerw(path, seed):
             if letter is None:
                 raise ValueError(f"ground truth {item['Ground truth']!r} is not a letter A-E")
             samples.append(Sample(
-                id=str(item["Question_id"]), question=str(item["Text"]), answer=letter.group(0),
+                id=str(item["Question_id"]), question=str(item["Text"]), answer=_option_letter(letter.group(0), options),
                 width=width, height=height, options=options, category=str(item.get("Category", "default")),
                 image_path=image, meta=dict(task=str(item.get("Task", "")), subtask=str(item.get("Subtask", "")))))
         except (KeyError, ValueError, TypeError, OSError) as e:

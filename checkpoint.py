@@ -8,11 +8,19 @@ as code: tensors load with weights_only=True, the adapter from safetensors.
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 
 import torch
+from safetensors import SafetensorError
+
+# Config fields that make a different run: a resume that changes one of them would mix two runs in one folder
+# (`steps` may grow; batch sizes and budgets may change, as after an out-of-memory retry)
+RUN_KEYS = ("stage", "model", "data", "infogap", "seed", "lora_r", "lora_alpha", "group_size", "prompts_per_step")
+# what a damaged checkpoint file raises when read
+READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 def save_checkpoint(path, policy, optimizer, cfg, state):
@@ -28,6 +36,7 @@ def save_checkpoint(path, policy, optimizer, cfg, state):
         torch.save(dict(torch=torch.get_rng_state(), python=random.getstate()), os.path.join(tmp, "rng.pt"))
         _write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(cfg))
         _write_json(os.path.join(tmp, "state.json"), state)
+        _fsync_folder(tmp)  # on disk before the rename: a power cut never leaves a complete-looking empty file
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(os.path.dirname(path) or ".")
@@ -38,7 +47,24 @@ def save_checkpoint(path, policy, optimizer, cfg, state):
     if os.path.exists(path):  # final/ is rewritten: move the old one aside, swap in the new, then delete
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")  # the rename itself
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder):
+    """fsync every file of a folder, then the folder (its entries)."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fault(point, step):
@@ -48,14 +74,17 @@ def fault(point, step):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM: finish the current step, save a checkpoint, say how to resume, and return."""
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, say how to resume, then exit with the
+    shell's code for that signal (130, 143), so make and job schedulers do not take the run as finished."""
 
     def __init__(self):
         self.signal = None
+        self.exit_code = 0
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+        self.exit_code = 128 + signum
         print(f"\n{self.signal}: finishing this step, then saving a checkpoint", flush=True)
 
     def restore(self):
@@ -70,27 +99,116 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
+def complete_checkpoints(run_dir):
+    """The complete step checkpoints of a run folder, oldest first (a *.tmp folder is a killed write)."""
+    if not os.path.isdir(run_dir):
+        return []
+    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
+            if d.startswith("step_") and not d.endswith(".tmp") and os.path.isfile(os.path.join(run_dir, d, "state.json"))]
+
+
 def latest_checkpoint(path):
     """The newest complete step checkpoint in a run folder (or the folder itself if it is one)."""
     if os.path.isfile(os.path.join(path, "state.json")):
         return path
-    steps = sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp")
-                   and os.path.isfile(os.path.join(path, d, "state.json"))) if os.path.isdir(path) else []
-    return os.path.join(path, steps[-1]) if steps else None
+    found = complete_checkpoints(path)
+    return found[-1] if found else None
 
 
-def load_checkpoint(path, policy, optimizer):
-    """Restore adapter weights, optimizer and RNG states; returns state.json. Loads no pickled code."""
-    from peft import set_peft_model_state_dict
+def read_checkpoint(path):
+    """Every file of a checkpoint, read into memory (nothing applied yet). A damaged file raises ValueError
+    naming it. Loads no pickled code: tensors with weights_only=True, the adapter from safetensors."""
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(policy.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    def tensors(p):
+        return torch.load(p, weights_only=True)
+
+    def read_json(p):
+        with open(p) as f:
+            return json.load(f)
+
+    readers = {"adapter_model.safetensors": load_file, "optimizer.pt": tensors, "rng.pt": tensors,
+               "config.json": read_json, "state.json": read_json}
+    files = {}
+    for name, read in readers.items():
+        try:
+            files[name] = read(os.path.join(path, name))
+        except READ_ERRORS as e:
+            raise ValueError(f"{os.path.join(path, name)} is damaged ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:120]})") from None
+    return files
+
+
+def restore_checkpoint(files, policy, optimizer):
+    """Apply a read checkpoint: adapter weights, optimizer and RNG states. Returns state.json."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(policy.model, files["adapter_model.safetensors"])
+    optimizer.load_state_dict(files["optimizer.pt"])
+    torch.set_rng_state(files["rng.pt"]["torch"])
+    random.setstate(files["rng.pt"]["python"])
+    return files["state.json"]
+
+
+def plan_run(cfg, resume, default_out):
+    """Where a run writes, and the checkpoint it resumes from, checked before any model loads.
+
+    A fresh run needs a folder with no run in it (else old and new checkpoints would mix, and pruning would
+    delete the new run's). --resume DIR writes into DIR unless --out_dir says otherwise; it takes the newest
+    checkpoint that reads, naming and skipping damaged ones; it stops when the checkpoint's run differs in a
+    field of RUN_KEYS. Returns (out_dir, checkpoint path, its files)."""
+    if not resume:
+        out_dir = cfg.out_dir or default_out
+        _check_empty(out_dir)
+        return out_dir, None, None
+    if os.path.isfile(os.path.join(resume, "state.json")) and not os.path.isfile(os.path.join(resume, "optimizer.pt")):
+        raise SystemExit(f"error: --resume {resume} is a finished run's adapter (no optimizer state), not a checkpoint: "
+                         f"resume its run folder with a larger --steps (--resume {os.path.dirname(os.path.normpath(resume))})"
+                         f", or start a new run from it with --init_adapter={resume} and another --out_dir")
+    named = os.path.isfile(os.path.join(resume, "state.json"))
+    run_dir = os.path.dirname(os.path.normpath(resume)) if named else resume
+    out_dir = cfg.out_dir or run_dir
+    if os.path.abspath(out_dir) != os.path.abspath(run_dir):
+        _check_empty(out_dir)
+    candidates = complete_checkpoints(run_dir)
+    if named:
+        candidates = [c for c in candidates if c <= os.path.join(run_dir, os.path.basename(os.path.normpath(resume)))]
+    for ckpt in reversed(candidates):
+        try:
+            files = read_checkpoint(ckpt)
+        except ValueError as e:
+            print(f"warning: {e}; falling back to the checkpoint before it")
+            continue
+        _check_same_run(files["config.json"], cfg, ckpt)
+        return out_dir, ckpt, files
+    raise SystemExit(f"error: no complete, readable checkpoint in {run_dir}: start over in another --out_dir (or "
+                     f"delete {run_dir})")
+
+
+def check_steps(ckpt, files, cfg):
+    """A run shortened below its checkpoint's step says so (its weights are not that earlier step's)."""
+    step = files["state.json"]["step"]
+    if step > cfg.steps:
+        raise SystemExit(f"error: {ckpt} is at step {step}, past --steps={cfg.steps}: its weights are not step "
+                         f"{cfg.steps}'s. Resume with --steps >= {step}, or name an earlier checkpoint with --resume "
+                         f"{os.path.dirname(ckpt)}/step_NNNNNN")
+
+
+def _check_empty(out_dir):
+    held = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") or d in ("final", "metrics.jsonl")) \
+        if os.path.isdir(out_dir) else []
+    if held:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:4])}): pass --resume {out_dir} to "
+                         f"continue it, or another --out_dir for a new run")
+
+
+def _check_same_run(saved, cfg, ckpt):
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in RUN_KEYS if k in saved and saved[k] != now[k]]
+    if diff:
+        raise SystemExit(f"error: {ckpt} belongs to another run: " + ", ".join(
+            f"{k}={saved[k]!r} there, {now[k]!r} now" for k in diff) + ". Pass the checkpoint's values to resume it, "
+            "or start a new run in another --out_dir")
 
 
 def truncate_metrics(path, step):
@@ -98,10 +216,18 @@ def truncate_metrics(path, step):
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in f if _step_of(line) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _step_of(line):
+    """A metrics line's step; a line cut by a kill counts as past every checkpoint (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def prune_checkpoints(out_dir, keep):

@@ -17,6 +17,7 @@ FACTOR = 28  # patch 14 x merge 2: one language-model token covers 28x28 pixels
 MIN_PIXELS = 4 * FACTOR * FACTOR
 MIN_SIDE = 28  # a crop smaller than this is grown about its centre [choice]
 MAX_ASPECT = 100  # crops more elongated than this are refused
+MAX_IMAGE_ASPECT = 200  # Qwen's smart_resize refuses images more elongated than this (data.py refuses them at load)
 
 
 def tokens_to_pixels(tokens):
@@ -26,8 +27,8 @@ def tokens_to_pixels(tokens):
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=16384 * FACTOR * FACTOR):
     """Qwen's rule: sides to multiples of `factor` (Python round), area scaled into [min_pixels, max_pixels]."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    if max(height, width) / min(height, width) > MAX_IMAGE_ASPECT:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over {MAX_IMAGE_ASPECT}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

@@ -16,11 +16,14 @@ import io
 import json
 import os
 import random
+import stat
+from collections import Counter
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import sources
+from crop import MAX_IMAGE_ASPECT
 
 WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver window garden bridge "
          "honey violin planet marble castle dragon").split()
@@ -30,6 +33,7 @@ SYNTHETIC_LEVEL = 64  # the synthetic set's designed information-gap level: at 6
 # Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class BadImage(ValueError):
@@ -41,7 +45,9 @@ class BadImage(ValueError):
 
 
 def to_rgb(im):
-    """Any PIL mode -> RGB: 16- and 32-bit images are scaled to 8 bits rather than clipped."""
+    """Any PIL image -> RGB and upright: EXIF orientation applied (as transformers' own loader does, so boxes
+    are in the upright frame); 16- and 32-bit images scaled to 8 bits rather than clipped."""
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         import numpy as np
         a = np.asarray(im, dtype=np.float64)
@@ -51,16 +57,30 @@ def to_rgb(im):
 
 
 def _open_checked(path_or_file, name):
-    """(width, height) of an image file after cheap checks: it decodes its header, passes verify(), and is
-    within MAX_PIXELS. Raises ValueError with the reason."""
+    """(width, height) of an image file, upright (EXIF orientation applied), after cheap checks: a regular file
+    (a FIFO would block forever), a header that decodes, verify(), within MAX_PIXELS, and an aspect ratio the
+    image encoder accepts. Raises ValueError with the reason."""
     try:
+        mode = os.stat(path_or_file).st_mode if isinstance(path_or_file, str) else stat.S_IFREG
+        if stat.S_ISDIR(mode):
+            raise ValueError("is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ValueError("not a regular file (a FIFO or device)")
         with Image.open(path_or_file) as im:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} is over the {MAX_PIXELS:,}-pixel limit (LFPC_MAX_PIXELS)")
             if width == 0 or height == 0:
                 raise ValueError("zero-size image")
+            if max(width, height) / min(width, height) > MAX_IMAGE_ASPECT:
+                raise ValueError(f"{width}x{height}: aspect ratio over {MAX_IMAGE_ASPECT}:1, which the image "
+                                 f"encoder refuses")
             im.verify()  # walks the file without decoding: catches truncated PNGs and bad chunks cheaply
+        if hasattr(path_or_file, "seek"):
+            path_or_file.seek(0)
+        with Image.open(path_or_file) as im:  # verify() leaves the image unusable: open again for EXIF
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: the upright frame's size
+                width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
         raise ValueError(f"image {name}: {e}") from None
     return width, height
@@ -164,7 +184,7 @@ def read_jsonl(path, max_reasons=5):
         raise SystemExit(f"error: data file not found: {path}")
     root = os.path.dirname(os.path.abspath(path))
     samples, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -213,6 +233,36 @@ def _check_nested(boxes, width, height):
             raise ValueError(f"box {b} does not contain the box before it (boxes go innermost first)")
         out.append([float(v) for v in b])
     return out
+
+
+def unique_ids(samples, path):
+    """Evaluation results are kept by item id: two items with one id would overwrite each other's result."""
+    dup = [i for i, n in Counter(s.id for s in samples).items() if n > 1]
+    if dup:
+        raise SystemExit(f"error: {path}: {len(dup)} item id(s) appear more than once: {', '.join(dup[:10])}")
+    return samples
+
+
+def cut_partial_line(path):
+    """A JSONL whose last line was cut by a kill is truncated to its last newline, so that appending goes on
+    from a whole line (the cut item is redone), never glued onto the cut one. Returns whether it cut."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        end = f.tell()
+        while end > 0:  # backwards in blocks to the last newline
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            i = f.read(end - start).rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return True
+            end = start
+        f.truncate(0)
+    return True
 
 
 # ---------------------------------------------------------------- tables as published on the Hub

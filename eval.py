@@ -11,8 +11,10 @@ Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finis
 is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
 """
 import argparse
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -59,7 +61,8 @@ def parse_args(argv=None):
                          "small cards; default elsewhere: as train.py's base_precision=auto")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ap.add_argument("--batch", type=int, default=8, help="items rolled out together")
-    ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>[-probe])")
+    ap.add_argument("--out", default=None, help="output folder (default runs/eval/<bench>-<data>-<model>-g<global "
+                                                "tokens>[-<probe>][-<adapter>])")
     ap.add_argument("--html", default=None, help="also write a self-contained HTML report to this file")
     ap.add_argument("--shard", default=None, help="i/n: evaluate every n-th item starting at i (run n in parallel)")
     ap.add_argument("--summary", action="store_true",
@@ -75,6 +78,10 @@ def parse_args(argv=None):
         raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
     args.adapter = args.adapters[0]
     return args
+
+
+def data_spec(args):
+    return args.data or ("synthetic:32" if args.bench == "synthetic" else None)
 
 
 def resolve_settings(args):
@@ -101,8 +108,90 @@ def resolve_settings(args):
 
 def load_bench(args):
     if args.bench == "synthetic":
-        return data.load(args.data or "synthetic:32", seed=args.seed, columns=args.columns)
+        spec = data_spec(args)
+        return data.unique_ids(data.load(spec, seed=args.seed, columns=args.columns), spec)
     return benchmarks.load_benchmark(args.bench, args.data, seed=args.seed)
+
+
+# ---------------------------------------------------------------- one folder, one setting
+
+# arguments that do not change any item's result: where results go, how the work is split and scheduled
+NOT_SETTINGS = ("out", "html", "shard", "summary", "limit", "batch", "sweep", "adapters")
+
+
+def run_settings(args, resolved, precision):
+    """What decides the items' results: every other argument, the shared ones and the precision as resolved (from
+    the command line, the adapter's run or the defaults), with the data and the adapter identified by their
+    contents (a retrained adapter at the same path is another setting)."""
+    out = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    out.update({k: getattr(resolved, k) for k in SHARED}, precision=precision)
+    out["data"] = _fingerprint(data_spec(args))
+    out["adapter"] = _fingerprint(args.adapter and os.path.join(args.adapter, "adapter_model.safetensors"))
+    return out
+
+
+def _fingerprint(path):
+    """sha256 of a file, or of a folder's file names and sizes; a spec that is not a path (synthetic:N) as is."""
+    if not path or not os.path.exists(path):
+        return path
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for folder, _, names in sorted(os.walk(path)):
+            for n in sorted(names):
+                digest.update(f"{os.path.relpath(os.path.join(folder, n), path)}:"
+                              f"{os.path.getsize(os.path.join(folder, n))}\n".encode())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def default_name(args, resolved):
+    """What tells runs apart: bench, data, model, global budget, probe, adapter (runs/stage2/final ->
+    stage2_final)."""
+    def stem(spec):
+        if spec.startswith("synthetic"):
+            return "n" + (spec.partition(":")[2] or "256")
+        parts = os.path.normpath(spec).split(os.sep)
+        name = "_".join(parts[-2:]) if parts[-1] == "final" and len(parts) > 1 else parts[-1]
+        return re.sub(r"[^\w.-]", "_", os.path.splitext(name)[0] if os.path.isfile(spec) else name)
+
+    parts = [args.bench, stem(data_spec(args)), stem(resolved.model), f"g{resolved.global_tokens}", args.probe,
+             args.adapter and stem(args.adapter)]
+    return "-".join(p for p in parts if p)
+
+
+def claim_folder(out, now, about):
+    """An evaluation folder holds one setting's results: the first run writes run.json (the settings `now` and
+    `about` them: paths, the benchmark's size); a rerun (or another shard) with other settings is refused,
+    naming what differs."""
+    os.makedirs(out, exist_ok=True)
+    run = read_run(out)
+    if run is None and any(f.startswith("items") for f in os.listdir(out)):
+        raise SystemExit(f"error: {out} holds results without a run.json (an older version): their settings are "
+                         f"unknown. Pass another --out, or remove {out}")
+    if run is not None and run["settings"] != now:
+        diff = sorted(k for k in set(now) | set(run["settings"]) if now.get(k) != run["settings"].get(k))
+        raise SystemExit(f"error: {out} holds results of other settings: " + ", ".join(
+            f"{k}={_short(run['settings'].get(k))} there, {_short(now.get(k))} now" for k in diff)
+            + ". Pass another --out (the default folder name tells settings apart), or remove " + out)
+    tmp = os.path.join(out, f"run.json.{os.getpid()}.tmp")  # shards may start together: write whole, rename
+    with open(tmp, "w") as f:
+        json.dump(dict(settings=now, **about), f, indent=1)
+    os.replace(tmp, os.path.join(out, "run.json"))
+
+
+def read_run(out):
+    path = os.path.join(out, "run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _short(value):
+    return repr(value[:19] + "…" if isinstance(value, str) and value.startswith("sha256:") else value)
 
 
 def _shard(samples, shard):
@@ -118,23 +207,44 @@ def _shard(samples, shard):
     return samples[i::n], f".shard-{i}-of-{n}"
 
 
+def check_adapter(path):
+    """A missing adapter is one line naming the folder and what makes it, before any model loads (not PEFT's
+    "Can't find 'adapter_config.json'" traceback after it)."""
+    if path is None or os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return
+    made_by = next((f"`make {stage}` (python train.py --stage {stage[-1]})" for stage in ("stage1", "stage2")
+                    if os.path.normpath(path).endswith(os.path.join(stage, "final"))), "a training run's final/")
+    raise SystemExit(f"error: adapter {path} not found (no adapter_config.json there). It is made by {made_by}; "
+                     f"to evaluate another adapter pass --adapter DIR (make: ADAPTER=runs/stage1/final), or "
+                     f"ADAPTER= for the base model")
+
+
+def eval_precision(args, settings):
+    """The base weights' precision: --precision, else bf16 on a GPU (the paper and DeepEyes evaluate in bf16),
+    else train.py's base_precision=auto."""
+    return model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
+
+
 def evaluate(args, load_policy=None):
     """One evaluation into its folder; `load_policy` (a function) supplies the policy when items are left to do
     (the sweep loads each model once for all its points)."""
+    check_adapter(args.adapter)
     settings = resolve_settings(args)
-    precision = model.base_precision(settings.model, args.precision or ("bf16" if torch.cuda.is_available() else "auto"))
+    precision = eval_precision(args, settings)
     all_samples = load_bench(args)[:args.limit]
     for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
         s.global_tokens = None
     samples, tag = _shard(all_samples, args.shard)
-    name = args.bench + (f"-{args.probe}" if args.probe else "")
-    out = args.out or os.path.join("runs", "eval", name)
-    os.makedirs(out, exist_ok=True)
+    out = args.out or os.path.join("runs", "eval", default_name(args, settings))
+    name = os.path.basename(os.path.normpath(out))
+    shown = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
+                 adapter=args.adapter, precision=precision, **{k: getattr(settings, k) for k in SHARED})
+    claim_folder(out, run_settings(args, settings, precision),
+                 dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples), shown=shown))
     items_path = os.path.join(out, f"items{tag}.jsonl")
-    done = {}
-    for f in sorted(os.listdir(out)):  # every shard's results count as done
-        if f.startswith("items") and f.endswith(".jsonl"):
-            done.update(_read_items(os.path.join(out, f)))
+    if data.cut_partial_line(items_path):
+        print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
+    done = read_items(out)  # every shard's results count as done
     todo = [s for s in samples if s.id not in done]
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
@@ -158,11 +268,7 @@ def evaluate(args, load_policy=None):
             bar.update(len(episodes))
             bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
         bar.close()
-    items = [done[s.id] for s in all_samples if s.id in done]
-    summary = summarize(items, name, args.bench)
-    summary["settings"] = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
-                               adapter=args.adapter, precision=precision, **{k: getattr(settings, k) for k in SHARED})
-    _write_reports(out, summary)
+    summary, items = folder_summary(out, args.bench, [s.id for s in all_samples])
     if args.html:
         report.write_html(args.html, items, {s.id: s for s in all_samples}, _markdown(summary))
     print(_markdown(summary))
@@ -193,6 +299,28 @@ def _item(e, seconds, text, matcher="rule"):
                 correct=rewards.accuracy(_reply(e.text), s.answer, s.options, matcher), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
+
+
+def read_items(out):
+    """Every shard's items in a folder, read now (other shards may still be writing: a cut line is skipped)."""
+    done = {}
+    for f in sorted(os.listdir(out)):
+        if f.startswith("items") and f.endswith(".jsonl"):
+            done.update(_read_items(os.path.join(out, f)))
+    return done
+
+
+def folder_summary(out, bench, ids=None):
+    """The summary of a folder's results, all shards merged as they are now (of `ids` when given), with how many
+    of the benchmark's items it covers; writes summary.json and table.md. Returns the summary and the items."""
+    done = read_items(out)
+    items = [done[i] for i in ids if i in done] if ids is not None else list(done.values())
+    run = read_run(out) or {}
+    summary = summarize(items, os.path.basename(os.path.normpath(out)), bench,
+                        num_total=len(ids) if ids is not None else run.get("num_total"))
+    summary["settings"] = run.get("shown")
+    _write_reports(out, summary)
+    return summary, items
 
 
 def _byte_decoder():
@@ -234,13 +362,14 @@ def _accuracy_by(items, key):
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def summarize(items, name, bench="synthetic"):
+def summarize(items, name, bench="synthetic", num_total=None):
     """Accuracy per category and overall (micro), tool use, mean seconds per question, and each benchmark's
     own scores: HR-Bench official (per option-rotation cycle, then averaged) and DeepEyes' (mean of FSP and
     FCP); MME-RealWorld per task and subtask."""
     n = max(1, len(items))
     per_category = _accuracy_by(items, lambda it: it["category"])
-    summary = dict(name=name, num_items=len(items), accuracy=sum(it["correct"] for it in items) / n,
+    summary = dict(name=name, num_items=len(items), num_total=num_total or len(items),
+                   accuracy=sum(it["correct"] for it in items) / n,
                    per_category=per_category,
                    count_per_category={c: sum(it["category"] == c for it in items) for c in per_category},
                    tool_calls=sum(it["tool_calls"] for it in items) / n,
@@ -248,7 +377,8 @@ def summarize(items, name, bench="synthetic"):
                    seconds_per_item=sum(it["seconds"] for it in items) / n)
     if bench == "hrbench" and items:
         cycles = _accuracy_by(items, lambda it: it["meta"].get("cycle", ""))
-        summary["official"] = sum(cycles.values()) / len(cycles)  # HR-Bench's own: accuracy per cycle, averaged
+        # HR-Bench's own: accuracy per cycle, averaged; without cycles it is not computed (not the plain accuracy)
+        summary["official"] = sum(cycles.values()) / len(cycles) if "" not in cycles else None
         fsp, fcp = per_category.get("single"), per_category.get("cross")
         summary["deepeyes"] = (fsp + fcp) / 2 if fsp is not None and fcp is not None else None
     if bench == "mmerw":
@@ -261,10 +391,13 @@ def _markdown(summary):
     rows = [f"| {c} | {summary['count_per_category'][c]} | {100 * a:.1f} |" for c, a in summary["per_category"].items()]
     lines = [f"### {summary['name']}", "", "| category | items | accuracy (%) |", "|---|---|---|", *rows,
              f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", ""]
-    if summary.get("official") is not None:
-        deepeyes = summary.get("deepeyes")
-        lines.append(f"HR-Bench official (per cycle, averaged) {100 * summary['official']:.1f}; DeepEyes' (mean of "
-                     f"FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
+    if summary.get("num_total", summary["num_items"]) > summary["num_items"]:
+        lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** (shards or a run still going)")
+    if "official" in summary:
+        official, deepeyes = summary["official"], summary.get("deepeyes")
+        lines.append("HR-Bench official (per cycle, averaged) " + (f"{100 * official:.1f}" if official is not None
+                                                                   else "n/a (no cycle_category)")
+                     + "; DeepEyes' (mean of FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
     for key in ("per_task", "per_subtask"):
         if summary.get(key):
             lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
@@ -277,27 +410,34 @@ def _markdown(summary):
 
 def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
-    returned crop is noise), from the summaries that earlier runs wrote."""
-    results = {}
-    for probe in PROBES:
-        path = os.path.join(root, bench + (f"-{probe}" if probe else ""), "summary.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[probe or "none"] = json.load(f)
-    if "none" not in results:
-        raise SystemExit(f"error: no run without a probe in {os.path.join(root, bench)}: "
-                         f"run eval.py --bench {bench} first")
+    returned crop is noise), per setting: folders under `root` whose run.json differs only in the probe. Each
+    folder's summary is rebuilt from all its shards' items. Returns one {probe: summary} per setting."""
+    groups = {}
+    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        run = read_run(os.path.join(root, d))
+        if run is None or run["settings"].get("bench") != bench:
+            continue
+        key = json.dumps({k: v for k, v in run["settings"].items() if k != "probe"}, sort_keys=True)
+        groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = folder_summary(os.path.join(root, d), bench)[0]
+    tables = [results for results in groups.values() if "none" in results]
+    if not tables:
+        raise SystemExit(f"error: no run of {bench} without a probe in {root}: run eval.py --bench {bench} first")
+    for results in tables:
+        _print_probes(bench, results)
+    return tables
+
+
+def _print_probes(bench, results):
     base = results["none"]["accuracy"]
-    rows = [f"| {p} | {s['num_items']} | {100 * s['accuracy']:.1f} | {100 * (s['accuracy'] - base):+.1f} |"
-            for p, s in results.items()]
-    text = "\n".join([f"### {bench}: probes", "", "| probe | items | accuracy (%) | change (points) |",
-                      "|---|---|---|---|", *rows])
+    rows = [f"| {p} | {s['num_items']} of {s['num_total']} | {100 * s['accuracy']:.1f} | "
+            f"{100 * (s['accuracy'] - base):+.1f} |" for p, s in results.items()]
+    text = "\n".join([f"### {bench}: probes ({results['none']['name']})", "",
+                      "| probe | items | accuracy (%) | change (points) |", "|---|---|---|---|", *rows])
     for probe, what in (("noise", "noise is added to the crops"), ("noise-replace", "crops are replaced by noise")):
         if probe in results:
             text += (f"\n\ncrop dependency (accuracy lost when {what}): "
                      f"{100 * (base - results[probe]['accuracy']):.1f} points")
     print(text)
-    return results
 
 
 def _write_reports(out, summary):
@@ -333,10 +473,12 @@ def sweep(args):
     points = []
     for adapter in args.adapters:
         model_args = argparse.Namespace(**{**vars(args), "adapter": adapter, "html": None, "shard": None})
-        base = resolve_settings(model_args).model  # the adapter's own base model unless --model is given
+        settings = resolve_settings(model_args)
+        base = settings.model  # the adapter's own base model unless --model is given
         tag = _model_tag(base, adapter)
         load = functools.lru_cache(maxsize=None)(
-            lambda a=adapter, m=base: model.load_policy(m, adapter=a, lora=False, trainable=False))
+            lambda a=adapter, m=base, p=eval_precision(args, settings): model.load_policy(
+                m, adapter=a, lora=False, trainable=False, precision=p))
         for budget in budgets:
             point = dict(model=tag, global_tokens=budget)
             for name, probe in SWEEP_PROBES:

@@ -38,6 +38,7 @@ def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=1638
     samples = data.load(spec, seed)
     ladder = sorted((t for t in ladder if t < reference_tokens), reverse=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    data.cut_partial_line(out)  # a killed selection: its cut last line is redone, not appended onto
     done = set(read_levels(out)) if os.path.exists(out) else set()
     todo = [s for s in samples if s.id not in done]
     policy = load_policy(model_name, adapter=adapter, lora=False, trainable=False) if todo else None

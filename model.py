@@ -242,8 +242,8 @@ def build_tiny_tokenizer():
     words = ("what which where is the word written in small box letter color shape circle square triangle "
              "cross star answer think zoom region image tool call bbox label A B C D yes no left right top "
              "bottom red green blue black white").split()
-    corpus = [DEEPEYES_SYSTEM, DEEPEYES_USER, DEEPEYES_USER_NO_TOOL, QWEN_SYSTEM, QWEN_USER, QWEN_USER_NO_TOOL,
-              "Question: Options: ", " ".join(words),
+    # the project's own wording: the tiny model's vocabulary (and so its random weights) is fixed by this corpus
+    corpus = [QWEN_SYSTEM, QWEN_USER, " ".join(words),
               '<think>The text is too small, zoom in.</think>',
               '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 300, 400]}}',
               "<answer>B</answer> <tool_response> Error: </tool_response> 0123456789 [], .:;!?'\""]
@@ -402,20 +402,22 @@ def _keep_trainable_layout(model):
             m.support_avx512bf16_for_cpu = False
 
 
-def check_template(policy, folder):
+def check_template(policy, folder, prompt="deepeyes"):
     """Warn when the snapshot's chat template does not render the project's prompt token for token (the model
     was tuned on its template, so a prompt that departs from it is off-distribution)."""
     template = snapshot.chat_template(folder)
     if template is None:
         return None
     grid = (1, 2 * policy.merge, 2 * policy.merge)  # one image of 4 pads
-    messages = [dict(role="system", content=SYSTEM_PROMPT),
-                dict(role="user", content=[dict(type="image"), dict(type="text", text="What is it?" + USER_SUFFIX)])]
+    question = user_text("What is it?", prompt=prompt)
+    system = DEEPEYES_SYSTEM if prompt == "deepeyes" else QWEN_SYSTEM
+    messages = [dict(role="system", content=system),
+                dict(role="user", content=[dict(type="image"), dict(type="text", text=question)])]
     text = policy.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                 add_generation_prompt=True)
     pads = "<|image_pad|>" * (len(policy.image_block(grid)) - 2)
     theirs = policy.encode(text.replace("<|image_pad|>", pads))
-    ours = policy.prompt_ids("What is it?", grid)
+    ours = policy.prompt_ids(question, grid, prompt=prompt)
     if theirs == ours:
         return None
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))

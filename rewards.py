@@ -22,23 +22,56 @@ class RewardConfig:
     matcher: str = "rule"  # short answers: exact | rule | math (see accuracy)
 
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 
 
-TOOL_TURN_RE = re.compile(r"<\|im_start\|>user\n.*?<\|im_start\|>assistant\n", re.S)
+def tag_spans(text, pairs):
+    """Non-overlapping (start, end, open tag) spans of `open ... close` in `text`, leftmost first, the first close
+    after each open: what re.findall(r"open(.*?)close|...", re.S) finds, in linear time on any model output (the
+    lazy regex rescans to the end from every unclosed open tag: 5,000 unclosed <tool_call> tags took 82 s)."""
+    spans, pos, nxt = [], 0, {o: text.find(o) for o in pairs}
+    while True:
+        live = [(i, o) for o, i in nxt.items() if i >= 0]
+        if not live:
+            return spans
+        start, open_ = min(live)
+        end = text.find(pairs[open_], start + len(open_))
+        if end < 0:  # no close after this open, so none after any later open of this tag either
+            del nxt[open_]
+            continue
+        end += len(pairs[open_])
+        spans.append((start, end, open_))
+        pos = end
+        nxt = {o: (i if i >= pos else text.find(o, pos)) for o, i in nxt.items()}
+
+
+def tag_contents(text, open_, close):
+    """The contents of every `open_ ... close` (innermost text, tags dropped), in order; linear time."""
+    return [text[s + len(open_):e - len(close)] for s, e, _ in tag_spans(text, {open_: close})]
+
+
+def strip_spans(text, pairs):
+    """`text` without its `open ... close` spans (what re.sub of the lazy pattern leaves), in linear time."""
+    kept, last = [], 0
+    for start, end, _ in tag_spans(text, pairs):
+        kept.append(text[last:start])
+        last = end
+    return "".join(kept) + text[last:]
+
+
+TOOL_TURN = {"<|im_start|>user\n": "<|im_start|>assistant\n"}
 
 
 def assistant_text(text):
     """An episode's response without the tool's replies (user turns): what the policy wrote. DeepEyes' tool
     reply repeats its instructions, "<tool_call>...</tool_call>" and "<answer>...</answer>" included."""
-    return TOOL_TURN_RE.sub("", text)
+    return strip_spans(text, TOOL_TURN)
 
 
 def extract_answer(text):
     """The content of the last <answer>...</answer> the policy wrote, stripped; None when there is none."""
-    found = ANSWER_RE.findall(assistant_text(text))
+    found = tag_contents(assistant_text(text), "<answer>", "</answer>")
     return found[-1].strip() if found else None
 
 
@@ -81,6 +114,7 @@ def accuracy(reply, answer, options=None, matcher="rule"):
     return float(matcher != "exact" and _rule_match(reply, answer))
 
 
+PAIRED = {"<think>": "</think>", "<tool_call>": "</tool_call>"}
 MATCHERS = ("exact", "rule", "math")
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -140,7 +174,6 @@ def same_answer(a, b, options=None, matcher="rule"):
 
 
 ERROR_TURN_RE = re.compile(r"<tool_response>Error: |<\|im_start\|>user\nError: ")  # both prompt styles
-PAIRED_RE = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.S)
 
 
 def format_ok(text):
@@ -149,10 +182,10 @@ def format_ok(text):
     if ERROR_TURN_RE.search(text):  # a tool call that got an error reply
         return False
     text = assistant_text(text)  # what the policy wrote
-    stray = PAIRED_RE.sub("", text)
+    stray = strip_spans(text, PAIRED)
     if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
         return False
-    if len(ANSWER_RE.findall(text)) != 1:
+    if len(tag_contents(text, "<answer>", "</answer>")) != 1:
         return False
     tail = text[text.rfind("</answer>") + len("</answer>"):]
     return tail.replace("<|im_end|>", "").strip() == ""

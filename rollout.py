@@ -20,7 +20,6 @@ y2]}}</tool_call>` in the frame of the shown global image; the reply is a user t
 crop (cut from the original) + `</tool_response>`, or `Error: ...` text for a bad call.
 """
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import torch
 
 import crop
 import model
+from rewards import tag_contents
 
 
 @dataclass
@@ -77,13 +77,10 @@ class Episode:
         return sum(self.loss_mask)
 
 
-TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-
-
 def parse_tool_call(turn_text):
     """One assistant turn -> (None, None) when it calls no tool, (bbox, None) for a well-formed call, or
     (None, (kind, message)) for a bad one. Model output is parsed as JSON data only; never raises."""
-    calls = TOOL_CALL_RE.findall(turn_text)
+    calls = tag_contents(turn_text, "<tool_call>", "</tool_call>")
     if not calls:
         if "<tool_call>" in turn_text:
             return None, ("unclosed", "<tool_call> was not closed with </tool_call>")

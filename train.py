@@ -30,8 +30,8 @@ import model
 import rewards
 import snapshot
 import trackers
-from checkpoint import (GracefulStop, fault, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                        truncate_metrics)
+from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
+                        restore_checkpoint, save_checkpoint, truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout
 
@@ -314,31 +314,28 @@ class Retry:
 def train(cfg, resume=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    out_dir = cfg.out_dir or f"runs/stage{cfg.stage}"
+    cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
+    out_dir, ckpt, saved = plan_run(cfg, resume, default_out=f"runs/stage{cfg.stage}")
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
         print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
+    if saved:
+        check_steps(ckpt, saved, cfg)
     print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts, in parts of {cfg.rollout_rows} rows; "
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
-    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
-    if init and not os.path.isdir(init):
-        raise SystemExit(f"error: adapter {init} not found (run stage 1 first, or pass --init_adapter=DIR)")
-    cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
+    init = resolve_init_adapter(cfg)
     policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                                seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if resume:
-        ckpt = latest_checkpoint(resume)
-        if ckpt is None:
-            raise SystemExit(f"error: no complete checkpoint in {resume}")
-        start = load_checkpoint(ckpt, policy, optimizer)["step"]
+    if saved:
+        start = restore_checkpoint(saved, policy, optimizer)["step"]
         print(f"resumed from {ckpt} at step {start}")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -374,8 +371,8 @@ def train(cfg, resume=None):
                 draw_curves(out_dir)
             if stop.signal:
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
-                      f"{cfg.stage} --resume {out_dir} (and the same options)")
-                return policy
+                      f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
+                raise SystemExit(stop.exit_code)
     finally:
         stop.restore()
         tracker.close()
@@ -403,7 +400,7 @@ def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
                 truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],
                 skipped=stats["skipped"],
                 clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
-                peak_mem_gb=_peak_memory_gb())
+                peak_mem_gb=_peak_memory_gb(), **memory_now())
 
 
 def _std(xs):
@@ -434,6 +431,26 @@ def _reset_peak_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
+def memory_now():
+    """Memory held now, not the peak, so that a slow creep shows in metrics.jsonl: the host's resident set
+    (rss_gb) and, on CUDA, what tensors hold (cuda_alloc_gb) and what the caching allocator holds
+    (cuda_reserved_gb)."""
+    out = dict(rss_gb=host_rss_gb())
+    if torch.cuda.is_available():
+        out.update(cuda_alloc_gb=torch.cuda.memory_allocated() / 2**30,
+                   cuda_reserved_gb=torch.cuda.memory_reserved() / 2**30)
+    return out
+
+
+def host_rss_gb():
+    """This process's resident set now (Linux /proc; elsewhere the peak, which is what the OS offers)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _peak_memory_gb():
     """GPU: peak allocated since the last reset. CPU: the process's peak resident size."""
     if torch.cuda.is_available():
@@ -453,14 +470,32 @@ def field_help():
     return out
 
 
+# fields whose value must be at least 1 (0 would divide by zero, loop forever or train on nothing)
+AT_LEAST_ONE = ("steps", "prompts_per_step", "group_size", "micro_batch", "num_epochs", "rollout_rows", "max_turns",
+                "max_turn_tokens", "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
+
+
+def override_pairs(items):
+    """Command-line overrides -> (key, value) pairs; `--key=value` and `--key value` are the same."""
+    pairs, i = [], 0
+    while i < len(items):
+        key, eq, value = items[i].lstrip("-").partition("=")
+        if not eq and items[i].startswith("--") and i + 1 < len(items) and not items[i + 1].startswith("--"):
+            value, eq, i = items[i + 1], "=", i + 1
+        if not eq:
+            raise SystemExit(f"error: option {items[i]!r} needs a value (see --help for the options)")
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
 def parse_overrides(cfg, items):
-    """Apply --key=value overrides to a Config: unknown keys and wrong types are errors. Prints changes."""
+    """Apply --key=value (or --key value) overrides to a Config: unknown keys, wrong types and counts below 1
+    are errors. Prints changes."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in items:
-        key, eq, value = item.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if key not in fields or not eq:
-            raise SystemExit(f"error: unknown option {item!r} (see --help for the options)")
+    for key, value in override_pairs(items):
+        if key not in fields:
+            raise SystemExit(f"error: unknown option --{key} (see --help for the options)")
         kind = type(getattr(Config, key))
         try:
             if kind is bool:
@@ -471,9 +506,35 @@ def parse_overrides(cfg, items):
                 new = kind(value)
         except ValueError:
             raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
+        if key in AT_LEAST_ONE and new < 1:
+            raise SystemExit(f"error: --{key} must be at least 1, got {value!r}")
         print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")
         setattr(cfg, key, new)
     return cfg
+
+
+def resolve_init_adapter(cfg, given=()):
+    """The adapter a run starts from (stage 2 default: runs/stage1/final), checked before any loading. Its LoRA
+    rank is the run's: --lora_r given with an adapter of another rank is an error; otherwise the config takes
+    the adapter's rank and alpha, so that the config saved with every checkpoint tells the truth."""
+    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
+    if not init:
+        return ""
+    path = os.path.join(init, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: adapter {init} not found (no adapter_config.json there): run stage 1 first "
+                         f"(make stage1), or pass --init_adapter=DIR")
+    with open(path) as f:
+        adapter = json.load(f)
+    for key, name in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        if adapter.get(name) is None or adapter[name] == getattr(cfg, key):
+            continue
+        if key in given:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)} but the init adapter {init} has {name}="
+                             f"{adapter[name]}: drop --{key} (the adapter's is used) or start without the adapter")
+        print(f"  {key}: {getattr(cfg, key)!r} -> {adapter[name]!r} (from the init adapter {init})")
+        setattr(cfg, key, adapter[name])
+    return init
 
 
 def check_memory(cfg):
@@ -515,6 +576,7 @@ def main(argv=None):
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
+    resolve_init_adapter(cfg, given={key for key, _ in override_pairs(rest)})
     cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     check_memory(cfg)

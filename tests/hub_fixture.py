@@ -80,7 +80,7 @@ def _tokenizer_files(folder):
         pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    corpus = [project_model.SYSTEM_PROMPT, project_model.USER_SUFFIX, "What is it? <answer>B</answer> 0123456789"]
+    corpus = [project_model.DEEPEYES_SYSTEM, project_model.DEEPEYES_USER, "What is it? <answer>B</answer> 0123456789"]
     tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=500, show_progress=False,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     spec = json.loads(tok.to_str())

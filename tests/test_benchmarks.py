@@ -169,10 +169,10 @@ def test_probes_and_their_summary(vstar_dir, tmp_path, capsys):
         ev.main(["--bench", "vstar", "--data", vstar_dir, "--out", str(root / name), *TINY]
                 + (["--probe", probe] if probe else []))
     capsys.readouterr()
-    results = ev.main(["--bench", "vstar", "--summary", "--out", str(root / "vstar")])
+    [results] = ev.main(["--bench", "vstar", "--summary", "--out", str(root / "vstar")])  # one setting
     text = capsys.readouterr().out
     assert set(results) == {"none", "noise", "gt-box", "no-tool"}
-    assert "| noise | 2 |" in text and "crop dependency" in text
+    assert "| noise | 2 of 2 |" in text and "crop dependency" in text
 
 
 def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, monkeypatch, capsys):
@@ -203,7 +203,8 @@ def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
     base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), *TINY]
     ev.main(base + ["--shard", "0/2"])
     ev.main(base + ["--shard", "1/2"])
-    assert sorted(os.listdir(out)) == ["items.shard-0-of-2.jsonl", "items.shard-1-of-2.jsonl", "summary.json", "table.md"]
+    assert sorted(os.listdir(out)) == ["items.shard-0-of-2.jsonl", "items.shard-1-of-2.jsonl", "run.json",
+                                       "summary.json", "table.md"]
     assert len(open(out / "items.shard-0-of-2.jsonl").readlines()) == 2  # items 0 and 2
     monkeypatch.setattr(ev, "rollout", lambda *a: pytest.fail("everything was done by the shards"))
     assert ev.main(base)["num_items"] == 3

@@ -205,19 +205,20 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
     rel = "./" + os.path.basename(hub_model)
     small = ["--data", dataset, "--prompts_per_step=1", "--group_size=2", "--max_turn_tokens=4",
              "--max_response_tokens=8", "--global_tokens=16", "--crop_tokens=16"]
+    levels = tmp_path / "levels.jsonl"
+    monkeypatch.setattr(sys, "argv", ["infogap.py", "--model", rel, "--data", dataset, "--ladder", "64,16",
+                                      "--max-tokens", "4", "--out", str(levels)])
+    infogap.main()
+    assert len(open(levels).readlines()) == 2
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
-    train.main(["--stage", "1", "--model", rel, "--base_precision=nf4", f"--out_dir={s1}", "--steps=2", *small])
+    train.main(["--stage", "1", "--model", rel, "--base_precision=nf4", f"--out_dir={s1}", "--steps=2",
+                f"--infogap={levels}", *small])
     assert json.load(open(s1 / "final" / "config.json"))["model"] == hub_model  # absolute, not "./..."
     assert json.load(open(s1 / "final" / "adapter_config.json"))["base_model_name_or_path"] == hub_model
     assert len(open(s1 / "metrics.jsonl").readlines()) == 2
     train.main(["--stage", "2", "--model", rel, "--base_precision=fp32", f"--init_adapter={s1 / 'final'}",
                 f"--out_dir={s2}", "--steps=1", *small])
     assert os.path.isfile(s2 / "final" / "adapter_model.safetensors")
-    levels = tmp_path / "levels.jsonl"
-    monkeypatch.setattr(sys, "argv", ["infogap.py", "--model", rel, "--data", dataset, "--ladder", "64,16",
-                                      "--max-tokens", "4", "--out", str(levels)])
-    infogap.main()
-    assert len(open(levels).readlines()) == 2
     budgets = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "4", "--max-response-tokens", "4"]
     for name, adapter in [("plain", []), ("tuned", ["--adapter", str(s2 / "final")])]:
         ev.main(["--bench", "synthetic", "--data", dataset, "--model", rel, *budgets, *adapter, "--limit", "1",

@@ -1,0 +1,238 @@
+"""Results that cannot lie (issue 16): a run folder belongs to one run and an evaluation folder to one setting;
+damaged checkpoints, cut lines, signals and bad arguments are named, never silently mixed into a number."""
+import json
+import os
+import signal
+
+import pytest
+
+import checkpoint
+import train
+from helpers import run_cfg
+
+# ---------------------------------------------------------------- exit codes and arguments
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stop_exits_with_the_shells_code(sig, code):
+    stop = checkpoint.GracefulStop()
+    try:
+        os.kill(os.getpid(), sig)
+        assert stop.signal == sig.name and stop.exit_code == code
+    finally:
+        stop.restore()
+
+
+def test_space_form_overrides_and_counts_below_one(capsys):
+    cfg = train.parse_overrides(train.Config(), ["--steps", "4", "--lr", "3e-4", "--group-size=2"])
+    assert (cfg.steps, cfg.lr, cfg.group_size) == (4, 3e-4, 2)
+    for key in ("group_size", "prompts_per_step", "steps", "micro_batch"):
+        for bad in (["--" + key, "0"], [f"--{key}=-1"]):
+            with pytest.raises(SystemExit, match=f"--{key} must be at least 1"):
+                train.parse_overrides(train.Config(), bad)
+    with pytest.raises(SystemExit, match="needs a value"):
+        train.parse_overrides(train.Config(), ["--steps", "--lr=1"])
+
+
+def test_lora_r_must_match_the_init_adapter(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(r=8, lora_alpha=16)))
+    args = ["--stage", "2", f"--init_adapter={tmp_path}", "--dry-run"]
+    with pytest.raises(SystemExit, match="--lora_r=16 but the init adapter .* has r=8"):
+        train.main([*args, "--lora_r", "16"])
+    cfg = train.main([*args, "--preset", "24gb"])  # not given: the adapter's rank is the run's, and says so
+    assert (cfg.lora_r, cfg.lora_alpha) == (8, 16) and "lora_r: 16 -> 8 (from the init adapter" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no adapter_config.json"):
+        train.main(["--stage", "2", f"--init_adapter={tmp_path / 'nope'}", "--dry-run"])
+
+
+# ---------------------------------------------------------------- a missing adapter is named
+
+
+def test_eval_names_a_missing_adapter_and_what_makes_it(tmp_path, monkeypatch):
+    import eval as ev
+    import model
+    monkeypatch.chdir(tmp_path)  # make stage1, no stage 2, then make eval
+    monkeypatch.setattr(model, "load_policy", lambda *a, **kw: pytest.fail("the model loaded first"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--bench", "synthetic", "--data", "synthetic:2", "--adapter", "runs/stage2/final"])
+    assert "adapter runs/stage2/final not found" in str(e.value)
+    assert "make stage2" in str(e.value) and "ADAPTER=runs/stage1/final" in str(e.value)
+
+
+# ---------------------------------------------------------------- a run folder belongs to one run
+
+
+def _cfg(out, **kw):
+    """A run of the tiny model small enough to take a second or two per step here."""
+    small = dict(data="synthetic:4", steps=2, save_every=1, keep_checkpoints=10, prompts_per_step=1, group_size=2,
+                 max_turn_tokens=8, max_response_tokens=16)
+    return run_cfg(out, **{**small, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A two-step run with checkpoints at steps 1 and 2 (tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train.train(_cfg(out))
+    return out
+
+
+def _copy(run, tmp_path):
+    import shutil
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _no_model(monkeypatch):
+    """Every refusal must come before the model loads."""
+    monkeypatch.setattr(train.model, "load_policy", lambda *a, **kw: pytest.fail("the model loaded first"))
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(finished_run, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, seed=1))
+    assert f"{finished_run} already holds a run" in str(e.value) and "--resume" in str(e.value)
+    assert "--out_dir" in str(e.value)
+
+
+def test_resume_refuses_another_run_and_a_finished_adapter(finished_run, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, seed=1, group_size=4, steps=5), resume=str(finished_run))
+    assert "seed=0 there, 1 now" in str(e.value) and "group_size=2 there, 4 now" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(finished_run, steps=5), resume=str(finished_run / "final"))
+    assert "finished run's adapter" in str(e.value) and "--init_adapter=" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # shortened below the newest checkpoint: said, not relabelled
+        train.train(_cfg(finished_run, steps=1), resume=str(finished_run))
+    assert "step_000002 is at step 2, past --steps=1" in str(e.value)
+
+
+def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path, monkeypatch, capsys):
+    run = _copy(finished_run, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the default out_dir, runs/stage1, would be here
+    train.train(_cfg("", steps=3), resume=str(run))
+    assert "resumed from" in capsys.readouterr().out
+    assert (run / "step_000003").is_dir() and not (tmp_path / "runs").exists()
+    assert json.load(open(run / "final" / "state.json"))["step"] == 3
+
+
+def test_a_damaged_newest_checkpoint_costs_one_checkpoint(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    opt = run / "step_000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])  # cut by a power loss
+    train.train(_cfg(run, steps=2), resume=str(run))
+    out = capsys.readouterr().out
+    assert f"{opt} is damaged" in out and "falling back" in out and f"resumed from {run / 'step_000001'}" in out
+    assert checkpoint.read_checkpoint(str(run / "step_000002"))["state.json"]["step"] == 2  # rewritten whole
+
+
+def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run, tmp_path, monkeypatch):
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+
+    def replace(src, dst):
+        if src.endswith(".tmp") and os.path.isdir(src):  # a checkpoint folder being swapped in
+            assert {os.path.join(src, n) for n in os.listdir(src)} | {src} <= set(synced)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = _cfg(tmp_path / "run", steps=1)
+    train.train(cfg)
+    assert str(tmp_path / "run") in synced  # the rename itself
+    assert {n for n in os.listdir(tmp_path / "run" / "final")} >= {"adapter_model.safetensors", "state.json"}
+
+
+# ---------------------------------------------------------------- an evaluation folder belongs to one setting
+
+from test_benchmarks import TINY, _hrbench_rows, hrbench_tsv  # noqa: E402,F401  (fixture and its rows)
+
+import eval as ev  # noqa: E402
+
+
+def _write_tsv(path, rows):
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(hrbench_tsv, tmp_path):
+    out = str(tmp_path / "ev")
+    base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", out, "--limit", "1", *TINY]
+    ev.main(base)
+    assert json.load(open(os.path.join(out, "run.json")))["settings"]["global_tokens"] == 16
+    with pytest.raises(SystemExit, match="global_tokens=16 there, 24 now"):
+        ev.main(base + ["--global-tokens", "24"])
+    with pytest.raises(SystemExit, match="probe=None there, 'noise' now"):
+        ev.main(base + ["--probe", "noise"])
+    ev.main(base + ["--limit", "2", "--batch", "4"])  # how much and how fast is no setting: --out is reused
+    rows = _hrbench_rows()
+    rows[0]["question"] = "What colour?"  # the same file name, other contents
+    _write_tsv(hrbench_tsv, rows)
+    with pytest.raises(SystemExit, match="data='sha256:"):
+        ev.main(base)
+
+
+def test_default_folder_names_tell_runs_apart(tmp_path):
+    def name(*argv):
+        args = ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv])
+        return ev.default_name(args, ev.resolve_settings(args))
+    for f in ("hr_bench_4k.tsv", "hr_bench_8k.tsv"):
+        (tmp_path / f).write_text("x")
+    four, eight = name("--data", str(tmp_path / "hr_bench_4k.tsv")), name("--data", str(tmp_path / "hr_bench_8k.tsv"))
+    assert four == "hrbench-hr_bench_4k-qwen25vl7b-g1024" and eight != four and "hr_bench_8k" in eight
+    full = name("--data", str(tmp_path / "hr_bench_8k.tsv"), "--probe", "noise", "--global-tokens", "16384",
+                "--adapter", "runs/stage2/final")
+    assert full == "hrbench-hr_bench_8k-qwen25vl7b-g16384-noise-stage2_final"
+
+
+# ---------------------------------------------------------------- shards and summaries; a cut last line
+
+
+def test_a_summary_covers_every_shard_at_the_time_it_is_written(hrbench_tsv, tmp_path, monkeypatch):
+    out = str(tmp_path / "hr")
+    base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", out, *TINY]
+    real = ev.rollout
+    calls = []
+
+    def shard_0_finishes_meanwhile(policy, samples, cfg):
+        calls.append(samples)
+        if len(calls) == 1:  # shard 1 has read what was done; shard 0 now runs to its end beside it
+            ev.main(base + ["--shard", "0/2"])
+        return real(policy, samples, cfg)
+
+    monkeypatch.setattr(ev, "rollout", shard_0_finishes_meanwhile)
+    s = ev.main(base + ["--shard", "1/2"])
+    assert (s["num_items"], s["num_total"]) == (3, 3)  # not shard 1's one item labelled as the benchmark
+    os.remove(os.path.join(out, "summary.json"))
+    os.remove(os.path.join(out, "items.shard-1-of-2.jsonl"))  # as if shard 1 were still running
+    [results] = ev.main(["--bench", "hrbench", "--summary", "--out", out])
+    assert (results["none"]["num_items"], results["none"]["num_total"]) == (2, 3)
+    assert json.load(open(os.path.join(out, "summary.json")))["num_items"] == 2
+    assert "partial: 2 of 3 items" in open(os.path.join(out, "table.md")).read()
+
+
+def test_duplicate_item_ids_are_refused_at_load(tmp_path):
+    rows = _hrbench_rows()
+    rows[2]["index"] = 1
+    with pytest.raises(SystemExit, match="1 item id.* more than once: 1"):
+        ev.load_bench(ev.parse_args(["--bench", "hrbench", "--data", _write_tsv(tmp_path / "hr.tsv", rows)]))
+
+
+def test_a_cut_last_line_is_truncated_and_its_item_redone(hrbench_tsv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hr"
+    args = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), "--limit", "2", *TINY]
+    ev.main(args)
+    items = out / "items.jsonl"
+    whole = items.read_bytes()
+    items.write_bytes(whole[:len(whole) - len(whole.splitlines()[-1]) // 2 - 1])  # the kill cut line 2 in half
+    real, redone = ev.rollout, []
+    monkeypatch.setattr(ev, "rollout", lambda p, s, c: redone.extend(x.id for x in s) or real(p, s, c))
+    s = ev.main(args)
+    assert "its last line was cut" in capsys.readouterr().out and redone == ["1"]
+    lines = items.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["0", "1"] and s["num_items"] == 2
