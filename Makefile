@@ -12,7 +12,7 @@ ARGS    ?=
 # eval's base model: the adapter's own unless MODEL= is given
 EVAL_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),)
 
-.PHONY: setup stage1 stage2 eval test bench figures lint clean
+.PHONY: setup stage1 stage2 eval test bench gpu-check figures lint clean
 
 setup: .venv/.done
 .venv/.done: requirements.txt
@@ -37,6 +37,12 @@ bench: setup
 	$(PY) bench.py crop
 	$(PY) bench.py logprobs
 	$(PY) bench.py rollout
+
+# on a CUDA machine: GPU tests, the three benchmarks, two 24gb-preset steps; writes runs/gpu-check/report.md.
+# No `setup` first: a GPU box may have no network; its own python3 (torch >= 2.11, triton >= 3.6) will do.
+GPU_PY ?= $(if $(wildcard .venv/bin/python),$(PY),python3)
+gpu-check:
+	$(GPU_PY) gpu_check.py
 
 # The README's pictures, from the built-in default (tiny model, synthetic data; CPU, a few minutes): the curves of
 # stage 1 against the no-gap baseline, the global-budget sweep, and a screenshot of an HTML report (Debian's chromium).

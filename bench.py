@@ -1,11 +1,14 @@
 """Speed and memory of the hot paths against their baselines, one table per command.
 
-    python bench.py crop       # 8 crops of a 7680x4320 original: transformers' processor vs ours
-    python bench.py logprobs   # token log-probs at Qwen2.5-VL-7B's head: naive full logits vs chunked
-    python bench.py rollout    # multi-turn rollout: KV cache kept across turns vs re-run each turn
+    python bench.py crop       # 8 crops of a 7680x4320 original: transformers' processor, torch, the kernel
+    python bench.py logprobs   # token log-probs at Qwen2.5-VL-7B's head: naive (in the inputs' dtype), chunked
+                               # torch (Liger-style), the Triton kernel, liger-kernel itself when installed
+    python bench.py rollout [--model tiny-7b|DIR]  # the rollout's engines, and its decode step vs the model's
+                                                   # (tiny-7b: 7B's shape, random, NF4 with bitsandbytes)
 
-Ratios are against the baseline measured in the same run. Results go in BENCHMARKS.md with the machine,
-the commit and the date.
+Ratios are against the baseline measured in the same run. On a GPU, `crop` and `logprobs` record in
+runs/kernel_choice.json which path won on this card, and KERNELS=auto follows it. Results go in
+BENCHMARKS.md with the machine, the commit and the date.
 """
 import argparse
 import json
@@ -45,6 +48,8 @@ def bench_crop():
 
     import crop
     import data
+    import kernels
+    from kernels.resample import crop_resample_ref, crop_resample_triton
 
     W, H = 7680, 4320
     image = data._draw(W, H, [4000, 2000, 4096, 2030], "word", "violin", __import__("random").Random(0))
@@ -52,34 +57,49 @@ def bench_crop():
              (10, 10, 200, 120), (6000, 100, 7680, 4320), (2500, 2500, 2560, 2540), (1000, 1000, 4000, 4000)]
     budget = crop.tokens_to_pixels(1024)
     proc = Qwen2VLImageProcessorPil(min_pixels=crop.MIN_PIXELS, max_pixels=budget)
+    out_hw = [crop.smart_resize(y2 - y1, x2 - x1, max_pixels=budget) for x1, y1, x2, y2 in boxes]
+    box_t = torch.tensor(boxes, dtype=torch.float32)
+    img = crop.to_uint8(image)
 
     def processor():
         return [proc(images=[image.crop(b)], return_tensors="pt")["pixel_values"] for b in boxes]
 
-    def reference():  # decode once per sample, then every crop in one call
-        return crop.encode_crops(crop.to_uint8(image), boxes, max_pixels=budget)[0]
-
     n = len(boxes)
     t_proc = _time(processor)
-    t_ref = _time(reference)
-    rows = [("transformers processor (PIL)", f"{1e3 * t_proc / n:.1f}", f"{n / t_proc:.1f}", "1.00"),
-            ("torch reference (CPU)", f"{1e3 * t_ref / n:.1f}", f"{n / t_ref:.1f}", f"{t_proc / t_ref:.2f}")]
+    times = dict(reference_cpu=_time(lambda: crop_resample_ref(img, box_t, out_hw)))
     header = ["path", "ms per crop", "crops/s", "speed-up vs processor"]
+    rows = [("transformers processor (PIL)", t_proc), ("torch reference (CPU)", times["reference_cpu"])]
+    if torch.cuda.is_available():  # both paths on the same GPU: the kernel must beat torch there, not the CPU
+        img_gpu = img.cuda()
+        times["reference"] = _time(lambda: crop_resample_ref(img_gpu, box_t, out_hw))
+        times["triton"] = _time(lambda: crop_resample_triton(img_gpu, box_t, out_hw))
+        rows += [("torch reference (CUDA)", times["reference"]), ("kernels/resample.py Triton (CUDA)", times["triton"])]
+        kernels.record_winner("resample", "triton" if times["triton"] < times["reference"] else "torch", times)
+    table = [(name, f"{1e3 * s / n:.2f}", f"{n / s:.1f}", f"{t_proc / s:.1f}") for name, s in rows]
     if torch.cuda.is_available():
-        img_gpu = crop.to_uint8(image).cuda()
-        out = reference()
-        t_gpu = _time(lambda: crop.encode_crops(img_gpu, boxes, max_pixels=budget)[0])
         # the least traffic possible: each crop's uint8 pixels read once, the fp32 patch tensor written once
-        moved = sum((x2 - x1) * (y2 - y1) * 3 for x1, y1, x2, y2 in boxes) + out.numel() * 4
+        moved = sum((x2 - x1) * (y2 - y1) * 3 for x1, y1, x2, y2 in boxes) + sum(h * w for h, w in out_hw) * 6 * 4
         bw = _card_spec(0)
-        header += ["GB/s", "of memory bandwidth"]
-        rows = [r + ("", "") for r in rows]
-        rows.append(("kernels.crop_resample (CUDA)", f"{1e3 * t_gpu / n:.2f}", f"{n / t_gpu:.1f}",
-                     f"{t_proc / t_gpu:.1f}", f"{moved / t_gpu / 1e9:.0f}",
-                     f"{100 * moved / t_gpu / 1e9 / bw:.0f}% of {bw} GB/s" if bw else "-"))
-    print(f"crop: {W}x{H} original, {n} crops, crop budget 1024 tokens")
-    _table(header, rows)
-    return rows
+        header += ["vs torch on this GPU", "GB/s", "of memory bandwidth"]
+        table = [r + ((f"{times['reference'] / s:.2f}", f"{moved / s / 1e9:.0f}",
+                       f"{100 * moved / s / 1e9 / bw:.0f}% of {bw} GB/s" if bw else "-") if "CUDA" in name else
+                      ("", "", "")) for r, (name, s) in zip(table, rows)]
+    print(f"crop: {W}x{H} original, {n} crops, crop budget 1024 tokens"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    _table(header, table)
+    return header, table
+
+
+def _naive_low(hidden, weight, targets, temperature=1.0):
+    """What plain torch does: the logits in the inputs' dtype (bf16 on a GPU), log_softmax in fp32."""
+    return torch.log_softmax((hidden @ weight.T).float() / temperature, -1).gather(-1, targets[:, None])[:, 0]
+
+
+def _liger(hidden, weight, targets, temperature=1.0):
+    """liger-kernel's fused linear cross-entropy, per token (an optional dependency: pip install liger-kernel)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
 
 
 def _logprobs_child(method, n, d, v, device, dtype):
@@ -90,8 +110,8 @@ def _logprobs_child(method, n, d, v, device, dtype):
     hidden = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
-    fn = dict(naive=lp.selective_logprobs_naive, chunked=lp.selective_logprobs_chunked,
-              triton=lp.selective_logprobs_triton)[method]
+    fn = dict(naive=_naive_low, chunked=lp.selective_logprobs_chunked, triton=lp.selective_logprobs_triton,
+              liger=_liger)[method]
 
     def run():
         hidden.grad = None
@@ -134,48 +154,93 @@ def _card_spec(which):
     return next((spec[which] for key, spec in CARDS.items() if key in name), None)
 
 
-def bench_logprobs():
+def bench_logprobs(sizes=None):
+    import importlib.util
+
+    import kernels
+
     d, v = 3584, 152064  # Qwen2.5-VL-7B's head
     cuda = torch.cuda.is_available()
-    sizes = [2048, 8192, 16384] if cuda else [512, 1024]
+    sizes = sizes or ([2048, 8192, 16384] if cuda else [512, 1024])
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
-    rows = []
+    methods = ["naive", "chunked"] + (["triton"] if cuda else [])
+    if cuda and importlib.util.find_spec("liger_kernel"):
+        methods.append("liger")
+    elif cuda:
+        print("liger-kernel is not installed (pip install liger-kernel): its row is left out")
+    peak = _card_spec(1) if cuda else None
+    rows, times = [], {}
     for n in sizes:
         res = {}
-        for method in ("naive", "chunked") + (("triton",) if cuda else ()):
+        for method in methods:
             out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
                                  capture_output=True, text=True)
             if out.returncode != 0:
-                res[method] = None
-                print(f"{method} N={n}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})")
+                err = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+                print(f"{method} N={n}: failed ({err})")
                 continue
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = res["naive"]
+        times[n] = {m: r["seconds"] for m, r in res.items()}
+        base = res.get("naive")
+        floor = 4 * n * d * v / (peak * 1e12) if peak else None  # forward 2NDV + the gradient's 2NDV at peak
         for method, r in res.items():
-            if r is None:
-                continue
-            flops = 3 * 2 * n * d * v  # forward 2NDV, backward about twice that
-            rows.append((method, n, f"{r['peak_gb']:.3f}", f"{r['seconds']:.3f}", f"{flops / r['seconds'] / 1e12:.2f}",
+            rows.append((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}",
+                         f"{4 * n * d * v / r['seconds'] / 1e12:.1f}",
                          f"{base['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if base else "-",
-                         f"{r['seconds'] / base['seconds']:.2f}" if base else "-"))
-    peak = _card_spec(1) if cuda else None
-    if peak:
-        rows = [r + (f"{100 * float(r[4]) / peak:.0f}%",) for r in rows]
-    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + backward"
+                         f"{r['seconds'] / base['seconds']:.2f}" if base else "-")
+                        + ((f"{r['seconds'] / floor:.2f}",) if floor else ()))
+    if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
+        won = all("triton" in t and "chunked" in t and t["triton"] < t["chunked"] for t in times.values())
+        kernels.record_winner("logprobs", "triton" if won else "torch", {str(n): t for n, t in times.items()})
+    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states"
           + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s)" if peak else ""))
-    _table(["path", "N", "peak GB beyond inputs", "seconds", "TFLOP/s", "memory: naive / this", "time: this / naive"]
-           + (["of bf16 peak"] if peak else []), rows)
-    return rows
+    _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s (4NDV)", "memory: naive / this", "time: this / naive"]
+           + (["time / 4NDV floor"] if peak else []), rows)
 
 
-def bench_rollout():
+TINY_7B_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny-7b")  # saved once, like a checkpoint
+
+
+def tiny_7b():
+    """What `--model tiny-7b` loads: with bitsandbytes, the 7B-shaped random model saved to disk once and loaded
+    like a downloaded checkpoint, in NF4 + LoRA as a real run loads Qwen2.5-VL-7B; without it, built in bf16."""
+    import importlib.util
+
     import model
 
-    for name in ["tiny"] + (["tiny-7b"] if torch.cuda.is_available() else []):
-        _bench_rollout(model.load_policy(name), name)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("bitsandbytes is not installed: tiny-7b runs in bf16, not NF4")
+        return "tiny-7b"
+    if not os.path.exists(os.path.join(TINY_7B_DIR, "config.json")):
+        m, tok = model.build_tiny(shape="7b", dtype=torch.bfloat16, device="cuda")
+        m.save_pretrained(TINY_7B_DIR)
+        tok.save_pretrained(TINY_7B_DIR)
+        del m
+        torch.cuda.empty_cache()
+    return TINY_7B_DIR
 
 
-def _bench_rollout(policy, name):
+def bench_rollout(models=None):
+    import model
+
+    for name in models or (["tiny"] + (["tiny-7b"] if torch.cuda.is_available() else [])):
+        name = tiny_7b() if name == "tiny-7b" and torch.cuda.is_available() else name
+        policy = model.load_policy(name)
+        _bench_engines(policy, name)
+        _bench_decode(policy, name, [16, 64] if torch.cuda.is_available() else [8])
+
+
+def _describe(policy, name):
+    """The model in words (the fix for a table once labelled "the tiny model" whatever it ran)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if name == "tiny":
+        return f"the tiny model, fp32 ({device})"
+    weights = "NF4" if any("4bit" in type(m).__name__ for m in policy.model.modules()) else "bf16"
+    what = f"{name} (Qwen2.5-VL-7B's shape, random weights)" if "tiny" in name else name
+    return f"{what}, {weights} + LoRA ({device})"
+
+
+def _bench_engines(policy, name):
     import data
     from rollout import RolloutConfig, rollout
 
@@ -190,23 +255,64 @@ def _bench_rollout(policy, name):
         return script[k] if k < len(script) else None
 
     rows = []
-    for name, reuse in (("re-run each turn (generate-style)", False), ("KV cache kept across turns", True)):
+    for engine, reuse in (("re-run each turn (generate-style)", False), ("KV cache kept across turns", True)):
         cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=128, max_response_tokens=4096,
                             global_tokens=1024, crop_tokens=256, reuse_cache=reuse)
         rollout(policy, samples, cfg, force=force)  # warm-up
         dt = float("inf")
-        for _ in range(3):  # best of 3: this machine's timings are noisy
+        for _ in range(3 if name == "tiny" else 1):  # best of 3 where a run is cheap: timings are noisy
             t = time.perf_counter()
             eps = rollout(policy, samples, cfg, force=force)
             dt = min(dt, time.perf_counter() - t)
         written = sum(e.num_generated for e in eps)
-        rows.append([name, len(eps), written, written / dt, dt / len(eps)])
+        rows.append([engine, len(eps), written, written / dt, dt / len(eps)])
     base = rows[0][3]
-    device = "CUDA" if torch.cuda.is_available() else "CPU"
-    shape = "Qwen2.5-VL-7B's shape, random bf16 weights" if name == "tiny-7b" else "the tiny model"
-    print(f"rollout: {shape} ({device}), group of 8, global image 1,024 tokens, 3 turns (2 crops of 256 tokens)")
+    print(f"rollout engines: {_describe(policy, name)}, group of 8, global image 1,024 tokens, 3 turns "
+          f"(2 crops of 256 tokens)")
     _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "speed-up"],
            [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{tps / base:.2f}"] for n, e, w, tps, spe in rows])
+
+
+def _bench_decode(policy, name, batch_sizes, new_tokens=64):
+    """Free sampling (no tool turns) of `new_tokens` per row at each batch size, against the bare model's
+    decode forward at the same batch and context (what the rollout adds: sampling, bookkeeping, the head)."""
+    import data
+    from rollout import RolloutConfig, _forward, _new_rows, _prefill, rollout
+
+    rows = []
+    for b in batch_sizes:
+        samples = data.synthetic(max(1, b // 8), seed=1)
+        cfg = RolloutConfig(group_size=min(8, b), rollout_rows=b, max_turn_tokens=new_tokens,
+                            max_response_tokens=new_tokens, global_tokens=1024)
+        rollout(policy, samples[:1], cfg)  # warm-up
+        _sync()
+        t = time.perf_counter()
+        eps = rollout(policy, samples, cfg)
+        _sync()
+        dt = time.perf_counter() - t
+        written = sum(e.num_generated for e in eps)
+        steps = max(e.num_generated for e in eps)
+        # the bare model: the same rows prefilled, then one-token forwards with no sampling around them
+        with torch.no_grad():
+            batch = _prefill(policy, [r for p, s in enumerate(samples) for r in _new_rows(policy, p, s, cfg, 0)],
+                             cfg.group_size)
+            for r in batch.live:
+                r.pending, r.pending_images = [policy.pad], []
+
+            def step():
+                _, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
+
+            bare = _time(step, repeat=5)
+        rows.append((len(eps), written, f"{written / dt:.1f}", f"{1e3 * dt / steps:.1f}", f"{1e3 * bare:.1f}",
+                     f"{dt / steps / bare:.2f}"))
+    print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
+          f"row (prefill included)")
+    _table(["rows", "tokens written", "tokens/s", "ms per step", "bare model ms per step", "step / bare"], rows)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main():
@@ -217,8 +323,15 @@ def main():
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["crop", "logprobs", "rollout"], help="which benchmark")
+    ap.add_argument("--sizes", default="", help="logprobs: token counts N, comma-separated")
+    ap.add_argument("--model", action="append", help="rollout: tiny, tiny-7b or a model folder (repeatable)")
     args = ap.parse_args()
-    dict(crop=bench_crop, logprobs=bench_logprobs, rollout=bench_rollout)[args.what]()
+    if args.what == "crop":
+        bench_crop()
+    elif args.what == "logprobs":
+        bench_logprobs([int(n) for n in args.sizes.split(",") if n])
+    else:
+        bench_rollout(args.model)
 
 
 if __name__ == "__main__":

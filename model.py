@@ -471,7 +471,8 @@ def estimate_memory(cfg):
         per_token = layers * (10 * h + 4 * mlp) * 2
     activations = cfg.micro_batch * seq * per_token
     n = cfg.micro_batch * cfg.max_response_tokens
-    logprobs = n * h * 4 + min(n, 8192) * 2048 * 4  # the gradient accumulator and one logit tile
+    # the gradient (N, D) fp32 and one chunk of logits: fp32, its bf16 matmul output, and p in bf16
+    logprobs = n * h * 4 + min(n * vocab, kernels.logprobs.CHUNK_ELEMENTS) * (4 + 2 + 2)
     parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, activations=activations,
                  logprob_chunks=logprobs, cuda_overhead=0 if cfg.model == "tiny" else 1.5e9)
     gb = {k: v / 1e9 for k, v in parts.items()}

@@ -6,7 +6,14 @@ the longest (a pad has attention mask 0 and is never attended to, so rows of dif
 share one batch and one cache). Usually a row's pending queue is the one token it just sampled; after a
 tool call it is that token plus the whole tool turn (the crop's image pads). Positions are Qwen's 3-D
 rotary positions, computed per row (model.rope_positions) because pads would throw off HF's own.
-Finished rows are dropped from the batch and the cache.
+Finished rows are dropped from the batch and the cache, and waiting prompts take their place (continuous
+batching): a new group is prefilled on its own and its cache joined to the live one, so the batch stays full
+until the call's last rows finish.
+
+Sampling runs on the policy's device, batched over rows: temperature, top-p and the draw (inverse CDF with
+one uniform per row and step from a counter-based hash of (seed, step, prompt, sample, draw), so a row's
+tokens depend on nothing else: not on the batch, the device or the other rows). The chosen ids and their
+log-probs come back to the host in one small copy per step.
 
 Tool protocol (DeepEyes): `<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2,
 y2]}}</tool_call>` in the frame of the shown global image; the reply is a user turn `<tool_response>` + the
@@ -26,7 +33,7 @@ from rewards import tag_contents
 @dataclass
 class RolloutConfig:
     group_size: int = 1  # samples per prompt (GRPO group); rows = prompts x group_size
-    rollout_rows: int = 64  # rows per forward batch; more prompts are rolled out in slices
+    rollout_rows: int = 64  # rows in flight; waiting prompts take the places of finished rows
     max_turns: int = 5  # assistant turns per episode
     max_crops: int = 6  # successful crops per episode; later calls get an error reply
     max_turn_tokens: int = 512  # tokens the model may write in one turn
@@ -104,12 +111,24 @@ class _Row:
     ep: Episode
     orig: torch.Tensor  # uint8 (H, W, 3) original
     shown_wh: tuple  # size of the global image the model sees
-    gen: torch.Generator
+    key: int  # 32-bit sampling key from (seed, step, prompt, sample)
     pending: list  # token ids not yet run through the model
     pending_images: list  # (pixel_values, grid) of images among `pending`
     next_pos: int = 0  # the rotary position counter after the tokens already in the cache
     crop_request: tuple = None  # (source, box, grid) of a crop to encode before the next forward
     turn_start: int = 0  # index in ep.ids where the current assistant turn begins
+
+
+@dataclass
+class _Batch:
+    """The rows in flight and what the model holds for them, row b of every tensor being live[b]."""
+    live: list  # _Row
+    h: torch.Tensor  # (B, D) hidden state after each row's last fed token
+    cache: object  # the KV cache (DynamicCache), batch dimension = rows
+    mask_hist: torch.Tensor  # (B, cache length) on the device; 1 = a real token, 0 = padding
+    keys: torch.Tensor  # (B,) int64 on the device: each row's sampling key
+    draws: torch.Tensor  # (B,) int64 on the device: tokens drawn so far by each row (the hash counter)
+    banned: torch.Tensor  # the ids the policy never writes, on the device (no copy per step)
 
 
 def rollout(policy, samples, cfg, *, step=0, force=None, first=0):
@@ -118,92 +137,122 @@ def rollout(policy, samples, cfg, *, step=0, force=None, first=0):
     first: the index of samples[0] among the step's prompts (sampling seeds derive from it, so a step rolled
     out in parts draws what it would in one call). force: for tests and demos, a function (episode) -> token id
     or None that replaces sampling for a row (teacher forcing: the recorded log-probs are still the model's)."""
-    episodes = []
-    rows_per_slice = max(1, cfg.rollout_rows // cfg.group_size)
-    for s in range(0, len(samples), rows_per_slice):
-        episodes += _rollout_slice(policy, samples[s:s + rows_per_slice], cfg, step, first + s, force)
-    return episodes
-
-
-@torch.no_grad()
-def _rollout_slice(policy, samples, cfg, step, first, force):
-    rows = []
-    for p, sample in enumerate(samples, first):
-        budget = sample.global_tokens or cfg.global_tokens  # the sample's info-gap level is its global image
-        image = sample.image()
-        if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
-            image = crop.resized(image, crop.tokens_to_pixels(budget))
-        orig = crop.to_uint8(image).to(policy.device)  # on a GPU, crops go through the Triton kernel
-        pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
-        shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
-        pv_host = pv.cpu()
-        tools = cfg.probe != "no-tool"
-        text = model.user_text(sample.question, sample.options, cfg.prompt, tools)
-        ids = policy.prompt_ids(text, grid[0], tools=tools, prompt=cfg.prompt)
-        for k in range(cfg.group_size):
-            ep = Episode(sample=sample, group=p, ids=list(ids), loss_mask=[0] * len(ids), logps=[0.0] * len(ids),
-                         pixel_values=[pv_host], grids=[grid[0].tolist()], prompt_len=len(ids))
-            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k)
-            rows.append(_Row(ep, orig, shown_wh, gen, pending=list(ids), pending_images=[(pv, grid)],
-                             turn_start=len(ids)))
-    # 1. prefill: the rows of a group share their prompt, so it goes through the model (and its image through
-    #    the vision tower) once per group, and the cache is then repeated for the group's rows
     G = cfg.group_size
+    waiting = list(enumerate(samples, first))  # (prompt index, sample), admitted a group at a time
+    rows, batch = [], None
+    with torch.no_grad():
+        while True:
+            # 1. admit waiting groups while their rows fit (at least one group when nothing is in flight)
+            room = (cfg.rollout_rows - (len(batch.live) if batch else 0)) // G
+            if waiting and (room > 0 or batch is None):
+                admitted, waiting = waiting[:max(room, 1)], waiting[max(room, 1):]
+                new = _prefill(policy, [r for p, s in admitted for r in _new_rows(policy, p, s, cfg, step)], G)
+                rows += new.live
+                batch = new if batch is None else _join(batch, new)
+            if batch is None:
+                break
+            # 2. sample one token per row on the device, then act on it: continue, answer the tool call, or stop
+            toks, logps = _draw(policy, batch, cfg, force)
+            keep = []
+            for b, (row, tok, lp) in enumerate(zip(batch.live, toks, logps)):
+                ep = row.ep
+                ep.ids.append(tok)
+                ep.loss_mask.append(1)
+                ep.logps.append(lp)
+                row.pending, row.pending_images = [tok], []
+                if _advance(policy, row, tok, cfg):
+                    keep.append(b)
+            _encode_requests(batch.live, cfg)
+            if not keep:
+                batch = None
+                continue
+            if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
+                batch = _select(batch, keep)
+            if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
+                # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and run
+                # every live row's whole conversation, images included, through the model again
+                batch.cache = _new_cache(policy)
+                batch.mask_hist = batch.mask_hist[:, :0]
+                for r in batch.live:
+                    r.pending, r.next_pos = list(r.ep.ids), 0
+                    r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
+            # 3. one forward over every live row's pending tokens, right-padded
+            batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
+    for row in rows:
+        _finish_text(policy, row.ep)
+    return [row.ep for row in rows]  # groups were admitted in prompt order: group-major
+
+
+def _new_rows(policy, p, sample, cfg, step):
+    """The group_size rows of prompt p: the global image encoded once, shared by the group."""
+    budget = sample.global_tokens or cfg.global_tokens  # the sample's info-gap level is its global image
+    image = sample.image()
+    if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
+        image = crop.resized(image, crop.tokens_to_pixels(budget))
+    orig = crop.to_uint8(image).to(policy.device)  # on a GPU, crops go through the Triton kernel
+    pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
+    shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
+    pv_host = pv.cpu()
+    tools = cfg.probe != "no-tool"
+    text = model.user_text(sample.question, sample.options, cfg.prompt, tools)
+    ids = policy.prompt_ids(text, grid[0], tools=tools, prompt=cfg.prompt)
+    rows = []
+    for k in range(cfg.group_size):
+        ep = Episode(sample=sample, group=p, ids=list(ids), loss_mask=[0] * len(ids), logps=[0.0] * len(ids),
+                     pixel_values=[pv_host], grids=[grid[0].tolist()], prompt_len=len(ids))
+        key = _hash32(((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k) & _M32)
+        rows.append(_Row(ep, orig, shown_wh, key, pending=list(ids), pending_images=[(pv, grid)],
+                         turn_start=len(ids)))
+    return rows
+
+
+def _prefill(policy, rows, G):
+    """The rows of a group share their prompt, so it goes through the model (and its image through the
+    vision tower) once per group, and the cache is then repeated for the group's rows."""
     heads = rows[::G]
-    h, cache, mask_hist = _forward(policy, heads, _new_cache(policy), torch.zeros(len(heads), 0, dtype=torch.long))
-    h, mask_hist = h.repeat_interleave(G, 0), mask_hist.repeat_interleave(G, 0)
+    dev = policy.device
+    h, cache, mask_hist = _forward(policy, heads, _new_cache(policy), torch.zeros(len(heads), 0, dtype=torch.long,
+                                                                                  device=dev))
     cache.batch_repeat_interleave(G)
     for i, row in enumerate(rows):
         row.next_pos = heads[i // G].next_pos
-    live = list(rows)
-    while True:
-        logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
-        log_z = torch.logsumexp(logits, -1, keepdim=True)  # (B, 1) the full softmax's normaliser, as in the loss
-        logits[:, policy.banned] = -float("inf")  # the policy never writes image pads or vision markers
-        shift = (log_z - torch.logsumexp(logits, -1, keepdim=True)).cpu()  # (B, 1) renormalises without them
-        logp = (logits - log_z).cpu()  # (B, V) recorded log-probs; logp + shift is what we sample from
-        # 2. sample one token per row, then act on it: continue, answer the tool call, or stop
-        keep = []
-        for b, row in enumerate(live):
-            ep = row.ep
-            tok = force(ep) if force is not None else None
-            tok = _sample(logp[b] + shift[b], cfg, row.gen) if tok is None else tok
-            ep.ids.append(tok)
-            ep.loss_mask.append(1)
-            ep.logps.append(float(logp[b, tok]))
-            row.pending, row.pending_images = [tok], []
-            if _advance(policy, row, tok, cfg):
-                keep.append(b)
-        _encode_requests(live, cfg)
-        if not keep:
-            break
-        if len(keep) < len(live):  # drop finished rows from the batch and the cache
-            idx = torch.tensor(keep, dtype=torch.long)
-            live = [live[i] for i in keep]
-            mask_hist = mask_hist[idx]
-            cache.batch_select_indices(idx.to(policy.device))
-        if not cfg.reuse_cache and any(len(r.pending) > 1 for r in live):
-            # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and run
-            # every live row's whole conversation, images included, through the model again
-            cache, mask_hist = _new_cache(policy), torch.zeros(len(live), 0, dtype=torch.long)
-            for r in live:
-                r.pending, r.next_pos = list(r.ep.ids), 0
-                r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
-        # 3. one forward over every live row's pending tokens, right-padded
-        h, cache, mask_hist = _forward(policy, live, cache, mask_hist)
-    for row in rows:
-        _finish_text(policy, row.ep)
-    return [row.ep for row in rows]
+    keys = torch.tensor([r.key for r in rows], dtype=torch.long, device=dev)
+    return _Batch(rows, h.repeat_interleave(G, 0), cache, mask_hist.repeat_interleave(G, 0), keys,
+                  torch.zeros_like(keys), torch.tensor(policy.banned, dtype=torch.long, device=dev))
+
+
+def _select(batch, keep):
+    """The batch restricted to rows `keep` (indices), in the cache too."""
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.keys.device)
+    batch.cache.batch_select_indices(idx)
+    return _Batch([batch.live[i] for i in keep], batch.h[idx], batch.cache, batch.mask_hist[idx], batch.keys[idx],
+                  batch.draws[idx], batch.banned)
+
+
+def _join(a, b):
+    """Rows of b appended to those of a. The shorter cache is right-padded with masked columns: every key holds
+    its rotary position already and attention goes by the mask, so where a column sits does not matter."""
+    la, lb = a.mask_hist.shape[1], b.mask_hist.shape[1]
+    n = max(la, lb)
+
+    def cat(x, y, dim):  # pad dim to n, then stack along the batch
+        pad = lambda t, k: torch.cat([t, t.new_zeros(t.shape[:dim] + (n - k,) + t.shape[dim + 1:])], dim)
+        return torch.cat([pad(x, la), pad(y, lb)], 0)
+
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        x.keys, x.values = cat(x.keys, y.keys, 2), cat(x.values, y.values, 2)  # (B, heads, L, head_dim)
+    return _Batch(a.live + b.live, torch.cat([a.h, b.h]), a.cache, cat(a.mask_hist, b.mask_hist, 1),
+                  torch.cat([a.keys, b.keys]), torch.cat([a.draws, b.draws]), a.banned)
 
 
 def _forward(policy, rows, cache, mask_hist):
     """Run each row's pending tokens through the model. Returns the hidden state after each row's last real
     token (B, D), the cache and the attention-mask history (B, cache length; 1 = real token)."""
     ids, attn, pos, pvs, grids, last = _chunk(policy, rows)
-    mask_hist = torch.cat([mask_hist, attn], 1)
     dev = policy.device
-    hidden, cache = policy.forward_hidden(ids.to(dev), mask_hist.to(dev), pos.to(dev), pvs, grids, cache)
-    return hidden[torch.arange(len(rows)), last], cache, mask_hist
+    mask_hist = torch.cat([mask_hist, attn.to(dev)], 1)
+    hidden, cache = policy.forward_hidden(ids.to(dev), mask_hist, pos.to(dev), pvs, grids, cache)
+    return hidden[torch.arange(len(rows), device=dev), torch.tensor(last, device=dev)], cache, mask_hist
 
 
 def _new_cache(policy):
@@ -229,17 +278,60 @@ def _chunk(policy, live):
     return ids, attn, pos, pvs, torch.cat(grids).to(policy.device), last
 
 
-def _sample(logp, cfg, gen):
-    """One token from log-probs (V,): argmax, or temperature-scaled (already) with top-p, seeded."""
+def _draw(policy, batch, cfg, force):
+    """One token per live row, on the device. Returns (ids, log-probs) as host lists: the step's one copy."""
+    logits = (batch.h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
+    log_z = torch.logsumexp(logits, -1)  # (B,) the full softmax's normaliser, as in the loss
+    logits.index_fill_(1, batch.banned, -float("inf"))  # the policy never writes image pads or vision markers
+    tok = _sample(logits, cfg, _uniforms(batch.keys, batch.draws))
+    batch.draws += 1
+    if force is not None:  # teacher forcing: a forced id replaces the draw (the log-prob stays the model's)
+        forced = torch.tensor([-1 if t is None else t for t in map(force, (r.ep for r in batch.live))],
+                              device=tok.device)
+        tok = torch.where(forced >= 0, forced, tok)
+    logp = logits.gather(1, tok[:, None])[:, 0] - log_z  # (B,) recorded log-probs
+    out = torch.stack([tok.double(), logp.double()], 1).cpu()  # ids < 2^53 are exact in float64
+    return [int(t) for t in out[:, 0].tolist()], out[:, 1].tolist()
+
+
+def _sample(logits, cfg, u):
+    """Batched draw from logits (B, V) (temperature applied, banned ids at -inf): argmax, or top-p then the
+    inverse CDF at the uniforms u (B,). Zero-probability ids can never be drawn: their CDF step is empty."""
     if cfg.greedy:
-        return int(logp.argmax())
-    probs = logp.exp()
+        return logits.argmax(-1)
+    probs = torch.softmax(logits, -1)  # (B, V)
+    order = None
     if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(0) - sorted_p > cfg.top_p  # tokens after the nucleus is full
-        sorted_p[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > cfg.top_p, 0.0)  # after the nucleus is full
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u[:, None] * total, right=True)  # the first id whose CDF exceeds u * total
+    idx = torch.minimum(idx, (cdf < total).sum(-1, keepdim=True))  # u * total rounded up to total: the last id
+    return (idx if order is None else order.gather(1, idx))[:, 0]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for x in [0, 2^32) without overflowing int64: c split in 16-bit halves. Works on ints
+    and int64 tensors alike, so the host and every device compute the same bits."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons' 32-bit integer hash): a bijection on [0, 2^32) with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _uniforms(keys, counters):
+    """Counter-based uniforms in [0, 1): one per (row key, draw counter), 24 bits (exact in float32)."""
+    return (_hash32(_hash32(keys ^ (counters & _M32))) >> 8).float() / float(1 << 24)
 
 
 def _advance(policy, row, tok, cfg):

@@ -1,8 +1,11 @@
 """Kernel dispatch. Each op has a torch path (CPU, and any device) and a Triton kernel, one file per op:
 resample.py (crop + resample + normalise + patchify) and logprobs.py (selective log-probs).
 
-KERNELS=auto (default): Triton on CUDA tensors, torch elsewhere. KERNELS=ref: always torch.
-KERNELS=triton: always Triton (on CPU tensors this needs TRITON_INTERPRET=1; the tests use it).
+KERNELS=auto (default): the torch path, except on a GPU where `bench.py` (or `make gpu-check`) measured the
+kernel faster than the torch path on this card: a kernel earns its place by measurement, never by device
+type. The measurements live in runs/kernel_choice.json (per card name, per op; KERNEL_CHOICE= names
+another file). KERNELS=ref: always torch. KERNELS=triton: always Triton (on CPU tensors this needs
+TRITON_INTERPRET=1; the tests use it).
 
 The name: run from the repository root, `import kernels` finds this folder before Hugging Face's `kernels`
 package (the kernel hub client) when that is installed, and transformers and bitsandbytes import that
@@ -10,8 +13,10 @@ package by name. So names this package does not define are looked up in the inst
 (`__getattr__` below): with it installed, `from kernels import get_kernel` gets the real one; without it,
 the import fails as it would anyway, and those libraries fall back quietly.
 """
+import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 
@@ -19,25 +24,66 @@ import torch
 
 from . import logprobs, resample
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _use_triton(t):
-    """Whether the Triton kernel should run for tensor t (else the torch path)."""
+
+def choice_file():
+    return os.environ.get("KERNEL_CHOICE", os.path.join(ROOT, "runs", "kernel_choice.json"))
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(path, mtime):
+    """{card name: {op: {"winner": "triton" | "torch", "seconds": ...}}} as bench.py wrote it (cached until the
+    file changes)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def measured_winner(op, device):
+    """"triton" or "torch" as measured for `op` on the card of `device`, or None when never measured."""
+    path = choice_file()
+    try:
+        table = _measured(path, os.path.getmtime(path))
+    except (OSError, ValueError):
+        return None
+    entry = table.get(torch.cuda.get_device_name(device), {}).get(op)
+    return entry.get("winner") if isinstance(entry, dict) else None
+
+
+def record_winner(op, winner, times):
+    """bench.py: remember which path won `op` on this card, with the times (seconds by path) it was judged on."""
+    path = choice_file()
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table.setdefault(torch.cuda.get_device_name(), {})[op] = dict(winner=winner, seconds=times)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _use_triton(op, t):
+    """Whether the Triton kernel of `op` (its file's name) should run for tensor t (else the torch path)."""
     mode = os.environ.get("KERNELS", "auto")
     if mode not in ("auto", "ref", "triton"):
         raise ValueError(f"KERNELS={mode!r}: expected auto, ref or triton")
-    return mode == "triton" or (mode == "auto" and t.is_cuda)
+    return mode == "triton" or (mode == "auto" and t.is_cuda and measured_winner(op, t.device) == "triton")
 
 
 def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
     """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> pixel_values (sum N_k, 1176) in out_dtype."""
-    fn = resample.crop_resample_triton if _use_triton(image) else resample.crop_resample_ref
+    fn = resample.crop_resample_triton if _use_triton("resample", image) else resample.crop_resample_ref
     return fn(image, boxes, out_hw, out_dtype)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log softmax(hidden @ weight.T / T)[targets] without materialising (N, V) logits; differentiable in
     `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient)."""
-    fn = logprobs.selective_logprobs_triton if _use_triton(hidden) else logprobs.selective_logprobs_chunked
+    fn = logprobs.selective_logprobs_triton if _use_triton("logprobs", hidden) else logprobs.selective_logprobs_chunked
     return fn(hidden, weight, targets, temperature, with_entropy)
 
 

@@ -1,5 +1,13 @@
-import os, sys
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton's interpreter runs the kernels on CPU tensors; on a CUDA machine the kernels run compiled, on the GPU
+# (set before any kernel module imports triton)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # CI must be reproducible: there, property tests replay a fixed set of examples; locally they explore.
@@ -9,7 +17,8 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-import pytest  # noqa: E402
+# where the Triton kernels' tests run: the GPU when there is one, else the interpreter on the CPU
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="session")

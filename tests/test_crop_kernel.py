@@ -4,6 +4,7 @@ import torch
 
 import crop
 import kernels
+from conftest import KERNEL_DEVICE
 from kernels import resample
 from kernels.resample import crop_resample_ref, crop_resample_triton, pil_weights
 
@@ -33,17 +34,38 @@ def test_kernel_matches_reference(h, w, boxes, budget):
     img = _image(h, w)
     b = torch.tensor(boxes, dtype=torch.float32)
     sizes = _sizes(boxes, budget)
-    ours = crop_resample_triton(img, b, sizes)
+    ours = crop_resample_triton(img.to(KERNEL_DEVICE), b, sizes).cpu()
     ref = crop_resample_ref(img, b, sizes)
     assert ours.shape == ref.shape == (sum(oh * ow // 196 for oh, ow in sizes), 1176)
-    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - ref).abs().max() <= _bound(img, b, sizes)
+
+
+def _bound(img, b, sizes):
+    """1e-4 in the interpreter; on a GPU, at most twice torch's own CPU-vs-GPU difference on the same input
+    (the reference's GPU run differs from its CPU run by ~1.6e-4: different resampling arithmetic)."""
+    if KERNEL_DEVICE == "cpu":
+        return 1e-4
+    torch_gpu = crop_resample_ref(img.cuda(), b.cuda(), sizes).cpu()
+    return max(1e-4, 2 * float((torch_gpu - crop_resample_ref(img, b, sizes)).abs().max()))
+
+
+def test_tap_tables_are_cached_and_built_on_the_host():
+    """Crops of a step share sizes: the filter taps are computed once per (input, output) size, on the CPU."""
+    pil_weights.cache_clear()
+    img = _image(64, 80, seed=1)
+    b = torch.tensor([(0, 0, 40, 30), (10, 10, 50, 40), (20, 30, 60, 60)], dtype=torch.float32)  # one size
+    crop_resample_triton(img.to(KERNEL_DEVICE), b, [(28, 28)] * 3)
+    info = pil_weights.cache_info()
+    assert info.misses == 2 and info.hits == 4  # (40 -> 28) columns and (30 -> 28) rows, then reused
+    lo, w = pil_weights(40, 28)
+    assert lo.device.type == w.device.type == "cpu"
 
 
 def test_kernel_bf16_output():
     img = _image(64, 80, seed=3)
     b = torch.tensor([(3, 5, 61, 60)], dtype=torch.float32)
     sizes = _sizes(b.tolist(), 4 * 784)
-    ours = crop_resample_triton(img, b, sizes, out_dtype=torch.bfloat16)
+    ours = crop_resample_triton(img.to(KERNEL_DEVICE), b, sizes, out_dtype=torch.bfloat16).cpu()
     ref = crop_resample_ref(img, b, sizes)
     assert ours.dtype == torch.bfloat16
     assert (ours.float() - ref).abs().max() <= 2 ** -5  # two bf16 ulps at |x| < 4 (the interpreter may truncate)
@@ -72,11 +94,17 @@ def test_pil_weights_rows_sum_to_one_inside_the_input(n_in, n_out):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_on_gpu(dtype):
-    img = _image(900, 1300, seed=5)
-    boxes = [(0, 0, 1300, 900), (10, 20, 300, 200), (1200, 800, 1300, 900), (500, 0, 520, 900)]
+@pytest.mark.parametrize("h,w,boxes", [
+    (900, 1300, [(0, 0, 1300, 900), (10, 20, 300, 200), (1200, 800, 1300, 900), (500, 0, 520, 900)]),
+    # bench.py's crops of an 8K original at 1,024 tokens: up to ~30 taps per axis, an intermediate of 60 MB
+    (4320, 7680, [(0, 0, 7680, 4320), (100, 200, 2100, 1400), (3000, 1000, 3900, 1500), (5000, 3000, 5400, 3300),
+                  (10, 10, 200, 120), (6000, 100, 7680, 4320), (2500, 2500, 2560, 2540), (1000, 1000, 4000, 4000)]),
+])
+def test_kernel_on_gpu(dtype, h, w, boxes):
+    img = _image(h, w, seed=5)
     b = torch.tensor(boxes, dtype=torch.float32)
-    sizes = _sizes(boxes, 256 * 784)
+    sizes = _sizes(boxes, 1024 * 784)
     ref = crop_resample_ref(img, b, sizes)
     ours = crop_resample_triton(img.cuda(), b.cuda(), sizes, out_dtype=dtype).float().cpu()
-    assert (ours - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 2 ** -6)
+    # bf16 output: one rounding of values |x| < 4 (2^-7) on top of the fp32 bound
+    assert (ours - ref).abs().max() <= _bound(img, b, sizes) + (0 if dtype == torch.float32 else 2 ** -6)

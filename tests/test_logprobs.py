@@ -1,24 +1,26 @@
-"""kernels.selective_logprobs (chunked torch path) against the naive log_softmax + gather."""
+"""kernels.selective_logprobs: the chunked torch path and the Triton kernel (interpreted on CPU, compiled on a
+GPU) against the naive log_softmax + gather, forward and backward."""
 import pytest
 import torch
 
 import kernels
+from conftest import KERNEL_DEVICE
 from kernels import logprobs as lp
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-def _inputs(n, d, v, dtype=torch.float32, seed=0):
+
+def _inputs(n, d, v, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
-    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
-    t = torch.randint(0, v, (n,), generator=g)
+    h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
     return h, w, t
 
 
 @pytest.mark.parametrize("n,d,v,temp", [(37, 64, 1000, 1.0), (37, 64, 1000, 0.7), (5, 16, 33, 1.3), (1, 8, 7, 1.0)])
 def test_forward_backward_match_naive(n, d, v, temp, monkeypatch):
-    tile = max(3, v // 7)  # several vocabulary tiles and row passes, the last ones ragged
-    monkeypatch.setattr(lp, "VOCAB_TILE", tile)
-    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", tile * 16)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", v * 4)  # chunks of 4 rows, the last one ragged
     h, w, t = _inputs(n, d, v)
     up = torch.randn(n)
     ref = lp.selective_logprobs_naive(h, w, t, temp)
@@ -30,7 +32,7 @@ def test_forward_backward_match_naive(n, d, v, temp, monkeypatch):
 
 
 def test_entropy_matches_naive(monkeypatch):
-    monkeypatch.setattr(lp, "VOCAB_TILE", 128)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 1000 * 8)
     h, w, t = _inputs(37, 64, 1000)
     logp, ent = lp.selective_logprobs_chunked(h, w, t, 0.9, with_entropy=True)
     z = (h @ w.T) / 0.9
@@ -91,77 +93,139 @@ def test_dispatch_modes(monkeypatch):
     assert calls == [1]
 
 
-# ---------------------------------------------------------------- the Triton kernel (CPU: TRITON_INTERPRET=1)
+def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path):
+    """KERNELS=auto on a GPU: the kernel only where bench.py recorded it winning on this very card; the torch
+    path when never measured, when measured slower, or on another card; never on CPU tensors."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    gpu = SimpleNamespace(is_cuda=True, device=0)
+    pick = lambda t: kernels._use_triton("logprobs", t)
+    card = "H100"
+    assert not pick(gpu)  # no measurement yet
+    kernels.record_winner("logprobs", "torch", dict(triton=0.17, chunked=0.044))
+    assert not pick(gpu)
+    kernels.record_winner("logprobs", "triton", dict(triton=0.03, chunked=0.044))
+    assert pick(gpu)
+    assert not kernels._use_triton("resample", gpu)  # another op: not measured
+    assert not pick(SimpleNamespace(is_cuda=False, device="cpu"))
+    card = "A100"  # measured on another card: torch
+    assert not pick(gpu)
+    monkeypatch.setenv("KERNELS", "triton")
+    assert pick(gpu)
+
+
+# ---------------------------------------------------------------- the Triton kernel (interpreted on CPU, in fp32)
 
 def _triton_vs_naive(n, d, v, temp, blocks, dtype=torch.float32, seed=0):
-    h, w, t = _inputs(n, d, v, dtype, seed)
-    up = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    h, w, t = _inputs(n, d, v, dtype, seed, KERNEL_DEVICE)
+    up = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)).to(KERNEL_DEVICE)
+    up[::3] = 0  # masked positions: their rows must get exactly zero gradient
     ref = lp.selective_logprobs_naive(h.float(), w.float(), t, temp)
     (g_ref,) = torch.autograd.grad((ref * up).sum(), h)
-    logp, ent, grad = lp._triton_sweep(h.detach(), w, t, temp, True, True, *blocks)
     z = (h.detach().float() @ w.float().T) / temp
     ent_ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-    return (logp, ref.detach()), (ent, ent_ref), (up[:, None] * grad, g_ref.float())
+    # no gradient asked: the 2-D grid kernel; a gradient: row chunks with the in-place softmax kernel
+    logp0, ent0, _ = lp._triton_sweep(h.detach(), w, t, temp, True, False, blocks)
+    logp, ent, grad = lp._triton_sweep(h.detach(), w, t, temp, True, True)
+    assert torch.all((up[:, None] * grad)[::3] == 0)
+    return ((logp0, ref.detach()), (ent0, ent_ref), (logp, ref.detach()), (ent, ent_ref),
+            (up[:, None] * grad, g_ref.float()))
 
 
 @pytest.mark.parametrize("n,d,v,temp,blocks", [
-    (37, 64, 1000, 1.0, (16, 64, 32)),  # ragged rows and vocabulary
-    (37, 80, 1000, 0.7, (16, 128, 32)),  # ragged D slabs, temperature
-    (5, 16, 33, 1.3, (16, 16, 16)),  # tiny, every block ragged
+    (37, 64, 1000, 1.0, (16, 128, 32)),  # ragged rows and vocabulary
+    (37, 80, 1000, 0.7, (16, 256, 32)),  # ragged D slabs, temperature, a block of two partial slots
+    (5, 16, 33, 1.3, (16, 128, 16)),  # tiny, every block ragged
 ])
-def test_triton_kernel_matches_naive(n, d, v, temp, blocks):
+def test_triton_forward_backward_entropy_match_naive(n, d, v, temp, blocks, monkeypatch):
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", v * 8)  # the gradient path in chunks of 8 rows, the last ragged
     for ours, ref in _triton_vs_naive(n, d, v, temp, blocks):
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_triton_partials_do_not_depend_on_the_tile():
+    """The logsumexp merge gives the same answer whatever the tiles (what autotuning may pick)."""
+    h, w, t = _inputs(33, 48, 700, device=KERNEL_DEVICE)
+    a = lp._triton_forward(h.detach(), w, t, 1.0, True, (16, 128, 16))
+    b = lp._triton_forward(h.detach(), w, t, 1.0, True, (32, 256, 64))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_kernel_through_autograd_and_dispatch(monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
-    h, w, t = _inputs(20, 32, 300)
+    h, w, t = _inputs(20, 32, 300, device=KERNEL_DEVICE)
+    mask = torch.tensor([1, 0] * 10, dtype=torch.float32, device=KERNEL_DEVICE)
     out, ent = kernels.selective_logprobs(h, w, t, 0.9, with_entropy=True)
-    (g,) = torch.autograd.grad(out.sum(), h)
+    (g,) = torch.autograd.grad((out * mask).sum(), h)
     ref = lp.selective_logprobs_naive(h, w, t, 0.9)
-    (g_ref,) = torch.autograd.grad(ref.sum(), h)
+    (g_ref,) = torch.autograd.grad((ref * mask).sum(), h)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+    assert torch.all(g[mask == 0] == 0) and torch.all(g[mask == 1].abs().sum(-1) > 0)
     assert not ent.requires_grad
-    with torch.no_grad():  # reference log-probs: no gradient buffer is built
+    with torch.no_grad():  # reference log-probs: nothing is kept for a backward
         assert kernels.selective_logprobs(h, w, t).shape == (20,)
 
 
 def test_triton_kernel_bf16_inputs_within_twice_torch_error():
-    """bf16 inputs. In the interpreter the kernel computes them in fp32 (its bf16 arithmetic is wrong), so this
-    checks the loads of bf16 tensors; bf16 tensor-core math is checked on a GPU (test_triton_kernel_on_gpu)."""
-    h, w, t = _inputs(37, 64, 1000, torch.bfloat16)
+    """bf16 inputs. In the interpreter the kernels compute them in fp32 (its bf16 arithmetic is wrong), so this
+    checks the loads of bf16 tensors; on a GPU it is bf16 tensor-core math (and test_triton_kernel_on_gpu_*)."""
+    h, w, t = _inputs(37, 64, 1000, torch.bfloat16, device=KERNEL_DEVICE)
     exact = lp.selective_logprobs_naive(h.detach().float(), w.float(), t)
     torch_bf16 = torch.log_softmax((h.detach() @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
-    ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, False, 16, 64, 32)
-    assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
+    for need_grad in (False, True):  # each kernel
+        ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, need_grad, (16, 128, 32))
+        assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
 
 
-def test_triton_kernel_masked_rows_get_no_gradient(monkeypatch):
-    monkeypatch.setenv("KERNELS", "triton")
-    h, w, t = _inputs(12, 32, 200)
-    mask = torch.tensor([1, 0] * 6, dtype=torch.float32)
-    (g,) = torch.autograd.grad((kernels.selective_logprobs(h, w, t) * mask).sum(), h)
-    assert torch.all(g[mask == 0] == 0) and torch.all(g[mask == 1].abs().sum(-1) > 0)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fixed tiles; CUDA autotunes")
+def test_interpreter_runs_fixed_tiles_not_the_autotuner(monkeypatch):
+    monkeypatch.setattr(lp, "_lse_partials_tuned", None)  # would raise if called
+    h, w, t = _inputs(5, 16, 200)
+    logp, _ = lp._triton_forward(h.detach(), w, t, 1.0, False)
+    torch.testing.assert_close(logp, lp.selective_logprobs_naive(h, w, t).detach(), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_on_gpu(dtype):
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(300, 512, generator=g).to("cuda", dtype).requires_grad_(True)
-    w = (torch.randn(5000, 512, generator=g) / 512 ** 0.5).to("cuda", dtype)
-    t = torch.randint(0, 5000, (300,), generator=g).cuda()
+# ---------------------------------------------------------------- compiled, on a GPU: bounds from torch's own error
+
+def _gpu_case(n, d, v, dtype, targets=None):
+    h, w, t = _inputs(n, d, v, dtype, device="cuda")
+    if targets is not None:
+        t = targets
     ours = lp.selective_logprobs_triton(h, w, t)
     (g_ours,) = torch.autograd.grad(ours.sum(), h)
-    exact = lp.selective_logprobs_naive(h.float(), w.float(), t)
+    exact = lp.selective_logprobs_naive(h.double(), w.double(), t)  # fp64: the yardstick for both
     (g_exact,) = torch.autograd.grad(exact.sum(), h)
     hb = h.detach().requires_grad_(True)
-    low = torch.log_softmax(hb @ w.T, -1).float().gather(-1, t[:, None]).squeeze(-1)  # torch in this dtype
+    low = torch.log_softmax((hb @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)  # torch in this dtype
     (g_low,) = torch.autograd.grad(low.sum(), hb)
-    assert (ours - exact).abs().max() <= 2 * (low - exact).abs().max() + 1e-4
-    assert (g_ours.float() - g_exact.float()).abs().max() <= 2 * (g_low.float() - g_exact.float()).abs().max() + 1e-4
+    assert (ours.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
+    assert (g_ours.double() - g_exact).abs().max() <= 2 * (g_low.double() - g_exact).abs().max() + 1e-4
+    with torch.no_grad():  # no gradient asked: the 2-D grid kernel, with autotuned tiles
+        no_grad = lp.selective_logprobs_triton(h, w, t)
+    assert (no_grad.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_on_gpu_odd_shape(dtype):
+    _gpu_case(300, 520, 5003, dtype)
+
+
+@cuda
+def test_triton_kernel_on_gpu_at_the_7b_head():
+    """Qwen2.5-VL-7B's head (D = 3,584, V = 152,064), bf16, with the autotuned tiles."""
+    _gpu_case(256, 3584, 152_064, torch.bfloat16)
+
+
+@cuda
+def test_triton_kernel_on_gpu_int64_offsets():
+    """V * D past 2^31 (V = 300k, D = 8,192): targets near the end of the vocabulary read the last rows."""
+    v = 300_000
+    _gpu_case(16, 8192, v, torch.bfloat16, targets=torch.arange(v - 16, v, device="cuda"))
 
 
 def test_no_gradient_sweep_under_no_grad(monkeypatch):

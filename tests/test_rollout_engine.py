@@ -3,14 +3,16 @@ tool-call parser and box checks never raise on hostile model output (property te
 import json
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crop
 import data
+import rollout as rollout_module
 from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
-from rollout import RolloutConfig, _sample, parse_tool_call, rollout
+from rollout import RolloutConfig, _hash32, _sample, _uniforms, parse_tool_call, rollout
 
 
 
@@ -87,11 +89,35 @@ def test_counts_per_episode():
 
 
 def test_top_p_and_greedy():
-    logp = torch.log_softmax(torch.tensor([3.0, 2.9, 0.0, -1.0]), -1)
-    g = torch.Generator().manual_seed(0)
-    assert {_sample(logp, RolloutConfig(top_p=0.3), g) for _ in range(50)} == {0}  # only the top token fits
-    assert {_sample(logp, RolloutConfig(top_p=0.9), g) for _ in range(200)} == {0, 1}
-    assert _sample(logp, RolloutConfig(greedy=True), g) == 0
+    u = torch.linspace(0, 1 - 2 ** -24, 200)  # the whole range of uniforms, both ends included
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0]).expand(200, 4)
+    assert set(_sample(logits, RolloutConfig(top_p=0.3), u).tolist()) == {1}  # only the top token fits
+    assert set(_sample(logits, RolloutConfig(top_p=0.9), u).tolist()) == {1, 2}
+    assert set(_sample(logits, RolloutConfig(), u).tolist()) == {0, 1, 2, 3}
+    assert set(_sample(logits, RolloutConfig(greedy=True), u).tolist()) == {1}
+
+
+def test_banned_ids_are_never_drawn():
+    """-inf logits have an empty CDF step: no uniform, not even 0 or the largest, lands on them."""
+    u = torch.tensor([0.0, 0.5, 1 - 2 ** -24, 1 - 2 ** -24])
+    logits = torch.tensor([[-float("inf"), 1.0, -float("inf")], [2.0, -float("inf"), -float("inf")],
+                           [1.0, 1.0, -float("inf")], [-float("inf"), -float("inf"), 5.0]])
+    for top_p in (1.0, 0.5):
+        assert _sample(logits, RolloutConfig(top_p=top_p), u).tolist() == [1, 0, 1, 2]
+
+
+def test_uniforms_are_counter_based_and_uniform():
+    """The same (key, counter) gives the same uniform on any batch; ints and tensors hash to the same bits; the
+    draws of 4,096 (key, counter) pairs look uniform (a coarse chi-square)."""
+    keys = torch.arange(64).repeat_interleave(64).mul(2654435761) % (1 << 32)
+    counters = torch.arange(64).repeat(64)
+    u = _uniforms(keys, counters)
+    assert torch.equal(u[100:164], _uniforms(keys[100:164], counters[100:164]))
+    assert _hash32(int(keys[7])) == int(_hash32(keys[7:8])[0])
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    expected = len(u) / 16
+    assert float(((counts - expected) ** 2 / expected).sum()) < 40  # chi-square, 15 dof: p < 0.001 above 37.7
 
 
 # ---------------------------------------------------------------- property tests: model output is hostile
@@ -170,3 +196,36 @@ def test_crops_of_a_step_are_encoded_in_one_call(monkeypatch):
     eps = rollout(p, data.synthetic(1, seed=13), _cfg(group_size=3), force=force)
     assert sum(e.num_tool_calls for e in eps) == 6
     assert calls == [1, 3, 3]  # the global image, then each step's three crops together
+
+
+def test_waiting_groups_take_finished_rows_places():
+    """Continuous batching: with room for two groups of two, the third prompt joins when group 1 finishes,
+    its cache padded to the live one's length. The episodes, the recorded log-probs (equal to a full forward)
+    and the work done are those of one big batch."""
+    import model
+    import train
+
+    p = tiny_policy()
+    samples = data.synthetic(3, seed=14)
+    # group 1 ends first; group 2 joins group 0 (still writing) and calls the tool after joining
+    script = {0: ["<think>hm</think>" + ANSWER], 1: [ANSWER], 2: [CALL.format("[30, 10, 50, 90]"), ANSWER]}
+    joins = []
+    real_join = rollout_module._join
+    counter = _Counter(p)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rollout_module, "_join", lambda a, b: joins.append(len(a.live)) or real_join(a, b))
+            small = rollout(p, samples, _cfg(group_size=2, rollout_rows=4), force=scripted(p, script))
+    finally:
+        counter.close()
+    big = rollout(p, samples, _cfg(group_size=2, rollout_rows=64), force=scripted(p, script))
+    assert joins == [2]  # group 1 finished; group 0 was still in flight when group 2 joined it
+    assert [e.group for e in small] == [0, 0, 1, 1, 2, 2]
+    assert [e.ids for e in small] == [e.ids for e in big]
+    batch = train.collate(p, small)
+    with torch.no_grad():
+        full = model.sequence_logprobs(p, batch, temperature=0.9)
+    recorded = torch.tensor([lp for e in small for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
+    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    once = sum(e.prompt_len for e in small[::2]) + sum(len(e.ids) - e.prompt_len - 1 for e in small)
+    assert counter.tokens == once

@@ -1,0 +1,161 @@
+"""One command on one CUDA GPU: the GPU tests, the three benchmarks, two stage-1 training steps at the 24gb
+preset on a 7B-shaped model in NF4, and a report with every number. Meant to finish in under 8 minutes.
+
+    make gpu-check                      # = python gpu_check.py --out runs/gpu-check
+
+Writes runs/gpu-check/report.md and report.json: the device and the versions, the test summary, every
+benchmark table, the training steps' measured peak memory against `train.py --dry-run`'s estimate for the
+same settings. The benchmarks also record in runs/kernel_choice.json which path won on this card, which
+`KERNELS=auto` then follows. Each part runs in its own process with its own time limit; one that fails is
+reported, and the others still run.
+
+Works with torch >= 2.11 and triton >= 3.6 as a GPU box may already have them. Without bitsandbytes the
+7B-shaped model runs in bf16 instead of NF4, and the report says so in its first lines. Missing packages go
+with the working tree as wheels (no network there): see the README's "GPU check" section.
+"""
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+import bench
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_rollout.py", "tests/test_rollout_engine.py"]
+# two short stage-1 steps at the 24gb preset; shorter responses than the preset's 2,048 keep the check quick,
+# and the estimate is taken for the same settings
+TRAIN = ["--stage", "1", "--preset", "24gb", "--data", "synthetic:4", "--steps=2", "--max_response_tokens=512",
+         "--max_turn_tokens=256", "--save_every=2", "--dump_every=100"]
+
+
+def versions():
+    out = {}
+    for pkg in ("torch", "triton", "transformers", "peft", "bitsandbytes", "tokenizers", "liger-kernel"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run(name, args, timeout, log):
+    """A part of the check in its own process: (ok, seconds, output). Its output is also kept in `log`."""
+    print(f"== {name}: {' '.join(args)}", flush=True)
+    t = time.time()
+    try:
+        p = subprocess.run([sys.executable] + args, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        ok, out = p.returncode == 0, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, out = False, (e.stdout or b"").decode(errors="replace") + f"\n(stopped after {timeout} s)"
+    seconds = time.time() - t
+    log.append(dict(name=name, command=args, ok=ok, seconds=round(seconds, 1), output=out))
+    print(out[-3000:], flush=True)
+    return ok, seconds, out
+
+
+def tables(text):
+    """The markdown tables in a benchmark's output, each with the line above it (its caption)."""
+    lines, found, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            found.append("\n".join(([lines[i - 1]] if i else []) + lines[i:j]))
+            i = j
+        else:
+            i += 1
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the saved model")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: gpu_check needs a CUDA GPU (torch.cuda.is_available() is False)")
+    out = os.path.join(HERE, args.out)
+    os.makedirs(out, exist_ok=True)
+    started = time.time()
+    ver = versions()
+    notes = []
+    if ver["bitsandbytes"] is None:
+        notes.append("**bitsandbytes is not installed: the 7B-shaped model ran in bf16, not NF4.** Carry its wheel "
+                     "(README, GPU check) to measure NF4.")
+    if ver["liger-kernel"] is None:
+        notes.append("liger-kernel is not installed: the log-prob table has no liger row (optional).")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+    report = dict(device=torch.cuda.get_device_name(), memory_gb=round(torch.cuda.get_device_properties(0).total_memory
+                                                                         / 2**30, 1),
+                  cuda=torch.version.cuda, versions=ver, commit=commit.strip() or None,
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes)
+    log = []
+
+    ok, _, text = run("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150, log)
+    report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
+
+    name = bench.tiny_7b()  # saved once and loaded like a checkpoint (NF4), or built in bf16 without bitsandbytes
+    report["benchmarks"] = {}
+    for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150),
+                               ("rollout", ["--model", name], 200)):
+        ok, seconds, text = run(f"bench {what}", ["bench.py", what] + extra, limit, log)
+        report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
+
+    train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(args.out, 'stage1')}"]
+    ok, _, text = run("train --dry-run", train_args + ["--dry-run"], 45, log)
+    est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
+    estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
+    metrics_path = os.path.join(HERE, args.out, "stage1", "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    ok, seconds, text = run("train 2 steps", train_args, 200, log)
+    steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
+    report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
+                              measured_peak_gb=measured, steps=steps)
+    report["seconds"] = round(time.time() - started, 1)
+    report["log"] = log
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}/report.md and report.json in {report['seconds']:.0f} s")
+    if not all(p["ok"] for p in log):
+        sys.exit(1)
+
+
+def markdown(r):
+    lines = [f"# GPU check: {r['device']} ({r['memory_gb']} GB), commit {r['commit']}, {r['date']}", ""]
+    lines += [f"- {n}" for n in r["notes"]]
+    lines += ["- versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in r["versions"].items())
+              + f", CUDA {r['cuda']}", f"- whole check: {r['seconds']:.0f} s", "",
+              f"## Tests ({'pass' if r['tests']['ok'] else 'FAIL'})", "", "    " + r["tests"]["summary"], ""]
+    for what, b in r["benchmarks"].items():
+        lines += [f"## bench.py {what} ({'ok' if b['ok'] else 'FAILED'}, {b['seconds']:.0f} s)", ""]
+        for t in b["tables"]:
+            lines += [t, ""]
+    t = r["training"]
+    est = t["estimate_gb"].get("peak")
+    lines += [f"## Two stage-1 steps, 24gb preset ({'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s)", "",
+              "| step | seconds | rollout peak GB | step peak GB | `--dry-run` estimate GB |", "|---|---|---|---|---|"]
+    for s in t["steps"]:
+        lines.append(f"| {s.get('step')} | {s.get('seconds', 0):.1f} | {s.get('rollout_mem_gb', 0):.2f} | "
+                     f"{s.get('peak_mem_gb', 0):.2f} | {est if est is not None else '-'} |")
+    lines += ["", "Estimate by part (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in t["estimate_gb"].items()), ""]
+    failed = [p for p in r["log"] if not p["ok"]]
+    for p in failed:
+        lines += [f"## FAILED: {p['name']}", "", "```", p["output"][-4000:], "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
