@@ -159,7 +159,8 @@ def test_export_loads_anywhere_the_base_loads(hub_model, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     p = model.load_policy(hub_model, precision="fp32", lora_r=4, lora_alpha=8)
-    move_lora(p)
+    torch.manual_seed(0)  # the adapter's effect must not depend on the tests that ran before
+    move_lora(p, std=0.2)
     train.save_checkpoint(str(tmp_path / "ckpt"), p, None, train.Config(model=hub_model), dict(step=1))
     out = str(tmp_path / "merged")
     model.export(str(tmp_path / "ckpt"), out)
