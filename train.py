@@ -341,6 +341,7 @@ def train(cfg, resume=None):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
+    drawn = time.time()  # when curves.png was last drawn (or the run started)
     tracker = trackers.start(cfg.report_to, out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
     try:
@@ -368,7 +369,9 @@ def train(cfg, resume=None):
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                draw_curves(out_dir)
+                if step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S:
+                    draw_curves(out_dir)
+                    drawn = time.time()
             if stop.signal:
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
@@ -407,6 +410,11 @@ def _std(xs):
     """Population std: the spread of the group means a step's reward averages over."""
     m = sum(xs) / len(xs) if xs else 0.0
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else 0.0
+
+
+# curves.png is redrawn at a checkpoint at most this often (a drawing takes ~1 s; the tiny preset checkpoints
+# every few seconds), and always at the last step's
+CURVES_EVERY_S = 30
 
 
 def draw_curves(out_dir):

@@ -1,9 +1,19 @@
 """Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, a
-reward that varies with the text, and model-folder helpers (linked copies, a moved adapter, export log-probs)."""
+reward that varies with the text, model-folder helpers (linked copies, a moved adapter, export log-probs), and
+run_cli, the command-line entry points run as separate processes."""
 import functools
+import importlib
+import multiprocessing
 import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
 
 import torch
+import tqdm
 
 import data
 import model
@@ -80,3 +90,70 @@ def logprobs_three_ways(policy, plain_model):
         base = model.sequence_logprobs(policy, batch)
     with torch.no_grad():
         return model.sequence_logprobs(policy, batch), model.sequence_logprobs(plain, batch), base
+
+
+# A fresh interpreter spends ~12 s importing torch, transformers and peft before the first line of train.py runs.
+# The command-line tests fork their processes from one server that has imported the project once instead: each
+# child is still its own process (its own exit code, signals, SIGKILL), and starts in well under a second.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(["helpers", "eval", "peft", "matplotlib.pyplot", "plot",
+                                "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"])
+
+
+def run_cli(script, *args, env=None, wait_for=None, send=None, varying=False, timeout=300):
+    """`python SCRIPT ARGS` (train.py or eval.py) as a separate process. wait_for/send: once its stdout
+    has printed wait_for, send it that signal. varying: train with varying_score in place of the reward.
+    Returns (exit code, stdout, stderr); a process killed by a signal has the negative signal number as code."""
+    # the server reads sys.path from PYTHONPATH (Python 3.11's forkserver does not pass it on)
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+    tmp = tempfile.mkdtemp(prefix="cli-")
+    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    proc = _SERVER.Process(target=_cli_child, args=(script, list(args), env or {}, out, err, varying))
+    proc.start()
+    deadline = time.time() + timeout
+    if wait_for:
+        while proc.is_alive() and time.time() < deadline:
+            if os.path.exists(out) and wait_for in open(out).read():
+                os.kill(proc.pid, send)
+                break
+            time.sleep(0.05)
+    proc.join(max(1, deadline - time.time()))
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise TimeoutError(f"{script} {' '.join(args)} ran past {timeout} s")
+    texts = [open(f).read() for f in (out, err)]
+    shutil.rmtree(tmp)
+    return proc.exitcode, *texts
+
+
+def _cli_child(script, args, env, out, err, varying):
+    """What `python SCRIPT ARGS` does, in a child of the server: output to files, SystemExit to an exit code."""
+    os.chdir(ROOT)
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout.reconfigure(line_buffering=True)  # wait_for reads the file as the run prints
+    sys.argv = [script, *args]
+    tqdm.tqdm.set_lock(threading.RLock())  # tqdm's default lock is a semaphore that os._exit would leave behind
+    code = 0
+    try:
+        module = importlib.import_module(script.removesuffix(".py"))
+        if varying:
+            module.rewards.score = varying_score
+        module.main(args)
+    except SystemExit as e:  # as the interpreter does: None is 0, a number is the code, a message goes to stderr
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

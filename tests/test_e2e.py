@@ -1,15 +1,13 @@
 """End to end on the tiny model: stage 1 -> stage 2 -> eval through the command-line entry points."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import eval as evaluate_mod
 import train
+from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--steps=2", "--prompts_per_step=1", "--group_size=2", "--save_every=1", "--dump_every=1",
          "--data=synthetic:4"]
 
@@ -40,34 +38,30 @@ def test_stage1_stage2_eval(tmp_path, capsys):
     assert len(open(ev / "items.jsonl").readlines()) == 3
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_missing_data_file_is_one_clear_line(tmp_path):
-    r = _run("train.py", "--stage", "1", f"--data={tmp_path}/nope.jsonl", f"--out_dir={tmp_path}/o")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert f"data file not found: {tmp_path}/nope.jsonl" in r.stderr
+    code, out, err = run_cli("train.py", "--stage", "1", f"--data={tmp_path}/nope.jsonl", f"--out_dir={tmp_path}/o")
+    assert code != 0 and "Traceback" not in err
+    assert f"data file not found: {tmp_path}/nope.jsonl" in err
 
 
 def test_unreadable_image_is_reported_and_skipped(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
     rows = [dict(id="x", image="bad.jpg", question="q?", answer="yes")]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    r = _run("train.py", "--stage", "1", f"--data={tmp_path}/d.jsonl", f"--out_dir={tmp_path}/o")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "bad.jpg" in r.stdout and "no usable sample" in r.stderr
+    code, out, err = run_cli("train.py", "--stage", "1", f"--data={tmp_path}/d.jsonl", f"--out_dir={tmp_path}/o")
+    assert code != 0 and "Traceback" not in err
+    assert "bad.jpg" in out and "no usable sample" in err
 
 
 def test_missing_benchmark_data_is_one_line():
-    r = _run("eval.py", "--bench", "vstar")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "V* Bench" in r.stderr
+    code, out, err = run_cli("eval.py", "--bench", "vstar")
+    assert code != 0 and "Traceback" not in err and "V* Bench" in err
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_help_lists_options(script):
-    r = _run(script, "--help")
-    assert r.returncode == 0
+    code, out, err = run_cli(script, "--help")
+    assert code == 0
     for opt in (["--stage", "--resume", "--dry-run", "--lr=", "--clip_low="] if script == "train.py"
                 else ["--bench", "--adapter", "--probe", "--global-tokens", "--html", "--limit"]):
-        assert opt in r.stdout, opt
+        assert opt in out, opt

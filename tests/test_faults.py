@@ -4,9 +4,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,34 +13,14 @@ import checkpoint
 import data
 import model
 import train
-from helpers import run_cfg
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# These runs use a reward that varies with the text (helpers.varying_score), so resume is a real check.
-RUNNER = """
-import sys
-sys.path[:0] = [{root!r}, {root!r} + "/tests"]
-import train
-from helpers import varying_score
-train.rewards.score = varying_score
-train.main(sys.argv[1:])
-"""
+from helpers import run_cfg, run_cli
 
 
 def _run(out, *extra, fault=None, wait_for=None, send=None):
+    """train.py as its own process, with a reward that varies with the text (so resume is a real check)."""
     args = ["--stage", "1", "--steps=4", "--save_every=1", "--keep_checkpoints=10", "--data=synthetic:6",
             "--prompts_per_step=1", "--group_size=3", f"--out_dir={out}", *extra]
-    env = dict(os.environ, LFPC_FAULT=fault or "")
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=ROOT), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if wait_for:  # send a signal once the run has printed this
-        for line in proc.stdout:
-            if wait_for in line:
-                proc.send_signal(send)
-                break
-    stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, stderr
+    return run_cli("train.py", *args, env=dict(LFPC_FAULT=fault or ""), wait_for=wait_for, send=send, varying=True)
 
 
 def _state(out):
@@ -74,6 +51,8 @@ def test_killed_three_times_then_resumed_equals_an_uninterrupted_run(tmp_path):
     assert ad_a.keys() == ad_b.keys() and all(torch.equal(ad_a[k], ad_b[k]) for k in ad_a)
     assert all(torch.equal(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"]) for k in opt_a["state"])
     assert met_a == met_b and [m["step"] for m in met_b] == [1, 2, 3, 4]
+    state = json.load(open(os.path.join(b, "step_000004", "state.json")))
+    assert state["step"] == 4 and state["cursor"] == 4  # one prompt per step
 
 
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
@@ -144,7 +123,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.train(_cfg(tmp_path))
     assert "No space left on device" in str(e.value) and "step_000001" in str(e.value) and "is intact" in str(e.value)
-    assert sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.jsonl", "rollouts", "step_000001"]  # no half checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "rollouts", "step_000001"]  # no half checkpoint
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_000001")
 
 
