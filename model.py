@@ -449,8 +449,9 @@ def estimate_memory(cfg):
     """Peak GPU memory of a training step by part, in GB, from the shapes in the model's config.json.
 
     cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
-    max_response_tokens, gradient_checkpointing). The rollout and the update do not overlap, so the peak
-    is weights + LoRA/optimizer + the larger of (KV cache) and (activations + log-prob chunks)."""
+    max_response_tokens, gradient_checkpointing). A group's gradient is taken while the other rows roll on
+    (train.run_step streams the step), so the peak is the sum of every part: weights, LoRA/optimizer, the
+    rollout's KV cache, and a micro-batch's activations and log-prob chunks."""
     config, _ = model_config(cfg.model)
     h, layers, heads, kv, mlp, vocab, tied = snapshot.lm_shape(config)
     hd = h // heads
@@ -463,7 +464,7 @@ def estimate_memory(cfg):
     lora = layers * cfg.lora_r * (2 * h + 2 * h + 2 * (h + kv * hd) + 3 * (h + mlp))
     lora_bytes = lora * 16  # fp32 weight, gradient and two AdamW moments
     seq = PROMPT_TOKENS + cfg.global_tokens + cfg.max_response_tokens
-    rows = min(cfg.rollout_rows, cfg.prompts_per_step * cfg.group_size)
+    rows = min(cfg.rollout_rows or 1 << 30, cfg.prompts_per_step * cfg.group_size)  # 0: the step's rows at most
     kv_cache = rows * seq * layers * 2 * kv * hd * 2  # K and V in bf16
     if cfg.gradient_checkpointing:  # a checkpoint per layer, plus one layer recomputed with its gradients
         per_token = layers * h * 2 + (4 * h + 3 * mlp) * 2 * 2
@@ -476,8 +477,7 @@ def estimate_memory(cfg):
     parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, activations=activations,
                  logprob_chunks=logprobs, cuda_overhead=0 if cfg.model == "tiny" else 1.5e9)
     gb = {k: v / 1e9 for k, v in parts.items()}
-    gb["peak"] = gb["weights"] + gb["lora_and_optimizer"] + gb["cuda_overhead"] + max(
-        gb["kv_cache"], gb["activations"] + gb["logprob_chunks"])
+    gb["peak"] = sum(gb.values())
     return gb
 
 

@@ -117,6 +117,7 @@ class _Row:
     next_pos: int = 0  # the rotary position counter after the tokens already in the cache
     crop_request: tuple = None  # (source, box, grid) of a crop to encode before the next forward
     turn_start: int = 0  # index in ep.ids where the current assistant turn begins
+    done: bool = False  # the episode has ended (its group may still be in flight)
 
 
 @dataclass
@@ -137,50 +138,73 @@ def rollout(policy, samples, cfg, *, step=0, force=None, first=0):
     first: the index of samples[0] among the step's prompts (sampling seeds derive from it, so a step rolled
     out in parts draws what it would in one call). force: for tests and demos, a function (episode) -> token id
     or None that replaces sampling for a row (teacher forcing: the recorded log-probs are still the model's)."""
+    groups = sorted(rollout_groups(policy, samples, cfg, step=step, force=force, first=first),
+                    key=lambda g: g[0].group)
+    return [e for g in groups for e in g]
+
+
+def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
+    """rollout() as a stream: yields each group's episodes (a list of group_size) as soon as its last row
+    finishes, while the other rows go on. Training takes a group's gradient at once and frees its images, so
+    a step of any size streams through rollout_rows rows. Gradients may be taken between yields: the loop
+    turns autograd off only around its own work."""
     G = cfg.group_size
     waiting = list(enumerate(samples, first))  # (prompt index, sample), admitted a group at a time
-    rows, batch = [], None
-    with torch.no_grad():
-        while True:
+    left = {}  # prompt index -> rows of its group still in flight
+    batch = None
+    while True:
+        with torch.no_grad():
             # 1. admit waiting groups while their rows fit (at least one group when nothing is in flight)
             room = (cfg.rollout_rows - (len(batch.live) if batch else 0)) // G
             if waiting and (room > 0 or batch is None):
                 admitted, waiting = waiting[:max(room, 1)], waiting[max(room, 1):]
                 new = _prefill(policy, [r for p, s in admitted for r in _new_rows(policy, p, s, cfg, step)], G)
-                rows += new.live
+                left.update({p: new.live[k * G:(k + 1) * G] for k, (p, _) in enumerate(admitted)})
                 batch = new if batch is None else _join(batch, new)
             if batch is None:
-                break
+                return
             # 2. sample one token per row on the device, then act on it: continue, answer the tool call, or stop
             toks, logps = _draw(policy, batch, cfg, force)
-            keep = []
+            keep, done = [], []
             for b, (row, tok, lp) in enumerate(zip(batch.live, toks, logps)):
                 ep = row.ep
                 ep.ids.append(tok)
                 ep.loss_mask.append(1)
                 ep.logps.append(lp)
                 row.pending, row.pending_images = [tok], []
-                if _advance(policy, row, tok, cfg):
-                    keep.append(b)
+                (keep if _advance(policy, row, tok, cfg) else done).append(b)
             _encode_requests(batch.live, cfg)
+            finished = _finished_groups(policy, [batch.live[b] for b in done], left)
             if not keep:
                 batch = None
-                continue
-            if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
-                batch = _select(batch, keep)
-            if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
-                # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and run
-                # every live row's whole conversation, images included, through the model again
-                batch.cache = _new_cache(policy)
-                batch.mask_hist = batch.mask_hist[:, :0]
-                for r in batch.live:
-                    r.pending, r.next_pos = list(r.ep.ids), 0
-                    r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
-            # 3. one forward over every live row's pending tokens, right-padded
-            batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
-    for row in rows:
-        _finish_text(policy, row.ep)
-    return [row.ep for row in rows]  # groups were admitted in prompt order: group-major
+            else:
+                if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
+                    batch = _select(batch, keep)
+                if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
+                    # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and
+                    # run every live row's whole conversation, images included, through the model again
+                    batch.cache = _new_cache(policy)
+                    batch.mask_hist = batch.mask_hist[:, :0]
+                    for r in batch.live:
+                        r.pending, r.next_pos = list(r.ep.ids), 0
+                        r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
+                # 3. one forward over every live row's pending tokens, right-padded
+                batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
+        yield from finished  # outside no_grad: the consumer may take gradients here
+
+
+def _finished_groups(policy, done_rows, left):
+    """The groups whose last rows are among done_rows, each as its episodes in sample order."""
+    finished = []
+    for row in done_rows:
+        rows = left[row.ep.group]
+        if all(r is row or r.done for r in rows):
+            for r in rows:
+                _finish_text(policy, r.ep)
+            finished.append([r.ep for r in rows])
+            del left[row.ep.group]
+        row.done = True
+    return finished
 
 
 def _new_rows(policy, p, sample, cfg, step):

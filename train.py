@@ -33,7 +33,7 @@ import trackers
 from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
                         restore_checkpoint, save_checkpoint, truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
-from rollout import RolloutConfig, rollout
+from rollout import RolloutConfig, rollout_groups
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Config:
     max_crops: int = 6  # crops per episode (DeepEyes: 6)
     max_turn_tokens: int = 512  # tokens per assistant turn
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
-    rollout_rows: int = 64  # rows per rollout forward batch
+    rollout_rows: int = 64  # rows in flight in the rollout (the step streams through them); 0: the most that fit memory_gb
     global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
     infogap: str = ""  # "": the samples' own levels; auto: select them now (cached); FILE (from infogap.py); fixed:N; off (crops from the shown image: the baseline)
     infogap_ladder: str = INFOGAP_LADDER  # global budgets tried below the reference, largest first [choice]
@@ -99,11 +99,11 @@ PRESETS = {
                  max_turns=3, max_turn_tokens=40, max_response_tokens=120, global_tokens=64, crop_tokens=64,
                  save_every=3, dump_every=3),
     "24gb": dict(prompts_per_step=2, group_size=8, micro_batch=2, global_tokens=1024, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16, memory_gb=24),
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=0, memory_gb=24),
     "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=2, global_tokens=4096, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=32, memory_gb=48),
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=0, memory_gb=48),
     "80gb": dict(prompts_per_step=4, group_size=16, micro_batch=1, global_tokens=16384, crop_tokens=1024,
-                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16, memory_gb=80),
+                 max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=0, memory_gb=80),
 }
 
 
@@ -241,35 +241,36 @@ def step_prompts(samples, step, n, seed, skip=()):
 
 
 def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
-    """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts go
-    through in parts of rollout_rows rows, each part's gradient accumulated and its images freed, so the
-    step's batch (prompts_per_step x group_size) is not bounded by memory. Returns the episodes (without
-    their images), their scores, the update's stats and the rollout's peak memory (GB)."""
+    """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts
+    stream through rollout_rows rows (continuous batching); each group's gradient is taken as soon as its
+    last row finishes and its images freed, so the step's batch (prompts_per_step x group_size) is not
+    bounded by memory. Returns the episodes (without their images), their scores, the update's stats and
+    the rollout's peak memory (GB)."""
     optimizer.zero_grad(set_to_none=True)  # a retried step starts clean
     prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=skip)
-    per_part = max(1, rcfg.rollout_rows // cfg.group_size)  # whole groups: advantages stay within a part
-    episodes, scores, advantages = [], [], []
-    sums, rollout_mem = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0), 0.0
-    for first in range(0, len(prompts), per_part):
-        # 1. rollout: a part of the step's prompts x group_size episodes with the current policy
-        _reset_peak_memory()
-        part = rollout(policy, prompts[first:first + per_part], rcfg, step=step, first=first)
-        rollout_mem = max(rollout_mem, _peak_memory_gb())
+    groups = []  # (episodes, scores, advantages) per group, in the order they finished
+    sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0)
+    _reset_peak_memory()
+    for group in rollout_groups(policy, prompts, rcfg, step=step):  # 1. rollout, a group at a time
         fault("rollout", step + 1)
-        # 2. rewards, 3. advantages within each group
-        part_scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in part]
-        adv = group_advantages(torch.tensor([s["total"] for s in part_scores]), cfg.group_size)
-        if cfg.ppo_epochs == 1:  # 4. loss: this part's gradient, then its images can go
-            part_sums = accumulate_gradients(policy, part, adv, cfg)
-            sums = {k: sums[k] + part_sums[k] for k in sums}
-            for e in part:
+        # 2. rewards, 3. advantages within the group
+        scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in group]
+        adv = group_advantages(torch.tensor([s["total"] for s in scores]), cfg.group_size)
+        if cfg.ppo_epochs == 1:  # 4. loss: this group's gradient, then its images can go
+            part = accumulate_gradients(policy, group, adv, cfg)
+            sums = {k: sums[k] + part[k] for k in sums}
+            for e in group:
                 e.pixel_values = []
-        episodes, scores, advantages = episodes + part, scores + part_scores, advantages + [adv]
+        groups.append((group, scores, adv))
+    rollout_mem = _peak_memory_gb()
+    groups.sort(key=lambda g: g[0][0].group)  # prompt order, as the step's prompts were drawn
+    episodes = [e for g, _, _ in groups for e in g]
+    scores = [s for _, sc, _ in groups for s in sc]
     # 5. the LoRA step
     if cfg.ppo_epochs == 1:
         stats = optimizer_step(policy, optimizer, sums, cfg)
     else:
-        stats = train_step(policy, optimizer, episodes, torch.cat(advantages), cfg)
+        stats = train_step(policy, optimizer, episodes, torch.cat([a for _, _, a in groups]), cfg)
     fault("step", step + 1)
     return episodes, scores, stats, rollout_mem
 
@@ -324,7 +325,8 @@ def train(cfg, resume=None):
         print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
     if saved:
         check_steps(ckpt, saved, cfg)
-    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts, in parts of {cfg.rollout_rows} rows; "
+    size_rollout_rows(cfg)
+    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts through {cfg.rollout_rows} rows in flight; "
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
@@ -479,7 +481,7 @@ def field_help():
 
 
 # fields whose value must be at least 1 (0 would divide by zero, loop forever or train on nothing)
-AT_LEAST_ONE = ("steps", "prompts_per_step", "group_size", "micro_batch", "num_epochs", "rollout_rows", "max_turns",
+AT_LEAST_ONE = ("steps", "prompts_per_step", "group_size", "micro_batch", "num_epochs", "max_turns",
                 "max_turn_tokens", "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
 
 
@@ -516,6 +518,8 @@ def parse_overrides(cfg, items):
             raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
         if key in AT_LEAST_ONE and new < 1:
             raise SystemExit(f"error: --{key} must be at least 1, got {value!r}")
+        if key == "rollout_rows" and new < 0:
+            raise SystemExit(f"error: --rollout_rows must be at least 0 (0: the most that fit), got {value!r}")
         print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")
         setattr(cfg, key, new)
     return cfg
@@ -543,6 +547,23 @@ def resolve_init_adapter(cfg, given=()):
         print(f"  {key}: {getattr(cfg, key)!r} -> {adapter[name]!r} (from the init adapter {init})")
         setattr(cfg, key, adapter[name])
     return init
+
+
+def size_rollout_rows(cfg, headroom=0.9):
+    """rollout_rows=0 (the GPU presets): the most rows, in whole groups and at most the step's, whose estimated
+    peak stays within headroom x memory_gb (or the card's memory). Rows in flight are what keeps a GPU busy
+    (a decode step costs nearly the same at 16 rows as at 64), so the presets take all the memory allows."""
+    if cfg.rollout_rows > 0:
+        return cfg.rollout_rows
+    budget = cfg.memory_gb or (torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 0)
+    G, most = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    rows = G
+    while rows + G <= most and (not budget or model.estimate_memory(
+            dataclasses.replace(cfg, rollout_rows=rows + G))["peak"] <= headroom * budget):
+        rows += G
+    cfg.rollout_rows = rows
+    print(f"rollout_rows=0: {rows} rows in flight" + (f" (fits {headroom:.0%} of {budget:.0f} GB)" if budget else ""))
+    return rows
 
 
 def check_memory(cfg):
@@ -586,6 +607,7 @@ def main(argv=None):
         parse_overrides(cfg, rest)
     resolve_init_adapter(cfg, given={key for key, _ in override_pairs(rest)})
     cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
+    size_rollout_rows(cfg)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
     check_memory(cfg)
     if args.dry_run:

@@ -90,7 +90,7 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch, 
 
 
 def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, capsys):
-    real = train.rollout
+    real = train.rollout_groups
     calls = {"n": 0}
 
     def oom_once(*a, **kw):
@@ -99,12 +99,12 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(train, "rollout", oom_once)
+    monkeypatch.setattr(train, "rollout_groups", oom_once)
     cfg = _cfg(tmp_path / "a", micro_batch=4, rollout_rows=8)
     train.train(cfg)
     assert "retrying with micro_batch=2, rollout_rows=4" in capsys.readouterr().out
     assert len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 3
-    monkeypatch.setattr(train, "rollout", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("again")))
+    monkeypatch.setattr(train, "rollout_groups", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("again")))
     with pytest.raises(SystemExit) as e:
         train.train(_cfg(tmp_path / "b"))
     assert "out of memory again at step 1" in str(e.value) and "Estimated peak" in str(e.value)

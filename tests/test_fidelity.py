@@ -1,6 +1,7 @@
 """Fidelity to the method and to DeepEyes: the information-gap selection, crops as large as DeepEyes returns
 them, its prompt, the additive noise probe, open-ended answers, streaming steps and the loss aggregation."""
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import model
 import rewards
 import train
 from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy, varying_score
+import rollout as rollout_module
 from rollout import rollout
 
 # ---------------------------------------------------------------- the information-gap selection
@@ -273,10 +275,31 @@ def _one_step(rollout_rows, loss_agg="token-mean"):
 
 
 def test_a_step_in_parts_equals_the_step_at_once():
-    whole, s1 = _one_step(rollout_rows=4)  # both prompts in one part
-    parts, s2 = _one_step(rollout_rows=2)  # one prompt per part: gradients accumulated, images freed
+    whole, s1 = _one_step(rollout_rows=4)  # both groups in flight at once
+    parts, s2 = _one_step(rollout_rows=2)  # one group at a time: gradients accumulated, images freed
     assert all(torch.allclose(whole[k], parts[k], atol=1e-6, rtol=1e-4) for k in whole)
     assert math.isclose(s1["loss"], s2["loss"], rel_tol=1e-5) and s1["grad_norm"] > 0
+
+
+def test_a_step_streams_its_prompts_through_the_rows(monkeypatch):
+    """run_step hands the rollout the whole step: with rows for two groups and three prompts, the third group
+    joins the batch as soon as the first group finishes, while the second is still writing; each group's
+    gradient is taken and its images freed as it finishes."""
+    p = tiny_policy()
+    joins, real_join = [], rollout_module._join
+    monkeypatch.setattr(rollout_module, "_join", lambda a, b: joins.append(len(a.live)) or real_join(a, b))
+    script = scripted(p, {0: [ANSWER], 1: ["<think>" + "let me look " * 4 + "</think>" + ANSWER], 2: [ANSWER]})
+    monkeypatch.setattr(train, "rollout_groups", functools.partial(rollout_module.rollout_groups, force=script))
+    sizes, real_acc = [], train.accumulate_gradients
+    monkeypatch.setattr(train, "accumulate_gradients", lambda p_, eps, *a: sizes.append(len(eps)) or real_acc(p_, eps, *a))
+    cfg = train.Config(**{**train.PRESETS["tiny"], "prompts_per_step": 3, "group_size": 2, "micro_batch": 2,
+                          "rollout_rows": 4, "max_turn_tokens": 60, "max_response_tokens": 60})
+    opt = torch.optim.SGD(p.trainable_parameters(), lr=0.0)
+    episodes, _, _, _ = train.run_step(p, opt, data.synthetic(3, min_side=300, max_side=400), 0, cfg,
+                                       train.rollout_config(cfg), train.reward_config(cfg))
+    assert joins == [2]  # group 0 done; group 2 joined group 1's two rows
+    assert sizes == [2, 2, 2]  # a gradient per group, as it finished
+    assert [e.group for e in episodes] == [0, 0, 1, 1, 2, 2] and all(e.pixel_values == [] for e in episodes)
 
 
 def test_loss_aggregation_modes():

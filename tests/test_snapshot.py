@@ -1,5 +1,6 @@
 """The real checkpoint path, on a tiny folder laid out like the Hub download of Qwen2.5-VL-7B-Instruct
 (tests/hub_fixture.py): loading and checking it, paths, shapes from config.json, the export."""
+import dataclasses
 import json
 import os
 import time
@@ -115,7 +116,8 @@ def test_memory_estimate_reads_the_config_of_any_size(tmp_path):
     for name, config in [("mymodel", QWEN_7B), ("small", QWEN_3B), ("medium", QWEN_32B), ("big", QWEN_72B)]:
         os.makedirs(tmp_path / name)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
-        sizes[name] = model.estimate_memory(train.Config(model=str(tmp_path / name), **train.PRESETS["24gb"]))
+        sizes[name] = model.estimate_memory(train.Config(model=str(tmp_path / name),
+                                                         **{**train.PRESETS["24gb"], "rollout_rows": 16}))
     est = sizes["mymodel"]  # a 7B in a folder without "7b" in its name
     # language-model linears: 28 layers x (2*3584^2 + 2*3584*512 + 3*3584*18944) = 6,525,288,448 parameters in NF4
     # (0.5 bytes + 0.127 bits of double-quantised constants); embeddings and head 2 x 152,064 x 3,584 bf16;
@@ -131,6 +133,11 @@ def test_memory_estimate_reads_the_config_of_any_size(tmp_path):
     assert est["peak"] < 24
     weights = [sizes[n]["weights"] for n in ("small", "mymodel", "medium", "big")]
     assert weights == sorted(weights) and 35 < weights[-1] < 45  # 72B in NF4: about 40 GB
+    # rollout_rows=0 (the presets): the most rows, in whole groups, that keep the peak within 90% of the card
+    cfg = train.Config(model=str(tmp_path / "mymodel"), **{**train.PRESETS["24gb"], "prompts_per_step": 64})
+    rows = train.size_rollout_rows(cfg)
+    peak = lambda n: model.estimate_memory(dataclasses.replace(cfg, rollout_rows=n))["peak"]
+    assert rows == cfg.rollout_rows and rows % 8 == 0 and 16 < rows < 512 and peak(rows) <= 21.6 < peak(rows + 8)
     bf16 = model.estimate_memory(train.Config(model=str(tmp_path / "mymodel"), base_precision="bf16"))
     assert bf16["weights"] == pytest.approx((6_525_288_448 * 2 + 2 * 152_064 * 3_584 * 2 + vision * 2) / 1e9)
 

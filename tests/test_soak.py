@@ -41,16 +41,16 @@ def test_memory_stays_flat_over_a_long_run(tmp_path, monkeypatch):
 
 def _soak(tmp_path, monkeypatch):
     broken = data.Sample(id="broken", question="q", answer="A", width=64, height=64, make=_broken)
-    real = train.rollout
+    real = train.rollout_groups
 
     def every_path(policy, prompts, cfg, **kw):
         try:  # an image that fails to decode, every step: the exception must not keep anything alive
-            real(policy, [broken], cfg, **kw)
+            list(real(policy, [broken], cfg, **kw))
         except data.BadImage:
             pass
         return real(policy, prompts, cfg, force=scripted(policy, {g: SCRIPT for g in range(len(prompts))}), **kw)
 
-    monkeypatch.setattr(train, "rollout", every_path)
+    monkeypatch.setattr(train, "rollout_groups", every_path)
     monkeypatch.setattr(train.data, "load", _small_synthetic)
     train.train(run_cfg(tmp_path, steps=STEPS, save_every=STEPS, dump_every=STEPS, prompts_per_step=1, group_size=2,
                         micro_batch=2, global_tokens=16, crop_tokens=16, max_turns=3, max_turn_tokens=60,
