@@ -11,6 +11,7 @@ runs/kernel_choice.json which path won on this card, and KERNELS=auto follows it
 BENCHMARKS.md with the machine, the commit and the date.
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -274,25 +275,18 @@ def _bench_engines(policy, name):
 
 
 def _bench_decode(policy, name, batch_sizes, new_tokens=64):
-    """Free sampling (no tool turns) of `new_tokens` per row at each batch size, against the bare model's
-    decode forward at the same batch and context (what the rollout adds: sampling, bookkeeping, the head)."""
+    """Free sampling (no tool turns) of `new_tokens` per row at each batch size, on HF's dynamic cache and on the
+    static path (decode.py: CUDA graphs on a GPU, eager on a CPU), against the bare model's decode forward at
+    the same batch and context (what the rollout adds: sampling, bookkeeping, the head)."""
     import data
     from rollout import RolloutConfig, _forward, _new_rows, _prefill, rollout
 
     rows = []
     for b in batch_sizes:
         samples = data.synthetic(max(1, b // 8), seed=1)
+        # the bare model: the same rows prefilled, then one-token forwards with no sampling around them
         cfg = RolloutConfig(group_size=min(8, b), rollout_rows=b, max_turn_tokens=new_tokens,
                             max_response_tokens=new_tokens, global_tokens=1024)
-        rollout(policy, samples[:1], cfg)  # warm-up
-        _sync()
-        t = time.perf_counter()
-        eps = rollout(policy, samples, cfg)
-        _sync()
-        dt = time.perf_counter() - t
-        written = sum(e.num_generated for e in eps)
-        steps = max(e.num_generated for e in eps)
-        # the bare model: the same rows prefilled, then one-token forwards with no sampling around them
         with torch.no_grad():
             batch = _prefill(policy, [r for p, s in enumerate(samples) for r in _new_rows(policy, p, s, cfg, 0)],
                              cfg.group_size)
@@ -303,11 +297,22 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
                 _, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
 
             bare = _time(step, repeat=5)
-        rows.append((len(eps), written, f"{written / dt:.1f}", f"{1e3 * dt / steps:.1f}", f"{1e3 * bare:.1f}",
-                     f"{dt / steps / bare:.2f}"))
+        del batch
+        for mode in ("dynamic", "graphs" if torch.cuda.is_available() else "static"):
+            cfg = dataclasses.replace(cfg, decode=mode)
+            rollout(policy, samples[:1], cfg)  # warm-up (and the graph's capture)
+            _sync()
+            t = time.perf_counter()
+            eps = rollout(policy, samples, cfg)
+            _sync()
+            dt = time.perf_counter() - t
+            written = sum(e.num_generated for e in eps)
+            steps = max(e.num_generated for e in eps)
+            rows.append((len(eps), mode, written, f"{written / dt:.1f}", f"{1e3 * dt / steps:.1f}", f"{1e3 * bare:.1f}",
+                         f"{dt / steps / bare:.2f}"))
     print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
           f"row (prefill included)")
-    _table(["rows", "tokens written", "tokens/s", "ms per step", "bare model ms per step", "step / bare"], rows)
+    _table(["rows", "decode", "tokens written", "tokens/s", "ms per step", "bare model ms per step", "step / bare"], rows)
 
 
 def _sync():

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import crop
+import decode
 import model
 from rewards import tag_contents
 
@@ -48,6 +49,8 @@ class RolloutConfig:
     noise_sigma: float = 64.0  # the noise probe's standard deviation, in 0..255 pixel levels [choice]
     seed: int = 0  # sampling seeds derive from (seed, step, prompt, sample)
     reuse_cache: bool = True  # False: the baseline that re-runs the whole conversation after each tool call
+    decode: str = "auto"  # decode steps: dynamic (HF's growing cache) | static (decode.py, eager) | graphs (static +
+    # CUDA graphs) | auto (graphs on CUDA, else dynamic)
     crop_from_shown: bool = False  # crops cut from the shown global image, not the original (no information gap)
 
 
@@ -151,12 +154,13 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
     G = cfg.group_size
     waiting = list(enumerate(samples, first))  # (prompt index, sample), admitted a group at a time
     left = {}  # prompt index -> rows of its group still in flight
-    batch = None
+    batch, static = None, _static_decode(policy, cfg)
     while True:
         with torch.no_grad():
             # 1. admit waiting groups while their rows fit (at least one group when nothing is in flight)
             room = (cfg.rollout_rows - (len(batch.live) if batch else 0)) // G
             if waiting and (room > 0 or batch is None):
+                _to_dynamic(static, batch)
                 admitted, waiting = waiting[:max(room, 1)], waiting[max(room, 1):]
                 new = _prefill(policy, [r for p, s in admitted for r in _new_rows(policy, p, s, cfg, step)], G)
                 left.update({p: new.live[k * G:(k + 1) * G] for k, (p, _) in enumerate(admitted)})
@@ -177,8 +181,11 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
             finished = _finished_groups(policy, [batch.live[b] for b in done], left)
             if not keep:
                 batch = None
+                if static:
+                    static.live = 0
             else:
                 if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
+                    _to_dynamic(static, batch)
                     batch = _select(batch, keep)
                 if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
                     # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and
@@ -188,9 +195,33 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                     for r in batch.live:
                         r.pending, r.next_pos = list(r.ep.ids), 0
                         r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
-                # 3. one forward over every live row's pending tokens, right-padded
-                batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
+                # 3. one forward over every live row's pending tokens, right-padded; a decode step on the static
+                # cache (a CUDA graph's replay) when the static path is on and the shapes allow
+                if static and decode.why_eager(batch.live, policy.device, static.graphs) is None:
+                    if not static.fits(len(batch.live)):
+                        _to_dynamic(static, batch)
+                        static.load(batch)
+                    batch.h = static.step(batch.live)
+                else:
+                    _to_dynamic(static, batch)
+                    batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
         yield from finished  # outside no_grad: the consumer may take gradients here
+
+
+def _static_decode(policy, cfg):
+    """The static decode path of this call (decode.py), or None for HF's dynamic cache throughout."""
+    mode = cfg.decode
+    if mode == "auto":
+        mode = "graphs" if policy.device.type == "cuda" else "dynamic"
+    if mode == "dynamic" or not cfg.reuse_cache:  # the re-run baseline rebuilds its cache: nothing to keep static
+        return None
+    return decode.StaticDecode(policy, graphs=mode == "graphs")
+
+
+def _to_dynamic(static, batch):
+    """Before anything that changes the batch's shape: the rows back from the static cache, if they are there."""
+    if static and static.live:
+        static.unload(batch)
 
 
 def _finished_groups(policy, done_rows, left):

@@ -1,0 +1,133 @@
+"""Decode steps without per-step launch overhead: a static KV cache, and on CUDA a captured graph per shape.
+
+A decode step (one new token per row, no image) of a 4-bit 7B model is launch- and Python-bound: ~1,700 kernel
+launches through PEFT and HF modules, nearly the same time at 16 rows as at 64. Captured once as a CUDA graph,
+the step is one replay. A graph needs fixed shapes and addresses, so a stretch of decode steps runs on a static
+cache: the rollout's dynamic cache is copied into preallocated buffers of a bucket of rows x columns (`load`),
+each step writes its token's keys and values in the next column (HF's StaticCache: a device-side counter, so
+the replay needs no host value), and when the stretch ends (a tool turn, an image, a row finishing or a group
+joining: the shapes change) the live part goes back to a dynamic cache (`unload`). Padding rows of the bucket
+attend to one column and are never read. On CPU (tests) the same static path runs eagerly: it must give the
+dynamic path's tokens and log-probs.
+
+Untested on a GPU so far: a failed capture turns graphs off for the rollout (printed once) and the eager static
+path goes on; `bench.py rollout` times both.
+"""
+import torch
+
+ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice]
+COLUMN_STEP = 256  # the static cache grows in steps of this many columns [choice]
+
+
+def why_eager(rows, device, graphs):
+    """None when this forward can run on the static path, else the reason it runs eagerly (tested)."""
+    if any(len(r.pending) != 1 or r.pending_images for r in rows):
+        return "not a decode step (a prompt, a tool turn or an image)"
+    if len(rows) > ROW_BUCKETS[-1]:
+        return f"more than {ROW_BUCKETS[-1]} rows"
+    if graphs and device.type != "cuda":
+        return "graphs need CUDA"
+    return None
+
+
+class StaticDecode:
+    """The static cache of one rollout call, loaded and unloaded around stretches of decode steps."""
+
+    def __init__(self, policy, graphs=None):
+        self.policy = policy
+        self.graphs = torch.cuda.is_available() if graphs is None else graphs
+        self.shape = None  # (rows, columns) of the buffers; None: nothing loaded
+        self.graph = None
+        self.live = 0  # rows of the bucket that hold real rows
+        self.col = 0  # the next column to write
+
+    def step(self, rows):
+        """One token per row through the model on the static cache. Returns the hidden states (B, D)."""
+        B, dev = len(rows), self.policy.device
+        self.ids[:B, 0] = torch.tensor([r.pending[0] for r in rows], device=dev)
+        self.pos[:, :B, 0] = torch.tensor([r.next_pos for r in rows], device=dev)
+        for r in rows:
+            r.next_pos += 1
+        self.mask[:B, self.col] = 1
+        if self.graph is None and self.graphs:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+        self.col += 1
+        return self.out[:B, 0].clone()
+
+    def fits(self, n_rows, extra=1):
+        return self.shape is not None and n_rows == self.live and self.col + extra <= self.shape[1]
+
+    def load(self, batch):
+        """Copy the batch's dynamic cache and mask history into the static buffers (a new bucket if needed)."""
+        from transformers import StaticCache
+
+        B, L = batch.mask_hist.shape
+        rows = next(b for b in ROW_BUCKETS if b >= B)
+        cols = (L // COLUMN_STEP + 1) * COLUMN_STEP
+        dev = self.policy.device
+        if self.shape != (rows, cols):  # new buffers (and a new graph) for a new shape
+            self.graph = None
+            self.cache = StaticCache(config=self.policy.lm.config.text_config, max_cache_len=cols)
+            first = batch.cache.layers[0].keys
+            for layer in self.cache.layers:
+                shape = (rows,) + first.shape[1:2] + (cols,) + first.shape[3:]
+                layer.lazy_initialization(first.new_zeros(shape), first.new_zeros(shape))
+            self.ids = torch.full((rows, 1), self.policy.pad, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=dev)
+            self.mask = torch.zeros(rows, cols, dtype=torch.long, device=dev)
+            self.out = None
+            self.shape = (rows, cols)
+        for static, dynamic in zip(self.cache.layers, batch.cache.layers):
+            static.keys[:B, :, :L] = dynamic.keys
+            static.values[:B, :, :L] = dynamic.values
+            static.cumulative_length.fill_(L)
+        self.mask.zero_()
+        self.mask[:B, :L] = batch.mask_hist
+        self.mask[B:, 0] = 1  # padding rows attend to one column (an all-masked row would give NaNs)
+        self.live, self.col = B, L
+        batch.cache = None  # the static buffers hold the rows now
+
+    def unload(self, batch):
+        """The live rows' part of the static cache as a dynamic cache again, with its mask history."""
+        from transformers import DynamicCache
+
+        B, L = self.live, self.col
+        cache = DynamicCache(config=self.policy.lm.config.text_config)
+        for i, static in enumerate(self.cache.layers):  # update() copies: the buffers stay the static path's
+            cache.update(static.keys[:B, :, :L], static.values[:B, :, :L], i)
+        batch.cache, batch.mask_hist = cache, self.mask[:B, :L].clone()
+        self.live = 0
+
+    def _run(self):
+        out = self.policy.lm(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, cache=self.cache,
+                             use_cache=True)
+        if self.out is None:
+            self.out = out.last_hidden_state
+        else:
+            self.out.copy_(out.last_hidden_state)
+
+    def _capture(self):
+        """Record one decode forward as a CUDA graph (warmed up on a side stream, as torch asks). The warm-up and
+        the capture each advance the cache's counters and write a column: both are rewound."""
+        counters = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._run()
+            torch.cuda.current_stream().wait_stream(stream)
+            for layer, c in zip(self.cache.layers, counters):
+                layer.cumulative_length.copy_(c)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run()
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001 - any failure to capture: eager static steps from here on
+            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); decoding without graphs")
+            self.graphs, self.graph = False, None
+        for layer, c in zip(self.cache.layers, counters):
+            layer.cumulative_length.copy_(c)

@@ -1,0 +1,63 @@
+"""decode.py: the static-cache decode path gives the dynamic path's episodes and log-probs (eagerly on CPU; on
+CUDA the same steps replay a captured graph), and the fallback logic: which steps run eagerly, and a capture
+that fails turns graphs off without losing the rollout."""
+import types
+
+import torch
+
+import data
+import decode
+import rollout as rollout_module
+from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
+from rollout import rollout
+
+
+def _episodes(p, mode, **kw):
+    # three groups through rows for two: a group joins mid-flight; tool turns with crops; free sampling after
+    script = scripted(p, {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: ["<think>hm</think>" + ANSWER],
+                          2: ["<think>look</think>" + CALL.format("[0, 0, 20, 20]")]})
+    cfg = rollout_cfg(group_size=2, rollout_rows=4, global_tokens=48, temperature=0.9, max_turn_tokens=56,
+                      max_response_tokens=170, decode=mode, **kw)
+    return rollout(p, data.synthetic(3, seed=21, min_side=300, max_side=400), cfg, force=script)
+
+
+def test_static_decode_gives_the_dynamic_paths_episodes(monkeypatch):
+    p = tiny_policy()
+    loads = []
+    real_load = decode.StaticDecode.load
+    monkeypatch.setattr(decode, "COLUMN_STEP", 16)  # small buckets: the stretch outgrows its columns
+    monkeypatch.setattr(decode.StaticDecode, "load", lambda self, b: loads.append(b.mask_hist.shape) or real_load(self, b))
+    dynamic = _episodes(p, "dynamic")
+    assert not loads  # the dynamic path never touches the static cache
+    static = _episodes(p, "static")
+    assert len(loads) > 3  # stretches between tool turns, finished rows, joins and full buckets
+    assert [e.ids for e in static] == [e.ids for e in dynamic] and sum(e.num_tool_calls for e in static) == 4
+    for a, b in zip(static, dynamic):
+        torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-4, rtol=0)
+
+
+def test_which_steps_run_eagerly():
+    row = lambda pending, images=(): types.SimpleNamespace(pending=pending, pending_images=list(images))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode.why_eager([row([5]), row([6])], cuda, graphs=True) is None
+    assert decode.why_eager([row([5]), row([6])], cpu, graphs=False) is None  # the static path, eagerly
+    assert "decode step" in decode.why_eager([row([5]), row([6, 7])], cuda, graphs=True)  # a tool turn
+    assert "decode step" in decode.why_eager([row([5], [("pixels", "grid")])], cuda, graphs=True)  # an image
+    assert "rows" in decode.why_eager([row([5])] * (decode.ROW_BUCKETS[-1] + 1), cuda, graphs=True)
+    assert "CUDA" in decode.why_eager([row([5])], cpu, graphs=True)
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
+    p = tiny_policy()
+    cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
+    rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
+    with torch.no_grad():
+        batch = rollout_module._prefill(p, rows, 2)
+        for r in batch.live:
+            r.pending, r.pending_images = [p.encode("hm")[0]], []
+        static = decode.StaticDecode(p, graphs=True)  # on a CPU, torch.cuda.Stream() fails: as a capture would
+        static.load(batch)
+        h = static.step(batch.live)
+    assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs
+    assert h.shape == (2, p.head.weight.shape[1]) and torch.isfinite(h).all()
+    assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
