@@ -8,6 +8,7 @@
 
 One step, in order: rollout -> rewards -> group advantages -> clipped token-level loss -> LoRA step -> log ->
 checkpoint. Outputs go to runs/stage{1,2}/: step_NNNNNN/ checkpoints, final/, metrics.jsonl, rollouts/.
+Data-parallel on N GPUs: torchrun --nproc_per_node=N train.py ... (dist.py; each GPU takes prompts_per_step prompts).
 """
 import argparse
 import dataclasses
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import infogap
 import model
 import rewards
@@ -46,7 +48,7 @@ class Config:
     out_dir: str = ""  # default runs/stage{stage}
     init_adapter: str = ""  # adapter to start from; stage 2 default: runs/stage1/final
     steps: int = 80  # optimizer steps (the paper: 80 per stage)
-    prompts_per_step: int = 4  # distinct prompts per step
+    prompts_per_step: int = 4  # distinct prompts per step per process (GPU): under torchrun a step has N times as many
     group_size: int = 8  # rollouts per prompt (the GRPO group)
     micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
     epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / prompts_per_step)
@@ -92,6 +94,7 @@ class Config:
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
     report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
     columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
+    dist_timeout_min: float = 30.0  # torchrun: minutes a rank waits for the others at a collective before the job stops
 
 
 PRESETS = {
@@ -192,8 +195,11 @@ def accumulate_gradients(policy, episodes, advantages, cfg, old=None):
 def optimizer_step(policy, optimizer, sums, cfg):
     """Normalise the accumulated gradients (the step's token mean, or the mean over micro-batches), clip,
     and step; a non-finite loss or gradient skips the update. Returns the step's stats."""
-    denom = max(1, sums["tokens"] if cfg.loss_agg == "token-mean" else sums["micro"])
     params = policy.trainable_parameters()
+    # torchrun: every rank's gradient sum and counts, so each divides by the step's global token or micro count
+    sums = dist.all_reduce_sums(sums)
+    dist.all_reduce_grads(params)
+    denom = max(1, sums["tokens"] if cfg.loss_agg == "token-mean" else sums["micro"])
     for p in params:
         if p.grad is not None:
             p.grad /= denom
@@ -240,20 +246,27 @@ def step_prompts(samples, step, n, seed, skip=()):
     return out
 
 
+def rank_prompts(samples, step, cfg, skip=()):
+    """This process's prompts of a step and the step-wide index of the first: the step's world x prompts_per_step
+    prompts in the one global order, split by rank. Sampling seeds derive from that global index, so 2 ranks with
+    P prompts each draw what one process with 2P prompts draws."""
+    return dist.share(step_prompts(samples, step, cfg.prompts_per_step * dist.world(), cfg.seed, skip=skip))
+
+
 def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
     """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts go
     through in parts of rollout_rows rows, each part's gradient accumulated and its images freed, so the
     step's batch (prompts_per_step x group_size) is not bounded by memory. Returns the episodes (without
     their images), their scores, the update's stats and the rollout's peak memory (GB)."""
     optimizer.zero_grad(set_to_none=True)  # a retried step starts clean
-    prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=skip)
+    offset, prompts = rank_prompts(samples, step, cfg, skip=skip)  # torchrun: this rank's share
     per_part = max(1, rcfg.rollout_rows // cfg.group_size)  # whole groups: advantages stay within a part
     episodes, scores, advantages = [], [], []
     sums, rollout_mem = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0), 0.0
     for first in range(0, len(prompts), per_part):
         # 1. rollout: a part of the step's prompts x group_size episodes with the current policy
         _reset_peak_memory()
-        part = rollout(policy, prompts[first:first + per_part], rcfg, step=step, first=first)
+        part = rollout(policy, prompts[first:first + per_part], rcfg, step=step, first=offset + first)
         rollout_mem = max(rollout_mem, _peak_memory_gb())
         fault("rollout", step + 1)
         # 2. rewards, 3. advantages within each group
@@ -312,19 +325,32 @@ class Retry:
 
 
 def train(cfg, resume=None):
+    # [choice] the same seeds on every rank: the LoRA init must be identical, and the rollouts already differ by
+    # rank through the sampling keys' global prompt index (a per-rank seed would part a 2-rank run from 1 process)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    dist.init(cfg.dist_timeout_min)  # torchrun: join the job; one process: nothing
+    if dist.world() > 1 and cfg.infogap == "auto":
+        raise SystemExit("error: --infogap=auto under torchrun: select the levels first in one process (python "
+                         "infogap.py --model M --data D --out LEVELS.jsonl), then pass --infogap=LEVELS.jsonl")
     cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
     out_dir, ckpt, saved = plan_run(cfg, resume, default_out=f"runs/stage{cfg.stage}")
+    # every rank resumes from the same checkpoint, and none has written anything before all have planned
+    seen = dist.gather(ckpt and os.path.abspath(ckpt), "planning the run")
+    if len(set(seen)) > 1:
+        raise SystemExit(f"error: the ranks found different checkpoints to resume from ({seen}): the run folder "
+                         f"must be one folder that every node sees (a shared filesystem)")
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
-        cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
-        print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
+        cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))
+        print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step * dist.world()} prompts over "
+              f"{len(samples)} samples")
     if saved:
-        check_steps(ckpt, saved, cfg)
-    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts, in parts of {cfg.rollout_rows} rows; "
+        check_steps(ckpt, saved, cfg, dist.world())
+    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts"
+          + (f" on each of {dist.world()} processes" if dist.world() > 1 else "") + f", in parts of {cfg.rollout_rows} rows; "
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
@@ -339,11 +365,13 @@ def train(cfg, resume=None):
         print(f"resumed from {ckpt} at step {start}")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    truncate_metrics(metrics_path, start)
+    if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
+        truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
     drawn = time.time()  # when curves.png was last drawn (or the run started)
-    tracker = trackers.start(cfg.report_to, out_dir, dataclasses.asdict(cfg))
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
+    tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
+               disable=not dist.is_main())
     try:
         for step in bar:
             t0 = time.time()
@@ -355,33 +383,54 @@ def train(cfg, resume=None):
                 raise SystemExit(f"error: stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite "
                                  f"loss or gradient (likely causes: a learning rate too high, a broken reward, or "
                                  f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
-            # 6. log
+            # 6. log: every rank's episodes (torchrun), in the global prompt order; a stop signal on any rank
+            # stops them all after this step
+            episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop)
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tracker.log(metrics, step + 1)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                       file=sys.stdout)
-            if (step + 1) % cfg.dump_every == 0:
+            if dist.is_main():
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                tracker.log(metrics, step + 1)
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                           file=sys.stdout)
+            if (step + 1) % cfg.dump_every == 0 and dist.is_main():
                 _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
             # 7. checkpoint
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal:
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
-                                dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
+                                dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
+                                     world_size=dist.world(), metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S:
                     draw_curves(out_dir)
                     drawn = time.time()
             if stop.signal:
+                dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
                 raise SystemExit(stop.exit_code)
     finally:
         stop.restore()
         tracker.close()
-    save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
-    print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+    if dist.is_main():
+        save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
+        print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+    dist.barrier("the end of the run")  # no rank leaves (and tears the job down) before final/ is written
     return policy
+
+
+def gather_step(episodes, scores, rollout_mem, stop):
+    """torchrun: every rank's episodes (without images: they stay where they were made) and scores, in rank order,
+    which is the global prompt order; the largest rollout peak; and a stop signal any rank received, which every
+    rank then takes as its own. One process: as given."""
+    if dist.world() == 1:
+        return episodes, scores, rollout_mem
+    light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[]) for e in episodes]
+    parts = dist.gather((light, scores, rollout_mem, stop.signal, stop.exit_code), "gathering the step's metrics")
+    signals = [(sig, code) for *_, sig, code in parts if sig]
+    if signals and not stop.signal:
+        stop.signal, stop.exit_code = signals[0]
+    return [e for p in parts for e in p[0]], [s for p in parts for s in p[1]], max(p[2] for p in parts)
 
 
 def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
@@ -594,6 +643,7 @@ def main(argv=None):
             print(f"checked {cfg.model}: config.json, every shard, the tokenizer's special tokens")
         return cfg
     train(cfg, resume=args.resume)
+    dist.close()
     return cfg
 
 
