@@ -51,7 +51,7 @@ class Config:
     prompts_per_step: int = 4  # distinct prompts per step per process (GPU): under torchrun a step has N times as many
     group_size: int = 8  # rollouts per prompt (the GRPO group)
     micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
-    epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / prompts_per_step)
+    epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / (prompts_per_step * processes))
     ppo_epochs: int = 1  # policy updates per rollout batch (DeepEyes: 1; > 1 makes the clipping matter and keeps the step's episodes in memory)
     loss_agg: str = "micro-token-mean"  # micro-token-mean: each micro-batch's token mean, averaged (verl's token-mean, as DeepEyes); token-mean: over the step's tokens
     lr: float = 1e-5  # AdamW learning rate for the LoRA weights [choice: the paper's 1e-6 is for full FT]
@@ -393,8 +393,8 @@ def train(cfg, resume=None):
                 tracker.log(metrics, step + 1)
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                            file=sys.stdout)
-            if (step + 1) % cfg.dump_every == 0 and dist.is_main():
-                _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+                if (step + 1) % cfg.dump_every == 0:
+                    _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
             # 7. checkpoint
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
