@@ -4,9 +4,12 @@ import json
 import os
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import train
 from helpers import run_cli, run_ranks
 
 # 2 steps of the tiny preset, written short; a checkpoint after each. A micro-batch is one group, so one process with
@@ -18,8 +21,8 @@ TIMINGS = ("seconds", "peak_mem_gb", "rollout_mem_gb", "rss_gb", "cuda_alloc_gb"
 
 def _train(out, prompts, world=1, rank_env=None):
     args = [*TRAIN, f"--prompts_per_step={prompts}", f"--out_dir={out}", *(["--resume", out] if os.path.isdir(out) else [])]
-    if world == 1:
-        return [run_cli("train.py", *args, varying=True)]
+    if world == 1:  # one thread, as each rank has (run_ranks): the same arithmetic, and no fight for 2 cores
+        return [run_cli("train.py", *args, env=dict(OMP_NUM_THREADS="1"), varying=True)]
     return run_ranks("train.py", *args, world=world, rank_env=rank_env, varying=True)
 
 
@@ -57,6 +60,8 @@ def test_two_ranks_train_as_one_process_with_their_prompts_and_resume_exactly(tm
     assert state["cursor"] == 4 and state["world_size"] == 2  # 2 steps x 2 prompts, over both ranks
     dump = [json.loads(x) for x in open(os.path.join(two, "rollouts", "step_000002.jsonl"))]
     assert [d["group"] for d in dump] == [0, 0, 1, 1]  # rank 0 wrote both ranks' episodes, in the global order
+    with pytest.raises(SystemExit, match="trained with 2 process"):  # resumed by one process: another run, refused
+        checkpoint.check_steps(two, checkpoint.read_checkpoint(os.path.join(two, "step_000002")), train.Config(steps=2))
 
 
 EVAL = ["--bench", "synthetic", "--data", "synthetic:3", "--global-tokens", "64", "--crop-tokens", "32",
@@ -65,7 +70,7 @@ EVAL = ["--bench", "synthetic", "--data", "synthetic:3", "--global-tokens", "64"
 
 def test_two_ranks_evaluate_every_item_once_and_summarise_as_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert run_cli("eval.py", *EVAL, "--out", one)[0] == 0
+    assert run_cli("eval.py", *EVAL, "--out", one, env=dict(OMP_NUM_THREADS="1"))[0] == 0
     results = run_ranks("eval.py", *EVAL, "--out", two)
     assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
     ids = [json.loads(x)["id"] for f in sorted(os.listdir(two)) if f.startswith("items")
