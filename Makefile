@@ -12,7 +12,7 @@ ADAPTER ?= runs/stage2/final
 ARGS    ?=
 NPROC   ?= 1
 # train.py and eval.py: under torchrun when NPROC > 1 (python -m torch.distributed.run is torchrun, from the venv)
-RUN     = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC),$(PY))
+RUN     = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
 # eval's base model: the adapter's own unless MODEL= is given
 EVAL_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),)
 

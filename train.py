@@ -420,12 +420,13 @@ def train(cfg, resume=None):
 
 
 def gather_step(episodes, scores, rollout_mem, stop):
-    """torchrun: every rank's episodes (without images: they stay where they were made) and scores, in rank order,
-    which is the global prompt order; the largest rollout peak; and a stop signal any rank received, which every
-    rank then takes as its own. One process: as given."""
+    """torchrun: every rank's episodes (without images and log-probs: the metrics and dumps do not read them) and
+    scores, in rank order, which is the global prompt order; the largest rollout peak; and a stop signal any rank
+    received, which every rank then takes as its own. One process: as given."""
     if dist.world() == 1:
         return episodes, scores, rollout_mem
-    light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[]) for e in episodes]
+    light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[], logps=[])
+             for e in episodes]
     parts = dist.gather((light, scores, rollout_mem, stop.signal, stop.exit_code), "gathering the step's metrics")
     signals = [(sig, code) for *_, sig, code in parts if sig]
     if signals and not stop.signal:
