@@ -385,7 +385,7 @@ def train(cfg, resume=None):
                                  f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
             # 6. log: every rank's episodes (torchrun), in the global prompt order; a stop signal on any rank
             # stops them all after this step
-            episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop)
+            episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop, retry.bad_ids)
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
             if dist.is_main():
                 with open(metrics_path, "a") as f:
@@ -419,19 +419,23 @@ def train(cfg, resume=None):
     return policy
 
 
-def gather_step(episodes, scores, rollout_mem, stop):
+def gather_step(episodes, scores, rollout_mem, stop, bad_ids):
     """torchrun: every rank's episodes (without images and log-probs: the metrics and dumps do not read them) and
     scores, in rank order, which is the global prompt order; the largest rollout peak; and a stop signal any rank
-    received, which every rank then takes as its own. One process: as given."""
+    received, which every rank then takes as its own. Samples whose image failed on any rank join every rank's
+    `bad_ids`, so that the ranks split the same global order again from the next step. One process: as given."""
     if dist.world() == 1:
         return episodes, scores, rollout_mem
     light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[], logps=[])
              for e in episodes]
-    parts = dist.gather((light, scores, rollout_mem, stop.signal, stop.exit_code), "gathering the step's metrics")
-    signals = [(sig, code) for *_, sig, code in parts if sig]
+    parts = dist.gather(dict(episodes=light, scores=scores, mem=rollout_mem, signal=stop.signal, code=stop.exit_code,
+                             bad_ids=bad_ids), "gathering the step's metrics")
+    bad_ids.update(*(p["bad_ids"] for p in parts))
+    signals = [(p["signal"], p["code"]) for p in parts if p["signal"]]
     if signals and not stop.signal:
         stop.signal, stop.exit_code = signals[0]
-    return [e for p in parts for e in p[0]], [s for p in parts for s in p[1]], max(p[2] for p in parts)
+    return ([e for p in parts for e in p["episodes"]], [s for p in parts for s in p["scores"]],
+            max(p["mem"] for p in parts))
 
 
 def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
