@@ -1,6 +1,6 @@
 """Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, a
 reward that varies with the text, model-folder helpers (linked copies, a moved adapter, export log-probs), and
-run_cli, the command-line entry points run as separate processes."""
+run_cli / run_ranks, the command-line entry points run as separate processes (run_ranks: as torchrun's workers)."""
 import functools
 import importlib
 import multiprocessing
