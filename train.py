@@ -88,6 +88,7 @@ class Config:
     save_every: int = 10  # checkpoint interval in steps
     keep_checkpoints: int = 2  # newest step checkpoints kept
     dump_every: int = 5  # rollout transcripts interval in steps
+    curves: bool = True  # redraw curves.png at checkpoints (plot.py; 1-2 s a drawing, which a run of seconds may skip)
     seed: int = 0  # data order, LoRA init, sampling seeds
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
@@ -401,7 +402,7 @@ def train(cfg, resume=None):
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
                                      world_size=dist.world(), metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S:
+                if cfg.curves and (step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S):
                     draw_curves(out_dir)
                     drawn = time.time()
             if stop.signal:
