@@ -1,4 +1,5 @@
-# make stage1 | stage2 | eval | test | bench | figures, with MODEL=, DATA=, PRESET= passed through. `make eval`
+# make stage1 | stage2 | eval | test | bench | figures, with MODEL=, DATA=, PRESET= passed through; NPROC=N runs stage1,
+# stage2 and eval data-parallel on N GPUs of this node (torchrun; README "More GPUs"). `make eval`
 # takes the budgets and tool limits the adapter was trained with (its config.json); ARGS=--global-tokens=1024 overrides.
 # Every target runs `setup` first, so a fresh clone needs nothing else.
 PY      := .venv/bin/python
@@ -9,6 +10,9 @@ EVAL_DATA ?= synthetic:16
 BENCH   ?= synthetic
 ADAPTER ?= runs/stage2/final
 ARGS    ?=
+NPROC   ?= 1
+# train.py and eval.py: under torchrun when NPROC > 1 (python -m torch.distributed.run is torchrun, from the venv)
+RUN     = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
 # eval's base model: the adapter's own unless MODEL= is given
 EVAL_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),)
 
@@ -22,13 +26,13 @@ setup: .venv/.done
 	touch $@
 
 stage1: setup
-	$(PY) train.py --stage 1 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+	$(RUN) train.py --stage 1 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
 
 stage2: setup
-	$(PY) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+	$(RUN) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
 
 eval: setup
-	$(PY) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(ARGS)
+	$(RUN) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

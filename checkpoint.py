@@ -185,9 +185,15 @@ def plan_run(cfg, resume, default_out):
                      f"delete {run_dir})")
 
 
-def check_steps(ckpt, files, cfg):
-    """A run shortened below its checkpoint's step says so (its weights are not that earlier step's)."""
+def check_steps(ckpt, files, cfg, world=1):
+    """A run shortened below its checkpoint's step says so (its weights are not that earlier step's); a run resumed
+    with another number of processes is another run (a step's prompts are prompts_per_step x processes)."""
     step = files["state.json"]["step"]
+    saved_world = files["state.json"].get("world_size", 1)
+    if saved_world != world:
+        raise SystemExit(f"error: {ckpt} was trained with {saved_world} process(es), this run has {world}: a step's "
+                         f"prompts (prompts_per_step x processes) and their order would change. Resume with "
+                         f"{saved_world} (torchrun --nproc_per_node / --nnodes), or start a new run in another --out_dir")
     if step > cfg.steps:
         raise SystemExit(f"error: {ckpt} is at step {step}, past --steps={cfg.steps}: its weights are not step "
                          f"{cfg.steps}'s. Resume with --steps >= {step}, or name an earlier checkpoint with --resume "

@@ -9,6 +9,7 @@
 
 Writes runs/eval/<name>/: items.jsonl (one line per item, appended as they finish, so a rerun skips what
 is done), summary.json, table.md, and with --html a self-contained report. Greedy decoding.
+Under `torchrun --nproc_per_node=N eval.py ...` each rank takes one --shard (dist.py) and rank 0 writes the summary.
 """
 import argparse
 import hashlib
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import dist
 import model
 import report
 import rewards
@@ -234,7 +236,7 @@ def evaluate(args, load_policy=None):
     all_samples = load_bench(args)[:args.limit]
     for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
         s.global_tokens = None
-    samples, tag = _shard(all_samples, args.shard)
+    samples, tag = _shard(all_samples, args.shard or dist.shard_spec())  # torchrun: this rank's shard
     out = args.out or os.path.join("runs", "eval", default_name(args, settings))
     name = os.path.basename(os.path.normpath(out))
     shown = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
@@ -268,10 +270,12 @@ def evaluate(args, load_policy=None):
             bar.update(len(episodes))
             bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
         bar.close()
-    summary, items = folder_summary(out, args.bench, [s.id for s in all_samples])
-    if args.html:
+    dist.barrier("waiting for the other ranks' shards")  # torchrun: the summary merges every rank's items
+    summary, items = folder_summary(out, args.bench, [s.id for s in all_samples], write=dist.is_main())
+    if args.html and dist.is_main():
         report.write_html(args.html, items, {s.id: s for s in all_samples}, _markdown(summary))
-    print(_markdown(summary))
+    if dist.is_main():
+        print(_markdown(summary))
     return summary
 
 
@@ -310,16 +314,18 @@ def read_items(out):
     return done
 
 
-def folder_summary(out, bench, ids=None):
+def folder_summary(out, bench, ids=None, write=True):
     """The summary of a folder's results, all shards merged as they are now (of `ids` when given), with how many
-    of the benchmark's items it covers; writes summary.json and table.md. Returns the summary and the items."""
+    of the benchmark's items it covers; writes summary.json and table.md (unless not `write`). Returns the summary
+    and the items."""
     done = read_items(out)
     items = [done[i] for i in ids if i in done] if ids is not None else list(done.values())
     run = read_run(out) or {}
     summary = summarize(items, os.path.basename(os.path.normpath(out)), bench,
                         num_total=len(ids) if ids is not None else run.get("num_total"))
     summary["settings"] = run.get("shown")
-    _write_reports(out, summary)
+    if write:
+        _write_reports(out, summary)
     return summary, items
 
 
@@ -487,6 +493,8 @@ def sweep(args):
                 summary = evaluate(point_args, load)
                 point[name], point["num_items"] = summary["accuracy"], summary["num_items"]
             points.append(point)
+    if not dist.is_main():  # torchrun: rank 0 writes the sweep's files
+        return points
     with open(os.path.join(root, "sweep.json"), "w") as f:
         json.dump(points, f, indent=1)
     table = _sweep_markdown(points, args.bench)
@@ -506,13 +514,22 @@ def _sweep_markdown(points, bench):
                       "crop dependency (points) |", "|---|---|---|---|---|---|---|", *rows])
 
 
+# torchrun: how long a rank that finished its shard waits at the barrier for the others. Shards are interleaved
+# (i, i + n, ...) so they finish together on a fresh run, but a resumed one may find one shard done and another
+# hours from it; a rank that dies still ends the job at once (torchrun stops the others).
+EVAL_WAIT_MIN = 24 * 60
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.sweep:
-        return sweep(args)
-    if args.summary:
+    if args.summary and not args.sweep:
         return probe_summary(args.bench, os.path.dirname(os.path.normpath(args.out)) if args.out else "runs/eval")
-    return evaluate(args)
+    if args.shard and dist.world() > 1:
+        raise SystemExit("error: --shard under torchrun: each rank takes its shard from torchrun (rank/world size)")
+    dist.init(EVAL_WAIT_MIN)
+    result = sweep(args) if args.sweep else evaluate(args)
+    dist.close()
+    return result
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 
 One step, in order: rollout -> rewards -> group advantages -> clipped token-level loss -> LoRA step -> log ->
 checkpoint. Outputs go to runs/stage{1,2}/: step_NNNNNN/ checkpoints, final/, metrics.jsonl, rollouts/.
+Data-parallel on N GPUs: torchrun --nproc_per_node=N train.py ... (dist.py; each GPU takes prompts_per_step prompts).
 """
 import argparse
 import dataclasses
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import infogap
 import model
 import rewards
@@ -46,10 +48,10 @@ class Config:
     out_dir: str = ""  # default runs/stage{stage}
     init_adapter: str = ""  # adapter to start from; stage 2 default: runs/stage1/final
     steps: int = 80  # optimizer steps (the paper: 80 per stage)
-    prompts_per_step: int = 4  # distinct prompts per step
+    prompts_per_step: int = 4  # distinct prompts per step per process (GPU): under torchrun a step has N times as many
     group_size: int = 8  # rollouts per prompt (the GRPO group)
     micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
-    epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / prompts_per_step)
+    epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / (prompts_per_step * processes))
     ppo_epochs: int = 1  # policy updates per rollout batch (DeepEyes: 1; > 1 makes the clipping matter and keeps the step's episodes in memory)
     loss_agg: str = "micro-token-mean"  # micro-token-mean: each micro-batch's token mean, averaged (verl's token-mean, as DeepEyes); token-mean: over the step's tokens
     lr: float = 1e-5  # AdamW learning rate for the LoRA weights [choice: the paper's 1e-6 is for full FT]
@@ -87,12 +89,14 @@ class Config:
     save_every: int = 10  # checkpoint interval in steps
     keep_checkpoints: int = 2  # newest step checkpoints kept
     dump_every: int = 5  # rollout transcripts interval in steps
+    curves: bool = True  # redraw curves.png at checkpoints (plot.py; 1-2 s a drawing, which a run of seconds may skip)
     seed: int = 0  # data order, LoRA init, sampling seeds
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before the run stops
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
     report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
     columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
+    dist_timeout_min: float = 30.0  # torchrun: minutes a rank waits for the others at a collective before the job stops
 
 
 PRESETS = {
@@ -193,8 +197,11 @@ def accumulate_gradients(policy, episodes, advantages, cfg, old=None):
 def optimizer_step(policy, optimizer, sums, cfg):
     """Normalise the accumulated gradients (the step's token mean, or the mean over micro-batches), clip,
     and step; a non-finite loss or gradient skips the update. Returns the step's stats."""
-    denom = max(1, sums["tokens"] if cfg.loss_agg == "token-mean" else sums["micro"])
     params = policy.trainable_parameters()
+    # torchrun: every rank's gradient sum and counts, so each divides by the step's global token or micro count
+    sums = dist.all_reduce_sums(sums)
+    dist.all_reduce_grads(params)
+    denom = max(1, sums["tokens"] if cfg.loss_agg == "token-mean" else sums["micro"])
     for p in params:
         if p.grad is not None:
             p.grad /= denom
@@ -241,6 +248,13 @@ def step_prompts(samples, step, n, seed, skip=()):
     return out
 
 
+def rank_prompts(samples, step, cfg, skip=()):
+    """This process's prompts of a step and the step-wide index of the first: the step's world x prompts_per_step
+    prompts in the one global order, split by rank. Sampling seeds derive from that global index, so 2 ranks with
+    P prompts each draw what one process with 2P prompts draws."""
+    return dist.share(step_prompts(samples, step, cfg.prompts_per_step * dist.world(), cfg.seed, skip=skip))
+
+
 def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
     """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts
     stream through rollout_rows rows (continuous batching); each group's gradient is taken as soon as its
@@ -248,11 +262,11 @@ def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
     bounded by memory. Returns the episodes (without their images), their scores, the update's stats and
     the rollout's peak memory (GB)."""
     optimizer.zero_grad(set_to_none=True)  # a retried step starts clean
-    prompts = step_prompts(samples, step, cfg.prompts_per_step, cfg.seed, skip=skip)
+    offset, prompts = rank_prompts(samples, step, cfg, skip=skip)  # torchrun: this rank's share
     groups = []  # (episodes, scores, advantages) per group, in the order they finished
     sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0)
     _reset_peak_memory()
-    for group in rollout_groups(policy, prompts, rcfg, step=step):  # 1. rollout, a group at a time
+    for group in rollout_groups(policy, prompts, rcfg, step=step, first=offset):  # 1. rollout, a group at a time
         fault("rollout", step + 1)
         # 2. rewards, 3. advantages within the group
         scores = [rewards.score(e.text, e.sample, e.boxes, wcfg) for e in group]
@@ -314,20 +328,34 @@ class Retry:
 
 
 def train(cfg, resume=None):
+    # [choice] the same seeds on every rank: the LoRA init must be identical, and the rollouts already differ by
+    # rank through the sampling keys' global prompt index (a per-rank seed would part a 2-rank run from 1 process)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    dist.init(cfg.dist_timeout_min)  # torchrun: join the job; one process: nothing
+    if dist.world() > 1 and cfg.infogap == "auto":
+        raise SystemExit("error: --infogap=auto under torchrun: select the levels first in one process (python "
+                         "infogap.py --model M --data D --out LEVELS.jsonl), then pass --infogap=LEVELS.jsonl")
     cfg.model = model.locate(cfg.model)  # a local model is recorded by its absolute path in every checkpoint
     out_dir, ckpt, saved = plan_run(cfg, resume, default_out=f"runs/stage{cfg.stage}")
+    # every rank resumes from the same checkpoint, and none has written anything before all have planned
+    seen = dist.gather(ckpt and os.path.abspath(ckpt), "planning the run")
+    if len(set(seen)) > 1:
+        raise SystemExit(f"error: the ranks found different checkpoints to resume from ({seen}): the run folder "
+                         f"must be one folder that every node sees (a shared filesystem)")
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
-        cfg.steps = math.ceil(cfg.epochs * len(samples) / cfg.prompts_per_step)
-        print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step} prompts over {len(samples)} samples")
+        cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))
+        print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step * dist.world()} prompts over "
+              f"{len(samples)} samples")
     if saved:
-        check_steps(ckpt, saved, cfg)
+        check_steps(ckpt, saved, cfg, dist.world())
     size_rollout_rows(cfg)
-    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts through {cfg.rollout_rows} rows in flight; "
+    print(f"per step: {cfg.prompts_per_step} prompts x {cfg.group_size} rollouts"
+          + (f" on each of {dist.world()} processes" if dist.world() > 1 else "")
+          + f" through {cfg.rollout_rows} rows in flight; "
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
@@ -342,11 +370,13 @@ def train(cfg, resume=None):
         print(f"resumed from {ckpt} at step {start}")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    truncate_metrics(metrics_path, start)
+    if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
+        truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
     drawn = time.time()  # when curves.png was last drawn (or the run started)
-    tracker = trackers.start(cfg.report_to, out_dir, dataclasses.asdict(cfg))
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout)
+    tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
+               disable=not dist.is_main())
     try:
         for step in bar:
             t0 = time.time()
@@ -358,33 +388,59 @@ def train(cfg, resume=None):
                 raise SystemExit(f"error: stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite "
                                  f"loss or gradient (likely causes: a learning rate too high, a broken reward, or "
                                  f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
-            # 6. log
+            # 6. log: every rank's episodes (torchrun), in the global prompt order; a stop signal on any rank
+            # stops them all after this step
+            episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop, retry.bad_ids)
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tracker.log(metrics, step + 1)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                       file=sys.stdout)
-            if (step + 1) % cfg.dump_every == 0:
-                _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+            if dist.is_main():
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                tracker.log(metrics, step + 1)
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                           file=sys.stdout)
+                if (step + 1) % cfg.dump_every == 0:
+                    _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
             # 7. checkpoint
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal:
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
-                                dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step, metrics=metrics))
+                                dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
+                                     world_size=dist.world(), metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S:
+                if cfg.curves and (step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S):
                     draw_curves(out_dir)
                     drawn = time.time()
             if stop.signal:
+                dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
                 raise SystemExit(stop.exit_code)
     finally:
         stop.restore()
         tracker.close()
-    save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
-    print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+    if dist.is_main():
+        save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
+        print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+    dist.barrier("the end of the run")  # no rank leaves (and tears the job down) before final/ is written
     return policy
+
+
+def gather_step(episodes, scores, rollout_mem, stop, bad_ids):
+    """torchrun: every rank's episodes (without images and log-probs: the metrics and dumps do not read them) and
+    scores, in rank order, which is the global prompt order; the largest rollout peak; and a stop signal any rank
+    received, which every rank then takes as its own. Samples whose image failed on any rank join every rank's
+    `bad_ids`, so that the ranks split the same global order again from the next step. One process: as given."""
+    if dist.world() == 1:
+        return episodes, scores, rollout_mem
+    light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[], logps=[])
+             for e in episodes]
+    parts = dist.gather(dict(episodes=light, scores=scores, mem=rollout_mem, signal=stop.signal, code=stop.exit_code,
+                             bad_ids=bad_ids), "gathering the step's metrics")
+    bad_ids.update(*(p["bad_ids"] for p in parts))
+    signals = [(p["signal"], p["code"]) for p in parts if p["signal"]]
+    if signals and not stop.signal:
+        stop.signal, stop.exit_code = signals[0]
+    return ([e for p in parts for e in p["episodes"]], [s for p in parts for s in p["scores"]],
+            max(p["mem"] for p in parts))
 
 
 def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
@@ -617,6 +673,7 @@ def main(argv=None):
             print(f"checked {cfg.model}: config.json, every shard, the tokenizer's special tokens")
         return cfg
     train(cfg, resume=args.resume)
+    dist.close()
     return cfg
 
 

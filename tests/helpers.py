@@ -1,11 +1,12 @@
 """Shared test fixtures: the tiny policy (built once), scripted episodes, tool-call texts, small configs, a
 reward that varies with the text, model-folder helpers (linked copies, a moved adapter, export log-probs), and
-run_cli, the command-line entry points run as separate processes."""
+run_cli / run_ranks, the command-line entry points run as separate processes (run_ranks: as torchrun's workers)."""
 import functools
 import importlib
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -105,12 +106,7 @@ def run_cli(script, *args, env=None, wait_for=None, send=None, varying=False, ti
     """`python SCRIPT ARGS` (train.py or eval.py) as a separate process. wait_for/send: once its stdout
     has printed wait_for, send it that signal. varying: train with varying_score in place of the reward.
     Returns (exit code, stdout, stderr); a process killed by a signal has the negative signal number as code."""
-    # the server reads sys.path from PYTHONPATH (Python 3.11's forkserver does not pass it on)
-    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
-    tmp = tempfile.mkdtemp(prefix="cli-")
-    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-    proc = _SERVER.Process(target=_cli_child, args=(script, list(args), env or {}, out, err, varying))
-    proc.start()
+    proc, out, err = _start(script, args, env, varying)
     deadline = time.time() + timeout
     if wait_for:
         while proc.is_alive() and time.time() < deadline:
@@ -118,13 +114,43 @@ def run_cli(script, *args, env=None, wait_for=None, send=None, varying=False, ti
                 os.kill(proc.pid, send)
                 break
             time.sleep(0.05)
+    return _finish(proc, out, err, deadline, f"{script} {' '.join(args)}")
+
+
+def run_ranks(script, *args, world=2, rank_env=None, varying=False, timeout=300):
+    """`torchrun --nproc_per_node=WORLD SCRIPT ARGS` without torchrun's own start-up: WORLD processes forked from
+    the server, each with the environment torchrun gives its workers (so dist.py takes gloo on this CPU).
+    rank_env: {rank: extra environment}, e.g. a fault on one rank. Returns (exit code, stdout, stderr) per rank."""
+    with socket.socket() as s:  # a free port for the job's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # OMP_NUM_THREADS=1: what torchrun gives each worker when it starts several
+    torchrun = dict(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                    OMP_NUM_THREADS="1")
+    started = [_start(script, args, dict(torchrun, RANK=str(r), LOCAL_RANK=str(r), **(rank_env or {}).get(r, {})), varying)
+               for r in range(world)]
+    deadline = time.time() + timeout
+    return [_finish(*proc, deadline, f"rank {r}: {script} {' '.join(args)}") for r, proc in enumerate(started)]
+
+
+def _start(script, args, env, varying):
+    # the server reads sys.path from PYTHONPATH (Python 3.11's forkserver does not pass it on)
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+    tmp = tempfile.mkdtemp(prefix="cli-")
+    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    proc = _SERVER.Process(target=_cli_child, args=(script, list(args), env or {}, out, err, varying))
+    proc.start()
+    return proc, out, err
+
+
+def _finish(proc, out, err, deadline, what):
     proc.join(max(1, deadline - time.time()))
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-        raise TimeoutError(f"{script} {' '.join(args)} ran past {timeout} s")
+        raise TimeoutError(f"{what} ran past its time")
     texts = [open(f).read() for f in (out, err)]
-    shutil.rmtree(tmp)
+    shutil.rmtree(os.path.dirname(out))
     return proc.exitcode, *texts
 
 
@@ -132,6 +158,8 @@ def _cli_child(script, args, env, out, err, varying):
     """What `python SCRIPT ARGS` does, in a child of the server: output to files, SystemExit to an exit code."""
     os.chdir(ROOT)
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # torch read it when the server imported torch: apply it as a fresh process would
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
