@@ -28,7 +28,8 @@ import torch
 import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_rollout.py", "tests/test_rollout_engine.py"]
+TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_rollout.py", "tests/test_rollout_engine.py",
+         "tests/test_decode.py"]
 # two short stage-1 steps at the 24gb preset; shorter responses than the preset's 2,048 keep the check quick,
 # and the estimate is taken for the same settings
 TRAIN = ["--stage", "1", "--preset", "24gb", "--data", "synthetic:4", "--steps=2", "--max_response_tokens=512",

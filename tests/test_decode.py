@@ -3,10 +3,12 @@ CUDA the same steps replay a captured graph), and the fallback logic: which step
 that fails turns graphs off without losing the rollout."""
 import types
 
+import pytest
 import torch
 
 import data
 import decode
+import model
 import rollout as rollout_module
 from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
 from rollout import rollout
@@ -61,3 +63,13 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
     assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs
     assert h.shape == (2, p.head.weight.shape[1]) and torch.isfinite(h).all()
     assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replays_give_the_dynamic_paths_episodes(capsys):
+    p = model.load_policy("tiny", lora_r=4, lora_alpha=8, device="cuda")
+    dynamic, graphs = _episodes(p, "dynamic"), _episodes(p, "graphs")
+    assert "capture failed" not in capsys.readouterr().out  # the replays ran, not the eager fallback
+    assert [e.ids for e in graphs] == [e.ids for e in dynamic]
+    for a, b in zip(graphs, dynamic):
+        torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-3, rtol=0)
