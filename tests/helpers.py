@@ -52,8 +52,10 @@ def rollout_cfg(**kw):
 
 
 def run_cfg(out, **kw):
-    """A short training run of the tiny preset into `out`: 4 steps on 8 synthetic samples, a checkpoint every 2."""
-    base = dict(train.PRESETS["tiny"], out_dir=str(out), data="synthetic:8", steps=4, save_every=2, keep_checkpoints=5)
+    """A short training run of the tiny preset into `out`: 4 steps on 8 synthetic samples, a checkpoint every 2,
+    no curves.png (a second a drawing; test_plot and test_e2e draw theirs)."""
+    base = dict(train.PRESETS["tiny"], out_dir=str(out), data="synthetic:8", steps=4, save_every=2, keep_checkpoints=5,
+                curves=False)
     return train.Config(**{**base, **kw})
 
 

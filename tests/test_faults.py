@@ -19,7 +19,7 @@ from helpers import run_cfg, run_cli
 def _run(out, *extra, fault=None, wait_for=None, send=None):
     """train.py as its own process, with a reward that varies with the text (so resume is a real check)."""
     args = ["--stage", "1", "--steps=4", "--save_every=1", "--keep_checkpoints=10", "--data=synthetic:6",
-            "--prompts_per_step=1", "--group_size=3", f"--out_dir={out}", *extra]
+            "--prompts_per_step=1", "--group_size=3", "--curves=false", f"--out_dir={out}", *extra]
     return run_cli("train.py", *args, env=dict(LFPC_FAULT=fault or ""), wait_for=wait_for, send=send, varying=True)
 
 
