@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tqdm import tqdm
 import data
 import dist
 import infogap
+import logbook
 import model
 import rewards
 import snapshot
@@ -265,7 +265,7 @@ def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
     offset, prompts = rank_prompts(samples, step, cfg, skip=skip)  # torchrun: this rank's share
     groups = []  # (episodes, scores, advantages) per group, in the order they finished
     sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0)
-    _reset_peak_memory()
+    logbook.reset_peak_memory()
     for group in rollout_groups(policy, prompts, rcfg, step=step, first=offset):  # 1. rollout, a group at a time
         fault("rollout", step + 1)
         # 2. rewards, 3. advantages within the group
@@ -277,7 +277,7 @@ def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
             for e in group:
                 e.pixel_values = []
         groups.append((group, scores, adv))
-    rollout_mem = _peak_memory_gb()
+    rollout_mem = logbook.peak_memory_gb()
     groups.sort(key=lambda g: g[0][0].group)  # prompt order, as the step's prompts were drawn
     episodes = [e for g, _, _ in groups for e in g]
     scores = [s for _, sc, _ in groups for s in sc]
@@ -391,7 +391,7 @@ def train(cfg, resume=None):
             # 6. log: every rank's episodes (torchrun), in the global prompt order; a stop signal on any rank
             # stops them all after this step
             episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop, retry.bad_ids)
-            metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
+            metrics = logbook.step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
             if dist.is_main():
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -399,15 +399,15 @@ def train(cfg, resume=None):
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                            file=sys.stdout)
                 if (step + 1) % cfg.dump_every == 0:
-                    _dump(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+                    logbook.dump_rollouts(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
             # 7. checkpoint
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
                                      world_size=dist.world(), metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if cfg.curves and (step + 1 == cfg.steps or stop.signal or time.time() - drawn >= CURVES_EVERY_S):
-                    draw_curves(out_dir)
+                if cfg.curves and (step + 1 == cfg.steps or stop.signal or time.time() - drawn >= logbook.CURVES_EVERY_S):
+                    logbook.draw_curves(out_dir)
                     drawn = time.time()
             if stop.signal:
                 dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
@@ -441,88 +441,6 @@ def gather_step(episodes, scores, rollout_mem, stop, bad_ids):
         stop.signal, stop.exit_code = signals[0]
     return ([e for p in parts for e in p["episodes"]], [s for p in parts for s in p["scores"]],
             max(p["mem"] for p in parts))
-
-
-def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
-    n = len(episodes)
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    ious = [s["iou"] for s in scores if s["iou"] is not None]
-    covs = [s["coverage"] for s in scores if s["coverage"] is not None]
-    groups = {}
-    for e, s in zip(episodes, scores):
-        groups.setdefault(e.group, []).append(s["total"])
-    return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
-                accuracy=mean([s["accuracy"] for s in scores]),
-                format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
-                grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
-                response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
-                generated=mean([e.num_generated for e in episodes]),
-                tool_calls=sum(e.num_tool_calls for e in episodes) / n,
-                tool_errors=sum(e.num_tool_errors for e in episodes) / n,
-                truncated=sum(e.truncated for e in episodes) / n, loss=stats["loss"], grad_norm=stats["grad_norm"],
-                skipped=stats["skipped"],
-                clip_frac=stats["clip"], kl=stats["kl"], seconds=seconds, rollout_mem_gb=rollout_mem,
-                peak_mem_gb=_peak_memory_gb(), **memory_now())
-
-
-def _std(xs):
-    """Population std: the spread of the group means a step's reward averages over."""
-    m = sum(xs) / len(xs) if xs else 0.0
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else 0.0
-
-
-# curves.png is redrawn at a checkpoint at most this often (a drawing takes ~1 s; the tiny preset checkpoints
-# every few seconds), and always at the last step's
-CURVES_EVERY_S = 30
-
-
-def draw_curves(out_dir):
-    """curves.png of the run so far (plot.py); a plotting failure costs the figure, never the run."""
-    try:
-        import plot
-        plot.curves([out_dir])
-    except (ImportError, OSError, ValueError) as e:
-        print(f"warning: curves not drawn: {type(e).__name__}: {e}")
-
-
-def _dump(path, episodes, scores):
-    with open(path, "w") as f:
-        for e, s in zip(episodes, scores):
-            f.write(json.dumps(dict(id=e.sample.id, group=e.group, answer=e.sample.answer, text=e.text,
-                                    boxes_shown=e.boxes_shown, boxes=e.boxes, gt_boxes=e.sample.boxes,
-                                    tool_errors=dict(e.tool_errors), **s)) + "\n")
-
-
-def _reset_peak_memory():
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def memory_now():
-    """Memory held now, not the peak, so that a slow creep shows in metrics.jsonl: the host's resident set
-    (rss_gb) and, on CUDA, what tensors hold (cuda_alloc_gb) and what the caching allocator holds
-    (cuda_reserved_gb)."""
-    out = dict(rss_gb=host_rss_gb())
-    if torch.cuda.is_available():
-        out.update(cuda_alloc_gb=torch.cuda.memory_allocated() / 2**30,
-                   cuda_reserved_gb=torch.cuda.memory_reserved() / 2**30)
-    return out
-
-
-def host_rss_gb():
-    """This process's resident set now (Linux /proc; elsewhere the peak, which is what the OS offers)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _peak_memory_gb():
-    """GPU: peak allocated since the last reset. CPU: the process's peak resident size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ---------------------------------------------------------------- command line

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import logbook
 import plot
 import train
 import trackers
@@ -25,12 +26,12 @@ def real_run(tmp_path_factory):
     cfg.out_dir, cfg.data, cfg.steps, cfg.save_every = str(out), "synthetic:2", 2, 1
     cfg.prompts_per_step, cfg.group_size, cfg.max_turn_tokens, cfg.max_response_tokens = 2, 2, 8, 24
     cfg.report_to = "tensorboard" if HAS_TENSORBOARD else "none"
-    real = train.draw_curves
-    train.draw_curves = lambda folder: (DRAWN.append(folder), real(folder))
+    real = logbook.draw_curves
+    logbook.draw_curves = lambda folder: (DRAWN.append(folder), real(folder))
     try:
         train.train(cfg)
     finally:
-        train.draw_curves = real
+        logbook.draw_curves = real
     return out
 
 
