@@ -189,12 +189,14 @@ MICRO_LABEL = 64  # the frame's outer side; the pattern fills the inside
 MICRO_BORDER = 8
 MICRO_LEVEL = 16  # the designed information-gap level (tokens): the pattern is unreadable there
 MICRO_READABLE = 100  # a budget at which the pattern is readable (280x280 pixels; at 64 it is half-aliased)
-PATTERNS = {  # name -> 0/1 value at (x, y) inside the frame; every pattern is half black, so all blur to one grey
-    "horizontal stripes": lambda x, y: (y // 2) % 2,  # period 4 px
-    "vertical stripes": lambda x, y: (x // 2) % 2,
-    "checks": lambda x, y: (x // 2 + y // 2) % 2,
-    "rising diagonal stripes": lambda x, y: ((x + y) // 2) % 2,
-    "falling diagonal stripes": lambda x, y: ((x - y) // 2) % 2,
+# option text -> 0/1 value at (x, y) inside the frame; each pattern is half black, so all blur to one grey. The
+# options are drawn symbols (horizontal stripes, vertical, checks, rising and falling diagonals): a few tokens each
+PATTERNS = {
+    "=": lambda x, y: (y // 2) % 2,  # period 4 px
+    "||": lambda x, y: (x // 2) % 2,
+    "#": lambda x, y: (x // 2 + y // 2) % 2,
+    "//": lambda x, y: ((x + y) // 2) % 2,
+    "\\\\": lambda x, y: ((x - y) // 2) % 2,
 }
 
 
@@ -217,7 +219,7 @@ def _micro_sample(i, seed):
     def make():
         return _draw_micro(b1, options[answer], random.Random(draw_seed))
 
-    return Sample(id=f"micro-{seed}-{i}", question="Which pattern is inside the black frame?", answer=LETTERS[answer],
+    return Sample(id=f"micro-{seed}-{i}", question="Which pattern is in the black box?", answer=LETTERS[answer],
                   width=MICRO_SIDE, height=MICRO_SIDE, options=options, boxes=boxes, category="pattern", make=make,
                   global_tokens=None)
 
