@@ -91,6 +91,9 @@ class Config:
     memory_gb: float = 0.0  # the card's memory; the run refuses to start when the estimate exceeds it (0: no check)
     ignore_memory_estimate: bool = False  # start even when the estimate exceeds memory_gb
     report_to: str = "none"  # none | tensorboard | wandb | trackio: also send each step's metrics there
+    probe_every: int = 0  # every N steps, held-out greedy accuracy with and without noise crops (the crop dependency) in metrics (0: off)
+    probe_items: int = 32  # held-out items of the probe: the data spec's generator (synthetic/micro) at seed 1, eval's set
+    probe_global_tokens: int = 0  # the probe's global budget, crops always from the original (0: global_tokens)
     columns: str = ""  # a table's columns, e.g. image=img,question=q,answer=a (for layouts sources.py does not know)
 
 
@@ -103,7 +106,8 @@ PRESETS = {
     # readable 100 with --infogap=off (make baseline)
     "micro": dict(model="micro", data="micro:256", prompt="micro", steps=30, prompts_per_step=4, group_size=8,
                   micro_batch=8, rollout_rows=32, lr=2e-3, lora_r=8, lora_alpha=16, max_turns=3, max_turn_tokens=48,
-                  max_response_tokens=160, global_tokens=16, crop_tokens=64, save_every=10, dump_every=5),
+                  max_response_tokens=160, global_tokens=16, crop_tokens=64, save_every=10, dump_every=5,
+                  probe_every=5, probe_items=32, probe_global_tokens=16),
     "24gb": dict(prompts_per_step=2, group_size=8, micro_batch=2, global_tokens=1024, crop_tokens=1024,
                  max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=16, memory_gb=24),
     "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=2, global_tokens=4096, crop_tokens=1024,
@@ -344,6 +348,7 @@ def train(cfg, resume=None):
         start = restore_checkpoint(saved, policy, optimizer)["step"]
         print(f"resumed from {ckpt} at step {start}")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
+    held_out = _probe_set(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
@@ -363,6 +368,8 @@ def train(cfg, resume=None):
                                  f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
             # 6. log
             metrics = _step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
+            if held_out and ((step + 1) % cfg.probe_every == 0 or step == 0):
+                metrics.update(probe_held_out(policy, held_out, cfg))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tracker.log(metrics, step + 1)
@@ -386,8 +393,51 @@ def train(cfg, resume=None):
         stop.restore()
         tracker.close()
     save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
+    print(what_changed(metrics_path))
     print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
     return policy
+
+
+def what_changed(metrics_path, window=5):
+    """The run's closing line: the first steps against the last (means over `window` steps) of reward, accuracy and
+    tool calls, and the first held-out probe against the last (accuracy, crop dependency) when there are probes."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    first, last = rows[:window], rows[-window:]
+    parts = [f"{k} {mean(first, k):.3g} -> {mean(last, k):.3g}" for k in ("reward", "accuracy", "tool_calls")]
+    probes = [r for r in rows if "crop_dependency" in r]
+    if probes:
+        parts += [f"held-out {k.replace('heldout_', '').replace('_', ' ')} {probes[0][k]:.3g} -> {probes[-1][k]:.3g}"
+                  for k in ("heldout_accuracy", "crop_dependency", "heldout_tool_calls")]
+    return f"what changed (first {len(first)} steps -> last {len(last)}; held-out: step {probes[0]['step'] if probes else '-'}" \
+           f" -> {probes[-1]['step'] if probes else '-'}): " + ", ".join(parts)
+
+
+def _probe_set(cfg):
+    """The held-out items of the in-training probe: eval's generated set (seed 1) of the run's data spec."""
+    if not cfg.probe_every:
+        return None
+    kind = cfg.data.partition(":")[0]
+    if kind not in ("synthetic", "micro"):
+        raise SystemExit(f"error: --probe_every needs generated data (synthetic:N or micro:N), not {cfg.data!r}")
+    return data.load(f"{kind}:{cfg.probe_items}", seed=1)
+
+
+def probe_held_out(policy, samples, cfg):
+    """Greedy held-out accuracy at the probe's budget, crops from the original, with and without the crops
+    replaced by noise (eval.DEPENDENCY_PROBE), and their difference: the crop dependency over training."""
+    out = {}
+    for probe, tag in ((None, ""), ("noise-replace", "noise_")):
+        rcfg = rollout_config(cfg, group_size=1, greedy=True, probe=probe, crop_from_shown=False, rollout_rows=len(samples),
+                              global_tokens=cfg.probe_global_tokens or cfg.global_tokens)
+        eps = rollout(policy, samples, rcfg, step=0)
+        out[f"heldout_{tag}accuracy"] = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer,
+                                                             e.sample.options, cfg.matcher) for e in eps) / len(eps)
+        if probe is None:
+            out["heldout_tool_calls"] = sum(e.num_tool_calls for e in eps) / len(eps)
+    out["crop_dependency"] = out["heldout_accuracy"] - out["heldout_noise_accuracy"]
+    return out
 
 
 def _step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
