@@ -19,7 +19,7 @@ EVAL_SETTINGS ?= --model micro --prompt micro --global-tokens 16 --crop-tokens 6
 ARGS    ?=
 TRAIN = $(PY) train.py --preset $(PRESET) $(if $(MODEL),--model $(MODEL),) $(if $(DATA),--data $(DATA),)
 
-.PHONY: setup stage1 baseline stage2 eval test bench gpu-check figures lint clean
+.PHONY: setup stage1 baseline stage2 eval experiment test bench gpu-check figures lint clean
 
 setup: .venv/.done
 .venv/.done: requirements.txt
@@ -48,6 +48,20 @@ eval: setup
 		done; \
 	done
 	$(PY) eval.py --bench $(BENCH) --summary --out $(EVAL_OUT)/summary  # --summary reads the folders beside --out
+
+# the README's table over seeds: each seed's four models in runs/exp/s<seed>/, evaluated into runs/exp/s<seed>/eval/
+SEEDS ?= 0 2 3
+EXP ?= runs/exp
+experiment: setup
+	@for s in $(SEEDS); do \
+		d=$(EXP)/s$$s; \
+		$(TRAIN) --stage 1 --seed=$$s --out_dir=$$d/stage1 $(ARGS) || exit 1; \
+		$(TRAIN) --stage 1 --seed=$$s --infogap=off --global_tokens=100 --out_dir=$$d/baseline $(ARGS) || exit 1; \
+		$(TRAIN) --stage 2 --seed=$$s --init_adapter=$$d/stage1/final --out_dir=$$d/stage2 $(ARGS) || exit 1; \
+		$(MAKE) --no-print-directory eval ADAPTERS="none $$d/baseline/final $$d/stage1/final $$d/stage2/final" \
+			EVAL_OUT=$$d/eval || exit 1; \
+	done
+	$(PY) plot.py $(foreach s,$(SEEDS),$(EXP)/s$(s)/stage1 $(EXP)/s$(s)/baseline) --out docs/micro_curves.png
 
 test: setup
 	$(PY) -m pytest -q tests

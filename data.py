@@ -179,12 +179,16 @@ def _draw(w, h, label, category, target, rng):
 # ---------------------------------------------------------------- micro: the task with a real information gap
 
 # The micro task (`micro:N`), sized for the micro model on a CPU. A 448x448 image (256 tokens at full resolution)
-# holds one thick black frame in one of 4x4 cells; inside it, a fine black-and-white pattern with a period of 4
+# holds one thick black frame (64 pixels) near its centre; inside it, a fine black-and-white pattern with a period of 4
 # pixels. The frame shows at every budget (at 16 tokens it is a dark ring in one 28x28-pixel token); the pattern
 # averages to one grey once the image is shrunk 4x (16 tokens), and reads from 100 tokens up (tested:
 # tests/test_micro.py). The options come in one fixed order [choice], so the answer letter names the pattern.
 MICRO_SIDE = 448
 MICRO_CELL = 112  # 4x4 cells; at the gap level each cell is one language-model token
+# The frame lies anywhere in the central 2x2 cells [choice]: a micro model trained for minutes does not learn to
+# point at one of 16 cells (measured: its boxes ignored the image), so where to crop is nearly fixed, and what is
+# learnt is whether to crop and how tightly (stage 2)
+MICRO_REGION = (MICRO_CELL, 3 * MICRO_CELL)
 MICRO_LABEL = 64  # the frame's outer side; the pattern fills the inside
 MICRO_BORDER = 8
 MICRO_LEVEL = 16  # the designed information-gap level (tokens): the pattern is unreadable there
@@ -209,9 +213,8 @@ def _micro_sample(i, seed):
     rng = random.Random(seed * 1_000_003 + i + 7_777_777)  # never the synthetic set's stream
     options = list(PATTERNS)
     answer = rng.randrange(len(options))
-    cx, cy = rng.randrange(4) * MICRO_CELL, rng.randrange(4) * MICRO_CELL
-    slack = MICRO_CELL - MICRO_LABEL
-    lx, ly = cx + rng.randint(0, slack), cy + rng.randint(0, slack)
+    lo, hi = MICRO_REGION
+    lx, ly = rng.randint(lo, hi - MICRO_LABEL), rng.randint(lo, hi - MICRO_LABEL)
     b1 = [lx, ly, lx + MICRO_LABEL, ly + MICRO_LABEL]
     boxes = [b1] + [_expand(b1, k, MICRO_SIDE, MICRO_SIDE) for k in (1.5, 2.5)]  # label, + margin, region
     draw_seed = rng.random()

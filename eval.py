@@ -444,7 +444,9 @@ def experiment_table(tables):
     for results in tables:
         plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
         adapter = (plain.get("settings") or {}).get("adapter")
-        name = ROW_NAMES.get(adapter and os.path.normpath(adapter), adapter)
+        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
+        name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
+            a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
         rows.append((list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES), name,
                      f"| {name} | {pct(plain['accuracy'])} | {pct(noisy and noisy['accuracy'])} | "

@@ -56,9 +56,10 @@ def test_the_frame_shows_where_the_label_is_at_the_gap_level():
     for s in data.micro(20, seed=4):
         shown = crop.to_uint8(crop.resized(s.image(), crop.tokens_to_pixels(data.MICRO_LEVEL))).float().mean(-1)
         cells = shown.view(4, 28, 4, 28).mean((1, 3))  # one language-model token per cell
-        darkest = divmod(int(cells.argmin()), 4)
-        x1, y1 = s.boxes[0][:2]
-        assert darkest == (y1 // data.MICRO_CELL, x1 // data.MICRO_CELL)
+        row, col = divmod(int(cells.argmin()), 4)
+        x1, y1, x2, y2 = s.boxes[0]  # the darkest token's cell holds part of the frame
+        assert x1 < (col + 1) * data.MICRO_CELL and x2 > col * data.MICRO_CELL
+        assert y1 < (row + 1) * data.MICRO_CELL and y2 > row * data.MICRO_CELL
 
 
 def test_micro_items_are_deterministic_with_nested_boxes():
