@@ -82,6 +82,11 @@ def test_the_committed_warm_start_loads_and_fits_the_size_limit():
 
 def test_a_short_warm_start_still_trains(tmp_path):
     torch.manual_seed(0)
-    losses, _ = warmstart.train(steps=8, batch=4, lr=3e-3, out=str(tmp_path / "w.safetensors"), log_every=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as warmstart.py runs; two threads on a busy 2-core machine ran 10x slower
+    try:
+        losses, _ = warmstart.train(steps=6, batch=1, lr=3e-3, out=str(tmp_path / "w.safetensors"), log_every=3)
+    finally:
+        torch.set_num_threads(threads)
     assert (tmp_path / "w.safetensors").stat().st_size > 1e6
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.5  # observed: 6.4 -> ~4.6 in 8 steps
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.5  # observed: 6.41 -> 5.14, 5.02
