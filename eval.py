@@ -452,8 +452,8 @@ def experiment_table(tables):
                      f"| {name} | {pct(plain['accuracy'])} | {pct(noisy and noisy['accuracy'])} | "
                      f"{pct(noisy and plain['accuracy'] - noisy['accuracy'])} | {plain['tool_calls']:.2f} | "
                      f"{pct(plain.get('iou_first_crop'))} |"))
-    return "\n".join(["", f"crop dependency: accuracy lost when every returned crop is {DEPENDENCY_PROBE} "
-                       "(points); IoU in %", "",
+    return "\n".join(["", f"crop dependency: points of accuracy lost with --probe {DEPENDENCY_PROBE} (every returned "
+                       "crop replaced by noise); IoU in %", "",
                        "| model | accuracy (%) | with noise crop (%) | crop dependency | tool calls / episode | "
                        "IoU of first crop with B1 |", "|---|---|---|---|---|---|", *(r[2] for r in sorted(rows))])
 
