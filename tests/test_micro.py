@@ -74,10 +74,12 @@ def test_micro_items_are_deterministic_with_nested_boxes():
 
 def test_the_committed_warm_start_loads_and_fits_the_size_limit():
     assert os.path.getsize(model.MICRO_WEIGHTS) <= 8 * 2**20
+    from safetensors.torch import load_file
+
     policy = model.load_policy("micro", lora=False, trainable=False)
-    fresh, _ = model.build_tiny(0, "micro")
-    # the committed weights, not the seeded random init
-    assert not torch.equal(policy.head.weight, fresh.lm_head.weight)
+    saved = load_file(model.MICRO_WEIGHTS)
+    assert torch.equal(policy.head.weight, saved["lm_head.weight"])  # the committed weights, not a random init
+    assert len(saved) == len(policy.model.state_dict())
 
 
 def test_a_short_warm_start_still_trains(tmp_path):
