@@ -2,11 +2,13 @@
 
 The scripted policy has the two habits a real model brings to RL. With the global image at the information-gap
 level (16 tokens: the pattern is a grey blur) it crops: a tool call whose box is deliberately imperfect (the
-label's box enlarged 1.2-2.2x and shifted), then the answer read from the crop. With a readable global image
-(100 tokens) it crops half the time and answers straight from the global image the other half. RL then decides
-which habit stays. Trajectories are built with the policy's own prompt, tool-turn and image code (model.py,
-crop.py), token for token what the rollout would produce; the loss is the mean log-likelihood of the tokens the
-policy writes.
+central region the frame lies in, 3.5x the frame, jittered), then the answer read from the crop. With a
+readable global image (100 tokens) it crops half the time and answers straight from the global image the other
+half. RL then decides which habit stays. Trajectories are built with the policy's own prompt, tool-turn and
+image code (model.py, crop.py), token for token what the rollout would produce; three short reading exercises
+(a crop, then the answer) go with each. The loss is the log-likelihood of the tokens the policy writes, the
+decision tokens (box digits, the letter) weighted up. Measured (README): 450 steps, 821 s on 2 busy CPU cores;
+held-out accuracy 0.40 at 16 tokens with the tool (chance 0.20).
 
     python warmstart.py                       # writes weights/micro.safetensors (seeded; minutes on 2 CPU cores)
     python warmstart.py --steps 20 --out /tmp/micro.safetensors --eval 0    # a short run
