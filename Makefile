@@ -1,22 +1,29 @@
-# make stage1 | stage2 | eval | test | bench | figures, with MODEL=, DATA=, PRESET= passed through; NPROC=N runs stage1,
-# stage2 and eval data-parallel on N GPUs of this node (torchrun; README "More GPUs"). `make eval`
-# takes the budgets and tool limits the adapter was trained with (its config.json); ARGS=--global-tokens=1024 overrides.
+# make stage1 | baseline | stage2 | eval | test | bench | figures. The default is the README's experiment: the micro
+# model from its committed warm start on the micro task (CPU, minutes): `make stage1` (information gap), `make baseline`
+# (no gap: a readable global image, crops from it), `make stage2`, then `make eval` (every model there is, with and
+# without noise crops, at the gap level) prints the table. MODEL=, DATA=, PRESET= pass through (PRESET=tiny
+# MODEL=tiny DATA=synthetic:64: the old toy default); ARGS= adds train.py/eval.py options.
+# NPROC=N runs stage1, baseline, stage2 and eval data-parallel on N GPUs of this node (torchrun; README "More GPUs").
 # Every target runs `setup` first, so a fresh clone needs nothing else.
 PY      := .venv/bin/python
-MODEL   ?= tiny
-PRESET  ?= tiny
-DATA    ?= synthetic:64
-EVAL_DATA ?= synthetic:16
+PRESET  ?= micro
+MODEL   ?=
+DATA    ?=
+EVAL_DATA ?= micro:64
 BENCH   ?= synthetic
-ADAPTER ?= runs/stage2/final
+# the models `make eval` compares (none: the warm start itself); those not trained yet are skipped
+ADAPTERS ?= none runs/baseline/final runs/stage1/final runs/stage2/final
+EVAL_OUT ?= runs/eval
+# every model evaluated alike: the global image at the gap level (16 tokens), crops from the original
+EVAL_SETTINGS ?= --model micro --prompt micro --global-tokens 16 --crop-tokens 64 --max-turns 3 --max-turn-tokens 48 \
+	--max-response-tokens 160
 ARGS    ?=
 NPROC   ?= 1
 # train.py and eval.py: under torchrun when NPROC > 1 (python -m torch.distributed.run is torchrun, from the venv)
 RUN     = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
-# eval's base model: the adapter's own unless MODEL= is given
-EVAL_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL),)
+TRAIN = $(RUN) train.py --preset $(PRESET) $(if $(MODEL),--model $(MODEL),) $(if $(DATA),--data $(DATA),)
 
-.PHONY: setup stage1 stage2 eval test bench gpu-check figures lint clean
+.PHONY: setup stage1 baseline stage2 eval experiment test bench gpu-check figures lint clean
 
 setup: .venv/.done
 .venv/.done: requirements.txt
@@ -26,13 +33,39 @@ setup: .venv/.done
 	touch $@
 
 stage1: setup
-	$(RUN) train.py --stage 1 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+	$(TRAIN) --stage 1 $(ARGS)
+
+# the paper's same-resolution baseline: the global image readable (100 tokens) and crops cut from it
+baseline: setup
+	$(TRAIN) --stage 1 --infogap=off --global_tokens=100 --out_dir=runs/baseline $(ARGS)
 
 stage2: setup
-	$(RUN) train.py --stage 2 --model $(MODEL) --data $(DATA) --preset $(PRESET) $(ARGS)
+	$(TRAIN) --stage 2 $(ARGS)
 
 eval: setup
-	$(RUN) eval.py --bench $(BENCH) --data $(EVAL_DATA) $(EVAL_MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(ARGS)
+	@for a in $(ADAPTERS); do \
+		if [ "$$a" != none ] && [ ! -f "$$a/adapter_config.json" ]; then echo "skipping $$a (not trained)"; continue; fi; \
+		name=$$(echo $$a | tr / _); \
+		for probe in "" noise-replace; do \
+			$(RUN) eval.py --bench $(BENCH) --data $(EVAL_DATA) --adapter $$a $(EVAL_SETTINGS) $(ARGS) \
+				$${probe:+--probe $$probe} --out $(EVAL_OUT)/$$name$${probe:+-$$probe} || exit 1; \
+		done; \
+	done
+	$(PY) eval.py --bench $(BENCH) --summary --out $(EVAL_OUT)/summary  # --summary reads the folders beside --out
+
+# the README's table over seeds: each seed's four models in runs/exp/s<seed>/, evaluated into runs/exp/s<seed>/eval/
+SEEDS ?= 0 2 3
+EXP ?= runs/exp
+experiment: setup
+	@for s in $(SEEDS); do \
+		d=$(EXP)/s$$s; \
+		$(TRAIN) --stage 1 --seed=$$s --out_dir=$$d/stage1 $(ARGS) || exit 1; \
+		$(TRAIN) --stage 1 --seed=$$s --infogap=off --global_tokens=100 --out_dir=$$d/baseline $(ARGS) || exit 1; \
+		$(TRAIN) --stage 2 --seed=$$s --init_adapter=$$d/stage1/final --out_dir=$$d/stage2 $(ARGS) || exit 1; \
+		$(MAKE) --no-print-directory eval ADAPTERS="none $$d/baseline/final $$d/stage1/final $$d/stage2/final" \
+			EVAL_OUT=$$d/eval || exit 1; \
+	done
+	$(PY) plot.py $(foreach s,$(SEEDS),$(EXP)/s$(s)/stage1 $(EXP)/s$(s)/baseline) --out docs/micro_curves.png
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -54,8 +87,8 @@ FIG := runs/figures
 FIG_EVAL := --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160
 figures: setup
 	rm -rf $(FIG)
-	$(PY) train.py --stage 1 --out_dir=$(FIG)/stage1
-	$(PY) train.py --stage 1 --out_dir=$(FIG)/baseline --infogap=off
+	$(PY) train.py --stage 1 --preset tiny --out_dir=$(FIG)/stage1
+	$(PY) train.py --stage 1 --preset tiny --out_dir=$(FIG)/baseline --infogap=off
 	$(PY) plot.py $(FIG)/stage1 $(FIG)/baseline --out docs/curves.png
 	$(PY) eval.py --bench synthetic --data synthetic:8 --sweep 16,64,256 --out $(FIG)/sweep $(FIG_EVAL)
 	cp $(FIG)/sweep/sweep.png docs/sweep.png

@@ -44,7 +44,6 @@ def _table(header, rows):
 
 
 def bench_crop():
-    from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     import crop
@@ -297,7 +296,7 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
                 _, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
 
             bare = _time(step, repeat=5)
-        del batch
+        batch = step = None  # the bare run's cache goes before the rollouts
         for mode in ("dynamic", "graphs" if torch.cuda.is_available() else "static"):
             cfg = dataclasses.replace(cfg, decode=mode)
             rollout(policy, samples[:1], cfg)  # warm-up (and the graph's capture)

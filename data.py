@@ -176,6 +176,77 @@ def _draw(w, h, label, category, target, rng):
     return img
 
 
+# ---------------------------------------------------------------- micro: the task with a real information gap
+
+# The micro task (`micro:N`), sized for the micro model on a CPU. A 448x448 image (256 tokens at full resolution)
+# holds one thick black frame (64 pixels) near its centre; inside it, a fine black-and-white pattern with a period of 4
+# pixels. The frame shows at every budget (at 16 tokens it is a dark ring in one 28x28-pixel token); the pattern
+# averages to one grey once the image is shrunk 4x (16 tokens), and reads from 100 tokens up (tested:
+# tests/test_micro.py). The options come in one fixed order [choice], so the answer letter names the pattern.
+MICRO_SIDE = 448
+MICRO_CELL = 112  # 4x4 cells; at the gap level each cell is one language-model token
+# The frame lies anywhere in the central 2x2 cells [choice]: a micro model trained for minutes does not learn to
+# point at one of 16 cells (measured: its boxes ignored the image), so where to crop is nearly fixed, and what is
+# learnt is whether to crop and how tightly (stage 2)
+MICRO_REGION = (MICRO_CELL, 3 * MICRO_CELL)
+MICRO_LABEL = 64  # the frame's outer side; the pattern fills the inside
+MICRO_BORDER = 8
+MICRO_LEVEL = 16  # the designed information-gap level (tokens): the pattern is unreadable there
+MICRO_READABLE = 100  # a budget at which the pattern is readable (280x280 pixels; at 64 it is half-aliased)
+# option text -> 0/1 value at (x, y) inside the frame; each pattern is half black, so all blur to one grey. The
+# options are drawn symbols (horizontal stripes, vertical, checks, rising and falling diagonals): a few tokens each
+PATTERNS = {
+    "=": lambda x, y: (y // 2) % 2,  # period 4 px
+    "||": lambda x, y: (x // 2) % 2,
+    "#": lambda x, y: (x // 2 + y // 2) % 2,
+    "//": lambda x, y: ((x + y) // 2) % 2,
+    "\\\\": lambda x, y: ((x - y) // 2) % 2,
+}
+
+
+def micro(n, seed=0):
+    """n deterministic samples of the micro task: the same (n, seed) always gives the same items."""
+    return [_micro_sample(i, seed) for i in range(n)]
+
+
+def _micro_sample(i, seed):
+    rng = random.Random(seed * 1_000_003 + i + 7_777_777)  # never the synthetic set's stream
+    options = list(PATTERNS)
+    answer = rng.randrange(len(options))
+    lo, hi = MICRO_REGION
+    lx, ly = rng.randint(lo, hi - MICRO_LABEL), rng.randint(lo, hi - MICRO_LABEL)
+    b1 = [lx, ly, lx + MICRO_LABEL, ly + MICRO_LABEL]
+    boxes = [b1] + [_expand(b1, k, MICRO_SIDE, MICRO_SIDE) for k in (1.5, 2.5)]  # label, + margin, region
+    draw_seed = rng.random()
+
+    def make():
+        return _draw_micro(b1, options[answer], random.Random(draw_seed))
+
+    return Sample(id=f"micro-{seed}-{i}", question="Which pattern is in the black box?", answer=LETTERS[answer],
+                  width=MICRO_SIDE, height=MICRO_SIDE, options=options, boxes=boxes, category="pattern", make=make,
+                  global_tokens=None)
+
+
+def _draw_micro(label, pattern, rng):
+    import numpy as np
+
+    img = Image.new("RGB", (MICRO_SIDE, MICRO_SIDE), tuple(rng.randint(90, 200) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):  # flat mid-tone blobs: something to look past, never dark enough to pass for the frame
+        x, y, s = rng.randint(0, MICRO_SIDE), rng.randint(0, MICRO_SIDE), rng.randint(30, 120)
+        shape = rng.choice((d.rectangle, d.ellipse))
+        shape([x, y, x + s, y + rng.randint(30, s)], fill=tuple(rng.randint(90, 230) for _ in range(3)))
+    x1, y1, x2, y2 = label
+    d.rectangle([x1, y1, x2 - 1, y2 - 1], fill="black")
+    side = MICRO_LABEL - 2 * MICRO_BORDER
+    ys, xs = np.mgrid[0:side, 0:side] + np.array([rng.randrange(4), rng.randrange(4)])[:, None, None]
+    # a random phase: what bleeds from the pattern into the frame's edge when shrunk is not the same for every
+    # item of a pattern, so no trace of the pattern survives at the gap level
+    inside = (PATTERNS[pattern](xs, ys) * 255).astype(np.uint8)
+    img.paste(Image.fromarray(np.stack([inside] * 3, -1), "RGB"), (x1 + MICRO_BORDER, y1 + MICRO_BORDER))
+    return img
+
+
 # ---------------------------------------------------------------- JSONL
 
 def read_jsonl(path, max_reasons=5):
@@ -375,6 +446,11 @@ def load(spec, seed=0, columns=None):
         if not n.isdigit() or int(n) < 1:
             raise SystemExit(f"error: bad data spec {spec!r}: expected synthetic:N with N a positive number")
         return synthetic(int(n), seed)
+    if spec == "micro" or spec.startswith("micro:"):
+        n = spec.partition(":")[2] or "256"
+        if not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"error: bad data spec {spec!r}: expected micro:N with N a positive number")
+        return micro(int(n), seed)
     if spec.endswith(".jsonl"):
         return read_jsonl(spec)
     if spec.endswith((".parquet", ".json")):
@@ -384,7 +460,7 @@ def load(spec, seed=0, columns=None):
         if len(found) != 1:
             raise SystemExit(f"error: {spec} holds {len(found)} .jsonl files; expected exactly one")
         return read_jsonl(os.path.join(spec, found[0]))
-    kinds = "'synthetic[:N]', a .jsonl, a .parquet or .json table, a folder, or several joined by commas"
+    kinds = "'synthetic[:N]', 'micro[:N]', a .jsonl, a .parquet or .json table, a folder, or several joined by commas"
     if not os.path.exists(spec):
         raise SystemExit(f"error: data not found: {spec} (expected {kinds})")
     raise SystemExit(f"error: unsupported data {spec!r}: expected {kinds}")

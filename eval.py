@@ -381,6 +381,8 @@ def summarize(items, name, bench="synthetic", num_total=None):
                    tool_calls=sum(it["tool_calls"] for it in items) / n,
                    tool_errors=sum(it["tool_errors"] for it in items) / n,
                    seconds_per_item=sum(it["seconds"] for it in items) / n)
+    ious = [rewards.iou(it["boxes"][0], it["gt_boxes"][0]) for it in items if it.get("boxes") and it.get("gt_boxes")]
+    summary["iou_first_crop"] = sum(ious) / len(ious) if ious else None  # of the items that cropped, with B1
     if bench == "hrbench" and items:
         cycles = _accuracy_by(items, lambda it: it["meta"].get("cycle", ""))
         # HR-Bench's own: accuracy per cycle, averaged; without cycles it is not computed (not the plain accuracy)
@@ -430,7 +432,36 @@ def probe_summary(bench, root="runs/eval"):
         raise SystemExit(f"error: no run of {bench} without a probe in {root}: run eval.py --bench {bench} first")
     for results in tables:
         _print_probes(bench, results)
+    print(experiment_table(tables))
     return tables
+
+
+# the README's experiment: row names of the adapters the Makefile's targets write
+ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information gap (baseline)",
+             "runs/stage1/final": "stage 1, information gap", "runs/stage2/final": "stage 1 + stage 2"}
+DEPENDENCY_PROBE = "noise-replace"  # the crop replaced by noise [choice, made before any result]: added noise
+# (the paper's probe, σ = 64 levels) leaves a black-and-white pattern readable, so it measures robustness, not use
+
+
+def experiment_table(tables):
+    """One line per model (setting), the paper's columns: accuracy, with noise crops, crop dependency (the
+    accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that cropped)."""
+    rows = []
+    for results in tables:
+        plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
+        adapter = (plain.get("settings") or {}).get("adapter")
+        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
+        name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
+            a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        rows.append((list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES), name,
+                     f"| {name} | {pct(plain['accuracy'])} | {pct(noisy and noisy['accuracy'])} | "
+                     f"{pct(noisy and plain['accuracy'] - noisy['accuracy'])} | {plain['tool_calls']:.2f} | "
+                     f"{pct(plain.get('iou_first_crop'))} |"))
+    return "\n".join(["", f"crop dependency: points of accuracy lost with --probe {DEPENDENCY_PROBE} (every returned "
+                       "crop replaced by noise); IoU in %", "",
+                       "| model | accuracy (%) | with noise crop (%) | crop dependency | tool calls / episode | "
+                       "IoU of first crop with B1 |", "|---|---|---|---|---|---|", *(r[2] for r in sorted(rows))])
 
 
 def _print_probes(bench, results):

@@ -118,10 +118,11 @@ def prepare(cfg, samples):
                max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher)
     if setting:
         samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)
-    elif cfg.data.startswith("synthetic") and not any(s.global_tokens for s in samples):
-        print(f"synthetic data: its designed information-gap level, {data.SYNTHETIC_LEVEL} tokens")
+    elif cfg.data.startswith(("synthetic", "micro")) and not any(s.global_tokens for s in samples):
+        level = data.MICRO_LEVEL if cfg.data.startswith("micro") else data.SYNTHETIC_LEVEL
+        print(f"{cfg.data.partition(':')[0]} data: its designed information-gap level, {level} tokens")
         for s in samples:
-            s.global_tokens = data.SYNTHETIC_LEVEL
+            s.global_tokens = level
     if cfg.stage == 1 and not any(s.global_tokens for s in samples):
         raise SystemExit(NO_LEVELS.format(data=cfg.data))
     _report_above_budget(samples, cfg.global_tokens)
@@ -168,7 +169,7 @@ def main():
     ap.add_argument("--ladder", default=LADDER, help="global budgets below the reference, largest first")
     ap.add_argument("--reference-tokens", type=int, default=16384, help="the reference answer's budget")
     ap.add_argument("--max-tokens", type=int, default=1024, help="tokens per answer (a 7B thinks before answering)")
-    ap.add_argument("--prompt", default="deepeyes", choices=["deepeyes", "qwen"], help="prompt wording")
+    ap.add_argument("--prompt", default="deepeyes", choices=["deepeyes", "qwen", "micro"], help="prompt wording")
     ap.add_argument("--matcher", default="rule", choices=list(rewards.MATCHERS), help="short-answer matcher")
     ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl)")
     args = ap.parse_args()

@@ -1,11 +1,17 @@
-"""What a training step leaves behind: its metrics line (reward and its parts, tool use, loss, memory), the
-memory readings, rollout transcripts and curves.png."""
+"""What a training run leaves behind: each step's metrics line (reward and its parts, tool use, loss, memory),
+the memory readings, rollout transcripts, curves.png, the held-out probe of the crop dependency, and the closing
+line that says what changed."""
+import dataclasses
 import json
 import math
 import os
 import resource
 
 import torch
+
+import data
+import rewards
+from rollout import rollout
 
 
 def step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
@@ -88,3 +94,46 @@ def peak_memory_gb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def what_changed(metrics_path, window=5):
+    """The run's closing line: the first steps against the last (means over `window` steps) of reward, accuracy and
+    tool calls, and the first held-out probe against the last (accuracy, crop dependency) when there are probes."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    first, last = rows[:window], rows[-window:]
+    parts = [f"{k} {mean(first, k):.3g} -> {mean(last, k):.3g}" for k in ("reward", "accuracy", "tool_calls")]
+    probes = [r for r in rows if "crop_dependency" in r]
+    if probes:
+        parts += [f"held-out {k.replace('heldout_', '').replace('_', ' ')} {probes[0][k]:.3g} -> {probes[-1][k]:.3g}"
+                  for k in ("heldout_accuracy", "crop_dependency", "heldout_tool_calls")]
+    return f"what changed (first {len(first)} steps -> last {len(last)}; held-out: step {probes[0]['step'] if probes else '-'}" \
+           f" -> {probes[-1]['step'] if probes else '-'}): " + ", ".join(parts)
+
+
+def probe_set(cfg):
+    """The held-out items of the in-training probe: eval's generated set (seed 1) of the run's data spec."""
+    if not cfg.probe_every:
+        return None
+    kind = cfg.data.partition(":")[0]
+    if kind not in ("synthetic", "micro"):
+        raise SystemExit(f"error: --probe_every needs generated data (synthetic:N or micro:N), not {cfg.data!r}")
+    return data.load(f"{kind}:{cfg.probe_items}", seed=1)
+
+
+def probe_held_out(policy, samples, rcfg, matcher, global_tokens=0):
+    """Greedy held-out accuracy at the probe's budget (global_tokens; 0: the run's), crops from the original, with
+    and without the crops replaced by noise (eval.DEPENDENCY_PROBE), and their difference: the crop dependency
+    over training. rcfg: the run's rollout settings."""
+    out = {}
+    for probe, tag in ((None, ""), ("noise-replace", "noise_")):
+        cfg = dataclasses.replace(rcfg, group_size=1, greedy=True, probe=probe, crop_from_shown=False,
+                                  rollout_rows=len(samples), global_tokens=global_tokens or rcfg.global_tokens)
+        eps = rollout(policy, samples, cfg, step=0)
+        out[f"heldout_{tag}accuracy"] = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer,
+                                                             e.sample.options, matcher) for e in eps) / len(eps)
+        if probe is None:
+            out["heldout_tool_calls"] = sum(e.num_tool_calls for e in eps) / len(eps)
+    out["crop_dependency"] = out["heldout_accuracy"] - out["heldout_noise_accuracy"]
+    return out

@@ -58,7 +58,15 @@ QWEN_USER = ("\nThink first inside <think></think>. If a detail is too small to 
              "its region. Put the final answer inside <answer></answer>.")
 QWEN_USER_NO_TOOL = "\nThink first inside <think></think>. Put the final answer inside <answer></answer>."
 PLAIN_SYSTEM = "You are a helpful assistant."
-PROMPTS = ("deepeyes", "qwen")
+# The micro model's wording: Qwen's layout with the tool schema cut to one example call [choice]. The full schema
+# is ~450 tokens that a model trained from scratch does not need, and on a CPU each prompt token costs time in
+# every rollout and every loss; user turn and tool reply are the qwen wording's.
+MICRO_SYSTEM = ('You are a helpful assistant. To zoom in, call image_zoom_in_tool: <tool_call>{"name": '
+                '"image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>')
+MICRO_USER = "\nZoom in if it is too small. Answer inside <answer></answer>."
+MICRO_USER_NO_TOOL = "\nAnswer inside <answer></answer>."
+PROMPTS = ("deepeyes", "qwen", "micro")
+SYSTEMS = dict(deepeyes=DEEPEYES_SYSTEM, qwen=QWEN_SYSTEM, micro=MICRO_SYSTEM)
 
 
 def _check_prompt(prompt):
@@ -76,7 +84,10 @@ def user_text(question, options=None, prompt="deepeyes", tools=True):
             text += "Options: \n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options))
         return text + (DEEPEYES_USER if tools else DEEPEYES_USER_NO_TOOL)
     if options:
-        question += "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options)) + "\nAnswer with the option's letter."
+        question += "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
+        question += "" if prompt == "micro" else "\nAnswer with the option's letter."
+    if prompt == "micro":
+        return question + (MICRO_USER if tools else MICRO_USER_NO_TOOL)
     return question + (QWEN_USER if tools else QWEN_USER_NO_TOOL)
 
 
@@ -131,7 +142,7 @@ class Policy:
         """System + user turn (the global image, then `text`, from user_text) + the opening of the assistant
         turn. tools=False: the system prompt declares no tool (the no-tool probe, the info-gap selection)."""
         _check_prompt(prompt)
-        system = PLAIN_SYSTEM if not tools else DEEPEYES_SYSTEM if prompt == "deepeyes" else QWEN_SYSTEM
+        system = PLAIN_SYSTEM if not tools else SYSTEMS[prompt]
         head = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
         tail = self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
         return head + self.image_block(grid) + tail
@@ -265,6 +276,10 @@ SHAPES = {
                            num_key_value_heads=2, mrope_section=[2, 3, 3],  # sums to head_dim / 2
                            initializer_range=0.1),  # peakier than 0.02, so a LoRA can move its choices quickly
                  vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])),
+    # `micro`: big enough to learn the micro task on a CPU in minutes; its weights are the warm start (warmstart.py)
+    "micro": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, mrope_section=[4, 6, 6]),
+                  vision=dict(depth=2, hidden_size=64, intermediate_size=192, num_heads=2, fullatt_block_indexes=[1])),
     "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064),
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
@@ -301,7 +316,22 @@ def build_tiny(seed=0, shape="tiny", dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer
 
 
-BUILT_IN = ("tiny", "tiny-7b")  # random weights, built here: no download
+BUILT_IN = ("tiny", "tiny-7b", "micro")  # built here, no download: tiny and tiny-7b random, micro warm-started
+SHAPE_OF = {"tiny": "tiny", "tiny-7b": "7b", "micro": "micro"}
+# the micro model's warm-started weights (python warmstart.py writes them; committed, so runs need not)
+MICRO_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "micro.safetensors")
+
+
+def build_builtin(name, seed=0, dtype=torch.float32, device="cpu"):
+    """A built-in model by name: tiny and tiny-7b with seeded random weights, micro with its warm start."""
+    model, tokenizer = build_tiny(seed, SHAPE_OF[name], dtype, device)
+    if name == "micro":
+        from safetensors.torch import load_file
+        if not os.path.isfile(MICRO_WEIGHTS):
+            raise SystemExit(f"error: {MICRO_WEIGHTS} not found: make it with python warmstart.py")
+        state = {k: v.to(dtype) for k, v in load_file(MICRO_WEIGHTS, device=str(device)).items()}
+        model.load_state_dict(state)
+    return model, tokenizer
 PRECISIONS = ("auto", "nf4", "bf16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -313,7 +343,7 @@ def base_precision(name, precision="auto"):
         raise SystemExit(f"error: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    return {"tiny": "fp32", "tiny-7b": "bf16"}.get(name, "nf4")
+    return {"tiny": "fp32", "micro": "fp32", "tiny-7b": "bf16"}.get(name, "nf4")
 
 
 def locate(name, download=True):
@@ -333,7 +363,7 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = base_precision(name, precision)
     if name in BUILT_IN and precision != "nf4":  # tiny-7b: random weights at 7B's shape (GPU benchmarks)
-        model, tokenizer = build_tiny(seed, "7b" if name == "tiny-7b" else "tiny", DTYPES[precision], device)
+        model, tokenizer = build_builtin(name, seed, DTYPES[precision], device)
     elif name in BUILT_IN:  # NF4 quantises while loading: the built-in model goes through a folder like any other
         with tempfile.TemporaryDirectory() as folder:
             save_tiny(folder, seed, name)
@@ -363,7 +393,7 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
 
 def save_tiny(folder, seed=0, name="tiny"):
     """The built-in model as a checkpoint folder (weights, config, tokenizer, chat template)."""
-    model, tokenizer = build_tiny(seed, "7b" if name == "tiny-7b" else "tiny")
+    model, tokenizer = build_builtin(name, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -410,7 +440,7 @@ def check_template(policy, folder, prompt="deepeyes"):
         return None
     grid = (1, 2 * policy.merge, 2 * policy.merge)  # one image of 4 pads
     question = user_text("What is it?", prompt=prompt)
-    system = DEEPEYES_SYSTEM if prompt == "deepeyes" else QWEN_SYSTEM
+    system = SYSTEMS[prompt]
     messages = [dict(role="system", content=system),
                 dict(role="user", content=[dict(type="image"), dict(type="text", text=question)])]
     text = policy.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -437,7 +467,7 @@ def model_config(name):
     """(config dict, where it came from) for the memory estimate: the built-in shapes, or the model's own
     config.json (any Qwen2.5-VL size). Nothing is downloaded: a model that cannot be found is an error."""
     if name in BUILT_IN:
-        shape = SHAPES["7b" if name == "tiny-7b" else "tiny"]
+        shape = SHAPES[SHAPE_OF[name]]
         text = {k: v for k, v in shape["text"].items() if k != "mrope_section"}
         return dict(text, vocab_size=text.get("vocab_size", 602), vision_config=dict(
             shape["vision"], out_hidden_size=text["hidden_size"])), f"the built-in {name}"
@@ -475,7 +505,7 @@ def estimate_memory(cfg):
     # the gradient (N, D) fp32 and one chunk of logits: fp32, its bf16 matmul output, and p in bf16
     logprobs = n * h * 4 + min(n * vocab, kernels.logprobs.CHUNK_ELEMENTS) * (4 + 2 + 2)
     parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, activations=activations,
-                 logprob_chunks=logprobs, cuda_overhead=0 if cfg.model == "tiny" else 1.5e9)
+                 logprob_chunks=logprobs, cuda_overhead=0 if cfg.model in ("tiny", "micro") else 1.5e9)
     gb = {k: v / 1e9 for k, v in parts.items()}
     gb["peak"] = sum(gb.values())
     return gb

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 import benchmarks
-import data
 import eval as ev
 
 TINY = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "30"]

@@ -112,7 +112,6 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real = torch.save
-    calls = {"n": 0}
 
     def full_disk(obj, path, *a, **kw):
         if "step_000002" in str(path):

@@ -1,5 +1,4 @@
 """rollout.py: the tool protocol, crops from the original, masks, limits, and exact log-probs."""
-import json
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The rollout engine: each token and image goes through the model once; the baseline engine agrees; the
 tool-call parser and box checks never raise on hostile model output (property tests)."""
 import json
-import math
 
 import pytest
 import torch
