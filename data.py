@@ -29,6 +29,9 @@ WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver 
          "honey violin planet marble castle dragon").split()
 GLYPHS = ("circle", "square", "triangle", "cross")
 LETTERS = "ABCDE"
+# The seed of the held-out generated sets (eval.py's default, the in-training probe): a run that generates its
+# training items with the same seed would train on them, so train.py refuses it
+HELD_OUT_SEED = 1
 SYNTHETIC_LEVEL = 64  # the synthetic set's designed information-gap level: at 64 tokens no label is readable (tested)
 # Decompression-bomb guard: images with more pixels are refused (an 8K image is 33 MP). LFPC_MAX_PIXELS sets it.
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
@@ -424,6 +427,11 @@ def _table_sample(f, root, n):
     return Sample(id=str(f["id"] if f.get("id") is not None else n), question=question, answer=answer, width=width,
                   height=height, options=options, image_path=image_path, make=make,
                   category=str(f.get("category") or "default"))
+
+
+def generated(spec):
+    """Whether a data spec (or any part of a mixed one) is made here from a seed: synthetic:N or micro:N."""
+    return any(p.split(":")[0] in ("synthetic", "micro") for p in spec.split(","))
 
 
 def load(spec, seed=0, columns=None):

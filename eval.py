@@ -72,7 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", default=None, help="N,N,...: global budgets; at each, evaluate plain, with noise crops "
                                                    "and without the tool (resumable); writes sweep.md/json/png")
     ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
-    ap.add_argument("--seed", type=int, default=1,
+    ap.add_argument("--seed", type=int, default=data.HELD_OUT_SEED,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
     args = ap.parse_args(argv)
     args.adapters = [None if a == "none" else a for a in args.adapter or ["none"]]  # several: --sweep, one line each

@@ -113,13 +113,13 @@ def what_changed(metrics_path, window=5):
 
 
 def probe_set(cfg):
-    """The held-out items of the in-training probe: eval's generated set (seed 1) of the run's data spec."""
+    """The held-out items of the in-training probe: eval's generated set (data.HELD_OUT_SEED) of the run's data."""
     if not cfg.probe_every:
         return None
     kind = cfg.data.partition(":")[0]
     if kind not in ("synthetic", "micro"):
         raise SystemExit(f"error: --probe_every needs generated data (synthetic:N or micro:N), not {cfg.data!r}")
-    return data.load(f"{kind}:{cfg.probe_items}", seed=1)
+    return data.load(f"{kind}:{cfg.probe_items}", seed=data.HELD_OUT_SEED)
 
 
 def probe_held_out(policy, samples, rcfg, matcher, global_tokens=0):

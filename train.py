@@ -355,6 +355,10 @@ def train(cfg, resume=None):
                          f"must be one folder that every node sees (a shared filesystem)")
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
+    if cfg.seed == data.HELD_OUT_SEED and data.generated(cfg.data):
+        raise SystemExit(f"error: --seed={cfg.seed} generates the held-out evaluation items of {cfg.data!r} "
+                         f"(eval.py's and the probe's seed): training on them would test on training data; "
+                         f"choose another seed")
     samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))

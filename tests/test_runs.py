@@ -7,6 +7,7 @@ import signal
 import pytest
 
 import checkpoint
+import data
 import train
 from helpers import run_cfg
 
@@ -75,6 +76,15 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     train.train(_cfg(out))
     return out
+
+
+def test_a_run_never_trains_on_the_held_out_items(tmp_path, monkeypatch):
+    """eval.py's generated sets use data.HELD_OUT_SEED: a run generating its items with that seed is refused."""
+    _no_model(monkeypatch)
+    for spec in ("synthetic:4", "micro:8", "micro:8,synthetic:4"):
+        with pytest.raises(SystemExit) as e:
+            train.train(_cfg(tmp_path / spec.replace(",", "+"), data=spec, seed=data.HELD_OUT_SEED))
+        assert "held-out evaluation items" in str(e.value)
 
 
 def _copy(run, tmp_path):
