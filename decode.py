@@ -58,8 +58,9 @@ class StaticDecode:
         self.col += 1
         return self.out[:B, 0].clone()
 
-    def fits(self, n_rows, extra=1):
-        return self.shape is not None and n_rows == self.live and self.col + extra <= self.shape[1]
+    def fits(self, n_rows):
+        """The loaded buffers hold these rows and have a column left for the next step."""
+        return self.shape is not None and n_rows == self.live and self.col < self.shape[1]
 
     def load(self, batch):
         """Copy the batch's dynamic cache and mask history into the static buffers (a new bucket if needed)."""

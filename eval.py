@@ -25,6 +25,7 @@ from tqdm import tqdm
 import benchmarks
 import data
 import dist
+import logbook
 import model
 import report
 import rewards
@@ -439,8 +440,6 @@ def probe_summary(bench, root="runs/eval"):
 # the README's experiment: row names of the adapters the Makefile's targets write
 ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information gap (baseline)",
              "runs/stage1/final": "stage 1, information gap", "runs/stage2/final": "stage 1 + stage 2"}
-DEPENDENCY_PROBE = "noise-replace"  # the crop replaced by noise [choice, made before any result]: added noise
-# (the paper's probe, σ = 64 levels) leaves a black-and-white pattern readable, so it measures robustness, not use
 
 
 def experiment_table(tables):
@@ -448,7 +447,7 @@ def experiment_table(tables):
     accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that cropped)."""
     rows = []
     for results in tables:
-        plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
+        plain, noisy = results["none"], results.get(logbook.DEPENDENCY_PROBE)
         adapter = (plain.get("settings") or {}).get("adapter")
         # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
         name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
@@ -458,7 +457,7 @@ def experiment_table(tables):
                      f"| {name} | {pct(plain['accuracy'])} | {pct(noisy and noisy['accuracy'])} | "
                      f"{pct(noisy and plain['accuracy'] - noisy['accuracy'])} | {plain['tool_calls']:.2f} | "
                      f"{pct(plain.get('iou_first_crop'))} |"))
-    return "\n".join(["", f"crop dependency: points of accuracy lost with --probe {DEPENDENCY_PROBE} (every returned "
+    return "\n".join(["", f"crop dependency: points of accuracy lost with --probe {logbook.DEPENDENCY_PROBE} (every returned "
                        "crop replaced by noise); IoU in %", "",
                        "| model | accuracy (%) | with noise crop (%) | crop dependency | tool calls / episode | "
                        "IoU of first crop with B1 |", "|---|---|---|---|---|---|", *(r[2] for r in sorted(rows))])

@@ -122,12 +122,18 @@ def probe_set(cfg):
     return data.load(f"{kind}:{cfg.probe_items}", seed=data.HELD_OUT_SEED)
 
 
+# the crop dependency's probe: every returned crop replaced by noise [choice, made before any result]. Added noise
+# (the paper's probe, sigma = 64 levels) leaves the micro task's black-and-white pattern readable, so it measures
+# robustness, not use. eval.py's experiment table uses the same.
+DEPENDENCY_PROBE = "noise-replace"
+
+
 def probe_held_out(policy, samples, rcfg, matcher, global_tokens=0):
     """Greedy held-out accuracy at the probe's budget (global_tokens; 0: the run's), crops from the original, with
-    and without the crops replaced by noise (eval.DEPENDENCY_PROBE), and their difference: the crop dependency
+    and without the crops replaced by noise (DEPENDENCY_PROBE), and their difference: the crop dependency
     over training. rcfg: the run's rollout settings."""
     out = {}
-    for probe, tag in ((None, ""), ("noise-replace", "noise_")):
+    for probe, tag in ((None, ""), (DEPENDENCY_PROBE, "noise_")):
         cfg = dataclasses.replace(rcfg, group_size=1, greedy=True, probe=probe, crop_from_shown=False,
                                   rollout_rows=len(samples), global_tokens=global_tokens or rcfg.global_tokens)
         eps = rollout(policy, samples, cfg, step=0)
