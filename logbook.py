@@ -42,11 +42,6 @@ def _std(xs):
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else 0.0
 
 
-# curves.png is redrawn at a checkpoint at most this often (a drawing takes ~1 s; the tiny preset checkpoints
-# every few seconds), and always at the last step's
-CURVES_EVERY_S = 30
-
-
 def draw_curves(out_dir):
     """curves.png of the run so far (plot.py); a plotting failure costs the figure, never the run."""
     try:

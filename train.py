@@ -388,7 +388,6 @@ def train(cfg, resume=None):
     if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
         truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
-    drawn = time.time()  # when curves.png was last drawn (or the run started)
     tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
                disable=not dist.is_main())
@@ -423,9 +422,8 @@ def train(cfg, resume=None):
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
                                      world_size=dist.world(), metrics=metrics))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if cfg.curves and (step + 1 == cfg.steps or stop.signal or time.time() - drawn >= logbook.CURVES_EVERY_S):
+                if cfg.curves:
                     logbook.draw_curves(out_dir)
-                    drawn = time.time()
             if stop.signal:
                 dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
                 print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
