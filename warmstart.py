@@ -1,17 +1,22 @@
 """The micro model's warm start: supervised training on trajectories a scripted policy writes on the micro task.
 
-The scripted policy has the two habits a real model brings to RL. With the global image at the information-gap
-level (16 tokens: the pattern is a grey blur) it crops: a tool call whose box is deliberately imperfect (the
-central region the frame lies in, 3.5x the frame, jittered), then the answer read from the crop. With a
-readable global image (100 tokens) it crops half the time and answers straight from the global image the other
-half. RL then decides which habit stays. Trajectories are built with the policy's own prompt, tool-turn and
-image code (model.py, crop.py), token for token what the rollout would produce; three short reading exercises
-(a crop, then the answer) go with each. The loss is the log-likelihood of the tokens the policy writes, the
-decision tokens (box digits, the letter) weighted up. Measured (README): 450 steps, 821 s on 2 busy CPU cores;
-held-out accuracy 0.40 at 16 tokens with the tool (chance 0.20).
+The scripted policy's trajectories are built with the policy's own prompt, tool-turn and image code (model.py,
+crop.py), token for token what the rollout would produce; its crop box is deliberately imperfect (the central
+region the frame lies in, 3.5x the frame, jittered). The loss is the log-likelihood of the tokens the policy
+writes, the decision tokens (box digits, the letter) weighted up. Three phases:
+1. the format and a first reading (450 steps, lr 3e-3): at the gap level (16 tokens: the pattern is a grey blur)
+   it crops and answers from the crop; at a readable global image (100 tokens) it answers directly half the
+   time; three short reading exercises (a crop, then the answer) go with each trajectory;
+2. reading (200 steps of 16 reading exercises, lr 1e-3): phase 1 leaves the model right on 40 % of crops;
+3. both habits (150 steps, lr 1e-3): at either level it answers without the tool 60 % of the time [choice], as
+   real models mostly do before RL; RL then decides which habit stays. At the gap level such an answer's letter
+   is not in the loss: it is a guess, and teaching guesses would unteach reading.
+Measured (README): phase 1 821 s on 2 busy CPU cores, phases 2 and 3 192 s; held out, greedy at 16 tokens it
+answers without the tool (accuracy 0.20, chance 0.20); sampled, it crops 20 % of the time and is then right 77 %.
 
     python warmstart.py                       # writes weights/micro.safetensors (seeded; minutes on 2 CPU cores)
     python warmstart.py --steps 20 --out /tmp/micro.safetensors --eval 0    # a short run
+    python warmstart.py --first PHASE1.safetensors    # phases 2 and 3 on phase 1's weights (same seed and settings)
 """
 import argparse
 import math
@@ -32,6 +37,9 @@ from rollout import RolloutConfig, rollout
 PROMPT = "micro"  # model.MICRO_SYSTEM: the short wording
 CROP_TOKENS = 64  # the crop budget the trajectories are written with: train.py's micro preset uses the same
 DIRECT_SHARE = 0.5  # of the readable items, the share answered from the global image without the tool
+HABIT_DIRECT = 0.6  # third phase: the share of episodes answered without the tool [choice]
+READ_BATCH = 16  # reading exercises per step of the second phase
+SECOND_STREAM = 10**6  # the later phases' items: after the first phase's in the same stream
 WARMSTART_SEED = 1000  # the warm start's items: a stream of their own (RL trains on seed 0, eval uses seed 1)
 
 
@@ -62,8 +70,11 @@ def reading(policy, sample, rng):
     return ids + reply, mask + [1] * len(reply), [pv], [grid[0].tolist()]
 
 
-def trajectory(policy, sample, budget, rng):
-    """One scripted episode as the rollout would record it: (ids, loss_mask, pixel_values, grids)."""
+def trajectory(policy, sample, budget, rng, habits=False):
+    """One scripted episode as the rollout would record it: (ids, loss_mask, pixel_values, grids). First phase:
+    at the gap level it crops, at the readable level it answers directly half the time. habits=True (third
+    phase): it answers directly HABIT_DIRECT of the time at either level; at the gap level such an answer's letter
+    is left out of the loss, so what is taught is the habit of answering without looking, not a guess."""
     orig = crop.to_uint8(sample.image())
     pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
     shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
@@ -71,13 +82,18 @@ def trajectory(policy, sample, budget, rng):
     ids = policy.prompt_ids(text, grid[0], prompt=PROMPT)
     mask, pvs, grids = [0] * len(ids), [pv], [grid[0].tolist()]
 
-    def write(t):  # tokens the policy writes: in the loss
+    def write(t, learn=1):  # tokens the policy writes: in the loss unless learn=0
         new = policy.encode(t)
         ids.extend(new)
-        mask.extend([1] * len(new))
+        mask.extend([learn] * len(new))
 
     answer = f"<answer>{sample.answer}</answer>"
-    if budget >= data.MICRO_READABLE and rng.random() < DIRECT_SHARE:
+    readable = budget >= data.MICRO_READABLE
+    if habits and rng.random() < HABIT_DIRECT:
+        write("<answer>")
+        write(sample.answer, learn=int(readable))
+        write("</answer>")
+    elif not habits and readable and rng.random() < DIRECT_SHARE:
         write(answer)
     else:
         box = scripted_box(sample, shown_wh, rng)
@@ -124,20 +140,35 @@ def nll(policy, b):
     return (per_token * weight).sum() / weight.sum()
 
 
+def _update(policy, params, opt, b):
+    """One optimizer step on the weighted log-likelihood of a batch; returns the loss."""
+    loss = nll(policy, b)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def key_ids(policy):
     """Ids of the tokens that are all digits or one option letter."""
     vocab = policy.tokenizer.get_vocab()
     return torch.tensor([i for t, i in vocab.items() if t.isdigit() or t in ("A", "B", "C", "D", "E")])
 
 
-def train(steps=450, batch=4, lr=3e-3, seed=0, out=model.MICRO_WEIGHTS, log_every=20):
-    """Train the micro model from its seeded random init on fresh scripted items; save fp32 safetensors.
-    Returns the losses, one per step."""
-    from safetensors.torch import save_file
+def train(steps=450, batch=4, lr=3e-3, seed=0, out=model.MICRO_WEIGHTS, log_every=20, read_steps=200,
+          habit_steps=150, first=None):
+    """Train the micro model from its seeded random init on fresh scripted items, in three phases (the first:
+    `steps`; then sharpen: `read_steps` and `habit_steps`); save fp32 safetensors. first: a file of the first
+    phase's weights to start from instead (as a run with the same seed, steps, batch and lr writes them).
+    Returns the losses, one per step, and the policy."""
+    from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
     hf, tokenizer = model.build_tiny(seed, "micro")
     policy = model.Policy(hf, tokenizer, "micro")
+    if first:
+        hf.load_state_dict(load_file(first))
     params = [p for p in hf.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -146,28 +177,52 @@ def train(steps=450, batch=4, lr=3e-3, seed=0, out=model.MICRO_WEIGHTS, log_ever
     rng = random.Random(seed)
     losses = []
     hf.train()
-    bar = tqdm(range(steps), desc="warm start", file=sys.stdout)
+    bar = tqdm(range(0 if first else steps), desc="warm start, phase 1", file=sys.stdout)
     for step in bar:
         items = [data._micro_sample(step * batch * 4 + i, WARMSTART_SEED + seed) for i in range(batch * 4)]
         budgets = [data.MICRO_LEVEL if rng.random() < 0.5 else data.MICRO_READABLE for _ in items[:batch]]
         b = batch_of(policy, [trajectory(policy, s, g, rng) for s, g in zip(items, budgets)]
                      + [reading(policy, s, rng) for s in items[batch:]])  # 3 reading exercises per trajectory
-        loss = nll(policy, b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        losses.append(_update(policy, params, opt, b))
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
         if (step + 1) % log_every == 0:
             bar.set_postfix(loss=f"{sum(losses[-log_every:]) / log_every:.3f}")
-    hf.eval()
+    losses += sharpen(policy, read_steps, habit_steps, batch, seed=seed, log_every=log_every)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in hf.state_dict().items()}, out,
-              metadata=dict(steps=str(steps), batch=str(batch), lr=str(lr), seed=str(seed)))
+              metadata=dict(steps=str(steps), batch=str(batch), lr=str(lr), seed=str(seed), read_steps=str(read_steps),
+                            habit_steps=str(habit_steps)))
     print(f"saved {out} ({os.path.getsize(out) / 1e6:.1f} MB); loss {losses[0]:.3f} -> "
           f"{sum(losses[-log_every:]) / min(log_every, len(losses)):.3f}")
     return losses, policy
+
+
+def sharpen(policy, read_steps=200, habit_steps=150, batch=4, lr=1e-3, seed=0, log_every=20):
+    """The second and third phases, on the first phase's weights with a fresh optimizer at a constant, lower
+    learning rate. Second: reading exercises alone, READ_BATCH a step (the first phase leaves the model reading a
+    crop right 40 % of the time; at 3e-3 it does not get further). Third: whole episodes with both habits
+    (trajectory(habits=True)), each beside a reading exercise. Returns the losses, one per step."""
+    hf = policy.model
+    params = [p for p in hf.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(seed + 1)
+    losses = []
+    hf.train()
+    bar = tqdm(range(read_steps + habit_steps), desc="warm start, phases 2-3", file=sys.stdout)
+    for step in bar:
+        items = [data._micro_sample(SECOND_STREAM + step * READ_BATCH + i, WARMSTART_SEED + seed)
+                 for i in range(READ_BATCH)]
+        if step < read_steps:
+            examples = [reading(policy, s, rng) for s in items]
+        else:
+            budgets = [data.MICRO_LEVEL if rng.random() < 0.5 else data.MICRO_READABLE for _ in range(batch)]
+            examples = ([trajectory(policy, s, g, rng, habits=True) for s, g in zip(items, budgets)]
+                        + [reading(policy, s, rng) for s in items[batch:2 * batch]])
+        losses.append(_update(policy, params, opt, batch_of(policy, examples)))
+        if (step + 1) % log_every == 0:
+            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / log_every:.3f}")
+    hf.eval()
+    return losses
 
 
 def held_out(policy, n=40, budget=data.MICRO_LEVEL, probe=None):
@@ -185,7 +240,10 @@ def held_out(policy, n=40, budget=data.MICRO_LEVEL, probe=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=450, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=450, help="first phase: optimizer steps")
+    ap.add_argument("--read_steps", type=int, default=200, help="second phase: steps of reading exercises alone")
+    ap.add_argument("--habit_steps", type=int, default=150, help="third phase: steps of episodes with both habits")
+    ap.add_argument("--first", help="the first phase's weights (a file), instead of training them again")
     ap.add_argument("--batch", type=int, default=4, help="scripted trajectories per step (and 3 reading exercises each)")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     ap.add_argument("--seed", type=int, default=0, help="init, item stream and scripted choices")
@@ -195,7 +253,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    _, policy = train(args.steps, args.batch, args.lr, args.seed, args.out)
+    _, policy = train(args.steps, args.batch, args.lr, args.seed, args.out, read_steps=args.read_steps,
+                      habit_steps=args.habit_steps, first=args.first)
     print(f"{time.time() - t0:.0f} s")
     if args.eval:
         with torch.no_grad():
