@@ -66,6 +66,7 @@ experiment: setup
 			EVAL_OUT=$$d/eval || exit 1; \
 	done
 	$(PY) plot.py $(foreach s,$(SEEDS),$(EXP)/s$(s)/stage1 $(EXP)/s$(s)/baseline) --out docs/micro_curves.png
+	$(PY) eval.py --bench $(BENCH) --summary --out $(EXP)/summary  # the table over every seed in $(EXP)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -420,7 +420,21 @@ def _markdown(summary):
 def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
     returned crop is noise), per setting: folders under `root` whose run.json differs only in the probe. Each
-    folder's summary is rebuilt from all its shards' items. Returns one {probe: summary} per setting."""
+    folder's summary is rebuilt from all its shards' items. Returns one {probe: summary} per setting. A root
+    that holds `make experiment`'s seed folders (s<seed>/eval) gets the table over seeds instead."""
+    seeds = sorted(d for d in os.listdir(root) if re.fullmatch(r"s\d+", d)) if os.path.isdir(root) else []
+    if seeds:
+        print(seeds_table([probe_tables(bench, os.path.join(root, d, "eval")) for d in seeds], seeds))
+        return
+    tables = probe_tables(bench, root)
+    for results in tables:
+        _print_probes(bench, results)
+    print(experiment_table(tables))
+    return tables
+
+
+def probe_tables(bench, root):
+    """probe_summary's {probe: summary} per setting, from the folders under `root`."""
     groups = {}
     for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         run = read_run(os.path.join(root, d))
@@ -431,9 +445,6 @@ def probe_summary(bench, root="runs/eval"):
     tables = [results for results in groups.values() if "none" in results]
     if not tables:
         raise SystemExit(f"error: no run of {bench} without a probe in {root}: run eval.py --bench {bench} first")
-    for results in tables:
-        _print_probes(bench, results)
-    print(experiment_table(tables))
     return tables
 
 
@@ -442,9 +453,10 @@ ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information
              "runs/stage1/final": "stage 1, information gap", "runs/stage2/final": "stage 1 + stage 2"}
 
 
-def experiment_table(tables):
-    """One line per model (setting), the paper's columns: accuracy, with noise crops, crop dependency (the
-    accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that cropped)."""
+def experiment_rows(tables):
+    """(order, name, values) per model, in the README's order; values: accuracy, with noise crops, crop
+    dependency (the accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that
+    cropped); None where not measured."""
     rows = []
     for results in tables:
         plain, noisy = results["none"], results.get(logbook.DEPENDENCY_PROBE)
@@ -452,15 +464,52 @@ def experiment_table(tables):
         # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
         name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
             a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        rows.append((list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES), name,
-                     f"| {name} | {pct(plain['accuracy'])} | {pct(noisy and noisy['accuracy'])} | "
-                     f"{pct(noisy and plain['accuracy'] - noisy['accuracy'])} | {plain['tool_calls']:.2f} | "
-                     f"{pct(plain.get('iou_first_crop'))} |"))
-    return "\n".join(["", f"crop dependency: points of accuracy lost with --probe {logbook.DEPENDENCY_PROBE} (every returned "
-                       "crop replaced by noise); IoU in %", "",
-                       "| model | accuracy (%) | with noise crop (%) | crop dependency | tool calls / episode | "
-                       "IoU of first crop with B1 |", "|---|---|---|---|---|---|", *(r[2] for r in sorted(rows))])
+        order = list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES)
+        noisy_acc = noisy and noisy["accuracy"]
+        rows.append((order, name, [plain["accuracy"], noisy_acc, None if noisy is None else plain["accuracy"] - noisy_acc,
+                                   plain["tool_calls"], plain.get("iou_first_crop")]))
+    return sorted(rows)
+
+
+TABLE_HEAD = ["| model | accuracy (%) | with noise crop (%) | crop dependency (points) | tool calls / episode | "
+              "IoU of first crop with B1 (%) |", "|---|---|---|---|---|---|"]
+TABLE_NOTE = (f"crop dependency: points of accuracy lost with --probe {logbook.DEPENDENCY_PROBE} (every returned crop "
+              "replaced by noise)")
+SCALES = (100, 100, 100, 1, 100)  # the columns' units: % and points, tool calls as they are
+
+
+def experiment_table(tables):
+    """One line per model (setting), the paper's columns."""
+    def cell(v, scale):
+        return "n/a" if v is None else f"{scale * v:.{1 if scale == 100 else 2}f}"
+    lines = [f"| {name} | " + " | ".join(cell(v, k) for v, k in zip(values, SCALES)) + " |"
+             for _, name, values in experiment_rows(tables)]
+    return "\n".join(["", TABLE_NOTE, "", *TABLE_HEAD, *lines])
+
+
+def seeds_table(per_seed, seeds):
+    """The experiment table over seeds (`make experiment`): each cell the mean ± standard deviation, then each
+    seed's value; the seeds column names the seeds a row was measured on."""
+    import statistics
+
+    cells = {}
+    for seed, tables in zip(seeds, per_seed):
+        for order, name, values in experiment_rows(tables):
+            cells.setdefault((order, name), []).append((seed, values))
+
+    def cell(xs, scale):
+        xs = [scale * x for x in xs if x is not None]
+        d = 1 if scale == 100 else 2
+        if not xs:
+            return "n/a"
+        spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
+        return f"{sum(xs) / len(xs):.{d}f}{spread}"
+    lines = [f"| {name} | {','.join(s.lstrip('s') for s, _ in got)} | "
+             + " | ".join(cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
+             for (_, name), got in sorted(cells.items())]
+    head = [TABLE_HEAD[0].replace("| model |", "| model | seeds |"), TABLE_HEAD[1] + "---|"]
+    return "\n".join(["", TABLE_NOTE + "; mean ± standard deviation over the seeds, then each seed's value", "",
+                      *head, *lines])
 
 
 def _print_probes(bench, results):
