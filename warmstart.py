@@ -11,7 +11,7 @@ writes, the decision tokens (box digits, the letter) weighted up. Three phases:
 3. both habits (150 steps, lr 1e-3): at either level it answers without the tool 60 % of the time [choice], as
    real models mostly do before RL; RL then decides which habit stays. At the gap level such an answer's letter
    is not in the loss: it is a guess, and guesses in the loss pull the letter away from what a crop shows.
-Measured (README): phase 1 821 s on 2 busy CPU cores, phases 2 and 3 192 s. Held out (64 items), greedy at 16
+Measured (README): 1,173 s on 2 busy CPU cores (phases 2 and 3: 192 s alone). Held out (64 items), greedy at 16
 tokens it answers without the tool (accuracy 0.17, chance 0.20); sampled, it crops in 25 % of the episodes and is
 right in half of those; given a crop alone (200 items) it names the pattern right 68 % of the time.
 
