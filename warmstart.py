@@ -200,9 +200,9 @@ def train(steps=450, batch=4, lr=3e-3, seed=0, out=model.MICRO_WEIGHTS, log_ever
 
 def sharpen(policy, read_steps=200, habit_steps=150, batch=4, lr=1e-3, seed=0, log_every=20):
     """The second and third phases, on the first phase's weights with a fresh optimizer at a constant, lower
-    learning rate. Second: reading exercises alone, READ_BATCH a step (the first phase leaves the model reading a
-    crop right 44 % of the time; reading exercises from scratch at 3e-3 stayed at chance). Third: whole episodes with both habits
-    (trajectory(habits=True)), each beside a reading exercise. Returns the losses, one per step."""
+    learning rate. Second: reading exercises alone, READ_BATCH a step (the first phase leaves the model reading
+    a crop right 44 % of the time; reading exercises from scratch at 3e-3 stayed at chance). Third: whole
+    episodes with both habits (trajectory(habits=True)), each beside a reading exercise. Returns the losses."""
     hf = policy.model
     params = [p for p in hf.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -246,7 +246,7 @@ def main(argv=None):
     ap.add_argument("--habit_steps", type=int, default=150, help="third phase: steps of episodes with both habits")
     ap.add_argument("--first", help="the first phase's weights (a file), instead of training them again")
     ap.add_argument("--batch", type=int, default=4, help="scripted trajectories per step (and 3 reading exercises each)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    ap.add_argument("--lr", type=float, default=3e-3, help="first phase: AdamW peak learning rate (later phases: 1e-3)")
     ap.add_argument("--seed", type=int, default=0, help="init, item stream and scripted choices")
     ap.add_argument("--out", default=model.MICRO_WEIGHTS, help="where the weights go")
     ap.add_argument("--eval", type=int, default=40, help="held-out items to evaluate after training (0: none)")

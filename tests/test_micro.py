@@ -122,3 +122,21 @@ def test_grpo_from_the_warm_start_learns_to_crop_and_read_at_the_gap_level():
     assert before["heldout_tool_calls"] < 0.2 and after["heldout_tool_calls"] > 0.8
     assert after["heldout_accuracy"] > before["heldout_accuracy"] + 0.4
     assert after["crop_dependency"] > 0.3
+
+
+def test_a_direct_answer_at_the_gap_level_teaches_the_habit_not_a_guess():
+    """Third phase: an episode answered without the tool keeps its letter out of the loss at the gap level (the
+    pattern cannot be read there) and in it at the readable level."""
+    policy = model.load_policy("micro", lora=False, trainable=False)
+    s = data.micro(1, seed=5)[0]
+
+    class Direct:  # the scripted policy's draw: answer without the tool
+        random = staticmethod(lambda: 0.0)
+
+    tail = policy.encode(f"<answer>{s.answer}</answer>") + [policy.im_end]
+    for budget, learnt in ((data.MICRO_LEVEL, 0), (data.MICRO_READABLE, 1)):
+        ids, mask, pvs, _ = warmstart.trajectory(policy, s, budget, Direct(), habits=True)
+        assert len(pvs) == 1 and ids[-len(tail):] == tail  # no crop: the answer follows the prompt
+        letter = len(ids) - len(tail) + len(policy.encode("<answer>"))
+        assert ids[letter] == policy.encode(s.answer)[0] and mask[letter] == learnt
+        assert sum(mask) == len(tail) - 1 + learnt
