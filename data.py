@@ -429,13 +429,17 @@ def _table_sample(f, root, n):
                   category=str(f.get("category") or "default"))
 
 
+# the data made here from a seed (`KIND[:N]`): kind -> (generator(n, seed), its designed information-gap level)
+GENERATED = {"synthetic": (synthetic, SYNTHETIC_LEVEL), "micro": (micro, MICRO_LEVEL)}
+
+
 def generated(spec):
     """Whether a data spec (or any part of a mixed one) is made here from a seed: synthetic:N or micro:N."""
-    return any(p.split(":")[0] in ("synthetic", "micro") for p in spec.split(","))
+    return any(p.split(":")[0] in GENERATED for p in spec.split(","))
 
 
 def load(spec, seed=0, columns=None):
-    """A data spec -> samples: `synthetic[:N]` (seeded), a project JSONL, a table from the Hub (.parquet or
+    """A data spec -> samples: `synthetic[:N]` or `micro[:N]` (seeded), a project JSONL, a table from the Hub (.parquet or
     .json; see sources.py), a folder of images with one JSONL beside them, or several of those separated by
     commas (mixed; each id is prefixed by its source's file name)."""
     if "," in spec:
@@ -449,16 +453,12 @@ def load(spec, seed=0, columns=None):
         if len({s.id for s in mixed}) < len(mixed):
             raise SystemExit(f"error: --data {spec!r}: two sources share a file name; rename one")
         return mixed
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        n = spec.partition(":")[2] or "256"
+    kind, _, n = spec.partition(":")
+    if kind in GENERATED:
+        n = n or "256"
         if not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"error: bad data spec {spec!r}: expected synthetic:N with N a positive number")
-        return synthetic(int(n), seed)
-    if spec == "micro" or spec.startswith("micro:"):
-        n = spec.partition(":")[2] or "256"
-        if not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"error: bad data spec {spec!r}: expected micro:N with N a positive number")
-        return micro(int(n), seed)
+            raise SystemExit(f"error: bad data spec {spec!r}: expected {kind}:N with N a positive number")
+        return GENERATED[kind][0](int(n), seed)
     if spec.endswith(".jsonl"):
         return read_jsonl(spec)
     if spec.endswith((".parquet", ".json")):

@@ -478,11 +478,22 @@ TABLE_NOTE = (f"crop dependency: points of accuracy lost with --probe {logbook.D
 SCALES = (100, 100, 100, 1, 100)  # the columns' units: % and points, tool calls as they are
 
 
+def _cell(xs, scale):
+    """A table cell: the mean of the measured values (None: not measured), then with several their standard
+    deviation and each value."""
+    import statistics
+
+    xs = [scale * x for x in xs if x is not None]
+    d = 1 if scale == 100 else 2
+    if not xs:
+        return "n/a"
+    spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
+    return f"{sum(xs) / len(xs):.{d}f}{spread}"
+
+
 def experiment_table(tables):
     """One line per model (setting), the paper's columns."""
-    def cell(v, scale):
-        return "n/a" if v is None else f"{scale * v:.{1 if scale == 100 else 2}f}"
-    lines = [f"| {name} | " + " | ".join(cell(v, k) for v, k in zip(values, SCALES)) + " |"
+    lines = [f"| {name} | " + " | ".join(_cell([v], k) for v, k in zip(values, SCALES)) + " |"
              for _, name, values in experiment_rows(tables)]
     return "\n".join(["", TABLE_NOTE, "", *TABLE_HEAD, *lines])
 
@@ -490,22 +501,12 @@ def experiment_table(tables):
 def seeds_table(per_seed, seeds):
     """The experiment table over seeds (`make experiment`): each cell the mean ± standard deviation, then each
     seed's value; the seeds column names the seeds a row was measured on."""
-    import statistics
-
     cells = {}
     for seed, tables in zip(seeds, per_seed):
         for order, name, values in experiment_rows(tables):
             cells.setdefault((order, name), []).append((seed, values))
-
-    def cell(xs, scale):
-        xs = [scale * x for x in xs if x is not None]
-        d = 1 if scale == 100 else 2
-        if not xs:
-            return "n/a"
-        spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
-        return f"{sum(xs) / len(xs):.{d}f}{spread}"
     lines = [f"| {name} | {','.join(s.lstrip('s') for s, _ in got)} | "
-             + " | ".join(cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
+             + " | ".join(_cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
              for (_, name), got in sorted(cells.items())]
     head = [TABLE_HEAD[0].replace("| model |", "| model | seeds |"), TABLE_HEAD[1] + "---|"]
     return "\n".join(["", TABLE_NOTE + "; mean ± standard deviation over the seeds, then each seed's value", "",

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import data
 import rewards
-from model import load_policy
+from model import PROMPTS, load_policy
 from rollout import RolloutConfig, rollout
 
 LADDER = "4096,1024,256,64"  # global budgets below the reference, largest first [choice]
@@ -116,11 +116,12 @@ def prepare(cfg, samples):
         select(cfg.model, cfg.data, [int(t) for t in cfg.infogap_ladder.split(",")], setting,
                adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
                max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher)
+    kind = next((k for k in data.GENERATED if cfg.data.startswith(k)), None)  # generated data: its designed level
     if setting:
         samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)
-    elif cfg.data.startswith(("synthetic", "micro")) and not any(s.global_tokens for s in samples):
-        level = data.MICRO_LEVEL if cfg.data.startswith("micro") else data.SYNTHETIC_LEVEL
-        print(f"{cfg.data.partition(':')[0]} data: its designed information-gap level, {level} tokens")
+    elif kind and not any(s.global_tokens for s in samples):
+        level = data.GENERATED[kind][1]
+        print(f"{kind} data: its designed information-gap level, {level} tokens")
         for s in samples:
             s.global_tokens = level
     if cfg.stage == 1 and not any(s.global_tokens for s in samples):
@@ -169,7 +170,7 @@ def main():
     ap.add_argument("--ladder", default=LADDER, help="global budgets below the reference, largest first")
     ap.add_argument("--reference-tokens", type=int, default=16384, help="the reference answer's budget")
     ap.add_argument("--max-tokens", type=int, default=1024, help="tokens per answer (a 7B thinks before answering)")
-    ap.add_argument("--prompt", default="deepeyes", choices=["deepeyes", "qwen", "micro"], help="prompt wording")
+    ap.add_argument("--prompt", default="deepeyes", choices=PROMPTS, help="prompt wording")
     ap.add_argument("--matcher", default="rule", choices=list(rewards.MATCHERS), help="short-answer matcher")
     ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl)")
     args = ap.parse_args()

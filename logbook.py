@@ -112,7 +112,7 @@ def probe_set(cfg):
     if not cfg.probe_every:
         return None
     kind = cfg.data.partition(":")[0]
-    if kind not in ("synthetic", "micro"):
+    if kind not in data.GENERATED:
         raise SystemExit(f"error: --probe_every needs generated data (synthetic:N or micro:N), not {cfg.data!r}")
     return data.load(f"{kind}:{cfg.probe_items}", seed=data.HELD_OUT_SEED)
 
