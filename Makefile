@@ -36,8 +36,9 @@ stage1: setup
 	$(TRAIN) --stage 1 $(ARGS)
 
 # the paper's same-resolution baseline: the global image readable (100 tokens) and crops cut from it
+BASELINE := --stage 1 --infogap=off --global_tokens=100
 baseline: setup
-	$(TRAIN) --stage 1 --infogap=off --global_tokens=100 --out_dir=runs/baseline $(ARGS)
+	$(TRAIN) $(BASELINE) --out_dir=runs/baseline $(ARGS)
 
 stage2: setup
 	$(TRAIN) --stage 2 $(ARGS)
@@ -60,7 +61,7 @@ experiment: setup
 	@for s in $(SEEDS); do \
 		d=$(EXP)/s$$s; \
 		$(TRAIN) --stage 1 --seed=$$s --out_dir=$$d/stage1 $(ARGS) || exit 1; \
-		$(TRAIN) --stage 1 --seed=$$s --infogap=off --global_tokens=100 --out_dir=$$d/baseline $(ARGS) || exit 1; \
+		$(TRAIN) $(BASELINE) --seed=$$s --out_dir=$$d/baseline $(ARGS) || exit 1; \
 		$(TRAIN) --stage 2 --seed=$$s --init_adapter=$$d/stage1/final --out_dir=$$d/stage2 $(ARGS) || exit 1; \
 		$(MAKE) --no-print-directory eval ADAPTERS="none $$d/baseline/final $$d/stage1/final $$d/stage2/final" \
 			EVAL_OUT=$$d/eval || exit 1; \
