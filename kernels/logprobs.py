@@ -33,6 +33,7 @@ import triton.language as tl
 
 CHUNK_ELEMENTS = 1 << 26  # rows per chunk = CHUNK_ELEMENTS / V: a chunk's fp32 logits stay under 256 MB
 MIN_BLOCK_V = 128  # the partials' granularity: one slot per 128 vocabulary columns (BLOCK_V is a multiple)
+SOFTMAX_WARPS = 8  # _softmax_rows_kernel's warps; its BLOCK_V is softmax_block(V)
 
 
 def selective_logprobs_naive(hidden, weight, targets, temperature=1.0):
@@ -42,6 +43,10 @@ def selective_logprobs_naive(hidden, weight, targets, temperature=1.0):
 
 def _rows_per_chunk(v):
     return max(1, CHUNK_ELEMENTS // v)
+
+
+def softmax_block(v):
+    return min(16384, triton.next_power_of_2(v))
 
 
 def _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad):
@@ -214,12 +219,12 @@ def _triton_sweep(hidden, weight, targets, temperature, with_entropy, need_grad,
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else logp
     dlogp_dh = torch.empty(n, d, dtype=torch.float32, device=hidden.device)
     rows = _rows_per_chunk(v)
-    block = min(16384, triton.next_power_of_2(v))
     for r0 in range(0, n, rows):
         h, t = hidden[r0:r0 + rows].to(weight.dtype), targets[r0:r0 + rows].contiguous()
         z = h @ weight.T  # (k, V) in the weights' dtype, fp32 accumulation inside cuBLAS
         _softmax_rows_kernel[(len(t),)](z, t, logp[r0:], entropy[r0:], v, z.stride(0), 1.0 / temperature,
-                                        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=8)
+                                        WITH_ENTROPY=with_entropy, BLOCK_V=softmax_block(v),
+                                        num_warps=SOFTMAX_WARPS)
         dlogp_dh[r0:r0 + rows] = (weight[t].float() - (z @ weight).float()) / temperature  # z now holds p
     return logp, entropy if with_entropy else None, dlogp_dh
 

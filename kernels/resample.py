@@ -182,6 +182,7 @@ def _vpass_kernel(
 
 
 HPASS_ROWS, HPASS_COLS = 16, 64  # the horizontal pass's tile
+VPASS_BLOCK = 16  # the vertical pass's tile side: a power of 2 >= the patch side 14
 
 
 @functools.lru_cache(maxsize=1024)
@@ -229,5 +230,6 @@ def crop_resample_triton(image, boxes, out_hw, out_dtype=torch.float32):
     out = torch.empty(n, 3 * TEMPORAL * PATCH * PATCH, dtype=out_dtype, device=dev)
     _hpass_kernel[(len(tiles) // 3,)](image, mid, records, tiles.int(), taps, weights, image.shape[1],
                                       BLOCK_R=HPASS_ROWS, BLOCK_C=HPASS_COLS)
-    _vpass_kernel[(n,)](mid, out, records, patches.int(), taps, weights, *MEAN, *(1.0 / s for s in STD), BLOCK=16)
+    _vpass_kernel[(n,)](mid, out, records, patches.int(), taps, weights, *MEAN, *(1.0 / s for s in STD),
+                        BLOCK=VPASS_BLOCK)
     return out
