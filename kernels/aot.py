@@ -81,13 +81,12 @@ def cases():
                    stride_z=V, inv_temp=1.0)
     yield ("softmax rows", logprobs._softmax_rows_kernel, softmax,
            dict(WITH_ENTROPY=True, BLOCK_V=logprobs.softmax_block(V)), logprobs.SOFTMAX_WARPS, 3)
-    hpass = dict(img_ptr=torch.uint8, mid_ptr=torch.float32, boxes_ptr=torch.int64, tiles_ptr=torch.int32,
-                 taps_ptr=torch.int64, w_ptr=torch.float32, W=7680)
+    hpass = dict(img_ptr=torch.uint8, mid_ptr=torch.float32, rec_ptr=torch.int64, K=8, W=7680)
     yield ("crop h-pass", resample._hpass_kernel, hpass,
-           dict(BLOCK_R=resample.HPASS_ROWS, BLOCK_C=resample.HPASS_COLS), 4, 3)
-    vpass = dict(mid_ptr=torch.float32, out_ptr=torch.bfloat16, boxes_ptr=torch.int64, patches_ptr=torch.int32,
-                 taps_ptr=torch.int64, w_ptr=torch.float32, **{k: 1.0 for k in ("m0", "m1", "m2", "s0", "s1", "s2")})
-    yield "crop v-pass", resample._vpass_kernel, vpass, dict(BLOCK=resample.VPASS_BLOCK), 4, 3
+           dict(MAX_K=8, BLOCK_R=resample.HPASS_ROWS, BLOCK_C=resample.HPASS_COLS), 4, 3)
+    vpass = dict(mid_ptr=torch.float32, out_ptr=torch.bfloat16, rec_ptr=torch.int64, K=8,
+                 **{k: 1.0 for k in ("m0", "m1", "m2", "s0", "s1", "s2")})
+    yield "crop v-pass", resample._vpass_kernel, vpass, dict(MAX_K=8, BLOCK=resample.VPASS_BLOCK), 4, 3
 
 
 def survey(arch):

@@ -12,12 +12,12 @@ for all boxes: a horizontal pass (programs over 16 crop rows x 64 output columns
 and writes an fp32 intermediate (3, crop rows, output width) per box; a vertical pass (a program per output
 patch of 14x14 pixels) reads it along contiguous rows, normalises, and writes 2 x 3 x 196 values straight
 into the patch tensor. Each program loops over its own box's tap count (about 4 * scale + 1 per axis), so a
-small crop does not pay for a large one beside it. The tap tables (starts and weights per output row and
-column) are computed on the host, cached by (input, output) size, and go to the device in two copies.
+small crop does not pay for a large one beside it, and computes the taps' weights itself (a few flops per
+tap): the host sends one record of a few integers per box (`plan`), in one small copy, and each program
+finds its box among them.
 Limits: the intermediate holds 12 bytes per (crop row x output column): 60 MB for an 8K original at 1,024
 tokens.
 """
-import functools
 import math
 
 import torch
@@ -64,115 +64,129 @@ def crop_resample_ref(image, boxes, out_hw, out_dtype=torch.float32):
 
 # ---------------------------------------------------------------- Triton
 
-@functools.lru_cache(maxsize=4096)
-def pil_weights(in_size, out_size):
-    """PIL's antialiased bicubic filter along one axis: for each output index, the first input tap and the
-    normalised weights (out_size, K), zero past the taps PIL keeps (which stay inside [0, in_size)). CPU
-    tensors, cached by size: crops of a step share few sizes, and nothing here waits on a device."""
-    scale = in_size / out_size
-    fs = max(scale, 1.0)  # support widens by the scale when shrinking
-    support = 2.0 * fs  # bicubic support is 2
-    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
-    lo = torch.clamp(torch.trunc(center - support + 0.5), min=0)
-    hi = torch.clamp(torch.trunc(center + support + 0.5), max=in_size)
-    k = int(2 * math.ceil(support) + 1)
-    x = lo[:, None] + torch.arange(k, dtype=torch.float64)  # (out, K) input positions
-    u = ((x - center[:, None] + 0.5) / fs).abs()
-    a = -0.5
-    w = torch.where(u < 1, ((a + 2) * u - (a + 3)) * u * u + 1,
-                    torch.where(u < 2, (((u - 5) * u + 8) * u - 4) * a, torch.zeros_like(u)))
-    w = torch.where(x < hi[:, None], w, torch.zeros_like(w))
-    w = w / w.sum(1, keepdim=True)
-    return lo.long(), w.float()
+# Per box, one int64 record of FIELDS values, the only table the kernels read: the crop (left column, top row,
+# width, height), its output size, its tap count per axis (a loop bound), and where its intermediate planes,
+# its first h-pass program and its first patch (= its first output row) start
+X1, Y1, W_IN, H_IN, OH, OW, KX, KY, MID_AT, TILE_AT, PATCH_AT, FIELDS = (tl.constexpr(i) for i in range(12))
+P, M = tl.constexpr(PATCH), tl.constexpr(MERGE)  # as the kernels see them
+HPASS_ROWS, HPASS_COLS = 16, 64  # the horizontal pass's tile
+VPASS_BLOCK = 16  # the vertical pass's tile side: a power of 2 >= the patch side 14
 
 
 @triton.jit
-def _to_u8(x):
-    """PIL stores each pass as uint8: clip to 0..255 (its rounding is left out, as in the reference)."""
-    return tl.minimum(tl.maximum(x, 0.0), 255.0)
+def _find_box(rec_ptr, first_field: tl.constexpr, p, K, MAX_K: tl.constexpr):
+    """The record of the box program p works on: the last whose first program is <= p (one vector load)."""
+    ks = tl.arange(0, MAX_K)
+    first = tl.load(rec_ptr + ks * FIELDS + first_field, mask=ks < K, other=0)
+    k = tl.sum(((first <= p) & (ks < K)).to(tl.int32), axis=0) - 1
+    return rec_ptr + k.to(tl.int64) * FIELDS
 
 
-# Per box, one int64 record of BOX_FIELDS values, read by both passes: its crop's top row and height, its output
-# width, where its column taps and weights start and their count, the same for its rows, where its
-# intermediate planes start (offsets into the tables `_tables` packs)
-Y1, H_IN, OW, X_LO, WX_AT, KX, Y_LO, WY_AT, KY, MID_AT, BOX_FIELDS = (tl.constexpr(i) for i in range(11))
+@triton.jit
+def _span(o, n_in, n_out, ok):
+    """PIL's antialiased bicubic taps for output indices o (n_in -> n_out): the first input tap, its offset
+    from the sample centre in filter units (the support widens by the scale when shrinking), the filter unit,
+    the number of taps inside the input (0 where not ok). Tap j's weight, unnormalised, is Keys' cubic
+    (a = -0.5) of |start + j * step|; PIL computes the same in float64 (here: float32, within 1e-6)."""
+    scale = n_in.to(tl.float32) / n_out.to(tl.float32)
+    fs = tl.maximum(scale, 1.0)
+    center = (o.to(tl.float32) + 0.5) * scale
+    lo = tl.maximum((center - 2.0 * fs + 0.5).to(tl.int32), 0)  # float -> int truncates, as PIL's int()
+    hi = tl.minimum((center + 2.0 * fs + 0.5).to(tl.int32), n_in)
+    return lo, (lo.to(tl.float32) - center + 0.5) / fs, 1.0 / fs, tl.where(ok, hi - lo, 0)
 
 
 @triton.jit
 def _hpass_kernel(
     img_ptr,  # uint8 original (H, W, 3), contiguous
     mid_ptr,  # out: fp32 intermediate, per box (3, H_IN, OW) planes from its MID_AT
-    boxes_ptr,  # int64 (K, BOX_FIELDS) box records
-    tiles_ptr,  # int32 (T, 3): per program its box, first crop row, first output column
-    taps_ptr,  # int64: first input column of each output column, all boxes (X_LO offsets into it)
-    w_ptr,  # fp32: tap weights, all boxes and both axes (WX_AT, WY_AT offsets into it), row-major (out, K)
-    W,  # the original's width
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    rec_ptr,  # int64 (K, FIELDS) box records
+    K, W,  # the number of boxes; the original's width
+    MAX_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # horizontal pass over BLOCK_R crop rows x BLOCK_C output columns:
-    # mid[c, y, x] = clip(sum_j wx[x, j] img[y1 + y, x0[x] + j, c]); the box's own tap count bounds the loop
-    box = boxes_ptr + tl.load(tiles_ptr + tl.program_id(0) * 3).to(tl.int64) * BOX_FIELDS
-    ys = tl.load(tiles_ptr + tl.program_id(0) * 3 + 1) + tl.arange(0, BLOCK_R)
-    xs = tl.load(tiles_ptr + tl.program_id(0) * 3 + 2) + tl.arange(0, BLOCK_C)
-    h_in, ow, kx = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KX).to(tl.int32)  # a loop bound
+    # horizontal pass over BLOCK_R crop rows x BLOCK_C output columns, weights computed here:
+    # mid[c, y, x] = clip(sum_j w(x, j) img[y1 + y, x1 + j, c] / sum_j w(x, j)); the box's tap count bounds the loop
+    p = tl.program_id(0)
+    box = _find_box(rec_ptr, TILE_AT, p, K, MAX_K)
+    w_in, h_in, ow, kx = tl.load(box + W_IN), tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KX).to(tl.int32)
+    local = p - tl.load(box + TILE_AT)
+    tiles_x = tl.cdiv(ow, BLOCK_C)
+    ys = (local // tiles_x) * BLOCK_R + tl.arange(0, BLOCK_R)
+    xs = (local % tiles_x) * BLOCK_C + tl.arange(0, BLOCK_C)
     y_ok, x_ok = ys < h_in, xs < ow
-    x0 = tl.load(taps_ptr + tl.load(box + X_LO) + xs, mask=x_ok, other=0)  # absolute first input column
+    lo, start, step, n = _span(xs, w_in, ow, x_ok)
     rows = (tl.load(box + Y1) + ys).to(tl.int64)[:, None] * W  # int64: an 8K image has 33M pixels x 3
+    x1 = tl.load(box + X1)
     r = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     g = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    total = tl.zeros([BLOCK_C], tl.float32)
     for j in range(0, kx):
-        wx = tl.load(w_ptr + tl.load(box + WX_AT) + xs * kx + j, mask=x_ok, other=0.0)
-        keep = y_ok[:, None] & (x_ok & (wx != 0.0))[None, :]  # never read past the crop
-        px = img_ptr + (rows + (x0 + j)[None, :]) * 3
+        u = tl.abs(start + j * step)  # Keys' cubic, a = -0.5 (written out: a nested call is slow to interpret)
+        wx = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, tl.where(u < 2.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0, 0.0))
+        wx = tl.where(j < n, wx, 0.0)
+        total += wx
+        keep = y_ok[:, None] & (wx != 0.0)[None, :]  # never read past the crop
+        px = img_ptr + (rows + (x1 + lo + j)[None, :]) * 3
         r += wx[None, :] * tl.load(px, mask=keep, other=0).to(tl.float32)
         g += wx[None, :] * tl.load(px + 1, mask=keep, other=0).to(tl.float32)
         b += wx[None, :] * tl.load(px + 2, mask=keep, other=0).to(tl.float32)
+    # PIL normalises the weights to sum to 1, and stores each pass as uint8: clip to 0..255 (its rounding is
+    # left out, as in the reference)
+    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[None, :]
     plane = h_in * ow
     at = mid_ptr + tl.load(box + MID_AT) + ys[:, None] * ow + xs[None, :]
     ok = y_ok[:, None] & x_ok[None, :]
-    tl.store(at, _to_u8(r), mask=ok)
-    tl.store(at + plane, _to_u8(g), mask=ok)
-    tl.store(at + 2 * plane, _to_u8(b), mask=ok)
+    tl.store(at, tl.clamp(r * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + plane, tl.clamp(g * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + 2 * plane, tl.clamp(b * norm, 0.0, 255.0), mask=ok)
 
 
 @triton.jit
 def _vpass_kernel(
     mid_ptr,  # fp32 intermediate from _hpass_kernel
     out_ptr,  # out: (num_patches, 1176) float32 or bfloat16
-    boxes_ptr,  # int64 (K, BOX_FIELDS) box records
-    patches_ptr,  # int32 (P, 3): per program its box, first output row, first output column (its row in out = P)
-    taps_ptr,  # int64: first crop row of each output row (Y_LO offsets into it)
-    w_ptr,  # fp32 tap weights (WY_AT offsets into it)
+    rec_ptr,  # int64 (K, FIELDS) box records
+    K,  # the number of boxes
     m0, m1, m2, s0, s1, s2,  # CLIP mean and 1/std per channel
-    BLOCK: tl.constexpr,  # 16 >= the patch side 14
+    MAX_K: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # vertical pass for one 14x14 output patch: out[c, y, x] = clip(sum_t wy[y, t] mid[c, y0[y] + t, x]),
-    # then x/255, CLIP normalisation, and the store in Qwen's patch layout
+    # vertical pass for output patch p (14x14 pixels, also its row in out): out[c, y, x] =
+    # clip(sum_t w(y, t) mid[c, y0 + t, x] / sum_t w(y, t)), then x/255, CLIP normalisation, Qwen's patch layout
     p = tl.program_id(0)
-    box = boxes_ptr + tl.load(patches_ptr + p * 3).to(tl.int64) * BOX_FIELDS
+    box = _find_box(rec_ptr, PATCH_AT, p, K, MAX_K)
+    h_in, oh, ow, ky = tl.load(box + H_IN), tl.load(box + OH), tl.load(box + OW), tl.load(box + KY).to(tl.int32)
+    # the patch's place in Qwen's order: 2x2 merge windows, row-major, each window's patches row-major
+    local = p - tl.load(box + PATCH_AT)
+    window, inner = local // (M * M), local % (M * M)
+    per_row = ow // (P * M)
     i = tl.arange(0, BLOCK)
-    ok = i < 14
-    ys = tl.load(patches_ptr + p * 3 + 1) + i
-    xs = tl.load(patches_ptr + p * 3 + 2) + i
-    h_in, ow, ky = tl.load(box + H_IN), tl.load(box + OW), tl.load(box + KY).to(tl.int32)  # a loop bound
-    y0 = tl.load(taps_ptr + tl.load(box + Y_LO) + ys, mask=ok, other=0)
+    ok = i < P
+    ys = ((window // per_row) * M + inner // M) * P + i
+    xs = ((window % per_row) * M + inner % M) * P + i
+    lo, start, step, n = _span(ys, h_in, oh, ok)
     plane = h_in * ow
+    base = mid_ptr + tl.load(box + MID_AT)
     r = tl.zeros([BLOCK, BLOCK], tl.float32)
     g = tl.zeros([BLOCK, BLOCK], tl.float32)
     b = tl.zeros([BLOCK, BLOCK], tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
     for t in range(0, ky):
-        wy = tl.load(w_ptr + tl.load(box + WY_AT) + ys * ky + t, mask=ok, other=0.0)
-        keep = (ok & (wy != 0.0))[:, None] & ok[None, :]
-        at = mid_ptr + tl.load(box + MID_AT) + (y0 + t)[:, None] * ow + xs[None, :]  # contiguous along x
+        u = tl.abs(start + t * step)  # as in the h-pass
+        wy = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, tl.where(u < 2.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0, 0.0))
+        wy = tl.where(t < n, wy, 0.0)
+        total += wy
+        keep = (wy != 0.0)[:, None] & ok[None, :]
+        at = base + (lo + t)[:, None] * ow + xs[None, :]  # contiguous along x
         r += wy[:, None] * tl.load(at, mask=keep, other=0.0)
         g += wy[:, None] * tl.load(at + plane, mask=keep, other=0.0)
         b += wy[:, None] * tl.load(at + 2 * plane, mask=keep, other=0.0)
-    r = (_to_u8(r) / 255.0 - m0) * s0
-    g = (_to_u8(g) / 255.0 - m1) * s1
-    b = (_to_u8(b) / 255.0 - m2) * s2
+    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[:, None]
+    r = (tl.clamp(r * norm, 0.0, 255.0) / 255.0 - m0) * s0
+    g = (tl.clamp(g * norm, 0.0, 255.0) / 255.0 - m1) * s1
+    b = (tl.clamp(b * norm, 0.0, 255.0) / 255.0 - m2) * s2
     # columns (channel, time, y, x): each channel's 14x14 block, written for both frames
-    offs = p.to(tl.int64) * 1176 + i[:, None] * 14 + i[None, :]
+    offs = p.to(tl.int64) * 1176 + i[:, None] * P + i[None, :]
     mask = ok[:, None] & ok[None, :]
     dt = out_ptr.dtype.element_ty
     for f in range(0, 2):
@@ -181,55 +195,36 @@ def _vpass_kernel(
         tl.store(out_ptr + offs + 784 + f * 196, b.to(dt), mask=mask)
 
 
-HPASS_ROWS, HPASS_COLS = 16, 64  # the horizontal pass's tile
-VPASS_BLOCK = 16  # the vertical pass's tile side: a power of 2 >= the patch side 14
+def num_taps(n_in, n_out):
+    """Input taps per output index along an axis of n_in -> n_out: the bicubic support (2, widened by the
+    scale when shrinking) on both sides, plus one."""
+    return 2 * math.ceil(2.0 * max(n_in / n_out, 1.0)) + 1
 
 
-@functools.lru_cache(maxsize=1024)
-def _patch_order(oh, ow):
-    """(first output row, first output column) of each patch in Qwen's order: 2x2 merge windows, row-major."""
-    gh, gw = oh // PATCH, ow // PATCH
-    bh, bw, mh, mw = torch.meshgrid(torch.arange(gh // MERGE), torch.arange(gw // MERGE), torch.arange(MERGE),
-                                    torch.arange(MERGE), indexing="ij")
-    return torch.stack([((bh * MERGE + mh) * PATCH).flatten(), ((bw * MERGE + mw) * PATCH).flatten()], 1)
-
-
-def _tables(boxes, out_hw):
-    """Every table both passes read, built on the host from cached per-size pieces (no device sync):
-    box records, h-pass tiles, patches, tap starts, tap weights; and the intermediate's size."""
-    records, tiles, patches, taps, weights = [], [], [], [], []
-    n_taps = n_w = n_mid = 0
-    for k, ((x1, y1, x2, y2), (oh, ow)) in enumerate(zip(boxes.tolist(), out_hw)):
-        x1, y1, h_in = int(x1), int(y1), int(y2) - int(y1)
-        lo_x, w_x = pil_weights(int(x2) - x1, ow)
-        lo_y, w_y = pil_weights(h_in, oh)
-        records.append([y1, h_in, ow, n_taps, n_w, w_x.shape[1], n_taps + ow, n_w + w_x.numel(), w_y.shape[1],
-                        n_mid])
-        taps += [lo_x + x1, lo_y]  # columns absolute, rows relative to the crop (the intermediate's rows)
-        weights += [w_x.flatten(), w_y.flatten()]
-        n_taps, n_w, n_mid = n_taps + ow + oh, n_w + w_x.numel() + w_y.numel(), n_mid + 3 * h_in * ow
-        ty, tx = torch.meshgrid(torch.arange(0, h_in, HPASS_ROWS), torch.arange(0, ow, HPASS_COLS), indexing="ij")
-        tiles.append(torch.stack([torch.full_like(ty.flatten(), k), ty.flatten(), tx.flatten()], 1))
-        order = _patch_order(oh, ow)
-        patches.append(torch.cat([torch.full((len(order), 1), k), order], 1))
-    return (torch.tensor(records, dtype=torch.long), torch.cat(tiles).int(), torch.cat(patches).int(),
-            torch.cat(taps), torch.cat(weights), n_mid)
+def plan(boxes, out_hw):
+    """The box records (K, FIELDS), and the sizes of the h-pass grid, of the output (patches) and of the
+    intermediate: all the host computes. It is a few integers per box (the taps and their weights are computed
+    in the kernels), so it does not grow with the crops, and it goes to the device in one small copy."""
+    records, tiles, patches, mid = [], 0, 0, 0
+    for (x1, y1, x2, y2), (oh, ow) in zip(boxes.tolist(), out_hw):
+        x1, y1, w_in, h_in = int(x1), int(y1), int(x2) - int(x1), int(y2) - int(y1)
+        records.append([x1, y1, w_in, h_in, oh, ow, num_taps(w_in, ow), num_taps(h_in, oh), mid, tiles, patches])
+        tiles += -(-h_in // HPASS_ROWS) * -(-ow // HPASS_COLS)  # ceil divisions (triton.cdiv costs 6 us a call)
+        patches += (oh // PATCH) * (ow // PATCH)
+        mid += 3 * h_in * ow
+    return torch.tensor(records, dtype=torch.long), tiles, patches, mid
 
 
 def crop_resample_triton(image, boxes, out_hw, out_dtype=torch.float32):
     """The same as crop_resample_ref, as two launches for all boxes (CUDA, or CPU with TRITON_INTERPRET=1)."""
     image = image.contiguous()
-    dev = image.device
-    records, tiles, patches, taps, weights, n_mid = _tables(boxes.cpu(), out_hw)
-    # two host->device copies for every table: the integers packed in one tensor, the weights in another
-    ints = torch.cat([records.flatten(), tiles.long().flatten(), patches.long().flatten(), taps]).to(dev)
-    records, tiles, patches, taps = ints.split([records.numel(), tiles.numel(), patches.numel(), taps.numel()])
-    weights = weights.to(dev)
-    mid = torch.empty(n_mid, dtype=torch.float32, device=dev)
-    n = len(patches) // 3
-    out = torch.empty(n, 3 * TEMPORAL * PATCH * PATCH, dtype=out_dtype, device=dev)
-    _hpass_kernel[(len(tiles) // 3,)](image, mid, records, tiles.int(), taps, weights, image.shape[1],
-                                      BLOCK_R=HPASS_ROWS, BLOCK_C=HPASS_COLS)
-    _vpass_kernel[(n,)](mid, out, records, patches.int(), taps, weights, *MEAN, *(1.0 / s for s in STD),
-                        BLOCK=VPASS_BLOCK)
+    records, tiles, patches, n_mid = plan(boxes, out_hw)
+    records = records.to(image.device)
+    k, max_k = len(out_hw), triton.next_power_of_2(len(out_hw))
+    mid = torch.empty(n_mid, dtype=torch.float32, device=image.device)
+    out = torch.empty(patches, 3 * TEMPORAL * PATCH * PATCH, dtype=out_dtype, device=image.device)
+    _hpass_kernel[(tiles,)](image, mid, records, k, image.shape[1], MAX_K=max_k, BLOCK_R=HPASS_ROWS,
+                            BLOCK_C=HPASS_COLS)
+    _vpass_kernel[(patches,)](mid, out, records, k, *MEAN, *(1.0 / s for s in STD), MAX_K=max_k,
+                              BLOCK=VPASS_BLOCK)
     return out

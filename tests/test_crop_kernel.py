@@ -6,7 +6,7 @@ import crop
 import kernels
 from conftest import KERNEL_DEVICE
 from kernels import resample
-from kernels.resample import crop_resample_ref, crop_resample_triton, pil_weights
+from kernels.resample import crop_resample_ref, crop_resample_triton
 
 
 def _image(h, w, seed=0):
@@ -23,8 +23,9 @@ def _sizes(boxes, budget):
 
 
 @pytest.mark.parametrize("h,w,boxes,budget", [
-    # several boxes per launch: every border touched, odd sizes, down- and upscaling
-    (67, 91, [(0, 0, 91, 67), (0, 30, 30, 67), (60, 0, 91, 25)], 4 * 784),
+    # several boxes per launch: every border touched, odd sizes, down- and upscaling; 5 boxes: each program
+    # finds its own among 8 lookup slots, 3 of them empty
+    (67, 91, [(0, 0, 91, 67), (0, 30, 30, 67), (60, 0, 91, 25), (33, 41, 52, 50), (70, 10, 90, 60)], 4 * 784),
     # a box under 28 px (upscaled), and an elongated one
     (61, 203, [(5, 7, 22, 20), (0, 20, 203, 41), (0, 58, 203, 61)], 4 * 784),  # the last is about 68:1
     # strong downscale: many taps per output pixel
@@ -49,16 +50,15 @@ def _bound(img, b, sizes):
     return max(1e-4, 2 * float((torch_gpu - crop_resample_ref(img, b, sizes)).abs().max()))
 
 
-def test_tap_tables_are_cached_and_built_on_the_host():
-    """Crops of a step share sizes: the filter taps are computed once per (input, output) size, on the CPU."""
-    pil_weights.cache_clear()
-    img = _image(64, 80, seed=1)
-    b = torch.tensor([(0, 0, 40, 30), (10, 10, 50, 40), (20, 30, 60, 60)], dtype=torch.float32)  # one size
-    crop_resample_triton(img.to(KERNEL_DEVICE), b, [(28, 28)] * 3)
-    info = pil_weights.cache_info()
-    assert info.misses == 2 and info.hits == 4  # (40 -> 28) columns and (30 -> 28) rows, then reused
-    lo, w = pil_weights(40, 28)
-    assert lo.device.type == w.device.type == "cpu"
+def test_the_host_sends_a_record_per_box_whatever_the_crops_size():
+    """Taps and weights are computed in the kernels: the host's plan is a few integers per box, the same for a
+    40-pixel crop as for a whole 8K image, so it costs microseconds and one small copy."""
+    small, *sizes_small = resample.plan(torch.tensor([(0, 0, 40, 30)]), [(28, 28)])
+    big, *sizes_big = resample.plan(torch.tensor([(0, 0, 7680, 4320)]), [(756, 1344)])
+    assert small.shape == big.shape == (1, resample.FIELDS.value)
+    assert sizes_small == [2, 4, 3 * 30 * 28]  # h-pass programs, patches, intermediate floats
+    assert sizes_big == [270 * 21, 54 * 96, 3 * 4320 * 1344]
+    assert big[0, resample.KX.value] == resample.num_taps(7680, 1344) == 2 * 12 + 1  # scale 5.7: support 11.4
 
 
 def test_kernel_bf16_output():
@@ -82,14 +82,6 @@ def test_dispatch_uses_the_kernel(monkeypatch):
     monkeypatch.setenv("KERNELS", "auto")  # CPU tensors: the torch path
     kernels.crop_resample(img, b, [(28, 56)])
     assert calls == [1]
-
-
-@pytest.mark.parametrize("n_in,n_out", [(10, 28), (28, 28), (100, 28), (97, 56), (5, 56)])
-def test_pil_weights_rows_sum_to_one_inside_the_input(n_in, n_out):
-    lo, w = pil_weights(n_in, n_out)
-    torch.testing.assert_close(w.sum(1), torch.ones(n_out))
-    last = lo + (w != 0).long().cumsum(1).argmax(1)  # index of the last non-zero tap
-    assert lo.min() >= 0 and last.max() < n_in
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
