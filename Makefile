@@ -25,6 +25,8 @@ TRAIN = $(RUN) train.py --preset $(PRESET) $(if $(MODEL),--model $(MODEL),) $(if
 
 .PHONY: setup stage1 baseline stage2 eval experiment test bench gpu-check figures lint clean
 
+# One make at a time while .venv is built (a fresh clone, or requirements.txt changed): two at once would
+# both build it, into the same folder.
 setup: .venv/.done
 .venv/.done: requirements.txt
 	python3 -m venv .venv
