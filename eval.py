@@ -25,7 +25,6 @@ from tqdm import tqdm
 import benchmarks
 import data
 import dist
-import logbook
 import model
 import report
 import rewards
@@ -274,9 +273,9 @@ def evaluate(args, load_policy=None):
     dist.barrier("waiting for the other ranks' shards")  # torchrun: the summary merges every rank's items
     summary, items = folder_summary(out, args.bench, [s.id for s in all_samples], write=dist.is_main())
     if args.html and dist.is_main():
-        report.write_html(args.html, items, {s.id: s for s in all_samples}, _markdown(summary))
+        report.write_html(args.html, items, {s.id: s for s in all_samples}, report.markdown(summary))
     if dist.is_main():
-        print(_markdown(summary))
+        print(report.markdown(summary))
     return summary
 
 
@@ -396,27 +395,6 @@ def summarize(items, name, bench="synthetic", num_total=None):
     return summary
 
 
-def _markdown(summary):
-    rows = [f"| {c} | {summary['count_per_category'][c]} | {100 * a:.1f} |" for c, a in summary["per_category"].items()]
-    lines = [f"### {summary['name']}", "", "| category | items | accuracy (%) |", "|---|---|---|", *rows,
-             f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", ""]
-    if summary.get("num_total", summary["num_items"]) > summary["num_items"]:
-        lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** (shards or a run still going)")
-    if "official" in summary:
-        official, deepeyes = summary["official"], summary.get("deepeyes")
-        lines.append("HR-Bench official (per cycle, averaged) " + (f"{100 * official:.1f}" if official is not None
-                                                                   else "n/a (no cycle_category)")
-                     + "; DeepEyes' (mean of FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
-    for key in ("per_task", "per_subtask"):
-        if summary.get(key):
-            lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
-    if summary.get("settings"):
-        lines.append("settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items() if v is not None))
-    lines.append(f"tool calls per item {summary['tool_calls']:.2f}, tool errors per item "
-                 f"{summary['tool_errors']:.2f}, {summary['seconds_per_item']:.2f} s per item")
-    return "\n".join(lines)
-
-
 def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
     returned crop is noise), per setting: folders under `root` whose run.json differs only in the probe. Each
@@ -424,12 +402,12 @@ def probe_summary(bench, root="runs/eval"):
     that holds `make experiment`'s seed folders (s<seed>/eval) gets the table over seeds instead."""
     seeds = sorted(d for d in os.listdir(root) if re.fullmatch(r"s\d+", d)) if os.path.isdir(root) else []
     if seeds:
-        print(seeds_table([probe_tables(bench, os.path.join(root, d, "eval")) for d in seeds], seeds))
+        print(report.seeds_table([probe_tables(bench, os.path.join(root, d, "eval")) for d in seeds], seeds))
         return
     tables = probe_tables(bench, root)
     for results in tables:
-        _print_probes(bench, results)
-    print(experiment_table(tables))
+        print(report.probes_table(bench, results))
+    print(report.experiment_table(tables))
     return tables
 
 
@@ -448,89 +426,11 @@ def probe_tables(bench, root):
     return tables
 
 
-# the README's experiment: row names of the adapters the Makefile's targets write
-ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information gap (baseline)",
-             "runs/stage1/final": "stage 1, information gap", "runs/stage2/final": "stage 1 + stage 2"}
-
-
-def experiment_rows(tables):
-    """(order, name, values) per model, in the README's order; values: accuracy, with noise crops, crop
-    dependency (the accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that
-    cropped); None where not measured."""
-    rows = []
-    for results in tables:
-        plain, noisy = results["none"], results.get(logbook.DEPENDENCY_PROBE)
-        adapter = (plain.get("settings") or {}).get("adapter")
-        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
-        name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
-            a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
-        order = list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES)
-        noisy_acc = noisy and noisy["accuracy"]
-        rows.append((order, name, [plain["accuracy"], noisy_acc, None if noisy is None else plain["accuracy"] - noisy_acc,
-                                   plain["tool_calls"], plain.get("iou_first_crop")]))
-    return sorted(rows)
-
-
-TABLE_HEAD = ["| model | accuracy (%) | with noise crop (%) | crop dependency (points) | tool calls / episode | "
-              "IoU of first crop with B1 (%) |", "|---|---|---|---|---|---|"]
-TABLE_NOTE = (f"crop dependency: points of accuracy lost with --probe {logbook.DEPENDENCY_PROBE} (every returned crop "
-              "replaced by noise)")
-SCALES = (100, 100, 100, 1, 100)  # the columns' units: % and points, tool calls as they are
-
-
-def _cell(xs, scale):
-    """A table cell: the mean of the measured values (None: not measured), then with several their standard
-    deviation and each value."""
-    import statistics
-
-    xs = [scale * x for x in xs if x is not None]
-    d = 1 if scale == 100 else 2
-    if not xs:
-        return "n/a"
-    spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
-    return f"{sum(xs) / len(xs):.{d}f}{spread}"
-
-
-def experiment_table(tables):
-    """One line per model (setting), the paper's columns."""
-    lines = [f"| {name} | " + " | ".join(_cell([v], k) for v, k in zip(values, SCALES)) + " |"
-             for _, name, values in experiment_rows(tables)]
-    return "\n".join(["", TABLE_NOTE, "", *TABLE_HEAD, *lines])
-
-
-def seeds_table(per_seed, seeds):
-    """The experiment table over seeds (`make experiment`): each cell the mean ± standard deviation, then each
-    seed's value; the seeds column names the seeds a row was measured on."""
-    cells = {}
-    for seed, tables in zip(seeds, per_seed):
-        for order, name, values in experiment_rows(tables):
-            cells.setdefault((order, name), []).append((seed, values))
-    lines = [f"| {name} | {','.join(s.lstrip('s') for s, _ in got)} | "
-             + " | ".join(_cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
-             for (_, name), got in sorted(cells.items())]
-    head = [TABLE_HEAD[0].replace("| model |", "| model | seeds |"), TABLE_HEAD[1] + "---|"]
-    return "\n".join(["", TABLE_NOTE + "; mean ± standard deviation over the seeds, then each seed's value", "",
-                      *head, *lines])
-
-
-def _print_probes(bench, results):
-    base = results["none"]["accuracy"]
-    rows = [f"| {p} | {s['num_items']} of {s['num_total']} | {100 * s['accuracy']:.1f} | "
-            f"{100 * (s['accuracy'] - base):+.1f} |" for p, s in results.items()]
-    text = "\n".join([f"### {bench}: probes ({results['none']['name']})", "",
-                      "| probe | items | accuracy (%) | change (points) |", "|---|---|---|---|", *rows])
-    for probe, what in (("noise", "noise is added to the crops"), ("noise-replace", "crops are replaced by noise")):
-        if probe in results:
-            text += (f"\n\ncrop dependency (accuracy lost when {what}): "
-                     f"{100 * (base - results[probe]['accuracy']):.1f} points")
-    print(text)
-
-
 def _write_reports(out, summary):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(_markdown(summary) + "\n")
+        f.write(report.markdown(summary) + "\n")
 
 
 # ---------------------------------------------------------------- the global-budget sweep

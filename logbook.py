@@ -11,7 +11,7 @@ import torch
 
 import data
 import rewards
-from rollout import rollout
+from rollout import DEPENDENCY_PROBE, rollout
 
 
 def step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
@@ -115,12 +115,6 @@ def probe_set(cfg):
     if kind not in data.GENERATED:
         raise SystemExit(f"error: --probe_every needs generated data (synthetic:N or micro:N), not {cfg.data!r}")
     return data.load(f"{kind}:{cfg.probe_items}", seed=data.HELD_OUT_SEED)
-
-
-# the crop dependency's probe: every returned crop replaced by noise [choice, made before any result]. Added noise
-# (the paper's probe, sigma = 64 levels) leaves the micro task's black-and-white pattern readable, so it measures
-# robustness, not use. eval.py's experiment table uses the same.
-DEPENDENCY_PROBE = "noise-replace"
 
 
 def probe_held_out(policy, samples, rcfg, matcher, global_tokens=0):

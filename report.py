@@ -1,17 +1,21 @@
-"""The HTML report of an evaluation: one self-contained page (images inlined), written by eval.py --html.
+"""An evaluation's reports: the HTML page (one self-contained file, images inlined) that eval.py --html writes,
+and the markdown tables eval.py prints: one run's summary, its probes, the experiment's models over seeds.
 
     python eval.py --bench vstar --data vstar_bench --limit 20 --html runs/eval/vstar.html
 
-On top, the summary as a table; then one section per item: the image with the model's boxes (red) and the
+The page: on top, the summary as a table; then one section per item: the image with the model's boxes (red) and the
 ground truth (lime), and the transcript turn by turn (thinking, tool call, tool reply with the crop it
 returned beside the box that made it, answer), wrapped to the page's width.
 """
 import base64
 import html
 import io
+import os
 import re
+import statistics
 
 import crop
+from rollout import DEPENDENCY_PROBE
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -109,3 +113,104 @@ def write_html(path, items, samples, summary_md, thumb=512):
                      f"{turns(it['text'], original, it['boxes'])}</section>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "</body></html>")
+
+
+# ---------------------------------------------------------------- markdown tables (eval.py prints them)
+
+def markdown(summary):
+    """One evaluation's summary as markdown: accuracy per category, the benchmark's own scores, settings, tool use."""
+    rows = [f"| {c} | {summary['count_per_category'][c]} | {100 * a:.1f} |" for c, a in summary["per_category"].items()]
+    lines = [f"### {summary['name']}", "", "| category | items | accuracy (%) |", "|---|---|---|", *rows,
+             f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", ""]
+    if summary.get("num_total", summary["num_items"]) > summary["num_items"]:
+        lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** (shards or a run still going)")
+    if "official" in summary:
+        official, deepeyes = summary["official"], summary.get("deepeyes")
+        lines.append("HR-Bench official (per cycle, averaged) " + (f"{100 * official:.1f}" if official is not None
+                                                                   else "n/a (no cycle_category)")
+                     + "; DeepEyes' (mean of FSP and FCP) " + (f"{100 * deepeyes:.1f}" if deepeyes is not None else "n/a"))
+    for key in ("per_task", "per_subtask"):
+        if summary.get(key):
+            lines.append(key.replace("_", " ") + ": " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary[key].items()))
+    if summary.get("settings"):
+        lines.append("settings: " + ", ".join(f"{k} {v}" for k, v in summary["settings"].items() if v is not None))
+    lines.append(f"tool calls per item {summary['tool_calls']:.2f}, tool errors per item "
+                 f"{summary['tool_errors']:.2f}, {summary['seconds_per_item']:.2f} s per item")
+    return "\n".join(lines)
+
+
+# the README's experiment: row names of the adapters the Makefile's targets write
+ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information gap (baseline)",
+             "runs/stage1/final": "stage 1, information gap", "runs/stage2/final": "stage 1 + stage 2"}
+
+
+def experiment_rows(tables):
+    """(order, name, values) per model, in the README's order; values: accuracy, with noise crops, crop
+    dependency (the accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that
+    cropped); None where not measured."""
+    rows = []
+    for results in tables:
+        plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
+        adapter = (plain.get("settings") or {}).get("adapter")
+        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
+        name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
+            a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
+        order = list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES)
+        noisy_acc = noisy and noisy["accuracy"]
+        rows.append((order, name, [plain["accuracy"], noisy_acc, None if noisy is None else plain["accuracy"] - noisy_acc,
+                                   plain["tool_calls"], plain.get("iou_first_crop")]))
+    return sorted(rows)
+
+
+TABLE_HEAD = ["| model | accuracy (%) | with noise crop (%) | crop dependency (points) | tool calls / episode | "
+              "IoU of first crop with B1 (%) |", "|---|---|---|---|---|---|"]
+TABLE_NOTE = (f"crop dependency: points of accuracy lost with --probe {DEPENDENCY_PROBE} (every returned crop "
+              "replaced by noise)")
+SCALES = (100, 100, 100, 1, 100)  # the columns' units: % and points, tool calls as they are
+
+
+def _cell(xs, scale):
+    """A table cell: the mean of the measured values (None: not measured), then with several their standard
+    deviation and each value."""
+    xs = [scale * x for x in xs if x is not None]
+    d = 1 if scale == 100 else 2
+    if not xs:
+        return "n/a"
+    spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
+    return f"{sum(xs) / len(xs):.{d}f}{spread}"
+
+
+def experiment_table(tables):
+    """One line per model (setting), the paper's columns."""
+    lines = [f"| {name} | " + " | ".join(_cell([v], k) for v, k in zip(values, SCALES)) + " |"
+             for _, name, values in experiment_rows(tables)]
+    return "\n".join(["", TABLE_NOTE, "", *TABLE_HEAD, *lines])
+
+
+def seeds_table(per_seed, seeds):
+    """The experiment table over seeds (`make experiment`): each cell the mean ± standard deviation, then each
+    seed's value; the seeds column names the seeds a row was measured on."""
+    cells = {}
+    for seed, tables in zip(seeds, per_seed):
+        for order, name, values in experiment_rows(tables):
+            cells.setdefault((order, name), []).append((seed, values))
+    lines = [f"| {name} | {','.join(s.lstrip('s') for s, _ in got)} | "
+             + " | ".join(_cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
+             for (_, name), got in sorted(cells.items())]
+    head = [TABLE_HEAD[0].replace("| model |", "| model | seeds |"), TABLE_HEAD[1] + "---|"]
+    return "\n".join(["", TABLE_NOTE + "; mean ± standard deviation over the seeds, then each seed's value", "",
+                      *head, *lines])
+
+
+def probes_table(bench, results):
+    """One setting's accuracy with and without each probe, and the crop dependency."""
+    base = results["none"]["accuracy"]
+    rows = [f"| {p} | {s['num_items']} of {s['num_total']} | {100 * s['accuracy']:.1f} | "
+            f"{100 * (s['accuracy'] - base):+.1f} |" for p, s in results.items()]
+    text = "\n".join([f"### {bench}: probes ({results['none']['name']})", "",
+                      "| probe | items | accuracy (%) | change (points) |", "|---|---|---|---|", *rows])
+    for probe, what in (("noise", "noise is added to the crops"), ("noise-replace", "crops are replaced by noise")):
+        if probe in results:
+            text += (f"\n\ncrop dependency (accuracy lost when {what}): "
+                     f"{100 * (base - results[probe]['accuracy']):.1f} points")
+    return text

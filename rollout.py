@@ -31,6 +31,12 @@ import model
 from rewards import tag_contents
 
 
+# the crop dependency's probe: every returned crop replaced by noise [choice, made before any result]. Added noise
+# (the paper's probe, sigma = 64 levels) leaves the micro task's black-and-white pattern readable, so it measures
+# robustness, not use. logbook's held-out probe and report's experiment table use it.
+DEPENDENCY_PROBE = "noise-replace"
+
+
 @dataclass
 class RolloutConfig:
     group_size: int = 1  # samples per prompt (GRPO group); rows = prompts x group_size

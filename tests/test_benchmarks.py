@@ -11,6 +11,8 @@ from PIL import Image
 
 import benchmarks
 import eval as ev
+import report
+from rollout import DEPENDENCY_PROBE
 
 TINY = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "30"]
 
@@ -213,14 +215,12 @@ def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
 
 def test_the_seeds_table_gives_each_models_mean_spread_and_seeds():
     """`eval.py --summary --out runs/exp/summary` over `make experiment`'s seed folders: the README's table."""
-    import logbook
-
     def results(adapter, acc, noisy):
         plain = dict(accuracy=acc, tool_calls=1.0, iou_first_crop=0.1, settings=dict(adapter=adapter))
-        return {"none": plain, logbook.DEPENDENCY_PROBE: dict(accuracy=noisy)}
+        return {"none": plain, DEPENDENCY_PROBE: dict(accuracy=noisy)}
     per_seed = [[results("runs/exp/s0/stage1/final", 0.8, 0.3), results(None, 0.2, 0.2)],
                 [results("runs/exp/s2/stage1/final", 0.6, 0.3), results(None, 0.2, 0.2)]]
-    text = ev.seeds_table(per_seed, ["s0", "s2"])
+    text = report.seeds_table(per_seed, ["s0", "s2"])
     assert ("| stage 1, information gap | 0,2 | 70.0 ± 14.1 (80.0, 60.0) | 30.0 ± 0.0 (30.0, 30.0) | "
             "40.0 ± 14.1 (50.0, 30.0) | 1.00 ± 0.00 (1.00, 1.00) | 10.0 ± 0.0 (10.0, 10.0) |") in text
     assert text.index("| warm start | 0,2 | 20.0 ± 0.0") < text.index("| stage 1, information gap |")

@@ -15,6 +15,7 @@ from PIL import Image
 
 import benchmarks
 import data
+import report
 import rewards
 from rollout import parse_tool_call
 
@@ -139,7 +140,7 @@ def test_a_missing_scoring_column_is_a_warning_not_another_official_score(tmp_pa
              for s in samples]
     summary = ev.summarize(items, "hr", "hrbench")
     assert summary["official"] is None and summary["accuracy"] == 1.0  # not the plain accuracy, relabelled
-    assert "official (per cycle, averaged) n/a" in ev._markdown(summary)
+    assert "official (per cycle, averaged) n/a" in report.markdown(summary)
 
 
 def test_items_that_cannot_be_scored_are_skipped_at_load_with_the_reason(tmp_path, capsys):

@@ -51,7 +51,7 @@ def _items_and_samples(tmp_path):
 def test_report_parses_into_a_page(tmp_path):
     items, samples = _items_and_samples(tmp_path)
     summary = ev.summarize([dict(it, tool_calls=1, tool_errors=0, seconds=0.1) for it in items], "vstar")
-    report.write_html(str(tmp_path / "r.html"), items, samples, ev._markdown(summary))
+    report.write_html(str(tmp_path / "r.html"), items, samples, report.markdown(summary))
     page = Page()
     page.feed(open(tmp_path / "r.html", encoding="utf-8").read())
     assert page.title == "LFPC evaluation: vstar"
