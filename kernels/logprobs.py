@@ -33,7 +33,7 @@ import triton.language as tl
 
 CHUNK_ELEMENTS = 1 << 26  # rows per chunk = CHUNK_ELEMENTS / V: a chunk's fp32 logits stay under 256 MB
 MIN_BLOCK_V = 128  # the partials' granularity: one slot per 128 vocabulary columns (BLOCK_V is a multiple)
-SOFTMAX_WARPS = 8  # _softmax_rows_kernel's warps; its BLOCK_V is softmax_block(V)
+SOFTMAX_BLOCK, SOFTMAX_WARPS = 16384, 8  # _softmax_rows_kernel: the most columns a program takes at once, warps
 
 
 def selective_logprobs_naive(hidden, weight, targets, temperature=1.0):
@@ -46,7 +46,7 @@ def _rows_per_chunk(v):
 
 
 def softmax_block(v):
-    return min(16384, triton.next_power_of_2(v))
+    return min(SOFTMAX_BLOCK, triton.next_power_of_2(v))
 
 
 def _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad):

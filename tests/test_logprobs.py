@@ -145,6 +145,15 @@ def test_triton_forward_backward_entropy_match_naive(n, d, v, temp, blocks, monk
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_the_softmax_kernel_takes_the_vocabulary_in_several_blocks(monkeypatch):
+    """The in-place softmax kernel's online logsumexp across blocks (the 7B vocabulary is 10 blocks of 16,384
+    columns; the cases above fit in one): 128 columns a program, so 1,000 are 8 blocks, the last ragged."""
+    monkeypatch.setattr(lp, "SOFTMAX_BLOCK", 128)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 1000 * 8)
+    for ours, ref in _triton_vs_naive(19, 48, 1000, 0.8, (16, 128, 16))[2:]:  # the gradient path's results
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_triton_partials_do_not_depend_on_the_tile():
     """The logsumexp merge gives the same answer whatever the tiles (what autotuning may pick)."""
     h, w, t = _inputs(33, 48, 700, device=KERNEL_DEVICE)
