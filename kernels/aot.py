@@ -55,8 +55,8 @@ def compile_for(kernel, args, constexprs, arch, num_warps=4, num_stages=3):
 
 def facts(compiled):
     """What a compiled kernel uses: registers and local memory (spills) per thread from cuobjdump, shared
-    memory per block, and whether its matrix products run on tensor cores (wgmma on Hopper, mma before) from
-    pipelined loads (async copies into shared memory)."""
+    memory per block, whether its matrix products run on tensor cores (wgmma on Hopper, mma before) and
+    whether its loads are pipelined (async copies into shared memory)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -105,7 +105,8 @@ def main():
         return
     for arch in args.arch:
         card, limit = ARCHS[arch]
-        print(f"\nsm_{arch} ({card}; shared memory per block at most {limit // 1024} KB), triton {triton.__version__}\n")
+        print(f"\nsm_{arch} ({card}; shared memory per block at most {limit // 1024} KB), "
+              f"triton {triton.__version__}\n")
         print("| kernel | warps | stages | registers | spilled bytes | shared KB | tensor cores | pipelined |")
         print("|---|---|---|---|---|---|---|---|")
         for label, w, s, f in survey(arch):

@@ -123,8 +123,8 @@ def _hpass_kernel(
     total = tl.zeros([BLOCK_C], tl.float32)
     for j in range(0, kx):
         u = tl.abs(start + j * step)  # Keys' cubic, a = -0.5 (written out: a nested call is slow to interpret)
-        wx = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, tl.where(u < 2.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0, 0.0))
-        wx = tl.where(j < n, wx, 0.0)
+        wx = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0)
+        wx = tl.where((j < n) & (u < 2.0), wx, 0.0)
         total += wx
         keep = y_ok[:, None] & (wx != 0.0)[None, :]  # never read past the crop
         px = img_ptr + (rows + (x1 + lo + j)[None, :]) * 3
@@ -173,8 +173,8 @@ def _vpass_kernel(
     total = tl.zeros([BLOCK], tl.float32)
     for t in range(0, ky):
         u = tl.abs(start + t * step)  # as in the h-pass
-        wy = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, tl.where(u < 2.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0, 0.0))
-        wy = tl.where(t < n, wy, 0.0)
+        wy = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0)
+        wy = tl.where((t < n) & (u < 2.0), wy, 0.0)
         total += wy
         keep = (wy != 0.0)[:, None] & ok[None, :]
         at = base + (lo + t)[:, None] * ow + xs[None, :]  # contiguous along x
