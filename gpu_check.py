@@ -7,7 +7,8 @@ Writes runs/gpu-check/report.md and report.json: the device and the versions, th
 benchmark table, the training steps' measured peak memory against `train.py --dry-run`'s estimate for the
 same settings. The benchmarks also record in runs/kernel_choice.json which path won on this card, which
 `KERNELS=auto` then follows. Each part runs in its own process with its own time limit; one that fails is
-reported, and the others still run.
+reported, and the others still run. The report is rewritten after every part, so a check stopped midway (a
+lent GPU's time limit) leaves the parts that ran, marked as an unfinished check.
 
 Works with torch >= 2.11 and triton >= 3.6 as a GPU box may already have them. Without bitsandbytes the
 7B-shaped model runs in bf16 instead of NF4, and the report says so in its first lines. Missing packages go
@@ -100,8 +101,17 @@ def main():
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), notes=notes)
     log = []
 
+    def save(done=False):
+        """The report so far: rewritten after every part, so a check stopped by a time limit keeps what it measured."""
+        report.update(seconds=round(time.time() - started, 1), log=log, done=done)
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(out, "report.md"), "w") as f:
+            f.write(markdown(report))
+
     ok, _, text = run("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150, log)
     report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
+    save()
 
     name = bench.tiny_7b()  # saved once and loaded like a checkpoint (NF4), or built in bf16 without bitsandbytes
     report["benchmarks"] = {}
@@ -109,6 +119,7 @@ def main():
                                ("rollout", ["--model", name], 200)):
         ok, seconds, text = run(f"bench {what}", ["bench.py", what] + extra, limit, log)
         report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
+        save()
 
     train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(args.out, 'stage1')}"]
     ok, _, text = run("train --dry-run", train_args + ["--dry-run"], 45, log)
@@ -122,12 +133,7 @@ def main():
     measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
     report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
                               measured_peak_gb=measured, steps=steps)
-    report["seconds"] = round(time.time() - started, 1)
-    report["log"] = log
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(markdown(report))
+    save(done=True)
     print(markdown(report))
     print(f"wrote {out}/report.md and report.json in {report['seconds']:.0f} s")
     if not all(p["ok"] for p in log):
@@ -138,24 +144,31 @@ def markdown(r):
     lines = [f"# GPU check: {r['device']} ({r['memory_gb']} GB), commit {r['commit']}, {r['date']}", ""]
     lines += [f"- {n}" for n in r["notes"]]
     lines += ["- versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in r["versions"].items())
-              + f", CUDA {r['cuda']}", f"- whole check: {r['seconds']:.0f} s", "",
-              f"## Tests ({'pass' if r['tests']['ok'] else 'FAIL'})", "", "    " + r["tests"]["summary"], ""]
-    for what, b in r["benchmarks"].items():
+              + f", CUDA {r['cuda']}",
+              f"- whole check: {r['seconds']:.0f} s" if r.get("done", True) else
+              f"- **the check did not finish** (stopped, or still running, after {r['seconds']:.0f} s): below are "
+              "the parts that ran", ""]
+    if "tests" in r:
+        lines += [f"## Tests ({'pass' if r['tests']['ok'] else 'FAIL'})", "", "    " + r["tests"]["summary"], ""]
+    for what, b in r.get("benchmarks", {}).items():
         lines += [f"## bench.py {what} ({'ok' if b['ok'] else 'FAILED'}, {b['seconds']:.0f} s)", ""]
         for t in b["tables"]:
             lines += [t, ""]
-    t = r["training"]
-    est = t["estimate_gb"].get("peak")
-    lines += [f"## Two stage-1 steps, 24gb preset ({'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s)", "",
-              "| step | seconds | rollout peak GB | step peak GB | `--dry-run` estimate GB |", "|---|---|---|---|---|"]
-    for s in t["steps"]:
-        lines.append(f"| {s.get('step')} | {s.get('seconds', 0):.1f} | {s.get('rollout_mem_gb', 0):.2f} | "
-                     f"{s.get('peak_mem_gb', 0):.2f} | {est if est is not None else '-'} |")
-    lines += ["", "Estimate by part (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in t["estimate_gb"].items()), ""]
+    lines += _training_lines(r["training"]) if "training" in r else []
     failed = [p for p in r["log"] if not p["ok"]]
     for p in failed:
         lines += [f"## FAILED: {p['name']}", "", "```", p["output"][-4000:], "```", ""]
     return "\n".join(lines)
+
+
+def _training_lines(t):
+    est = t["estimate_gb"].get("peak")
+    lines = [f"## Two stage-1 steps, 24gb preset ({'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s)", "",
+             "| step | seconds | rollout peak GB | step peak GB | `--dry-run` estimate GB |", "|---|---|---|---|---|"]
+    for s in t["steps"]:
+        lines.append(f"| {s.get('step')} | {s.get('seconds', 0):.1f} | {s.get('rollout_mem_gb', 0):.2f} | "
+                     f"{s.get('peak_mem_gb', 0):.2f} | {est if est is not None else '-'} |")
+    return lines + ["", "Estimate by part (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in t["estimate_gb"].items()), ""]
 
 
 if __name__ == "__main__":

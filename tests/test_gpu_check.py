@@ -29,3 +29,33 @@ def test_refuses_without_cuda(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         gpu_check.main()
+
+
+def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatch, tmp_path):
+    """A check killed by a time limit (a lent GPU's 10-minute call) keeps what it measured: the report is
+    rewritten after every part, and says the check did not finish."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(gpu_check.bench, "tiny_7b", lambda: "tiny-7b")
+    monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
+    parts = []
+
+    def run(name, args, timeout, log):
+        if name == "bench logprobs":
+            raise KeyboardInterrupt  # the call's time limit, as the check sees it
+        parts.append(name)
+        out = "4 passed" if name == "tests" else f"{name}: caption\n| a |\n|---|\n| 1 |\n"
+        log.append(dict(name=name, command=args, ok=True, seconds=1.0, output=out))
+        return True, 1.0, out
+
+    monkeypatch.setattr(gpu_check, "run", run)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "check"])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main()
+    assert parts == ["tests", "bench crop"]
+    md = (tmp_path / "check" / "report.md").read_text()
+    assert "did not finish" in md and "4 passed" in md and "bench crop: caption" in md
+    assert "## Two stage-1 steps" not in md  # never ran
