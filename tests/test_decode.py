@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import decode
@@ -63,6 +64,47 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
     assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs
     assert h.shape == (2, p.head.weight.shape[1]) and torch.isfinite(h).all()
     assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
+
+
+# ops that wait for the device (a value or a data-dependent shape read on the host): a CUDA graph cannot
+# capture them, and outside a graph each one stalls the step
+HOST_SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+              "aten.is_nonzero.default", "aten._unique2.default", "aten.equal.default"}
+
+
+class _SyncWatch(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in HOST_SYNCS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_the_static_decode_step_never_waits_for_the_device(monkeypatch, precision):
+    """What a graph capture needs, checked on a CPU: the model's forward on the static cache (HF's masks, rotary
+    positions, attention, LoRA; bitsandbytes' 4-bit layers, as far as their CPU path goes) reads no value back
+    to the host. A forward that did would fail to capture on a GPU and fall back to eager steps (test above),
+    silently slow."""
+    p = model.load_policy("tiny", lora_r=4, lora_alpha=8, precision=precision, device="cpu")
+    watch, steps, real_run = _SyncWatch(), [], decode.StaticDecode._run
+
+    def watched(self):
+        steps.append(1)
+        with watch:
+            real_run(self)
+
+    monkeypatch.setattr(decode.StaticDecode, "_run", watched)
+    cfg = rollout_cfg(group_size=2, rollout_rows=4, global_tokens=48, temperature=0.9, max_turn_tokens=20,
+                      max_response_tokens=40, decode="static")
+    rollout(p, data.synthetic(2, seed=21, min_side=300, max_side=400), cfg)
+    assert len(steps) > 10 and watch.seen == []
+    with watch:  # the watch itself sees a host read
+        torch.ones(2).sum().item()
+    assert watch.seen == ["aten._local_scalar_dense.default"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
