@@ -11,7 +11,8 @@ attend to one column and are never read. On CPU (tests) the same static path run
 dynamic path's tokens and log-probs.
 
 Untested on a GPU so far: a failed capture turns graphs off for the rollout (printed once) and the eager static
-path goes on; `bench.py rollout` times both.
+path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
+no value back to the host (a capture could not hold one).
 """
 import torch
 
