@@ -196,6 +196,9 @@ MICRO_LABEL = 64  # the frame's outer side; the pattern fills the inside
 MICRO_BORDER = 8
 MICRO_LEVEL = 16  # the designed information-gap level (tokens): the pattern is unreadable there
 MICRO_READABLE = 100  # a budget at which the pattern is readable (280x280 pixels; at 64 it is half-aliased)
+# the micro task's episodes: wording, turn and token limits, crop budget. train.py's micro preset, the warm start
+# and its held-out check use these; the Makefile's EVAL_SETTINGS spells them out (tests/test_house.py compares)
+MICRO_EPISODE = dict(prompt="micro", max_turns=3, max_turn_tokens=48, max_response_tokens=160, crop_tokens=64)
 # option text -> 0/1 value at (x, y) inside the frame; each pattern is half black, so all blur to one grey. The
 # options are drawn symbols (horizontal stripes, vertical, checks, rising and falling diagonals): a few tokens each
 PATTERNS = {

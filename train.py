@@ -109,10 +109,10 @@ PRESETS = {
     # the micro model on the micro task, from its committed warm start: the CPU default and the README's experiment.
     # global_tokens is the information-gap level (16: the pattern is a grey blur); the baseline raises it to a
     # readable 100 with --infogap=off (make baseline)
-    "micro": dict(model="micro", data="micro:256", prompt="micro", steps=30, prompts_per_step=4, group_size=8,
-                  micro_batch=8, rollout_rows=32, lr=2e-3, lora_r=8, lora_alpha=16, max_turns=3, max_turn_tokens=48,
-                  max_response_tokens=160, global_tokens=16, crop_tokens=64, save_every=10, dump_every=5,
-                  probe_every=5, probe_items=32, probe_global_tokens=16),
+    "micro": dict(model="micro", data="micro:256", steps=30, prompts_per_step=4, group_size=8, micro_batch=8,
+                  rollout_rows=32, lr=2e-3, lora_r=8, lora_alpha=16, **data.MICRO_EPISODE,
+                  global_tokens=data.MICRO_LEVEL, save_every=10, dump_every=5, probe_every=5, probe_items=32,
+                  probe_global_tokens=data.MICRO_LEVEL),
     "24gb": dict(prompts_per_step=2, group_size=8, micro_batch=2, global_tokens=1024, crop_tokens=1024,
                  max_response_tokens=2048, gradient_checkpointing=True, rollout_rows=0, memory_gb=24),
     "48gb": dict(prompts_per_step=4, group_size=8, micro_batch=2, global_tokens=4096, crop_tokens=1024,

@@ -35,8 +35,8 @@ import model
 import rewards
 from rollout import RolloutConfig, rollout
 
-PROMPT = "micro"  # model.MICRO_SYSTEM: the short wording
-CROP_TOKENS = 64  # the crop budget the trajectories are written with: train.py's micro preset uses the same
+PROMPT = data.MICRO_EPISODE["prompt"]  # model.MICRO_SYSTEM: the short wording
+CROP_TOKENS = data.MICRO_EPISODE["crop_tokens"]  # the crop budget the trajectories are written with
 DIRECT_SHARE = 0.5  # of the readable items, the share answered from the global image without the tool
 HABIT_DIRECT = 0.6  # third phase: the share of episodes answered without the tool [choice]
 READ_BATCH = 16  # reading exercises per step of the second phase
@@ -228,10 +228,9 @@ def sharpen(policy, read_steps=200, habit_steps=150, batch=4, lr=1e-3, seed=0, l
 
 def held_out(policy, n=40, budget=data.MICRO_LEVEL, probe=None):
     """Greedy accuracy, tool calls per item and mean IoU of the first crop with B1 on held-out items (eval's
-    seed 1) at a global budget, with the micro preset's limits."""
+    seed 1) at a global budget, with the micro task's episode limits."""
     samples = data.micro(n, seed=1)
-    cfg = RolloutConfig(greedy=True, global_tokens=budget, crop_tokens=CROP_TOKENS, prompt=PROMPT, max_turns=3,
-                        max_turn_tokens=48, max_response_tokens=160, rollout_rows=n, probe=probe)
+    cfg = RolloutConfig(greedy=True, global_tokens=budget, rollout_rows=n, probe=probe, **data.MICRO_EPISODE)
     eps = rollout(policy, samples, cfg)
     acc = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer, e.sample.options) for e in eps) / n
     ious = [rewards.iou(e.boxes[0], e.sample.boxes[0]) for e in eps if e.boxes]

@@ -76,6 +76,19 @@ def test_rollout_and_reward_settings_are_built_from_config():
     assert train.reward_config(dataclasses.replace(cfg, stage=1)).w_grounding == 0.0
 
 
+def test_make_eval_uses_the_micro_runs_own_settings():
+    """`make eval` evaluates every model at the settings the micro runs train with (data.MICRO_EPISODE and the
+    gap level): the Makefile spells them out, so a change on one side must be made on the other."""
+    import data
+
+    text = open(os.path.join(ROOT, "Makefile")).read().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("EVAL_SETTINGS ?="))
+    words = line.split("?=", 1)[1].split()
+    given = {k.lstrip("-").replace("-", "_"): v for k, v in zip(words[::2], words[1::2])}
+    expected = {k: str(v) for k, v in {**data.MICRO_EPISODE, "global_tokens": data.MICRO_LEVEL, "model": "micro"}.items()}
+    assert given == expected
+
+
 def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", global_tokens=48, max_turns=2)))
     cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path), "--max-turns", "7"]))
