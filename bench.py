@@ -109,10 +109,11 @@ def _logprobs_child(method, n, d, v, device, dtype):
     """Runs in a subprocess: peak memory beyond the inputs and time of forward + backward."""
     from kernels import logprobs as lp
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    # drawn on the device: the 7B head is 545 M numbers, ~10 s to draw and convert on a few CPU cores, per child
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=g, device=device) / d ** 0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
     if method.startswith("triton "):  # the Triton path with another softmax config: "triton BLOCKxWARPS"
         lp.SOFTMAX_BLOCK, lp.SOFTMAX_WARPS = map(int, method.split()[1].split("x"))
         method = "triton"
