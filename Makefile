@@ -80,10 +80,11 @@ bench: setup
 	$(PY) bench.py rollout
 
 # on a CUDA machine: GPU tests, the three benchmarks, two 24gb-preset steps; writes runs/gpu-check/report.md.
+# ARGS="--budget 540" keeps it within 9 minutes; ARGS="--only crop,logprobs" runs some parts.
 # No `setup` first: a GPU box may have no network; its own python3 (torch >= 2.11, triton >= 3.6) will do.
 GPU_PY ?= $(if $(wildcard .venv/bin/python),$(PY),python3)
 gpu-check:
-	$(GPU_PY) gpu_check.py
+	$(GPU_PY) gpu_check.py $(ARGS)
 
 # The README's pictures, from the built-in default (tiny model, synthetic data; CPU, a few minutes): the curves of
 # stage 1 against the no-gap baseline, the global-budget sweep, and a screenshot of an HTML report (Debian's chromium).

@@ -2,6 +2,8 @@
 preset on a 7B-shaped model in NF4, and a report with every number. Meant to finish in under 8 minutes.
 
     make gpu-check                      # = python gpu_check.py --out runs/gpu-check
+    python gpu_check.py --budget 540    # within 9 minutes: a part that would start with under 30 s left is not run
+    python gpu_check.py --only crop,logprobs
 
 Writes runs/gpu-check/report.md and report.json: the device and the versions, the test summary, every
 benchmark table, the training steps' measured peak memory against `train.py --dry-run`'s estimate for the
@@ -33,6 +35,7 @@ TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_roll
          "tests/test_decode.py"]
 # two short stage-1 steps at the 24gb preset; shorter responses than the preset's 2,048 keep the check quick,
 # and the estimate is taken for the same settings
+PARTS = ("tests", "crop", "logprobs", "rollout", "train")
 TRAIN = ["--stage", "1", "--preset", "24gb", "--data", "synthetic:4", "--steps=2", "--max_response_tokens=512",
          "--max_turn_tokens=256", "--save_every=2", "--dump_every=100"]
 
@@ -81,7 +84,13 @@ def tables(text):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the saved model")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"the parts to run, comma-separated: {', '.join(PARTS)}")
+    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole check (0: no limit): each part "
+                    "runs within what is left, and a part that would start with under 30 s is reported as not run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(PARTS):
+        raise SystemExit(f"error: --only {args.only}: the parts are {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("error: gpu_check needs a CUDA GPU (torch.cuda.is_available() is False)")
     out = os.path.join(HERE, args.out)
@@ -109,35 +118,54 @@ def main():
         with open(os.path.join(out, "report.md"), "w") as f:
             f.write(markdown(report))
 
-    ok, _, text = run("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150, log)
-    report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
-    save()
+    def part(name, command, limit):
+        """run() within the budget's time left."""
+        if args.budget:
+            left = started + args.budget - time.time()
+            if left < 30:
+                out = f"not run: {max(left, 0):.0f} s of the check's --budget {args.budget:.0f} s were left"
+                log.append(dict(name=name, command=command, ok=False, seconds=0.0, output=out))
+                return False, 0.0, out
+            limit = min(limit, left - 10)
+        return run(name, command, limit, log)
 
-    name = bench.tiny_7b()  # saved once and loaded like a checkpoint (NF4), or built in bf16 without bitsandbytes
+    if "tests" in only:
+        ok, _, text = part("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150)
+        report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
+        save()
+
+    # the 7B-shaped model, saved once and loaded like a checkpoint (NF4), or built in bf16 without bitsandbytes
+    name = bench.tiny_7b() if only & {"rollout", "train"} else None
     report["benchmarks"] = {}
     for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150),
                                ("rollout", ["--model", name], 200)):
-        ok, seconds, text = run(f"bench {what}", ["bench.py", what] + extra, limit, log)
-        report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
-        save()
-
-    train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(args.out, 'stage1')}"]
-    ok, _, text = run("train --dry-run", train_args + ["--dry-run"], 45, log)
-    est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
-    estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
-    metrics_path = os.path.join(HERE, args.out, "stage1", "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    ok, seconds, text = run("train 2 steps", train_args, 200, log)
-    steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-    measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
-    report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
-                              measured_peak_gb=measured, steps=steps)
+        if what in only:
+            ok, seconds, text = part(f"bench {what}", ["bench.py", what] + extra, limit)
+            report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
+            save()
+    if "train" in only:
+        train_steps(name, args.out, part, report)
     save(done=True)
     print(markdown(report))
     print(f"wrote {out}/report.md and report.json in {report['seconds']:.0f} s")
     if not all(p["ok"] for p in log):
         sys.exit(1)
+
+
+def train_steps(name, out, part, report):
+    """Two stage-1 steps at the 24gb preset, and --dry-run's estimate for the same settings."""
+    train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(out, 'stage1')}"]
+    ok, _, text = part("train --dry-run", train_args + ["--dry-run"], 45)
+    est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
+    estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
+    metrics_path = os.path.join(HERE, out, "stage1", "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    ok, seconds, text = part("train 2 steps", train_args, 200)
+    steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
+    report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
+                              measured_peak_gb=measured, steps=steps)
 
 
 def markdown(r):

@@ -31,20 +31,19 @@ def test_refuses_without_cuda(monkeypatch):
         gpu_check.main()
 
 
-def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatch, tmp_path):
-    """A check killed by a time limit (a lent GPU's 10-minute call) keeps what it measured: the report is
-    rewritten after every part, and says the check did not finish."""
+def _fake_gpu(monkeypatch, tmp_path, stop_at=None):
+    """gpu_check.main on a pretend GPU: each part's process replaced by a stub; returns the parts it ran."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 * 2**30))
-    monkeypatch.setattr(gpu_check.bench, "tiny_7b", lambda: "tiny-7b")
     monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
     parts = []
+    monkeypatch.setattr(gpu_check.bench, "tiny_7b", lambda: parts.append("tiny-7b") or "tiny-7b")
 
     def run(name, args, timeout, log):
-        if name == "bench logprobs":
+        if name == stop_at:
             raise KeyboardInterrupt  # the call's time limit, as the check sees it
         parts.append(name)
         out = "4 passed" if name == "tests" else f"{name}: caption\n| a |\n|---|\n| 1 |\n"
@@ -52,10 +51,35 @@ def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatc
         return True, 1.0, out
 
     monkeypatch.setattr(gpu_check, "run", run)
+    return parts
+
+
+def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatch, tmp_path):
+    """A check killed by a time limit (a lent GPU's 10-minute call) keeps what it measured: the report is
+    rewritten after every part, and says the check did not finish."""
+    parts = _fake_gpu(monkeypatch, tmp_path, stop_at="bench logprobs")
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "check"])
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main()
-    assert parts == ["tests", "bench crop"]
+    assert parts == ["tests", "tiny-7b", "bench crop"]
     md = (tmp_path / "check" / "report.md").read_text()
     assert "did not finish" in md and "4 passed" in md and "bench crop: caption" in md
     assert "## Two stage-1 steps" not in md  # never ran
+
+
+def test_only_some_parts_and_within_a_budget(monkeypatch, tmp_path):
+    parts = _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "a", "--only", "crop,logprobs"])
+    gpu_check.main()
+    assert parts == ["bench crop", "bench logprobs"]  # no tests, and no 7B model to build
+    # a budget too short for any part: each is reported as not run, and the check says so by failing
+    parts.clear()
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "b", "--only", "crop,train", "--budget", "20"])
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert parts == ["tiny-7b"]
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert md.count("not run: ") == 3  # bench crop, train --dry-run, train 2 steps
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--only", "crop,speed"])
+    with pytest.raises(SystemExit, match="the parts are"):
+        gpu_check.main()
