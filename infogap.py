@@ -116,10 +116,10 @@ def prepare(cfg, samples):
         select(cfg.model, cfg.data, [int(t) for t in cfg.infogap_ladder.split(",")], setting,
                adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
                max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher)
-    kind = next((k for k in data.GENERATED if cfg.data.startswith(k)), None)  # generated data: its designed level
+    kind = cfg.data.split(",")[0].partition(":")[0]  # generated data (data.GENERATED) has a designed level
     if setting:
         samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)
-    elif kind and not any(s.global_tokens for s in samples):
+    elif kind in data.GENERATED and not any(s.global_tokens for s in samples):
         level = data.GENERATED[kind][1]
         print(f"{kind} data: its designed information-gap level, {level} tokens")
         for s in samples:

@@ -228,8 +228,8 @@ def sharpen(policy, read_steps=200, habit_steps=150, batch=4, lr=1e-3, seed=0, l
 
 def held_out(policy, n=40, budget=data.MICRO_LEVEL, probe=None):
     """Greedy accuracy, tool calls per item and mean IoU of the first crop with B1 on held-out items (eval's
-    seed 1) at a global budget, with the micro task's episode limits."""
-    samples = data.micro(n, seed=1)
+    data.HELD_OUT_SEED) at a global budget, with the micro task's episode limits."""
+    samples = data.micro(n, seed=data.HELD_OUT_SEED)
     cfg = RolloutConfig(greedy=True, global_tokens=budget, rollout_rows=n, probe=probe, **data.MICRO_EPISODE)
     eps = rollout(policy, samples, cfg)
     acc = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer, e.sample.options) for e in eps) / n

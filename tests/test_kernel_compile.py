@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+from kernels.aot import ARCHS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_LIMIT = {90: 227 * 1024, 89: 99 * 1024}  # bytes per block: H100; L4 / RTX 4090 (kernels.aot.ARCHS)
+SHARED_LIMIT = {arch: ARCHS[arch][1] for arch in (90, 89)}  # bytes per block: H100; L4 / RTX 4090
 
 
 @pytest.fixture(scope="module")
