@@ -66,20 +66,24 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
     assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
 
 
-# ops that wait for the device (a value or a data-dependent shape read on the host): a CUDA graph cannot
-# capture them, and outside a graph each one stalls the step
+# ops that wait for the device (a value or a data-dependent shape read on the host), and torch.tensor() of host
+# values (a pageable host-to-device copy): a CUDA graph cannot capture them, and outside a graph each stalls
 HOST_SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
-              "aten.is_nonzero.default", "aten._unique2.default", "aten.equal.default"}
+              "aten.is_nonzero.default", "aten._unique2.default", "aten.equal.default", "aten.lift_fresh.default"}
 
 
 class _SyncWatch(TorchDispatchMode):
+    """Records host reads, and each step's trace: every op with its tensors' shapes and its other arguments."""
+
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.trace = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func) in HOST_SYNCS:
             self.seen.append(str(func))
+        spec = lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a
+        self.trace.append((str(func), repr(torch.utils._pytree.tree_map(spec, (args, kwargs)))))
         return func(*args, **(kwargs or {}))
 
 
@@ -87,24 +91,38 @@ class _SyncWatch(TorchDispatchMode):
 def test_the_static_decode_step_never_waits_for_the_device(monkeypatch, precision):
     """What a graph capture needs, checked on a CPU: the model's forward on the static cache (HF's masks, rotary
     positions, attention, LoRA; bitsandbytes' 4-bit layers, as far as their CPU path goes) reads no value back
-    to the host. A forward that did would fail to capture on a GPU and fall back to eager steps (test above),
-    silently slow."""
+    to the host, and every step of a stretch runs the same ops with the same arguments but for the tensors'
+    contents. A forward that read a value would fail to capture on a GPU and fall back to eager steps (test
+    above), silently slow; one whose ops took a host value that moves from step to step (a position as a
+    Python int) would capture it once and replay it: wrong tokens, no error."""
     p = model.load_policy("tiny", lora_r=4, lora_alpha=8, precision=precision, device="cpu")
     watch, steps, real_run = _SyncWatch(), [], decode.StaticDecode._run
 
     def watched(self):
-        steps.append(1)
+        watch.trace, first = [], self.out is None  # a stretch's first step keeps its output buffer: one op less
         with watch:
             real_run(self)
+        steps.append(((self.shape, self.live, first), watch.trace))
 
     monkeypatch.setattr(decode.StaticDecode, "_run", watched)
     cfg = rollout_cfg(group_size=2, rollout_rows=4, global_tokens=48, temperature=0.9, max_turn_tokens=20,
                       max_response_tokens=40, decode="static")
     rollout(p, data.synthetic(2, seed=21, min_side=300, max_side=400), cfg)
     assert len(steps) > 10 and watch.seen == []
-    with watch:  # the watch itself sees a host read
+    pairs = [(a, b) for (ka, a), (kb, b) in zip(steps, steps[1:]) if ka == kb]  # consecutive steps, one stretch
+    assert len(pairs) > 5 and all(len(a) > 100 for a, _ in pairs)
+    for a, b in pairs:
+        assert a == b, next((f"op {i}: {x} then {y}" for i, (x, y) in enumerate(zip(a, b)) if x != y), "length")
+    with watch:  # the watch itself sees a host read, and a host value in an op's arguments
         torch.ones(2).sum().item()
     assert watch.seen == ["aten._local_scalar_dense.default"]
+    traces = []
+    for k in (3, 4):
+        watch.trace = []
+        with watch:
+            torch.arange(k, k + 1)
+        traces.append(watch.trace)
+    assert traces[0] != traces[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
