@@ -50,7 +50,11 @@ def test_which_steps_run_eagerly():
     assert "CUDA" in decode.why_eager([row([5])], cpu, graphs=True)
 
 
-def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
+def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monkeypatch):
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # on a GPU; on a CPU, torch.cuda.Stream() fails first
     p = tiny_policy()
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
     rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
@@ -58,7 +62,7 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys):
         batch = rollout_module._prefill(p, rows, 2)
         for r in batch.live:
             r.pending, r.pending_images = [p.encode("hm")[0]], []
-        static = decode.StaticDecode(p, graphs=True)  # on a CPU, torch.cuda.Stream() fails: as a capture would
+        static = decode.StaticDecode(p, graphs=True)
         static.load(batch)
         h = static.step(batch.live)
     assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs

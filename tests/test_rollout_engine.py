@@ -25,7 +25,9 @@ def _script(p):
 
 
 class _Counter:
-    """Counts real tokens entering the language model and patches entering the vision tower."""
+    """Counts real tokens entering the language model and patches entering the vision tower. Only on the
+    dynamic decode path (`decode="dynamic"`): a graph replay runs no hooks, and the static path's mask is the
+    whole buffer. tests/test_decode.py checks that the static paths give the dynamic path's episodes."""
 
     def __init__(self, p):
         self.tokens = self.patches = 0
@@ -49,7 +51,7 @@ def test_every_token_and_image_goes_through_the_model_once():
     samples = data.synthetic(2, seed=11)
     counter = _Counter(p)
     try:
-        eps = rollout(p, samples, _cfg(), force=_script(p))
+        eps = rollout(p, samples, _cfg(decode="dynamic"), force=_script(p))
     finally:
         counter.close()
     heads = eps[::3]
@@ -67,7 +69,7 @@ def test_baseline_engine_agrees_and_does_more_work():
     fast = rollout(p, samples, _cfg(), force=_script(p))
     counter = _Counter(p)
     try:
-        slow = rollout(p, samples, _cfg(reuse_cache=False), force=_script(p))
+        slow = rollout(p, samples, _cfg(reuse_cache=False, decode="dynamic"), force=_script(p))
     finally:
         counter.close()
     assert [e.ids for e in fast] == [e.ids for e in slow]
@@ -214,7 +216,8 @@ def test_waiting_groups_take_finished_rows_places():
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(rollout_module, "_join", lambda a, b: joins.append(len(a.live)) or real_join(a, b))
-            small = rollout(p, samples, _cfg(group_size=2, rollout_rows=4), force=scripted(p, script))
+            cfg = _cfg(group_size=2, rollout_rows=4, decode="dynamic")
+            small = rollout(p, samples, cfg, force=scripted(p, script))
     finally:
         counter.close()
     big = rollout(p, samples, _cfg(group_size=2, rollout_rows=64), force=scripted(p, script))
