@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -132,7 +133,7 @@ def _logprobs_child(method, n, d, v, device, dtype):
             f.write("5")
     t = _time(run, repeat=2)
     peak = (_peak_rss() if device == "cpu" else torch.cuda.max_memory_allocated()) - base
-    return dict(seconds=t, peak_gb=peak / 2**30)
+    return dict(seconds=t, peak_gb=peak / 1e9)
 
 
 def _rss():
@@ -224,12 +225,15 @@ def tiny_7b():
     if importlib.util.find_spec("bitsandbytes") is None:
         print("bitsandbytes is not installed: tiny-7b runs in bf16, not NF4")
         return "tiny-7b"
-    if not os.path.exists(os.path.join(TINY_7B_DIR, "config.json")):
+    if not os.path.exists(TINY_7B_DIR):  # written beside, then renamed: a killed save leaves no half a model
+        part = TINY_7B_DIR + ".part"
+        shutil.rmtree(part, ignore_errors=True)
         m, tok = model.build_tiny(shape="7b", dtype=torch.bfloat16, device="cuda")
-        m.save_pretrained(TINY_7B_DIR)
-        tok.save_pretrained(TINY_7B_DIR)
+        m.save_pretrained(part)
+        tok.save_pretrained(part)
         del m
         torch.cuda.empty_cache()
+        os.replace(part, TINY_7B_DIR)
     return TINY_7B_DIR
 
 

@@ -64,14 +64,21 @@ def reset_peak_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
+# the metrics that read the machine (time, memory) rather than the run: they differ from run to run
+READINGS = ("seconds", "rollout_mem_gb", "peak_mem_gb", "rss_gb", "cuda_alloc_gb", "cuda_reserved_gb",
+            "cuda_peak_reserved_gb")
+
+
 def memory_now():
     """Memory held now, not the peak, so that a slow creep shows in metrics.jsonl: the host's resident set
     (rss_gb) and, on CUDA, what tensors hold (cuda_alloc_gb) and what the caching allocator holds
-    (cuda_reserved_gb)."""
+    (cuda_reserved_gb), with the allocator's peak since the step began (cuda_peak_reserved_gb: what the card
+    had to hold, less the CUDA context). All in GB of 10^9 bytes, the unit of `train.py --dry-run`'s estimate."""
     out = dict(rss_gb=host_rss_gb())
     if torch.cuda.is_available():
-        out.update(cuda_alloc_gb=torch.cuda.memory_allocated() / 2**30,
-                   cuda_reserved_gb=torch.cuda.memory_reserved() / 2**30)
+        out.update(cuda_alloc_gb=torch.cuda.memory_allocated() / 1e9,
+                   cuda_reserved_gb=torch.cuda.memory_reserved() / 1e9,
+                   cuda_peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9)
     return out
 
 
@@ -79,16 +86,16 @@ def host_rss_gb():
     """This process's resident set now (Linux /proc; elsewhere the peak, which is what the OS offers)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def peak_memory_gb():
     """GPU: peak allocated since the last reset. CPU: the process's peak resident size."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def what_changed(metrics_path, window=5):

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 import checkpoint
 import train
 from helpers import run_cli, run_ranks
+from logbook import READINGS as TIMINGS
 
 # 2 steps of the tiny preset, written short; a checkpoint after each. A micro-batch is one group, so one process with
 # 2 prompts and two ranks with 1 each average the same micro-batch means (loss_agg micro-token-mean).
 TRAIN = ["--stage", "1", "--steps=2", "--save_every=1", "--keep_checkpoints=10", "--data=synthetic:6", "--group_size=2",
          "--micro_batch=2", "--max_turn_tokens=6", "--max_response_tokens=12", "--dump_every=2", "--curves=false"]
-TIMINGS = ("seconds", "peak_mem_gb", "rollout_mem_gb", "rss_gb", "cuda_alloc_gb", "cuda_reserved_gb")
 
 
 def _train(out, prompts, world=1, rank_env=None):

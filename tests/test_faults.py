@@ -11,6 +11,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import logbook
 import model
 import train
 from helpers import run_cfg, run_cli
@@ -29,7 +30,7 @@ def _state(out):
     opt = torch.load(os.path.join(out, "step_000004", "optimizer.pt"), weights_only=True)
     metrics = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     for m in metrics:  # wall-clock and memory readings differ run to run
-        for k in ("seconds", "peak_mem_gb", "rollout_mem_gb", "rss_gb", "cuda_alloc_gb", "cuda_reserved_gb"):
+        for k in logbook.READINGS:
             m.pop(k, None)
     return adapter, opt, metrics
 

@@ -31,7 +31,7 @@ def test_refuses_without_cuda(monkeypatch):
         gpu_check.main()
 
 
-def _fake_gpu(monkeypatch, tmp_path, stop_at=None):
+def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None):
     """gpu_check.main on a pretend GPU: each part's process replaced by a stub; returns the parts it ran."""
     from types import SimpleNamespace
 
@@ -40,7 +40,7 @@ def _fake_gpu(monkeypatch, tmp_path, stop_at=None):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
     parts = []
-    monkeypatch.setattr(gpu_check.bench, "tiny_7b", lambda: parts.append("tiny-7b") or "tiny-7b")
+    monkeypatch.setattr(gpu_check.bench, "tiny_7b", build or (lambda: parts.append("tiny-7b") or "tiny-7b"))
 
     def run(name, args, timeout, log):
         if name == stop_at:
@@ -83,3 +83,23 @@ def test_only_some_parts_and_within_a_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--only", "crop,speed"])
     with pytest.raises(SystemExit, match="the parts are"):
         gpu_check.main()
+
+
+def test_a_failed_model_build_fails_only_the_parts_that_need_it(monkeypatch, tmp_path):
+    def build():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    parts = _fake_gpu(monkeypatch, tmp_path, build=build)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "c"])
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert parts == ["tests", "bench crop", "bench logprobs"]
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "## FAILED: build tiny-7b" in md and "CUDA out of memory" in md and "whole check" in md
+
+
+def test_training_table_sets_the_measured_peaks_beside_the_estimate_less_the_cuda_context():
+    t = dict(ok=True, seconds=80, estimate_gb=dict(weights=5.0, kv_cache=4.1, cuda_overhead=1.5, peak=10.6),
+             steps=[dict(step=1, seconds=40.0, rollout_mem_gb=7.5, peak_mem_gb=8.25, cuda_peak_reserved_gb=8.9)])
+    row = gpu_check._training_lines(t)[4]
+    assert row == "| 1 | 40.0 | 7.50 | 8.25 | 8.90 | 9.10 |"

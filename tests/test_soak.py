@@ -58,8 +58,8 @@ def _soak(tmp_path, monkeypatch):
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == STEPS
     assert all(m["tool_calls"] == 1 and m["tool_errors"] == 1 for m in metrics)  # every path, every step
-    rss = [m["rss_gb"] * 1024 for m in metrics]  # MB
-    slope = _slope(rss[WARMUP:]) * 1024  # KB per step
+    rss = [m["rss_gb"] * 1e3 for m in metrics]  # MB
+    slope = _slope(rss[WARMUP:]) * 1e3  # KB per step
     assert slope < BOUND_KB_PER_STEP, f"resident memory creeps {slope:.0f} KB per step: " + " ".join(f"{x:.0f}" for x in rss)
 
 
