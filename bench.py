@@ -115,6 +115,8 @@ def _logprobs_child(method, n, d, v, device, dtype):
     hidden = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g, device=device) / d ** 0.5).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g, device=device)
+    grad = not method.endswith(" nograd")  # "chunked nograd": the forward alone, under no_grad
+    method = method.removesuffix(" nograd")
     if method.startswith("triton "):  # the Triton path with another softmax config: "triton BLOCKxWARPS"
         lp.SOFTMAX_BLOCK, lp.SOFTMAX_WARPS = map(int, method.split()[1].split("x"))
         method = "triton"
@@ -122,6 +124,9 @@ def _logprobs_child(method, n, d, v, device, dtype):
               liger=_liger)[method]
 
     def run():
+        if not grad:
+            with torch.no_grad():
+                return fn(hidden, weight, targets)
         hidden.grad = None
         fn(hidden, weight, targets).sum().backward()
 
@@ -184,8 +189,10 @@ def bench_logprobs(sizes=None):
     for n in sizes:
         res = {}
         # at the largest N, the softmax kernel's other configs too (columns per program x warps; the default
-        # is the plain "triton" row), so a GPU run says which to keep; they do not take part in the choice
-        others = [f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] if cuda and n == max(sizes) else []
+        # is the plain "triton" row), so a GPU run says which to keep; they do not take part in the choice.
+        # And both paths without a gradient (reference log-probs): a choice of their own, "logprobs_nograd"
+        others = ([f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] + ["chunked nograd", "triton nograd"]
+                  if cuda and n == max(sizes) else [])
         for method in methods + others:
             out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
                                  capture_output=True, text=True)
@@ -195,21 +202,28 @@ def bench_logprobs(sizes=None):
                 continue
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
         times[n] = {m: r["seconds"] for m, r in res.items() if m in methods}
+        nograd = {m.split()[0]: r["seconds"] for m, r in res.items() if m.endswith(" nograd")}
         base = res.get("naive")
-        floor = 4 * n * d * v / (peak * 1e12) if peak else None  # forward 2NDV + the gradient's 2NDV at peak
         for method, r in res.items():
+            flops = (2 if method.endswith(" nograd") else 4) * n * d * v  # the forward 2NDV, the gradient 2NDV more
+            vs = base if base and not method.endswith(" nograd") else None  # naive has a gradient: no comparison
             rows.append((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}",
-                         f"{4 * n * d * v / r['seconds'] / 1e12:.1f}",
-                         f"{base['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if base else "-",
-                         f"{r['seconds'] / base['seconds']:.2f}" if base else "-")
-                        + ((f"{r['seconds'] / floor:.2f}",) if floor else ()))
+                         f"{flops / r['seconds'] / 1e12:.1f}",
+                         f"{vs['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if vs else "-",
+                         f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
+                        + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
     if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
         won = all("triton" in t and "chunked" in t and t["triton"] < t["chunked"] for t in times.values())
         kernels.record_winner("logprobs", "triton" if won else "torch", {str(n): t for n, t in times.items()})
-    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states"
-          + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s)" if peak else ""))
-    _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s (4NDV)", "memory: naive / this", "time: this / naive"]
-           + (["time / 4NDV floor"] if peak else []), rows)
+        if nograd:
+            won = "triton" in nograd and "chunked" in nograd and nograd["triton"] < nograd["chunked"]
+            kernels.record_winner("logprobs_nograd", "triton" if won else "torch", {str(max(sizes)): nograd})
+    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states (4NDV flops; "
+          "'nograd' rows: the forward alone under no_grad, 2NDV)"
+          + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s: the floor is the flops at peak)"
+             if peak else ""))
+    _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s", "memory: naive / this", "time: this / naive"]
+           + (["time / floor"] if peak else []), rows)
 
 
 TINY_7B_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny-7b")  # saved once, like a checkpoint

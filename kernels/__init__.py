@@ -82,8 +82,10 @@ def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log softmax(hidden @ weight.T / T)[targets] without materialising (N, V) logits; differentiable in
-    `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient)."""
-    fn = logprobs.selective_logprobs_triton if _use_triton("logprobs", hidden) else logprobs.selective_logprobs_chunked
+    `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient). With a gradient and without
+    one (reference and old-policy log-probs) the kernels differ, so each is measured and chosen on its own."""
+    op = "logprobs" if torch.is_grad_enabled() and hidden.requires_grad else "logprobs_nograd"
+    fn = logprobs.selective_logprobs_triton if _use_triton(op, hidden) else logprobs.selective_logprobs_chunked
     return fn(hidden, weight, targets, temperature, with_entropy)
 
 

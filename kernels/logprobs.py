@@ -139,7 +139,7 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks=N
     tiles (the interpreter, tests); None autotunes."""
     n, d = hidden.shape
     v = weight.shape[0]
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight = hidden.to(weight.dtype).contiguous(), weight.contiguous()  # tl.dot takes one dtype
     slots = triton.cdiv(v, MIN_BLOCK_V)
     m = torch.full((n, slots), -float("inf"), dtype=torch.float32, device=hidden.device)
     s = torch.zeros(n, slots, dtype=torch.float32, device=hidden.device)

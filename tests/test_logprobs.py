@@ -11,10 +11,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _inputs(n, d, v, dtype=torch.float32, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_(True)
-    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
-    t = torch.randint(0, v, (n,), generator=g).to(device)
+    g = torch.Generator(device).manual_seed(seed)  # drawn where used: a GPU case has up to 2.5e9 numbers
+    h = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g, device=device) / d ** 0.5).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g, device=device)
     return h, w, t
 
 
@@ -109,6 +109,7 @@ def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path)
     kernels.record_winner("logprobs", "triton", dict(triton=0.03, chunked=0.044))
     assert pick(gpu)
     assert not kernels._use_triton("resample", gpu)  # another op: not measured
+    assert not kernels._use_triton("logprobs_nograd", gpu)  # the no-gradient kernel is measured on its own
     assert not pick(SimpleNamespace(is_cuda=False, device="cpu"))
     card = "A100"  # measured on another card: torch
     assert not pick(gpu)

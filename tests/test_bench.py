@@ -1,0 +1,45 @@
+"""bench.py's log-prob benchmark on a CPU: each child mode runs, and on a pretend GPU the table and the recorded
+choices follow the times measured (the GPU run itself is `make gpu-check`'s)."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+import bench
+import kernels
+
+
+@pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd"])
+def test_each_logprobs_child_mode_runs(method):
+    r = bench._logprobs_child(method, 8, 16, 300, "cpu", torch.float32)
+    assert r["seconds"] > 0 and r["peak_gb"] >= 0
+
+
+def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, capsys):
+    """The kernel with a gradient won at every size; without one it lost: the choices say so, each on its own,
+    and the no-gradient rows are set against their own floor (2NDV), not against naive (which has a gradient)."""
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    seconds = {"naive": 0.044, "chunked": 0.044, "triton": 0.03, "chunked nograd": 0.02, "triton nograd": 0.025}
+    ran = []
+
+    def child(cmd, **kw):
+        method, n = cmd[3], int(cmd[4])
+        ran.append((method, n))
+        s = seconds.get(method, 0.035) * n / 8192
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(seconds=s, peak_gb=1.0)) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    bench.bench_logprobs([2048, 8192])
+    assert ("chunked nograd", 8192) in ran and ("chunked nograd", 2048) not in ran  # the largest N only
+    table = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]
+    assert table["logprobs"]["winner"] == "triton" and table["logprobs_nograd"]["winner"] == "torch"
+    out = capsys.readouterr().out
+    nograd = next(line for line in out.splitlines() if line.startswith("| triton nograd | 8192"))
+    # 2 * 8192 * 3584 * 152064 flops in 25 ms: 357.2 TFLOP/s, 2.77x the time at 989 TFLOP/s
+    assert nograd.split(" | ")[4:] == ["357.2", "-", "-", "2.77 |"]
+    triton = next(line for line in out.splitlines() if line.startswith("| triton | 8192"))
+    assert triton.split(" | ")[4:] == ["595.3", "1.0", "0.68", "1.66 |"]  # 4NDV in 30 ms against naive's 44
+    assert kernels.measured_winner("logprobs_nograd", 0) == "torch"
