@@ -14,10 +14,14 @@ Untested on a GPU so far: a failed capture turns graphs off for the rollout (pri
 path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
 no value back to the host (a capture could not hold one).
 """
+import time
+
 import torch
 
 ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice]
 COLUMN_STEP = 256  # the static cache grows in steps of this many columns [choice]
+# one-off costs of the graphs, summed over the process, so that bench.py can tell them from the steady step
+counters = dict(captures=0, capture_seconds=0.0)
 
 
 def why_eager(rows, device, graphs):
@@ -115,21 +119,24 @@ class StaticDecode:
     def _capture(self):
         """Record one decode forward as a CUDA graph (warmed up on a side stream, as torch asks). The warm-up and
         the capture each advance the cache's counters and write a column: both are rewound."""
-        counters = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        started, lengths = time.perf_counter(), [layer.cumulative_length.clone() for layer in self.cache.layers]
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._run()
             torch.cuda.current_stream().wait_stream(stream)
-            for layer, c in zip(self.cache.layers, counters):
+            for layer, c in zip(self.cache.layers, lengths):
                 layer.cumulative_length.copy_(c)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run()
             self.graph = graph
+            torch.cuda.synchronize()
+            counters["captures"] += 1
+            counters["capture_seconds"] += time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - any failure to capture: eager static steps from here on
             print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); decoding without graphs")
             self.graphs, self.graph = False, None
-        for layer, c in zip(self.cache.layers, counters):
+        for layer, c in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(c)

@@ -43,3 +43,28 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     triton = next(line for line in out.splitlines() if line.startswith("| triton | 8192"))
     assert triton.split(" | ")[4:] == ["595.3", "1.0", "0.68", "1.66 |"]  # 4NDV in 30 ms against naive's 44
     assert kernels.measured_winner("logprobs_nograd", 0) == "torch"
+
+
+def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
+    """A capture counted during the timed rollout (here a pretend one of 0.5 s, in the first static step) is
+    shown beside the step and taken out of it."""
+    import decode
+    from helpers import tiny_policy
+
+    real = decode.StaticDecode.step
+
+    def step(self, rows):
+        if not getattr(self, "counted", False):
+            self.counted = True
+            decode.counters["captures"] += 1
+            decode.counters["capture_seconds"] += 0.5
+        return real(self, rows)
+
+    monkeypatch.setattr(decode.StaticDecode, "step", step)
+    monkeypatch.setattr(decode, "counters", dict(captures=0, capture_seconds=0.0))
+    bench._bench_decode(tiny_policy(), "tiny", [8], new_tokens=6)
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
+    assert [r[1] for r in rows] == ["dynamic", "static"]
+    assert rows[0][5] == "0 (0.00 s)" and rows[1][5] == "1 (0.50 s)"
+    written, tps, ms = int(rows[1][2]), float(rows[1][3]), float(rows[1][4])
+    assert written == 8 * 6 and abs(ms / 1e3 * 6 - (written / tps - 0.5)) < 2e-3  # the whole run less the capture

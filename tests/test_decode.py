@@ -132,8 +132,10 @@ def test_the_static_decode_step_never_waits_for_the_device(monkeypatch, precisio
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replays_give_the_dynamic_paths_episodes(capsys):
     p = model.load_policy("tiny", lora_r=4, lora_alpha=8, device="cuda")
+    captures = decode.counters["captures"]
     dynamic, graphs = _episodes(p, "dynamic"), _episodes(p, "graphs")
     assert "capture failed" not in capsys.readouterr().out  # the replays ran, not the eager fallback
+    assert decode.counters["captures"] > captures
     assert [e.ids for e in graphs] == [e.ids for e in dynamic]
     for a, b in zip(graphs, dynamic):
         torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-3, rtol=0)
