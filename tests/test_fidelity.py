@@ -302,6 +302,31 @@ def test_a_step_streams_its_prompts_through_the_rows(monkeypatch):
     assert [e.group for e in episodes] == [0, 0, 1, 1, 2, 2] and all(e.pixel_values == [] for e in episodes)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The GPU presets train with gradient checkpointing (model.load_policy): the LoRA gradients of a micro-batch
+    with tool turns and crops are those without it, and the rollout (eval mode) still keeps its KV cache."""
+    grads, logps = [], []
+    for checkpointing in (False, True):
+        p = model.load_policy("tiny", lora_r=4, lora_alpha=8, gradient_checkpointing=checkpointing, device="cpu")
+        with torch.no_grad():  # the same LoRA weights in both; B nonzero (it starts at 0: A would get no gradient)
+            for k, (name, w) in enumerate(p.model.named_parameters()):
+                if "lora_" in name:
+                    w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(k)) * 0.1)
+        eps = rollout(p, data.synthetic(1, seed=5), rollout_cfg(group_size=2),
+                      force=scripted(p, {0: [CALL.format("[5, 5, 60, 40]"), ANSWER]}))
+        logps.append(torch.tensor([x for e in eps for x in e.logps]))  # recorded with the KV cache
+        mlp, calls = p.lm.language_model.layers[0].mlp, []  # (a recompute runs no forward hooks: count calls)
+        mlp.forward = lambda x, real=mlp.forward: calls.append(1) or real(x)
+        train.accumulate_gradients(p, eps, torch.tensor([1.0, -0.5]), train.Config(micro_batch=2))
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointed: the layer runs again in the backward
+        grads.append({n: w.grad.clone() for n, w in p.model.named_parameters() if w.requires_grad})
+    assert sum(e.num_tool_calls for e in eps) == 2
+    torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4)
+
+
 def test_loss_aggregation_modes():
     p = tiny_policy()
     eps = rollout(p, data.synthetic(1), rollout_cfg(group_size=3, max_turn_tokens=5, max_response_tokens=5),
