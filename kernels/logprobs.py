@@ -21,8 +21,8 @@ gradient), so the backward is one multiply:
     (BLOCK_N, BLOCK_V) logit tile over D on tensor cores (bf16 in, fp32 accumulate) and writes its partial
     max, sum e^(z - max) and sum e^(z - max) z; torch merges the partials into the logsumexp (and the
     entropy). 2NDV flops and nothing of size V beyond the partials (N x V/128 floats). Offsets are int64
-    (V * D passes 2^31 at V = 300k, D = 8k). Tiles are autotuned on CUDA; Triton's CPU interpreter (the
-    tests) runs one small fixed config, in fp32.
+    (V * D passes 2^31 at V = 300k, D = 8k). Tiles are autotuned on CUDA, per size class of N; Triton's CPU
+    interpreter (the tests) runs one small fixed config, in fp32.
 `selective_logprobs_naive` (full logits, log_softmax + gather) is the reference, for tests and benchmarks.
 """
 import os
@@ -124,9 +124,18 @@ def _lse_partials_kernel(
 _CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=8), num_warps=w, num_stages=s)
             for bn, bv, bd, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                                      (64, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
-# a config that writes fewer slots must not leave another config's values behind: restore the buffers
-_lse_partials_tuned = triton.autotune(_CONFIGS, key=["D", "V", "WITH_ENTROPY", "FP32_DOT"],
-                                      restore_value=["m_ptr", "s_ptr", "ez_ptr"])(_lse_partials_kernel)
+_TUNED = {}  # size class of N -> its autotuner
+
+
+def _tuned_for(n):
+    """The autotuned kernel for N's size class (up to 1,024 rows, up to 4,096, more): N is not in the key, so
+    that a micro-batch of another length does not autotune anew, but the tiles that suit 256 rows are not those
+    that suit 8,192, so each class chooses its own. Compiled kernels are shared between the classes."""
+    size = 0 if n <= 1024 else 1 if n <= 4096 else 2
+    if size not in _TUNED:  # restore_value: a config that writes fewer slots leaves no other config's values
+        _TUNED[size] = triton.autotune(_CONFIGS, key=["D", "V", "WITH_ENTROPY", "FP32_DOT"],
+                                       restore_value=["m_ptr", "s_ptr", "ez_ptr"])(_lse_partials_kernel)
+    return _TUNED[size]
 INTERPRETER_BLOCKS = (16, 128, 32)  # (BLOCK_N, BLOCK_V, BLOCK_D) under TRITON_INTERPRET=1: small and quick
 
 
@@ -151,7 +160,7 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks=N
         blocks = INTERPRETER_BLOCKS
     if blocks is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-        _lse_partials_tuned[grid](*args, WITH_ENTROPY=with_entropy, FP32_DOT=fp32)
+        _tuned_for(n)[grid](*args, WITH_ENTROPY=with_entropy, FP32_DOT=fp32)
     else:
         bn, bv, bd = blocks
         assert bv % MIN_BLOCK_V == 0, "BLOCK_V must be a multiple of 128"

@@ -191,9 +191,15 @@ def test_triton_kernel_bf16_inputs_within_twice_torch_error():
         assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
 
 
+def test_each_size_class_of_n_autotunes_its_own_tiles():
+    assert lp._tuned_for(1) is lp._tuned_for(1024) is not lp._tuned_for(1025)
+    assert lp._tuned_for(4096) is not lp._tuned_for(4097) is lp._tuned_for(300_000)
+    assert all(t.configs == lp._CONFIGS and t.fn is lp._lse_partials_kernel for t in lp._TUNED.values())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fixed tiles; CUDA autotunes")
 def test_interpreter_runs_fixed_tiles_not_the_autotuner(monkeypatch):
-    monkeypatch.setattr(lp, "_lse_partials_tuned", None)  # would raise if called
+    monkeypatch.setattr(lp, "_tuned_for", None)  # would raise if called
     h, w, t = _inputs(5, 16, 200)
     logp, _ = lp._triton_forward(h.detach(), w, t, 1.0, False)
     torch.testing.assert_close(logp, lp.selective_logprobs_naive(h, w, t).detach(), atol=2e-5, rtol=1e-4)
