@@ -8,7 +8,8 @@ tool call it is that token plus the whole tool turn (the crop's image pads). Pos
 rotary positions, computed per row (model.rope_positions) because pads would throw off HF's own.
 Finished rows are dropped from the batch and the cache, and waiting prompts take their place (continuous
 batching): a new group is prefilled on its own and its cache joined to the live one, so the batch stays full
-until the call's last rows finish.
+until the call's last rows finish. After a chunk of several tokens, a join or a finished row, the padding
+columns are squeezed out of the cache (`_compact`), so it stays as wide as its longest row.
 
 Sampling runs on the policy's device, batched over rows: temperature, top-p and the draw (inverse CDF with
 one uniform per row and step from a counter-based hash of (seed, step, prompt, sample, draw), so a row's
@@ -170,7 +171,7 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                 admitted, waiting = waiting[:max(room, 1)], waiting[max(room, 1):]
                 new = _prefill(policy, [r for p, s in admitted for r in _new_rows(policy, p, s, cfg, step)], G)
                 left.update({p: new.live[k * G:(k + 1) * G] for k, (p, _) in enumerate(admitted)})
-                batch = new if batch is None else _join(batch, new)
+                batch = _compact(new if batch is None else _join(batch, new))
             if batch is None:
                 return
             # 2. sample one token per row on the device, then act on it: continue, answer the tool call, or stop
@@ -192,7 +193,7 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
             else:
                 if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
                     _to_dynamic(static, batch)
-                    batch = _select(batch, keep)
+                    batch = _compact(_select(batch, keep))
                 if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
                     # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and
                     # run every live row's whole conversation, images included, through the model again
@@ -210,7 +211,10 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                     batch.h = static.step(batch.live)
                 else:
                     _to_dynamic(static, batch)
+                    chunk = max(len(r.pending) for r in batch.live)
                     batch.h, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
+                    if chunk > 1:  # a tool turn: padding for every row that was only decoding
+                        batch = _compact(batch)
         yield from finished  # outside no_grad: the consumer may take gradients here
 
 
@@ -288,6 +292,26 @@ def _select(batch, keep):
     batch.cache.batch_select_indices(idx)
     return _Batch([batch.live[i] for i in keep], batch.h[idx], batch.cache, batch.mask_hist[idx], batch.keys[idx],
                   batch.draws[idx], batch.banned)
+
+
+def _compact(batch):
+    """Squeeze the padding columns out of the cache. A chunk (a prefill, a tool turn) runs right-padded for
+    every live row, so it adds its length in columns to all of them, nearly all padding for the rows that were
+    only decoding, and a finished row leaves its columns to the others: turns at different steps would grow the
+    cache, and every step's attention, far past the rows' real lengths (and past --dry-run's estimate). Each
+    row's real columns move to the front, in order; as in _join, a key holds its rotary position already and
+    attention goes by the mask, so where a column sits does not matter. One read of the width on the host,
+    after a chunk, a join or a finished row only."""
+    mask = batch.mask_hist
+    width = int(mask.sum(1).max()) if mask.numel() else 0
+    if width == mask.shape[1]:
+        return batch
+    order = torch.sort(1 - mask, dim=1, stable=True).indices[:, :width]  # (B, width): real columns first
+    for layer in batch.cache.layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    batch.mask_hist = mask.gather(1, order)
+    return batch
 
 
 def _join(a, b):

@@ -231,3 +231,35 @@ def test_waiting_groups_take_finished_rows_places():
     torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
     once = sum(e.prompt_len for e in small[::2]) + sum(len(e.ids) - e.prompt_len - 1 for e in small)
     assert counter.tokens == once
+
+
+def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
+    """A tool turn runs as one right-padded chunk for every live row, so it adds its length in columns to all
+    of them. Turns at different steps would grow the cache (and every step's attention) far past the rows'
+    real lengths; the cache is squeezed after each chunk instead: every forward starts on a cache as wide as
+    its longest row, and the episodes and log-probs are unchanged (the log-probs equal a full forward)."""
+    import model
+    import train
+
+    p = tiny_policy()
+    script = {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: ["<think>" + "look " * 8 + "</think>"
+                                                             + CALL.format("[30, 10, 50, 90]"), ANSWER],
+              2: ["<think>" + "hm " * 20 + "</think>" + CALL.format("[0, 0, 20, 20]"), ANSWER]}
+    seen, real_forward = [], rollout_module._forward
+
+    def forward(policy, rows, cache, mask_hist):
+        seen.append((mask_hist.shape[1], int(mask_hist.sum(1).max()) if mask_hist.numel() else 0,
+                     max(len(r.pending) for r in rows)))
+        return real_forward(policy, rows, cache, mask_hist)
+
+    monkeypatch.setattr(rollout_module, "_forward", forward)
+    cfg = _cfg(group_size=2, rollout_rows=6, decode="dynamic", max_turn_tokens=160, max_response_tokens=600)
+    eps = rollout(p, data.synthetic(3, seed=15), cfg, force=scripted(p, script))
+    turns = [k for k, (_, _, pending) in enumerate(seen) if pending > 1]
+    assert len(turns) == 4 and sum(e.num_tool_calls for e in eps) == 6  # the prefill and three staggered turns
+    assert all(width == longest for width, longest, _ in seen)
+    batch = train.collate(p, eps)
+    with torch.no_grad():
+        full = model.sequence_logprobs(p, batch, temperature=0.9)
+    recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
+    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
