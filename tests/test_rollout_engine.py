@@ -234,10 +234,10 @@ def test_waiting_groups_take_finished_rows_places():
 
 
 def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
-    """A tool turn runs as one right-padded chunk for every live row, so it adds its length in columns to all
-    of them. Turns at different steps would grow the cache (and every step's attention) far past the rows'
-    real lengths; the cache is squeezed after each chunk instead: every forward starts on a cache as wide as
-    its longest row, and the episodes and log-probs are unchanged (the log-probs equal a full forward)."""
+    """A tool turn's chunk runs apart from the decoding rows (padded together, each would pay for the chunk's
+    length), and after it the decoding rows' new padding columns are squeezed out: turns at different steps
+    would otherwise grow the cache, and every step's attention, far past the rows' real lengths. Every decode
+    step runs on a cache as wide as its longest row, and the log-probs equal a full forward."""
     import model
     import train
 
@@ -245,11 +245,12 @@ def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
     script = {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: ["<think>" + "look " * 8 + "</think>"
                                                              + CALL.format("[30, 10, 50, 90]"), ANSWER],
               2: ["<think>" + "hm " * 20 + "</think>" + CALL.format("[0, 0, 20, 20]"), ANSWER]}
-    seen, real_forward = [], rollout_module._forward
+    seen, mixed, real_forward = [], [], rollout_module._forward
 
     def forward(policy, rows, cache, mask_hist):
         seen.append((mask_hist.shape[1], int(mask_hist.sum(1).max()) if mask_hist.numel() else 0,
-                     max(len(r.pending) for r in rows)))
+                     max(len(r.pending) for r in rows)))  # (width, longest row, longest chunk)
+        mixed.append(1 < max(len(r.pending) for r in rows) and min(len(r.pending) for r in rows) == 1)
         return real_forward(policy, rows, cache, mask_hist)
 
     monkeypatch.setattr(rollout_module, "_forward", forward)
@@ -257,7 +258,8 @@ def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
     eps = rollout(p, data.synthetic(3, seed=15), cfg, force=scripted(p, script))
     turns = [k for k, (_, _, pending) in enumerate(seen) if pending > 1]
     assert len(turns) == 4 and sum(e.num_tool_calls for e in eps) == 6  # the prefill and three staggered turns
-    assert all(width == longest for width, longest, _ in seen)
+    assert all(width == longest for width, longest, chunk in seen if chunk == 1)  # every decode step
+    assert not any(mixed)  # a turn's chunk never pads a decoding row to its length
     batch = train.collate(p, eps)
     with torch.no_grad():
         full = model.sequence_logprobs(p, batch, temperature=0.9)
