@@ -142,10 +142,11 @@ def reward_config(cfg):
 
 def group_advantages(rewards_, group_size):
     """(num_prompts * group_size,) rewards -> advantages normalised within each group: (r - mean) / (std + eps),
-    std unbiased (torch.std, as DeepEyes' verl)."""
+    std unbiased (torch.std, as DeepEyes' verl). A group whose rewards are all equal teaches nothing: exactly 0
+    (in floating point the mean of equal values can miss them by an ulp, which the division blows up)."""
     r = rewards_.view(-1, group_size)  # (P, G)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
-    return adv.view(-1)
+    return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).view(-1)
 
 
 def collate(policy, episodes):

@@ -16,6 +16,10 @@ def test_group_advantages():
     # mean 0.5, unbiased std sqrt(1/3) (torch.std, as DeepEyes' verl): 0.5 / 0.5774 = 0.8660
     torch.testing.assert_close(adv[:4], torch.tensor([0.8660, -0.8660, 0.8660, -0.8660]), atol=1e-4, rtol=0)
     assert torch.all(adv[4:] == 0)  # a group with one reward teaches nothing
+    # ... also when that reward is not exact in binary: float32's mean of eight -0.2s is one ulp off, and
+    # (r - mean) / (std + 1e-6) made 0.0147 of that
+    for value in (-0.2, 0.1, 1 / 3, 0.7):
+        assert torch.all(train.group_advantages(torch.full((8,), value), 8) == 0)
 
 
 def test_overrides_are_checked(capsys):
