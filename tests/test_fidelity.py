@@ -304,7 +304,8 @@ def test_a_step_streams_its_prompts_through_the_rows(monkeypatch):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     """The GPU presets train with gradient checkpointing (model.load_policy): the LoRA gradients of a micro-batch
-    with tool turns and crops are those without it, and the rollout (eval mode) still keeps its KV cache."""
+    with tool turns and crops are those without it, the frozen vision tower stays out of the backward, and the
+    rollout (eval mode) still keeps its KV cache."""
     grads, logps = [], []
     for checkpointing in (False, True):
         p = model.load_policy("tiny", lora_r=4, lora_alpha=8, gradient_checkpointing=checkpointing, device="cpu")
@@ -317,8 +318,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         logps.append(torch.tensor([x for e in eps for x in e.logps]))  # recorded with the KV cache
         mlp, calls = p.lm.language_model.layers[0].mlp, []  # (a recompute runs no forward hooks: count calls)
         mlp.forward = lambda x, real=mlp.forward: calls.append(1) or real(x)
+        vision = []  # the frozen vision tower stays out of the backward (no activations kept, none recomputed)
+        hook = p.lm.visual.register_forward_hook(lambda m, a, out: vision.append(
+            any(t.requires_grad for t in (out.values() if isinstance(out, dict) else [out]) if torch.is_tensor(t))))
         train.accumulate_gradients(p, eps, torch.tensor([1.0, -0.5]), train.Config(micro_batch=2))
+        hook.remove()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointed: the layer runs again in the backward
+        assert vision and not any(vision)
         grads.append({n: w.grad.clone() for n, w in p.model.named_parameters() if w.requires_grad})
     assert sum(e.num_tool_calls for e in eps) == 2
     torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=0)
