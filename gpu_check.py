@@ -22,6 +22,8 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,7 +45,7 @@ TRAIN = ["--stage", "1", "--preset", "24gb", "--data", "synthetic:4", "--steps=2
 
 def versions():
     out = {}
-    for pkg in ("torch", "triton", "transformers", "peft", "bitsandbytes", "tokenizers", "liger-kernel"):
+    for pkg in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "liger-kernel"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -52,15 +54,20 @@ def versions():
 
 
 def run(name, args, timeout, log):
-    """A part of the check in its own process: (ok, seconds, output). Its output is also kept in `log`."""
+    """A part of the check in its own process: (ok, seconds, output). Its output is also kept in `log`. A part
+    that runs past its time is stopped with every process it started (bench.py's children would otherwise go
+    on on the GPU and skew the next part's timings)."""
     print(f"== {name}: {' '.join(args)}", flush=True)
     t = time.time()
+    p = subprocess.Popen([sys.executable] + args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
     try:
-        p = subprocess.run([sys.executable] + args, cwd=HERE, capture_output=True, text=True, timeout=timeout,
-                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        ok, out = p.returncode == 0, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        ok, out = False, (e.stdout or b"").decode(errors="replace") + f"\n(stopped after {timeout} s)"
+        out, _ = p.communicate(timeout=timeout)
+        ok = p.returncode == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the part's whole process group
+        out, _ = p.communicate()
+        ok, out = False, out + f"\n(stopped after {timeout} s)"
     seconds = time.time() - t
     log.append(dict(name=name, command=args, ok=ok, seconds=round(seconds, 1), output=out))
     print(out[-3000:], flush=True)
@@ -166,12 +173,11 @@ def main():
 def train_steps(name, out, part, report):
     """Two stage-1 steps at the 24gb preset, and --dry-run's estimate for the same settings."""
     train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(out, 'stage1')}"]
+    shutil.rmtree(os.path.join(HERE, out, "stage1"), ignore_errors=True)  # a rerun's: train.py keeps a used folder
     ok, _, text = part("train --dry-run", train_args + ["--dry-run"], 45)
     est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
     estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
     metrics_path = os.path.join(HERE, out, "stage1", "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     ok, seconds, text = part("train 2 steps", train_args, 200)
     steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
     measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
@@ -206,8 +212,8 @@ def _training_lines(t):
     est = t["estimate_gb"]
     tensors = f"{est['peak'] - est.get('cuda_overhead', 0):.2f}" if "peak" in est else "-"
     lines = [f"## Two stage-1 steps, 24gb preset ({'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s)", "",
-             "| step | seconds | rollout peak GB | step peak GB (tensors) | step peak GB (allocator) | "
-             "`--dry-run` estimate GB, less the CUDA context |", "|---|---|---|---|---|---|"]
+             "| step | seconds | rollout peak GB (with its gradients) | step peak GB (tensors) | "
+             "step peak GB (allocator) | `--dry-run` estimate GB, less the CUDA context |", "|---|---|---|---|---|---|"]
     for s in t["steps"]:
         lines.append(f"| {s.get('step')} | {s.get('seconds', 0):.1f} | {s.get('rollout_mem_gb', 0):.2f} | "
                      f"{s.get('peak_mem_gb', 0):.2f} | {s.get('cuda_peak_reserved_gb', 0):.2f} | {tensors} |")

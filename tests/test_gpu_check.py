@@ -103,3 +103,43 @@ def test_training_table_sets_the_measured_peaks_beside_the_estimate_less_the_cud
              steps=[dict(step=1, seconds=40.0, rollout_mem_gb=7.5, peak_mem_gb=8.25, cuda_peak_reserved_gb=8.9)])
     row = gpu_check._training_lines(t)[4]
     assert row == "| 1 | 40.0 | 7.50 | 8.25 | 8.90 | 9.10 |"
+
+
+def test_a_part_past_its_time_is_stopped_with_every_process_it_started(tmp_path):
+    """bench.py runs each log-prob path in a child process: a part stopped at its limit must not leave one
+    running on the GPU under the next part's timings."""
+    import time
+
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(60)']); open(sys.argv[1], 'w').write(str(c.pid)); print('started', flush=True); "
+              "time.sleep(60)")
+    log = []
+    ok, seconds, out = gpu_check.run("slow", ["-c", script, str(tmp_path / "pid")], 3, log)
+    assert not ok and "started" in out and "stopped after 3 s" in out and seconds < 30 and log[0]["name"] == "slow"
+    pid, state = int((tmp_path / "pid").read_text()), None
+    for _ in range(50):  # the grandchild is gone (or a zombie, which init reaps)
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.1)
+    assert state in ("gone", "Z")
+
+
+def test_a_rerun_starts_the_training_steps_in_an_empty_folder(monkeypatch, tmp_path):
+    """runs/ survives on a warm machine: a second check must not find the first one's checkpoints (train.py
+    refuses a folder that already holds a run)."""
+    monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
+    (tmp_path / "check" / "stage1" / "step_000002").mkdir(parents=True)
+    seen = []
+
+    def part(name, command, limit):
+        seen.append((name, (tmp_path / "check" / "stage1").exists()))
+        return True, 1.0, "estimated peak GPU memory (GB): weights 5.00, peak 9.00"
+
+    report = {}
+    gpu_check.train_steps("tiny-7b", "check", part, report)
+    assert seen == [("train --dry-run", False), ("train 2 steps", False)]
+    assert report["training"]["estimate_gb"] == dict(weights=5.0, peak=9.0) and not report["training"]["ok"]
