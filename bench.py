@@ -278,30 +278,37 @@ def _bench_engines(policy, name):
     from rollout import RolloutConfig, rollout
 
     samples = data.synthetic(1, seed=0)
-    # a random model seldom calls the tool, so the episodes are teacher-forced: think, crop, crop, answer
-    call = '<think>zoom</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
-    script = policy.encode(call.format("[40, 60, 200, 180]") + call.format("[100, 100, 160, 140]")
-                           + "<think>done</think><answer>B</answer><|im_end|>")
+    # a random model seldom calls the tool, so the episodes are teacher-forced: think, crop, crop, answer; the
+    # rows think for different lengths, so that their tool turns fall on different steps, as a policy's do
+    call = '<think>{}</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
+    scripts = [policy.encode(call.format("zoom " * (1 + 3 * k), "[40, 60, 200, 180]")
+                             + call.format("zoom", "[100, 100, 160, 140]")
+                             + "<think>done</think><answer>B</answer><|im_end|>") for k in range(8)]
 
-    def force(ep):
-        k = ep.num_generated
-        return script[k] if k < len(script) else None
+    def forcing():  # each row its script, by the order the rows are first seen in a rollout call
+        rows = {}
+
+        def force(ep):
+            script, k = scripts[rows.setdefault(id(ep), len(rows)) % len(scripts)], ep.num_generated
+            return script[k] if k < len(script) else None
+
+        return force
 
     rows = []
     for engine, reuse in (("re-run each turn (generate-style)", False), ("KV cache kept across turns", True)):
         cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=128, max_response_tokens=4096,
                             global_tokens=1024, crop_tokens=256, reuse_cache=reuse)
-        rollout(policy, samples, cfg, force=force)  # warm-up
+        rollout(policy, samples, cfg, force=forcing())  # warm-up
         dt = float("inf")
         for _ in range(3 if name == "tiny" else 1):  # best of 3 where a run is cheap: timings are noisy
             t = time.perf_counter()
-            eps = rollout(policy, samples, cfg, force=force)
+            eps = rollout(policy, samples, cfg, force=forcing())
             dt = min(dt, time.perf_counter() - t)
         written = sum(e.num_generated for e in eps)
         rows.append([engine, len(eps), written, written / dt, dt / len(eps)])
     base = rows[0][3]
     print(f"rollout engines: {_describe(policy, name)}, group of 8, global image 1,024 tokens, 3 turns "
-          f"(2 crops of 256 tokens)")
+          f"(2 crops of 256 tokens, the first at a different step in each row)")
     _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "speed-up"],
            [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{tps / base:.2f}"] for n, e, w, tps, spe in rows])
 
