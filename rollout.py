@@ -323,13 +323,12 @@ def _eager_step(policy, batch):
 
 
 def _compact(batch):
-    """Squeeze the padding columns out of the cache. A chunk (a prefill, a tool turn) runs right-padded for
-    every live row, so it adds its length in columns to all of them, nearly all padding for the rows that were
-    only decoding, and a finished row leaves its columns to the others: turns at different steps would grow the
-    cache, and every step's attention, far past the rows' real lengths (and past --dry-run's estimate). Each
-    row's real columns move to the front, in order; as in _join, a key holds its rotary position already and
-    attention goes by the mask, so where a column sits does not matter. One read of the width on the host,
-    after a chunk, a join or a finished row only."""
+    """Squeeze the padding columns out of the cache. A chunk (a prefill, a tool turn) adds its length in columns
+    to every row, padding for the rows that did not have it, and a finished row leaves its columns to the
+    others: turns at different steps would grow the cache, and every step's attention, far past the rows' real
+    lengths (and past --dry-run's estimate). Each row's real columns move to the front, in order; as in _join,
+    a key holds its rotary position already and attention goes by the mask, so where a column sits does not
+    matter. One read of the width on the host, after a chunk, a join or a finished row only."""
     mask = batch.mask_hist
     width = int(mask.sum(1).max()) if mask.numel() else 0
     if width == mask.shape[1]:
