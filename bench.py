@@ -214,11 +214,11 @@ def bench_logprobs(sizes=None):
                          f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
                         + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
     if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
-        won = all("triton" in t and "chunked" in t and t["triton"] < t["chunked"] for t in times.values())
+        faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
+        won = all(faster(t) for t in times.values())
         kernels.record_winner("logprobs", "triton" if won else "torch", {str(n): t for n, t in times.items()})
         if nograd:
-            won = "triton" in nograd and "chunked" in nograd and nograd["triton"] < nograd["chunked"]
-            kernels.record_winner("logprobs_nograd", "triton" if won else "torch", {str(max(sizes)): nograd})
+            kernels.record_winner("logprobs_nograd", "triton" if faster(nograd) else "torch", {str(max(sizes)): nograd})
     print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states (4NDV flops; "
           "'nograd' rows: the forward alone under no_grad, 2NDV)"
           + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s: the floor is the flops at peak)"

@@ -374,9 +374,6 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
     # what adapters record as their base: the absolute folder; nothing for a built-in model (PEFT would look
     # a name up on the Hub when saving)
     model.name_or_path = "" if name in BUILT_IN else folder
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.disable_input_require_grads()  # see below: PEFT's wrapper adds the same hooks again
     for p in model.parameters():
         p.requires_grad_(False)
     if adapter is not None:
@@ -385,11 +382,13 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                          bias="none", init_lora_weights=True)
         model = get_peft_model(model, cfg)
-    if gradient_checkpointing:
-        # transformers and PEFT make every input embedding's output require grad (what reentrant checkpoints
-        # need): the vision tower's too, which would pull its frozen blocks into every backward. Non-reentrant
-        # checkpoints give LoRA its gradients without that (tests/test_fidelity.py)
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).disable_input_require_grads()
+    if gradient_checkpointing:  # after PEFT's wrapper, which would otherwise hook the inputs too
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers makes every input embedding's output require grad (what reentrant checkpoints need): the
+        # vision tower's too, which would pull its frozen blocks into every backward. Non-reentrant checkpoints
+        # give LoRA its gradients without that (tests/test_fidelity.py)
+        base.disable_input_require_grads()
     policy = Policy(model, tokenizer, name)
     if name not in BUILT_IN:
         check_template(policy, folder)
