@@ -332,10 +332,10 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
         with torch.no_grad():
             batch = _prefill(policy, [r for p, s in enumerate(samples) for r in _new_rows(policy, p, s, cfg, 0)],
                              cfg.group_size)
-            for r in batch.live:
-                r.pending, r.pending_images = [policy.pad], []
 
             def step():
+                for r in batch.live:  # a forward empties the queues it feeds
+                    r.pending = [policy.pad]
                 _, batch.cache, batch.mask_hist = _forward(policy, batch.live, batch.cache, batch.mask_hist)
 
             bare = _time(step, repeat=5)

@@ -5,10 +5,10 @@ launches through PEFT and HF modules, nearly the same time at 16 rows as at 64. 
 the step is one replay. A graph needs fixed shapes and addresses, so a stretch of decode steps runs on a static
 cache: the rollout's dynamic cache is copied into preallocated buffers of a bucket of rows x columns (`load`),
 each step writes its token's keys and values in the next column (HF's StaticCache: a device-side counter, so
-the replay needs no host value), and when the stretch ends (a tool turn, an image, a row finishing or a group
-joining: the shapes change) the live part goes back to a dynamic cache (`unload`). Padding rows of the bucket
-attend to one column and are never read. On CPU (tests) the same static path runs eagerly: it must give the
-dynamic path's tokens and log-probs.
+the replay needs no host value), and when the stretch ends (tool turns run, a row finishes or a group joins:
+the shapes change) the live part goes back to a dynamic cache (`unload`). A row whose tool turn is waiting
+(rollout.py) stays in the stretch, masked. Padding rows of the bucket attend to one column and are never read.
+On CPU (tests) the same static path runs eagerly: it must give the dynamic path's tokens and log-probs.
 
 Untested on a GPU so far: a failed capture turns graphs off for the rollout (printed once) and the eager static
 path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
@@ -26,7 +26,7 @@ counters = dict(captures=0, capture_seconds=0.0)
 
 def why_eager(rows, device, graphs):
     """None when this forward can run on the static path, else the reason it runs eagerly (tested)."""
-    if any(len(r.pending) != 1 or r.pending_images for r in rows):
+    if any(len(r.pending) > 1 or r.pending_images for r in rows):
         return "not a decode step (a prompt, a tool turn or an image)"
     if len(rows) > ROW_BUCKETS[-1]:
         return f"more than {ROW_BUCKETS[-1]} rows"
@@ -47,13 +47,15 @@ class StaticDecode:
         self.col = 0  # the next column to write
 
     def step(self, rows):
-        """One token per row through the model on the static cache. Returns the hidden states (B, D)."""
-        B, dev = len(rows), self.policy.device
-        self.ids[:B, 0] = torch.tensor([r.pending[0] for r in rows], device=dev)
-        self.pos[:, :B, 0] = torch.tensor([r.next_pos for r in rows], device=dev)
+        """One token per row through the model on the static cache; a row with nothing pending (a tool turn
+        waiting) feeds a masked pad. Returns the hidden states (B, D)."""
+        B = len(rows)
+        host = torch.tensor([[r.pending[0] if r.pending else self.policy.pad for r in rows],
+                             [r.next_pos for r in rows], [len(r.pending) for r in rows]], device=self.policy.device)
+        self.ids[:B, 0], self.pos[:, :B, 0], self.mask[:B, self.col] = host[0], host[1], host[2]
         for r in rows:
-            r.next_pos += 1
-        self.mask[:B, self.col] = 1
+            r.next_pos += len(r.pending)
+            r.pending = []
         if self.graph is None and self.graphs:
             self._capture()
         if self.graph is not None:

@@ -1,16 +1,20 @@
 """The multi-turn tool loop: prompts -> Episodes, batched, with one KV cache kept across turns.
 
 Each row (one prompt x one group sample) holds its own token list and a queue of `pending` tokens not yet
-run through the model. One forward call feeds every live row its pending tokens at once, right-padded to
-the longest (a pad has attention mask 0 and is never attended to, so rows of different lengths and states
-share one batch and one cache). Usually a row's pending queue is the one token it just sampled; after a
-tool call it is that token plus the whole tool turn (the crop's image pads). Positions are Qwen's 3-D
-rotary positions, computed per row (model.rope_positions) because pads would throw off HF's own.
-Finished rows are dropped from the batch and the cache, and waiting prompts take their place (continuous
-batching): a new group is prefilled on its own and its cache joined to the live one, so the batch stays full
-until the call's last rows finish. A tool turn's chunk runs apart from the rows that are only decoding
-(`_eager_step`), and after a chunk, a join or a finished row the padding columns are squeezed out of the cache
-(`_compact`), so it stays as wide as its longest row.
+run through the model. Usually a row's queue is the one token it just sampled, and one decode step feeds every
+such row at once; on a GPU that step replays a CUDA graph on a static cache (decode.py). After a tool call the
+queue is that token plus the whole tool turn (the crop's image pads): a chunk. Chunks run apart from the
+decoding rows (`_chunk_step`: padded together, every decoding row would pay for the chunk's length), and a
+chunk waits up to `tool_wait` steps for other rows' turns, so that one forward runs several (on a GPU a forward
+costs about the same for one row as for many). A waiting row sits out the decode steps: it samples nothing,
+and as its draws come from a counter (below), its tokens are those it would have written without waiting.
+Rows of different lengths and states share one batch and one cache, right-padded: a pad has attention mask 0
+and is never attended to. Positions are Qwen's 3-D rotary positions, computed per row (model.rope_positions)
+because pads would throw off HF's own. Finished rows are dropped from the batch and the cache, and waiting
+prompts take their place (continuous batching): a new group is prefilled on its own and its cache joined to
+the live one, so the batch stays full until the call's last rows finish. After a chunk, a join or a finished
+row the padding columns are squeezed out of the cache (`_compact`), so it stays about as wide as its longest
+row.
 
 Sampling runs on the policy's device, batched over rows: temperature, top-p and the draw (inverse CDF with
 one uniform per row and step from a counter-based hash of (seed, step, prompt, sample, draw), so a row's
@@ -60,6 +64,7 @@ class RolloutConfig:
     reuse_cache: bool = True  # False: the baseline that re-runs the whole conversation after each tool call
     decode: str = "auto"  # decode steps: dynamic (HF's growing cache) | static (decode.py, eager) | graphs (static +
     # CUDA graphs) | auto (graphs on CUDA, else dynamic)
+    tool_wait: int = 8  # steps a tool turn may wait for other rows' turns, to run with them in one forward [choice]
     crop_from_shown: bool = False  # crops cut from the shown global image, not the original (no information gap)
 
 
@@ -129,6 +134,7 @@ class _Row:
     next_pos: int = 0  # the rotary position counter after the tokens already in the cache
     crop_request: tuple = None  # (source, box, grid) of a crop to encode before the next forward
     turn_start: int = 0  # index in ep.ids where the current assistant turn begins
+    waited: int = 0  # steps its pending tool turn has waited for company
     done: bool = False  # the episode has ended (its group may still be in flight)
 
 
@@ -176,26 +182,29 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                 batch = _compact(new if batch is None else _join(batch, new))
             if batch is None:
                 return
-            # 2. sample one token per row on the device, then act on it: continue, answer the tool call, or stop
-            toks, logps = _draw(policy, batch, cfg, force)
-            keep, done = [], []
-            for b, (row, tok, lp) in enumerate(zip(batch.live, toks, logps)):
-                ep = row.ep
-                ep.ids.append(tok)
-                ep.loss_mask.append(1)
-                ep.logps.append(lp)
-                row.pending, row.pending_images = [tok], []
-                (keep if _advance(policy, row, tok, cfg) else done).append(b)
+            # 2. sample one token per row that was fed (a row whose tool turn waits has nothing new to sample from),
+            # then act on it: continue, answer the tool call, or stop
+            ready = [b for b, r in enumerate(batch.live) if not r.pending]
+            toks, logps = _draw(policy, batch, ready, cfg, force)
+            done = set()
+            for b, tok, lp in zip(ready, toks, logps):
+                row = batch.live[b]
+                row.ep.ids.append(tok)
+                row.ep.loss_mask.append(1)
+                row.ep.logps.append(lp)
+                row.pending = [tok]
+                if not _advance(policy, row, tok, cfg):
+                    done.add(b)
             _encode_requests(batch.live, cfg)
-            finished = _finished_groups(policy, [batch.live[b] for b in done], left)
-            if not keep:
+            finished = _finished_groups(policy, [batch.live[b] for b in sorted(done)], left)
+            if len(done) == len(batch.live):
                 batch = None
                 if static:
                     static.live = 0
             else:
-                if len(keep) < len(batch.live):  # drop finished rows from the batch and the cache
+                if done:  # drop finished rows from the batch and the cache
                     _to_dynamic(static, batch)
-                    batch = _compact(_select(batch, keep))
+                    batch = _compact(_select(batch, [b for b in range(len(batch.live)) if b not in done]))
                 if not cfg.reuse_cache and any(len(r.pending) > 1 for r in batch.live):
                     # the baseline engine (the `generate`-per-turn way): after a tool call, forget the cache and
                     # run every live row's whole conversation, images included, through the model again
@@ -204,16 +213,17 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                     for r in batch.live:
                         r.pending, r.next_pos = list(r.ep.ids), 0
                         r.pending_images = [(pv, torch.tensor([g])) for pv, g in zip(r.ep.pixel_values, r.ep.grids)]
-                # 3. one forward over every live row's pending tokens, right-padded; a decode step on the static
-                # cache (a CUDA graph's replay) when the static path is on and the shapes allow
-                if static and decode.why_eager(batch.live, policy.device, static.graphs) is None:
-                    if not static.fits(len(batch.live)):
-                        _to_dynamic(static, batch)
-                        static.load(batch)
-                    batch.h = static.step(batch.live)
-                else:
+                # 3. feed the pending tokens: one decode step for the rows with one token (a CUDA graph's replay
+                # when the static path is on), and the tool turns that have waited long enough, together, apart
+                chunk = [b for b, r in enumerate(batch.live) if len(r.pending) > 1]
+                if len(chunk) < len(batch.live):
+                    _decode_step(policy, batch, static)
+                waited = max((batch.live[b].waited for b in chunk), default=-1)
+                if chunk and (len(chunk) == len(batch.live) or waited >= cfg.tool_wait):
                     _to_dynamic(static, batch)
-                    batch = _eager_step(policy, batch)
+                    batch = _chunk_step(policy, batch, chunk)
+                for b in chunk:
+                    batch.live[b].waited = 0 if not batch.live[b].pending else batch.live[b].waited + 1
         yield from finished  # outside no_grad: the consumer may take gradients here
 
 
@@ -279,7 +289,7 @@ def _prefill(policy, rows, G):
                                                                                   device=dev))
     cache.batch_repeat_interleave(G)
     for i, row in enumerate(rows):
-        row.next_pos = heads[i // G].next_pos
+        row.next_pos, row.pending, row.pending_images = heads[i // G].next_pos, [], []
     keys = torch.tensor([r.key for r in rows], dtype=torch.long, device=dev)
     return _Batch(rows, h.repeat_interleave(G, 0), cache, mask_hist.repeat_interleave(G, 0), keys,
                   torch.zeros_like(keys), torch.tensor(policy.banned, dtype=torch.long, device=dev))
@@ -293,32 +303,44 @@ def _select(batch, keep):
                   batch.draws[idx], batch.banned)
 
 
-def _eager_step(policy, batch):
-    """One forward of every live row's pending tokens on the dynamic cache. When some rows bring a chunk (a tool
-    turn: its text and the crop's image pads) and the others one sampled token, the chunk rows run apart, on a
-    copy of their part of the cache, while the others run with a masked stand-in in their places; their columns
-    are then written into the full cache. Padded together, every decoding row would pay for the chunk's length
-    (64 rows and a 280-token turn: 17,920 positions for some 340 real tokens)."""
-    rows = batch.live
-    chunk = [b for b, r in enumerate(rows) if len(r.pending) > 1]
-    if not chunk or len(chunk) == len(rows):
+def _decode_step(policy, batch, static):
+    """One token through the model for each row that has one pending; the other rows (tool turns waiting) are
+    masked stand-ins: a pad column they never attend to, and their own state left alone. On the static cache
+    (decode.py) when it is on and the shapes allow, else a forward on the dynamic cache."""
+    rows = [r if len(r.pending) == 1 else SimpleNamespace(pending=[], pending_images=[], next_pos=r.next_pos)
+            for r in batch.live]
+    if static and decode.why_eager(rows, policy.device, static.graphs) is None:
+        if not static.fits(len(rows)):
+            _to_dynamic(static, batch)
+            static.load(batch)
+        batch.h = static.step(rows)
+    else:
+        _to_dynamic(static, batch)
         batch.h, batch.cache, batch.mask_hist = _forward(policy, rows, batch.cache, batch.mask_hist)
-        return _compact(batch) if chunk else batch
+
+
+def _chunk_step(policy, batch, chunk):
+    """The rows `chunk` (indices) bring chunks (tool turns: text and the crop's image pads; or, re-run baseline,
+    whole conversations): one forward of theirs, on a copy of their part of the cache, and their columns then
+    written into the full cache. Padded together with the decoding rows, each of those would pay for the chunk's
+    length (64 rows and a 280-token turn: 17,920 positions for some 340 real tokens); so would a turn run the
+    step it is written, which is why turns wait for each other (RolloutConfig.tool_wait)."""
+    rows = batch.live
+    if len(chunk) == len(rows):
+        batch.h, batch.cache, batch.mask_hist = _forward(policy, rows, batch.cache, batch.mask_hist)
+        return _compact(batch)
     idx = torch.tensor(chunk, dtype=torch.long, device=batch.keys.device)
     part = _new_cache(policy)
     for n, layer in enumerate(batch.cache.layers):
         part.update(layer.keys[idx], layer.values[idx], n)
     h_part, part, mask_part = _forward(policy, [rows[b] for b in chunk], part, batch.mask_hist[idx])
-    # the stand-in: no tokens, so one masked pad column, and the row's own state left alone
-    stand_in = {b: SimpleNamespace(pending=[], pending_images=[], next_pos=rows[b].next_pos) for b in chunk}
-    h, cache, mask = _forward(policy, [stand_in.get(b, r) for b, r in enumerate(rows)], batch.cache, batch.mask_hist)
-    wider = lambda t, dim: torch.cat([t, t.new_zeros(t.shape[:dim] + (mask_part.shape[1] - mask.shape[1],)
-                                                     + t.shape[dim + 1:])], dim)
-    for full, ours in zip(cache.layers, part.layers):
+    more = mask_part.shape[1] - batch.mask_hist.shape[1]
+    wider = lambda t, dim: torch.cat([t, t.new_zeros(t.shape[:dim] + (more,) + t.shape[dim + 1:])], dim)
+    for full, ours in zip(batch.cache.layers, part.layers):
         full.keys = wider(full.keys, 2).index_copy_(0, idx, ours.keys)
         full.values = wider(full.values, 2).index_copy_(0, idx, ours.values)
-    batch.h, batch.cache = h.index_copy_(0, idx, h_part), cache
-    batch.mask_hist = wider(mask, 1).index_copy_(0, idx, mask_part)
+    batch.h = batch.h.index_copy(0, idx, h_part)
+    batch.mask_hist = wider(batch.mask_hist, 1).index_copy_(0, idx, mask_part)
     return _compact(batch)
 
 
@@ -361,6 +383,8 @@ def _forward(policy, rows, cache, mask_hist):
     """Run each row's pending tokens through the model. Returns the hidden state after each row's last real
     token (B, D), the cache and the attention-mask history (B, cache length; 1 = real token)."""
     ids, attn, pos, pvs, grids, last = _chunk(policy, rows)
+    for r in rows:  # fed: the row samples next (rollout() tells fed rows by their empty queue)
+        r.pending, r.pending_images = [], []
     dev = policy.device
     mask_hist = torch.cat([mask_hist, attn.to(dev)], 1)
     hidden, cache = policy.forward_hidden(ids.to(dev), mask_hist, pos.to(dev), pvs, grids, cache)
@@ -390,15 +414,23 @@ def _chunk(policy, live):
     return ids, attn, pos, pvs, torch.cat(grids).to(policy.device), last
 
 
-def _draw(policy, batch, cfg, force):
-    """One token per live row, on the device. Returns (ids, log-probs) as host lists: the step's one copy."""
-    logits = (batch.h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
+def _draw(policy, batch, ready, cfg, force):
+    """One token for each row `ready` (indices), on the device. Returns (ids, log-probs) as host lists: the
+    step's one copy."""
+    h, keys, draws = batch.h, batch.keys, batch.draws
+    if len(ready) < len(batch.live):
+        idx = torch.tensor(ready, dtype=torch.long, device=h.device)
+        h, keys, draws = h[idx], keys[idx], draws[idx]
+    logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
     log_z = torch.logsumexp(logits, -1)  # (B,) the full softmax's normaliser, as in the loss
     logits.index_fill_(1, batch.banned, -float("inf"))  # the policy never writes image pads or vision markers
-    tok = _sample(logits, cfg, _uniforms(batch.keys, batch.draws))
-    batch.draws += 1
+    tok = _sample(logits, cfg, _uniforms(keys, draws))
+    if len(ready) < len(batch.live):
+        batch.draws.index_add_(0, idx, torch.ones_like(draws))
+    else:
+        batch.draws += 1
     if force is not None:  # teacher forcing: a forced id replaces the draw (the log-prob stays the model's)
-        forced = torch.tensor([-1 if t is None else t for t in map(force, (r.ep for r in batch.live))],
+        forced = torch.tensor([-1 if t is None else t for t in (force(batch.live[b].ep) for b in ready)],
                               device=tok.device)
         tok = torch.where(forced >= 0, forced, tok)
     logp = logits.gather(1, tok[:, None])[:, 0] - log_z  # (B,) recorded log-probs

@@ -71,6 +71,7 @@ class Config:
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
     rollout_rows: int = 64  # rows in flight in the rollout (the step streams through them); 0: the most that fit memory_gb
     decode: str = "auto"  # decode steps: auto (CUDA graphs on a GPU) | graphs | static | dynamic (rollout.py, decode.py)
+    tool_wait: int = 8  # steps a tool turn may wait for other rows' turns, to run with them in one forward (rollout.py)
     global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
     infogap: str = ""  # "": the samples' own levels; auto: select them now (cached); FILE (from infogap.py); fixed:N; off (crops from the shown image: the baseline)
     infogap_ladder: str = INFOGAP_LADDER  # global budgets tried below the reference, largest first [choice]

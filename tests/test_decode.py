@@ -32,8 +32,12 @@ def test_static_decode_gives_the_dynamic_paths_episodes(monkeypatch):
     monkeypatch.setattr(decode.StaticDecode, "load", lambda self, b: loads.append(b.mask_hist.shape) or real_load(self, b))
     dynamic = _episodes(p, "dynamic")
     assert not loads  # the dynamic path never touches the static cache
+    masked, real_step = [], decode.StaticDecode.step
+    monkeypatch.setattr(decode.StaticDecode, "step", lambda self, rows: masked.append(
+        sum(not r.pending for r in rows)) or real_step(self, rows))
     static = _episodes(p, "static")
     assert len(loads) > 3  # stretches between tool turns, finished rows, joins and full buckets
+    assert sum(m > 0 for m in masked) > 3  # steps with a row masked: its tool turn waiting for company
     assert [e.ids for e in static] == [e.ids for e in dynamic] and sum(e.num_tool_calls for e in static) == 4
     for a, b in zip(static, dynamic):
         torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-4, rtol=0)

@@ -233,11 +233,13 @@ def test_waiting_groups_take_finished_rows_places():
     assert counter.tokens == once
 
 
-def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
+def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(monkeypatch):
     """A tool turn's chunk runs apart from the decoding rows (padded together, each would pay for the chunk's
     length), and after it the decoding rows' new padding columns are squeezed out: turns at different steps
-    would otherwise grow the cache, and every step's attention, far past the rows' real lengths. Every decode
-    step runs on a cache as wide as its longest row, and the log-probs equal a full forward."""
+    would otherwise grow the cache, and every step's attention, far past the rows' real lengths. Run at once
+    (tool_wait=0), every decode step is on a cache as wide as its longest row. Allowed to wait, the three
+    staggered turns share one forward, and the waiting rows write the very tokens they wrote without waiting.
+    The log-probs equal a full forward."""
     import model
     import train
 
@@ -245,23 +247,30 @@ def test_tool_turns_at_different_steps_leave_no_padding_columns(monkeypatch):
     script = {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: ["<think>" + "look " * 8 + "</think>"
                                                              + CALL.format("[30, 10, 50, 90]"), ANSWER],
               2: ["<think>" + "hm " * 20 + "</think>" + CALL.format("[0, 0, 20, 20]"), ANSWER]}
-    seen, mixed, real_forward = [], [], rollout_module._forward
+    seen, real_forward = [], rollout_module._forward
 
     def forward(policy, rows, cache, mask_hist):
-        seen.append((mask_hist.shape[1], int(mask_hist.sum(1).max()) if mask_hist.numel() else 0,
-                     max(len(r.pending) for r in rows)))  # (width, longest row, longest chunk)
-        mixed.append(1 < max(len(r.pending) for r in rows) and min(len(r.pending) for r in rows) == 1)
+        pending = [len(r.pending) for r in rows]
+        seen.append((mask_hist.shape[1], int(mask_hist.sum(1).max()) if mask_hist.numel() else 0, max(pending),
+                     1 < max(pending) and 1 in pending))  # (width, longest row, longest chunk, chunk + decoding)
         return real_forward(policy, rows, cache, mask_hist)
 
     monkeypatch.setattr(rollout_module, "_forward", forward)
-    cfg = _cfg(group_size=2, rollout_rows=6, decode="dynamic", max_turn_tokens=160, max_response_tokens=600)
-    eps = rollout(p, data.synthetic(3, seed=15), cfg, force=scripted(p, script))
-    turns = [k for k, (_, _, pending) in enumerate(seen) if pending > 1]
-    assert len(turns) == 4 and sum(e.num_tool_calls for e in eps) == 6  # the prefill and three staggered turns
-    assert all(width == longest for width, longest, chunk in seen if chunk == 1)  # every decode step
-    assert not any(mixed)  # a turn's chunk never pads a decoding row to its length
-    batch = train.collate(p, eps)
+    runs = {}
+    for wait in (0, 100):
+        seen.clear()
+        cfg = _cfg(group_size=2, rollout_rows=6, decode="dynamic", max_turn_tokens=160, max_response_tokens=600,
+                   tool_wait=wait)
+        eps = rollout(p, data.synthetic(3, seed=15), cfg, force=scripted(p, script))
+        assert sum(e.num_tool_calls for e in eps) == 6 and not any(mixed for *_, mixed in seen)
+        runs[wait] = eps, [pending for _, _, pending, _ in seen if pending > 1]
+        if wait == 0:
+            assert all(width == longest for width, longest, chunk, _ in seen if chunk == 1)  # every decode step
+    assert len(runs[0][1]) == 4 and len(runs[100][1]) == 2  # the prefill, then three turns or one for all three
+    assert [e.ids for e in runs[100][0]] == [e.ids for e in runs[0][0]]
+    batch = train.collate(p, runs[0][0])
     with torch.no_grad():
         full = model.sequence_logprobs(p, batch, temperature=0.9)
-    recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
-    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    for eps, _ in runs.values():
+        recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
+        torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
