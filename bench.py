@@ -295,9 +295,12 @@ def _bench_engines(policy, name):
         return force
 
     rows = []
-    for engine, reuse in (("re-run each turn (generate-style)", False), ("KV cache kept across turns", True)):
+    wait = RolloutConfig.tool_wait
+    for engine, reuse, tool_wait in (("re-run each turn (generate-style)", False, wait),
+                                     ("KV cache kept, each tool turn run at once", True, 0),
+                                     (f"KV cache kept, tool turns waiting up to {wait} steps for others", True, wait)):
         cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=128, max_response_tokens=4096,
-                            global_tokens=1024, crop_tokens=256, reuse_cache=reuse)
+                            global_tokens=1024, crop_tokens=256, reuse_cache=reuse, tool_wait=tool_wait)
         rollout(policy, samples, cfg, force=forcing())  # warm-up
         dt = float("inf")
         for _ in range(3 if name == "tiny" else 1):  # best of 3 where a run is cheap: timings are noisy
