@@ -426,7 +426,7 @@ def _draw(policy, batch, ready, cfg, force):
     logits.index_fill_(1, batch.banned, -float("inf"))  # the policy never writes image pads or vision markers
     tok = _sample(logits, cfg, _uniforms(keys, draws))
     if len(ready) < len(batch.live):
-        batch.draws.index_add_(0, idx, torch.ones_like(draws))
+        batch.draws[idx] += 1
     else:
         batch.draws += 1
     if force is not None:  # teacher forcing: a forced id replaces the draw (the log-prob stays the model's)

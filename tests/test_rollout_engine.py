@@ -244,9 +244,16 @@ def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(m
     import train
 
     p = tiny_policy()
-    script = {0: [CALL.format("[5, 5, 60, 40]"), ANSWER], 1: ["<think>" + "look " * 8 + "</think>"
-                                                             + CALL.format("[30, 10, 50, 90]"), ANSWER],
+    script = {0: [CALL.format("[5, 5, 60, 40]")], 1: ["<think>" + "look " * 8 + "</think>"
+                                                      + CALL.format("[30, 10, 50, 90]"), ANSWER],
               2: ["<think>" + "hm " * 20 + "</think>" + CALL.format("[0, 0, 20, 20]"), ANSWER]}
+    scripted_force, free = scripted(p, script), len(p.encode(script[0][0]))
+
+    def force(ep):  # group 0 calls first and waits longest, then samples 5 tokens: its draws must not move meanwhile
+        if ep.group == 0 and ep.num_generated >= free:
+            return None if ep.num_generated < free + 5 else p.im_end
+        return scripted_force(ep)
+
     seen, real_forward = [], rollout_module._forward
 
     def forward(policy, rows, cache, mask_hist):
@@ -261,7 +268,7 @@ def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(m
         seen.clear()
         cfg = _cfg(group_size=2, rollout_rows=6, decode="dynamic", max_turn_tokens=160, max_response_tokens=600,
                    tool_wait=wait)
-        eps = rollout(p, data.synthetic(3, seed=15), cfg, force=scripted(p, script))
+        eps = rollout(p, data.synthetic(3, seed=15), cfg, force=force)
         assert sum(e.num_tool_calls for e in eps) == 6 and not any(mixed for *_, mixed in seen)
         runs[wait] = eps, [pending for _, _, pending, _ in seen if pending > 1]
         if wait == 0:
