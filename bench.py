@@ -276,6 +276,7 @@ def _describe(policy, name):
 
 def _bench_engines(policy, name):
     import data
+    import decode
     from rollout import RolloutConfig, rollout
 
     samples = data.synthetic(1, seed=0)
@@ -303,18 +304,20 @@ def _bench_engines(policy, name):
         cfg = RolloutConfig(group_size=8, max_turns=3, max_turn_tokens=128, max_response_tokens=4096,
                             global_tokens=1024, crop_tokens=256, reuse_cache=reuse, tool_wait=tool_wait)
         rollout(policy, samples, cfg, force=forcing())  # warm-up
-        dt = float("inf")
-        for _ in range(3 if name == "tiny" else 1):  # best of 3 where a run is cheap: timings are noisy
+        dt, runs, captures = float("inf"), 3 if name == "tiny" else 1, decode.counters["captures"]
+        for _ in range(runs):  # best of 3 where a run is cheap: timings are noisy
             t = time.perf_counter()
             eps = rollout(policy, samples, cfg, force=forcing())
             dt = min(dt, time.perf_counter() - t)
         written = sum(e.num_generated for e in eps)
-        rows.append([engine, len(eps), written, written / dt, dt / len(eps)])
+        captures = (decode.counters["captures"] - captures) / runs
+        rows.append([engine, len(eps), written, written / dt, dt / len(eps), captures])
     base = rows[0][3]
     print(f"rollout engines: {_describe(policy, name)}, group of 8, global image 1,024 tokens, 3 turns "
-          f"(2 crops of 256 tokens, the first at a different step in each row)")
-    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "speed-up"],
-           [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{tps / base:.2f}"] for n, e, w, tps, spe in rows])
+          f"(2 crops of 256 tokens, the first at a different step in each row); graph captures per rollout, "
+          f"included in its time")
+    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "graph captures", "speed-up"],
+           [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{c:g}", f"{tps / base:.2f}"] for n, e, w, tps, spe, c in rows])
 
 
 def _bench_decode(policy, name, batch_sizes, new_tokens=64):
