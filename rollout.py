@@ -216,14 +216,14 @@ def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
                 # 3. feed the pending tokens: one decode step for the rows with one token (a CUDA graph's replay
                 # when the static path is on), and the tool turns that have waited long enough, together, apart
                 chunk = [b for b, r in enumerate(batch.live) if len(r.pending) > 1]
+                turns = [batch.live[b] for b in chunk]
                 if len(chunk) < len(batch.live):
                     _decode_step(policy, batch, static)
-                waited = max((batch.live[b].waited for b in chunk), default=-1)
-                if chunk and (len(chunk) == len(batch.live) or waited >= cfg.tool_wait):
+                if turns and (len(turns) == len(batch.live) or max(r.waited for r in turns) >= cfg.tool_wait):
                     _to_dynamic(static, batch)
                     batch = _chunk_step(policy, batch, chunk)
-                for b in chunk:
-                    batch.live[b].waited = 0 if not batch.live[b].pending else batch.live[b].waited + 1
+                for r in turns:  # run (its queue fed) or one step more waiting
+                    r.waited = 0 if not r.pending else r.waited + 1
         yield from finished  # outside no_grad: the consumer may take gradients here
 
 
