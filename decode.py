@@ -8,6 +8,7 @@ each step writes its token's keys and values in the next column (HF's StaticCach
 the replay needs no host value), and when the stretch ends (tool turns run, a row finishes or a group joins:
 the shapes change) the live part goes back to a dynamic cache (`unload`). A row whose tool turn is waiting
 (rollout.py) stays in the stretch, masked. Padding rows of the bucket attend to one column and are never read.
+A batch that fits the loaded buffers at most twice over (rows and columns) keeps them, and their graph.
 On CPU (tests) the same static path runs eagerly: it must give the dynamic path's tokens and log-probs.
 
 Untested on a GPU so far: a failed capture turns graphs off for the rollout (printed once) and the eager static
@@ -76,6 +77,10 @@ class StaticDecode:
         B, L = batch.mask_hist.shape
         rows = next(b for b in ROW_BUCKETS if b >= B)
         cols = (L // COLUMN_STEP + 1) * COLUMN_STEP
+        if self.shape and rows <= self.shape[0] <= 2 * rows and cols <= self.shape[1] <= 2 * cols:
+            # the loaded buffers hold the batch at most twice over: kept, with their graph. A batch narrower for a
+            # while (its longest row finished, then new rows grow back) would otherwise cost two captures
+            rows, cols = self.shape
         dev = self.policy.device
         if self.shape != (rows, cols):  # new buffers (and a new graph) for a new shape
             self.graph = None

@@ -74,6 +74,30 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
     assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
 
 
+def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(monkeypatch):
+    """A new shape of the static cache means new buffers and, on a GPU, a new capture; a batch that fits the loaded
+    buffers at most twice over (rows and columns) keeps them."""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(decode, "COLUMN_STEP", 16)
+    p = tiny_policy()
+    text = p.lm.config.text_config
+    kv_shape = (text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
+    static, seen = decode.StaticDecode(p, graphs=False), []
+    for rows, width in [(6, 40), (5, 20), (3, 40), (6, 10), (12, 40), (6, 70)]:
+        cache = DynamicCache(config=text)
+        for i in range(text.num_hidden_layers):
+            cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
+        batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
+        static.load(batch)
+        seen.append((static.shape, id(static.cache)))
+        static.unload(batch)
+        assert batch.mask_hist.shape == (rows, width) and batch.cache.layers[0].keys.shape[0] == rows
+    # (rows, columns) needed: (8, 48), (8, 32), (8, 48), (8, 16), (16, 48), (8, 80)
+    assert [shape for shape, _ in seen] == [(8, 48)] * 3 + [(8, 16), (16, 48), (8, 80)]
+    assert len({buffers for _, buffers in seen[:3]}) == 1
+
+
 # ops that wait for the device (a value or a data-dependent shape read on the host), and torch.tensor() of host
 # values (a pageable host-to-device copy): a CUDA graph cannot capture them, and outside a graph each stalls
 HOST_SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
