@@ -417,18 +417,14 @@ def _chunk(policy, live):
 def _draw(policy, batch, ready, cfg, force):
     """One token for each row `ready` (indices), on the device. Returns (ids, log-probs) as host lists: the
     step's one copy."""
-    h, keys, draws = batch.h, batch.keys, batch.draws
-    if len(ready) < len(batch.live):
-        idx = torch.tensor(ready, dtype=torch.long, device=h.device)
-        h, keys, draws = h[idx], keys[idx], draws[idx]
+    # every row (a view, no copy) or the ready ones
+    idx = slice(None) if len(ready) == len(batch.live) else torch.tensor(ready, dtype=torch.long, device=batch.h.device)
+    h, keys, draws = batch.h[idx], batch.keys[idx], batch.draws[idx]
     logits = (h @ policy.head.weight.T).float() / cfg.temperature  # (B, V): only each row's last position
     log_z = torch.logsumexp(logits, -1)  # (B,) the full softmax's normaliser, as in the loss
     logits.index_fill_(1, batch.banned, -float("inf"))  # the policy never writes image pads or vision markers
     tok = _sample(logits, cfg, _uniforms(keys, draws))
-    if len(ready) < len(batch.live):
-        batch.draws[idx] += 1
-    else:
-        batch.draws += 1
+    batch.draws[idx] += 1
     if force is not None:  # teacher forcing: a forced id replaces the draw (the log-prob stays the model's)
         forced = torch.tensor([-1 if t is None else t for t in (force(batch.live[b].ep) for b in ready)],
                               device=tok.device)
