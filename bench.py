@@ -42,7 +42,11 @@ def _table(header, rows):
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
+        _table_row(r)
+
+
+def _table_row(r):
+    print("| " + " | ".join(str(c) for c in r) + " |", flush=True)
 
 
 def bench_crop():
@@ -116,13 +120,13 @@ def _logprobs_child(method, n, d, v, device, dtype):
     hidden = torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g, device=device) / d ** 0.5).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g, device=device)
-    grad = not method.endswith(" nograd")  # "chunked nograd": the forward alone, under no_grad
+    grad = not method.endswith(" nograd") and method != "matmul"  # "chunked nograd": the forward alone, no_grad
     method = method.removesuffix(" nograd")
     if method.startswith("triton "):  # the Triton path with another softmax config: "triton BLOCKxWARPS"
         lp.SOFTMAX_BLOCK, lp.SOFTMAX_WARPS = map(int, method.split()[1].split("x"))
         method = "triton"
     fn = dict(naive=_naive_low, chunked=lp.selective_logprobs_chunked, triton=lp.selective_logprobs_triton,
-              liger=_liger)[method]
+              liger=_liger, matmul=lambda h, w, t: h @ w.T)[method]  # matmul: the logits alone, cuBLAS's rate
 
     def run():
         if not grad:
@@ -180,13 +184,23 @@ def bench_logprobs(sizes=None):
     cuda = torch.cuda.is_available()
     sizes = sizes or ([2048, 8192, 16384] if cuda else [512, 1024])
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
-    methods = ["naive", "chunked"] + (["triton"] if cuda else [])
+    # on a GPU, "matmul" first: h W^T alone (cuBLAS, 2NDV), whose rate on this card sets the measured floor
+    methods = (["matmul"] if cuda else []) + ["naive", "chunked"] + (["triton"] if cuda else [])
     if cuda and importlib.util.find_spec("liger_kernel"):
         methods.append("liger")
     elif cuda:
         print("liger-kernel is not installed (pip install liger-kernel): its row is left out")
     peak = _card_spec(1) if cuda else None
-    rows, times = [], {}
+    # the caption and header first, then each row as soon as it is measured: a run stopped by a time limit
+    # (make gpu-check's) keeps the rows it finished; the choices are recorded only by a run that finished
+    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states (4NDV flops; "
+          "'nograd' rows: the forward alone under no_grad, 2NDV)"
+          + (f", {torch.cuda.get_device_name()}; the floor: the row's flops at the rate cuBLAS reached on h W^T "
+             "alone at the same N (the 'matmul' row)" if cuda else "")
+          + (f", and at the card's bf16 dense peak, {peak} TFLOP/s" if peak else ""))
+    _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s", "memory: naive / this", "time: this / naive"]
+           + (["time / floor (cuBLAS)"] if cuda else []) + (["time / floor (peak)"] if peak else []), [])
+    times, failed = {}, []
     for n in sizes:
         res = {}
         # at the largest N, the softmax kernel's other configs too (columns per program x warps; the default
@@ -199,32 +213,31 @@ def bench_logprobs(sizes=None):
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 err = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
-                print(f"{method} N={n}: failed ({err})")
+                failed.append(f"{method} N={n}: failed ({err})")
                 continue
-            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            # the row at once (matmul and naive, which the others are set against, run first)
+            base, rate = res.get("naive"), res.get("matmul")
+            rate = 2 * n * d * v / rate["seconds"] if rate else None  # flop/s cuBLAS reached on the logits product
+            forward_only = method.endswith(" nograd") or method == "matmul"
+            flops = (2 if forward_only else 4) * n * d * v  # the forward 2NDV, the gradient 2NDV more
+            vs = base if base and not forward_only else None  # naive has a gradient: no comparison
+            _table_row((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}",
+                        f"{flops / r['seconds'] / 1e12:.1f}",
+                        f"{vs['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if vs else "-",
+                        f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
+                       + ((f"{r['seconds'] * rate / flops:.2f}" if rate else "-",) if cuda else ())
+                       + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
         times[n] = {m: r["seconds"] for m, r in res.items() if m in methods}
         nograd = {m.split()[0]: r["seconds"] for m, r in res.items() if m.endswith(" nograd")}
-        base = res.get("naive")
-        for method, r in res.items():
-            flops = (2 if method.endswith(" nograd") else 4) * n * d * v  # the forward 2NDV, the gradient 2NDV more
-            vs = base if base and not method.endswith(" nograd") else None  # naive has a gradient: no comparison
-            rows.append((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}",
-                         f"{flops / r['seconds'] / 1e12:.1f}",
-                         f"{vs['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if vs else "-",
-                         f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
-                        + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
+    if failed:
+        print("\n".join(failed))
     if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
         faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
         won = all(faster(t) for t in times.values())
         kernels.record_winner("logprobs", "triton" if won else "torch", {str(n): t for n, t in times.items()})
         if nograd:
             kernels.record_winner("logprobs_nograd", "triton" if faster(nograd) else "torch", {str(max(sizes)): nograd})
-    print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states (4NDV flops; "
-          "'nograd' rows: the forward alone under no_grad, 2NDV)"
-          + (f", {torch.cuda.get_device_name()} (bf16 dense peak {peak} TFLOP/s: the floor is the flops at peak)"
-             if peak else ""))
-    _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s", "memory: naive / this", "time: this / naive"]
-           + (["time / floor"] if peak else []), rows)
 
 
 TINY_7B_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny-7b")  # saved once, like a checkpoint

@@ -10,7 +10,7 @@ import bench
 import kernels
 
 
-@pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd"])
+@pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd", "matmul"])
 def test_each_logprobs_child_mode_runs(method):
     r = bench._logprobs_child(method, 8, 16, 300, "cpu", torch.float32)
     assert r["seconds"] > 0 and r["peak_gb"] >= 0
@@ -18,30 +18,44 @@ def test_each_logprobs_child_mode_runs(method):
 
 def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, capsys):
     """The kernel with a gradient won at every size; without one it lost: the choices say so, each on its own,
-    and the no-gradient rows are set against their own floor (2NDV), not against naive (which has a gradient)."""
+    and the no-gradient rows are set against their own floor (2NDV), not against naive (which has a gradient).
+    Each row's floor is measured too: its flops at the rate cuBLAS reached on h W^T alone at the same N."""
     monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    seconds = {"naive": 0.044, "chunked": 0.044, "triton": 0.03, "chunked nograd": 0.02, "triton nograd": 0.025}
-    ran = []
+    seconds = {"naive": 0.044, "chunked": 0.044, "triton": 0.03, "chunked nograd": 0.02, "triton nograd": 0.025,
+               "matmul": 0.0125}
+    ran, printed, shown = [], [], {}
 
     def child(cmd, **kw):
         method, n = cmd[3], int(cmd[4])
         ran.append((method, n))
+        printed.append(capsys.readouterr().out)
+        for key in (n, method):  # what a run stopped here would have printed
+            shown.setdefault(key, "".join(printed))
         s = seconds.get(method, 0.035) * n / 8192
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(seconds=s, peak_gb=1.0)) + "\n", stderr="")
 
     monkeypatch.setattr(bench.subprocess, "run", child)
     bench.bench_logprobs([2048, 8192])
     assert ("chunked nograd", 8192) in ran and ("chunked nograd", 2048) not in ran  # the largest N only
+    assert ("matmul", 2048) in ran and ("matmul", 8192) in ran  # the floor's rate: at every N
+    # each row is printed as soon as it is measured, under the caption and header printed first
+    assert "| triton | 2048 |" in shown[8192] and shown[8192].startswith("liger-kernel is not installed")
+    assert "| triton | 8192 |" in shown["chunked nograd"] and "| chunked nograd |" not in shown["chunked nograd"]
+    assert shown[8192].splitlines()[1].startswith("logprobs: D=3584") and "| path | N |" in shown[8192]
     table = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]
     assert table["logprobs"]["winner"] == "triton" and table["logprobs_nograd"]["winner"] == "torch"
-    out = capsys.readouterr().out
+    out = "".join(printed) + capsys.readouterr().out
     nograd = next(line for line in out.splitlines() if line.startswith("| triton nograd | 8192"))
-    # 2 * 8192 * 3584 * 152064 flops in 25 ms: 357.2 TFLOP/s, 2.77x the time at 989 TFLOP/s
-    assert nograd.split(" | ")[4:] == ["357.2", "-", "-", "2.77 |"]
+    # 2 * 8192 * 3584 * 152064 flops in 25 ms: 357.2 TFLOP/s; 2.00x cuBLAS's 12.5 ms for h W^T, 2.77x the time at
+    # 989 TFLOP/s
+    assert nograd.split(" | ")[4:] == ["357.2", "-", "-", "2.00", "2.77 |"]
     triton = next(line for line in out.splitlines() if line.startswith("| triton | 8192"))
-    assert triton.split(" | ")[4:] == ["595.3", "1.0", "0.68", "1.66 |"]  # 4NDV in 30 ms against naive's 44
+    # 4NDV in 30 ms against naive's 44, and against 2 x 12.5 ms for h W^T
+    assert triton.split(" | ")[4:] == ["595.3", "1.0", "0.68", "1.20", "1.66 |"]
+    matmul = next(line for line in out.splitlines() if line.startswith("| matmul | 8192"))
+    assert matmul.split(" | ")[4:] == ["714.3", "-", "-", "1.00", "1.38 |"]
     assert kernels.measured_winner("logprobs_nograd", 0) == "torch"
 
 
