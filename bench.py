@@ -309,7 +309,11 @@ def _bench_engines(policy, name):
 
         return force
 
-    rows = []
+    print(f"rollout engines: {_describe(policy, name)}, group of 8, global image 1,024 tokens, 3 turns "
+          f"(2 crops of 256 tokens, the first at a different step in each row); graph captures per rollout, "
+          f"included in its time")
+    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "graph captures", "speed-up"], [])
+    base = None  # the first engine's tokens/s
     wait = RolloutConfig.tool_wait
     for engine, reuse, tool_wait in (("re-run each turn (generate-style)", False, wait),
                                      ("KV cache kept, each tool turn run at once", True, 0),
@@ -324,13 +328,9 @@ def _bench_engines(policy, name):
             dt = min(dt, time.perf_counter() - t)
         written = sum(e.num_generated for e in eps)
         captures = (decode.counters["captures"] - captures) / runs
-        rows.append([engine, len(eps), written, written / dt, dt / len(eps), captures])
-    base = rows[0][3]
-    print(f"rollout engines: {_describe(policy, name)}, group of 8, global image 1,024 tokens, 3 turns "
-          f"(2 crops of 256 tokens, the first at a different step in each row); graph captures per rollout, "
-          f"included in its time")
-    _table(["engine", "episodes", "tokens written", "tokens/s", "s per episode", "graph captures", "speed-up"],
-           [[n, e, w, f"{tps:.1f}", f"{spe:.3f}", f"{c:g}", f"{tps / base:.2f}"] for n, e, w, tps, spe, c in rows])
+        base = base or written / dt
+        _table_row([engine, len(eps), written, f"{written / dt:.1f}", f"{dt / len(eps):.3f}", f"{captures:g}",
+                    f"{written / dt / base:.2f}"])
 
 
 def _bench_decode(policy, name, batch_sizes, new_tokens=64):
@@ -343,7 +343,10 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
     import decode
     from rollout import RolloutConfig, _forward, _new_rows, _prefill, rollout
 
-    rows = []
+    print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
+          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without the captures")
+    _table(["rows", "decode", "tokens written", "tokens/s", "ms per step", "graph captures", "bare model ms per step",
+            "step / bare"], [])  # each row printed as it is measured: a run stopped by a time limit keeps them
     for b in batch_sizes:
         samples = data.synthetic(max(1, b // 8), seed=1)
         # the bare model: the same rows prefilled, then one-token forwards with no sampling around them
@@ -374,12 +377,8 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
             written = sum(e.num_generated for e in eps)
             steps = max(e.num_generated for e in eps)
             step = (dt - capture_s) / steps
-            rows.append((len(eps), mode, written, f"{written / dt:.1f}", f"{1e3 * step:.1f}",
-                         f"{captures} ({capture_s:.2f} s)", f"{1e3 * bare:.1f}", f"{step / bare:.2f}"))
-    print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
-          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without the captures")
-    _table(["rows", "decode", "tokens written", "tokens/s", "ms per step", "graph captures", "bare model ms per step",
-            "step / bare"], rows)
+            _table_row((len(eps), mode, written, f"{written / dt:.1f}", f"{1e3 * step:.1f}",
+                        f"{captures} ({capture_s:.2f} s)", f"{1e3 * bare:.1f}", f"{step / bare:.2f}"))
 
 
 def _sync():

@@ -61,13 +61,16 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
 
 def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
     """A capture counted during the timed rollout (here a pretend one of 0.5 s, in the first static step) is
-    shown beside the step and taken out of it."""
+    shown beside the step and taken out of it. Each row is printed as soon as it is measured (a bench stopped by
+    gpu-check's time limit keeps what it measured)."""
     import decode
     from helpers import tiny_policy
 
-    real = decode.StaticDecode.step
+    real, printed = decode.StaticDecode.step, []
 
     def step(self, rows):
+        if not printed:  # the static path's first step: the dynamic path's row is out already
+            printed.append(capsys.readouterr().out)
         if not getattr(self, "counted", False):
             self.counted = True
             decode.counters["captures"] += 1
@@ -77,7 +80,8 @@ def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
     monkeypatch.setattr(decode.StaticDecode, "step", step)
     monkeypatch.setattr(decode, "counters", dict(captures=0, capture_seconds=0.0))
     bench._bench_decode(tiny_policy(), "tiny", [8], new_tokens=6)
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
+    assert "| rows | decode |" in printed[0] and "| 8 | dynamic |" in printed[0]
+    rows = [line.split(" | ") for line in (printed[0] + capsys.readouterr().out).splitlines() if line.startswith("| 8 |")]
     assert [r[1] for r in rows] == ["dynamic", "static"]
     assert rows[0][5] == "0 (0.00 s)" and rows[1][5] == "1 (0.50 s)"
     written, tps, ms = int(rows[1][2]), float(rows[1][3]), float(rows[1][4])
