@@ -122,8 +122,12 @@ def _logprobs_child(method, n, d, v, device, dtype):
     targets = torch.randint(0, v, (n,), generator=g, device=device)
     grad = not method.endswith(" nograd") and method != "matmul"  # "chunked nograd": the forward alone, no_grad
     method = method.removesuffix(" nograd")
-    if method.startswith("triton "):  # the Triton path with another softmax config: "triton BLOCKxWARPS"
-        lp.SOFTMAX_BLOCK, lp.SOFTMAX_WARPS = map(int, method.split()[1].split("x"))
+    if method.startswith("triton "):  # the Triton path with another config: "triton BLOCKxWARPS" (the softmax
+        config = method.split()[1]    # kernel's columns per program and warps) or "triton rows=R" (rows per chunk)
+        if config.startswith("rows="):
+            lp.CHUNK_ELEMENTS = int(config[5:]) * v
+        else:
+            lp.SOFTMAX_BLOCK, lp.SOFTMAX_WARPS = map(int, config.split("x"))
         method = "triton"
     fn = dict(naive=_naive_low, chunked=lp.selective_logprobs_chunked, triton=lp.selective_logprobs_triton,
               liger=_liger, matmul=lambda h, w, t: h @ w.T)[method]  # matmul: the logits alone, cuBLAS's rate
@@ -173,6 +177,9 @@ def _card_spec(which):
 
 
 SOFTMAX_CONFIGS = [(4096, 8), (8192, 8), (16384, 16)]  # besides kernels.logprobs' own (16384, 8)
+# rows per chunk of the gradient path, besides kernels.logprobs' own (CHUNK_ELEMENTS / V: 441 at Qwen's V): whole
+# 128-row tiles of the logits matmul, and twice as many (its bf16 logits then take what the torch path's fp32 do)
+CHUNK_ROWS = [512, 1024]
 
 
 def bench_logprobs(sizes=None):
@@ -204,10 +211,11 @@ def bench_logprobs(sizes=None):
     for n in sizes:
         res = {}
         # at the largest N, the softmax kernel's other configs too (columns per program x warps; the default
-        # is the plain "triton" row), so a GPU run says which to keep; they do not take part in the choice.
+        # is the plain "triton" row) and other chunk sizes, so a GPU run says which to keep; they do not take
+        # part in the choice.
         # And both paths without a gradient (reference log-probs): a choice of their own, "logprobs_nograd"
-        others = ([f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] + ["chunked nograd", "triton nograd"]
-                  if cuda and n == max(sizes) else [])
+        others = ([f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] + [f"triton rows={r}" for r in CHUNK_ROWS]
+                  + ["chunked nograd", "triton nograd"] if cuda and n == max(sizes) else [])
         for method in methods + others:
             out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
                                  capture_output=True, text=True)

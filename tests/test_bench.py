@@ -10,10 +10,17 @@ import bench
 import kernels
 
 
-@pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd", "matmul"])
-def test_each_logprobs_child_mode_runs(method):
+@pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd", "matmul",
+                                    "triton 512x4", "triton rows=3"])
+def test_each_logprobs_child_mode_runs(method, monkeypatch):
+    from kernels import logprobs as lp
+
+    for name in ("SOFTMAX_BLOCK", "SOFTMAX_WARPS", "CHUNK_ELEMENTS"):  # what a config variant sets in its child
+        monkeypatch.setattr(lp, name, getattr(lp, name))
     r = bench._logprobs_child(method, 8, 16, 300, "cpu", torch.float32)
     assert r["seconds"] > 0 and r["peak_gb"] >= 0
+    if method == "triton rows=3":
+        assert lp.CHUNK_ELEMENTS == 3 * 300
 
 
 def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, capsys):
@@ -40,6 +47,7 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     bench.bench_logprobs([2048, 8192])
     assert ("chunked nograd", 8192) in ran and ("chunked nograd", 2048) not in ran  # the largest N only
     assert ("matmul", 2048) in ran and ("matmul", 8192) in ran  # the floor's rate: at every N
+    assert ("triton rows=1024", 8192) in ran and ("triton rows=1024", 2048) not in ran
     # each row is printed as soon as it is measured, under the caption and header printed first
     assert "| triton | 2048 |" in shown[8192] and shown[8192].startswith("liger-kernel is not installed")
     assert "| triton | 8192 |" in shown["chunked nograd"] and "| chunked nograd |" not in shown["chunked nograd"]
