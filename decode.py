@@ -19,7 +19,8 @@ import time
 
 import torch
 
-ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice]
+ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice], or in one of
+# the rollout's rows in flight (rollout_rows) when that is smaller
 COLUMN_STEP = 256  # the static cache grows in steps of this many columns [choice]
 # one-off costs of the graphs, summed over the process, so that bench.py can tell them from the steady step
 counters = dict(captures=0, capture_seconds=0.0)
@@ -39,9 +40,10 @@ def why_eager(rows, device, graphs):
 class StaticDecode:
     """The static cache of one rollout call, loaded and unloaded around stretches of decode steps."""
 
-    def __init__(self, policy, graphs=None):
+    def __init__(self, policy, graphs=None, max_rows=0):
         self.policy = policy
         self.graphs = torch.cuda.is_available() if graphs is None else graphs
+        self.max_rows = max_rows  # the rollout's rows in flight: no bucket is larger (the memory estimate's rows)
         self.shape = None  # (rows, columns) of the buffers; None: nothing loaded
         self.graph = None
         self.live = 0  # rows of the bucket that hold real rows
@@ -76,6 +78,8 @@ class StaticDecode:
 
         B, L = batch.mask_hist.shape
         rows = next(b for b in ROW_BUCKETS if b >= B)
+        if self.max_rows:  # 24 rows in flight: a bucket of 24, not 32 (a third more memory than --dry-run counts)
+            rows = max(B, min(rows, self.max_rows))
         cols = (L // COLUMN_STEP + 1) * COLUMN_STEP
         if self.shape and rows <= self.shape[0] <= 2 * rows and cols <= self.shape[1] <= 2 * cols:
             # the loaded buffers hold the batch at most twice over: kept, with their graph. A batch narrower for a

@@ -234,7 +234,7 @@ def _static_decode(policy, cfg):
         mode = "graphs" if policy.device.type == "cuda" else "dynamic"
     if mode == "dynamic" or not cfg.reuse_cache:  # the re-run baseline rebuilds its cache: nothing to keep static
         return None
-    return decode.StaticDecode(policy, graphs=mode == "graphs")
+    return decode.StaticDecode(policy, graphs=mode == "graphs", max_rows=max(cfg.rollout_rows, cfg.group_size))
 
 
 def _to_dynamic(static, batch):

@@ -96,6 +96,21 @@ def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(mo
     # (rows, columns) needed: (8, 48), (8, 32), (8, 48), (8, 16), (16, 48), (8, 80)
     assert [shape for shape, _ in seen] == [(8, 48)] * 3 + [(8, 16), (16, 48), (8, 80)]
     assert len({buffers for _, buffers in seen[:3]}) == 1
+    # 12 rows in flight at most (the rollout's rollout_rows): 12 rows in a bucket of 12, not 16 (the memory
+    # estimate counts rollout_rows); smaller batches in the same buffers, which hold them at most twice over
+    capped = decode.StaticDecode(p, graphs=False, max_rows=12)
+    shapes = []
+    for rows, width in [(12, 40), (5, 40), (3, 40)]:
+        cache = DynamicCache(config=text)
+        for i in range(text.num_hidden_layers):
+            cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
+        batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
+        capped.load(batch)
+        shapes.append(capped.shape)
+        capped.unload(batch)
+    assert shapes == [(12, 48)] * 3
+    cfg = rollout_module.RolloutConfig(group_size=8, rollout_rows=24, decode="static")
+    assert rollout_module._static_decode(p, cfg).max_rows == 24
 
 
 # ops that wait for the device (a value or a data-dependent shape read on the host), and torch.tensor() of host

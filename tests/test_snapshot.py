@@ -128,6 +128,8 @@ def test_memory_estimate_reads_the_config_of_any_size(tmp_path):
     assert est["weights"] == pytest.approx(weights / 1e9) and 6.8 < est["weights"] < 7.0
     # KV cache: 16 rows x (400 + 1,024 + 2,048) tokens x 28 layers x K,V x 4 heads x 128 x 2 bytes = 57,344 B/token
     assert est["kv_cache"] == pytest.approx(16 * 3472 * 57_344 / 1e9)
+    # decode.py's static cache beside it: the same rows, the columns in whole steps of 256 (3,584)
+    assert est["static_kv_cache"] == pytest.approx(16 * 3584 * 57_344 / 1e9)
     # LoRA r=16: per layer 16 x (2*3584 + 2*3584 + 2*(3584+512) + 3*(3584+18944)) parameters, 16 bytes each
     assert est["lora_and_optimizer"] == pytest.approx(28 * 16 * (4 * 3584 + 2 * 4096 + 3 * 22528) * 16 / 1e9)
     assert est["peak"] < 24
