@@ -76,39 +76,36 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
 
 def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(monkeypatch):
     """A new shape of the static cache means new buffers and, on a GPU, a new capture; a batch that fits the loaded
-    buffers at most twice over (rows and columns) keeps them."""
+    buffers at most twice over (rows and columns) keeps them. No bucket holds more rows than the rollout has in
+    flight (rollout_rows: what the memory estimate counts)."""
     from transformers import DynamicCache
 
     monkeypatch.setattr(decode, "COLUMN_STEP", 16)
     p = tiny_policy()
     text = p.lm.config.text_config
     kv_shape = (text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
-    static, seen = decode.StaticDecode(p, graphs=False), []
-    for rows, width in [(6, 40), (5, 20), (3, 40), (6, 10), (12, 40), (6, 70)]:
-        cache = DynamicCache(config=text)
-        for i in range(text.num_hidden_layers):
-            cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
-        batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
-        static.load(batch)
-        seen.append((static.shape, id(static.cache)))
-        static.unload(batch)
-        assert batch.mask_hist.shape == (rows, width) and batch.cache.layers[0].keys.shape[0] == rows
+
+    def loads(static, batches):
+        """Each (rows, columns) batch loaded and unloaded: the buffers' shape and identity at each."""
+        seen = []
+        for rows, width in batches:
+            cache = DynamicCache(config=text)
+            for i in range(text.num_hidden_layers):
+                cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
+            batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
+            static.load(batch)
+            seen.append((static.shape, id(static.cache)))
+            static.unload(batch)
+            assert batch.mask_hist.shape == (rows, width) and batch.cache.layers[0].keys.shape[0] == rows
+        return seen
+
+    seen = loads(decode.StaticDecode(p, graphs=False), [(6, 40), (5, 20), (3, 40), (6, 10), (12, 40), (6, 70)])
     # (rows, columns) needed: (8, 48), (8, 32), (8, 48), (8, 16), (16, 48), (8, 80)
     assert [shape for shape, _ in seen] == [(8, 48)] * 3 + [(8, 16), (16, 48), (8, 80)]
     assert len({buffers for _, buffers in seen[:3]}) == 1
-    # 12 rows in flight at most (the rollout's rollout_rows): 12 rows in a bucket of 12, not 16 (the memory
-    # estimate counts rollout_rows); smaller batches in the same buffers, which hold them at most twice over
-    capped = decode.StaticDecode(p, graphs=False, max_rows=12)
-    shapes = []
-    for rows, width in [(12, 40), (5, 40), (3, 40)]:
-        cache = DynamicCache(config=text)
-        for i in range(text.num_hidden_layers):
-            cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
-        batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
-        capped.load(batch)
-        shapes.append(capped.shape)
-        capped.unload(batch)
-    assert shapes == [(12, 48)] * 3
+    # 12 rows in flight at most: 12 rows in a bucket of 12, not 16; smaller batches in the same buffers
+    seen = loads(decode.StaticDecode(p, graphs=False, max_rows=12), [(12, 40), (5, 40), (3, 40)])
+    assert [shape for shape, _ in seen] == [(12, 48)] * 3
     cfg = rollout_module.RolloutConfig(group_size=8, rollout_rows=24, decode="static")
     assert rollout_module._static_decode(p, cfg).max_rows == 24
 
