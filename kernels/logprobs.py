@@ -58,16 +58,23 @@ def _torch_sweep(hidden, weight, targets, temperature, with_entropy, need_grad):
     rows = _rows_per_chunk(weight.shape[0])
     for r0 in range(0, n, rows):
         h, t = hidden[r0:r0 + rows].to(weight.dtype), targets[r0:r0 + rows]
-        z = (h @ weight.T).float()  # (k, V): the only large buffer
+        z = (h @ weight.T).float()  # (k, V): the only large buffer; every step below works in place on it
         if temperature != 1.0:
             z /= temperature
-        lse = torch.logsumexp(z, -1)
-        logp[r0:r0 + rows] = z.gather(1, t[:, None])[:, 0] - lse
-        if with_entropy:  # H = lse - E_p[z]
-            entropy[r0:r0 + rows] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        z_t = z.gather(1, t[:, None])[:, 0]
+        m = z.amax(1)
+        z -= m[:, None]
+        if with_entropy:  # H = lse - E_p[z] = log s - E_p[z - m]: the one temporary of a chunk's size
+            e_zm = z.exp().mul_(z).sum(-1)
+        s = z.exp_().sum(-1)  # z now holds e^(z - m)
+        logp[r0:r0 + rows] = z_t - m - s.log()
+        if with_entropy:
+            entropy[r0:r0 + rows] = s.log() - e_zm / s
         if need_grad:  # (w_t - p W) / T, with p written over z
-            p = z.sub_(lse[:, None]).exp_().to(weight.dtype)
+            p = z.div_(s[:, None]).to(weight.dtype)
             dlogp_dh[r0:r0 + rows] = (weight[t].float() - (p @ weight).float()) / temperature
+            del p
+        del z  # before the next chunk's logits: a name still bound to this chunk would keep two alive
     return logp, entropy, dlogp_dh
 
 
@@ -235,6 +242,7 @@ def _triton_sweep(hidden, weight, targets, temperature, with_entropy, need_grad,
                                         WITH_ENTROPY=with_entropy, BLOCK_V=softmax_block(v),
                                         num_warps=SOFTMAX_WARPS)
         dlogp_dh[r0:r0 + rows] = (weight[t].float() - (z @ weight).float()) / temperature  # z now holds p
+        del z  # before the next chunk's logits are allocated
     return logp, entropy if with_entropy else None, dlogp_dh
 
 

@@ -1,5 +1,7 @@
 """kernels.selective_logprobs: the chunked torch path and the Triton kernel (interpreted on CPU, compiled on a
 GPU) against the naive log_softmax + gather, forward and backward."""
+import os
+
 import pytest
 import torch
 
@@ -39,6 +41,34 @@ def test_entropy_matches_naive(monkeypatch):
     ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
     torch.testing.assert_close(ent, ref.detach(), atol=1e-5, rtol=1e-5)
     assert not ent.requires_grad and logp.requires_grad
+
+
+def _peak_mb(fn):
+    """The process's peak resident memory during fn() beyond what was resident before, in MB (Linux)."""
+    def kb(key):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    base = kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) restarts from the current size
+        f.write("5")
+    fn()
+    return (kb("VmHWM") - base) / 1e3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak through Linux's /proc")
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_the_torch_path_holds_one_chunk_of_logits_at_a_time(monkeypatch, with_entropy):
+    """The gradient path in three chunks of 64 MB of fp32 logits: its peak stays near one chunk (as
+    model.estimate_memory counts), not one chunk and its logsumexp temporary and the previous chunk's logits.
+    The entropy, when asked, may take one temporary of a chunk's size more."""
+    v, rows = 100_000, 160  # a chunk: 160 x 100,000 fp32 = 64 MB (allocated by mmap, so freed at once)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", v * rows)
+    h, w, t = _inputs(3 * rows, 16, v)
+    chunk_mb = rows * v * 4 / 1e6
+    logp = lambda: lp.selective_logprobs_chunked(h, w, t, with_entropy=True)[0] if with_entropy else \
+        lp.selective_logprobs_chunked(h, w, t)
+    peak = _peak_mb(lambda: logp().sum().backward())
+    assert peak < (2.3 if with_entropy else 1.3) * chunk_mb, f"{peak:.0f} MB at the peak, chunks of {chunk_mb:.0f} MB"
 
 
 def test_masked_rows_get_no_gradient():
