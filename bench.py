@@ -385,6 +385,8 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
             written = sum(e.num_generated for e in eps)
             steps = max(e.num_generated for e in eps)
             step = (dt - capture_s) / steps
+            if mode == "graphs" and decode.graphs_failed:  # then its steps ran eagerly: the row says so
+                mode = "graphs (capture failed: eager static)"
             _table_row((len(eps), mode, written, f"{written / dt:.1f}", f"{1e3 * step:.1f}",
                         f"{captures} ({capture_s:.2f} s)", f"{1e3 * bare:.1f}", f"{step / bare:.2f}"))
 

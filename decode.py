@@ -11,8 +11,8 @@ the shapes change) the live part goes back to a dynamic cache (`unload`). A row 
 A batch that fits the loaded buffers at most twice over (rows and columns) keeps them, and their graph.
 On CPU (tests) the same static path runs eagerly: it must give the dynamic path's tokens and log-probs.
 
-Untested on a GPU so far: a failed capture turns graphs off for the rollout (printed once) and the eager static
-path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
+Untested on a GPU so far: a failed capture turns graphs off for the rest of the process (printed once) and the
+eager static path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
 no value back to the host (a capture could not hold one).
 """
 import time
@@ -24,6 +24,7 @@ ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket t
 COLUMN_STEP = 256  # the static cache grows in steps of this many columns [choice]
 # one-off costs of the graphs, summed over the process, so that bench.py can tell them from the steady step
 counters = dict(captures=0, capture_seconds=0.0)
+graphs_failed = None  # why a capture failed, if one did: graphs stay off for the rest of the process
 
 
 def why_eager(rows, device, graphs):
@@ -42,7 +43,7 @@ class StaticDecode:
 
     def __init__(self, policy, graphs=None, max_rows=0):
         self.policy = policy
-        self.graphs = torch.cuda.is_available() if graphs is None else graphs
+        self.graphs = (torch.cuda.is_available() if graphs is None else graphs) and not graphs_failed
         self.max_rows = max_rows  # the rollout's rows in flight: no bucket is larger (the memory estimate's rows)
         self.shape = None  # (rows, columns) of the buffers; None: nothing loaded
         self.graph = None
@@ -147,7 +148,9 @@ class StaticDecode:
             counters["captures"] += 1
             counters["capture_seconds"] += time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - any failure to capture: eager static steps from here on
-            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); decoding without graphs")
+            global graphs_failed
+            graphs_failed = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
+            print(f"warning: {graphs_failed}; decoding without graphs for the rest of this process")
             self.graphs, self.graph = False, None
         for layer, c in zip(self.cache.layers, lengths):
             layer.cumulative_length.copy_(c)

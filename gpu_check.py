@@ -89,6 +89,12 @@ def tables(text):
     return found
 
 
+def warnings(text, part):
+    """The part's own warnings (a CUDA graph capture that failed, ...), each once, for the report's first lines."""
+    found = dict.fromkeys(line.strip() for line in text.splitlines() if line.startswith("warning: "))
+    return [f"**{part}: {w}**" for w in found]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the saved model")
@@ -160,6 +166,7 @@ def main():
         if what in only:
             ok, seconds, text = part(f"bench {what}", ["bench.py", what] + extra, limit)
             report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
+            notes += warnings(text, f"bench {what}")
             save()
     if "train" in only:
         train_steps(name, args.out, part, report)

@@ -94,3 +94,18 @@ def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
     assert rows[0][5] == "0 (0.00 s)" and rows[1][5] == "1 (0.50 s)"
     written, tps, ms = int(rows[1][2]), float(rows[1][3]), float(rows[1][4])
     assert written == 8 * 6 and abs(ms / 1e3 * 6 - (written / tps - 0.5)) < 2e-3  # the whole run less the capture
+
+
+def test_a_decode_row_whose_capture_failed_says_it_ran_eagerly(monkeypatch, capsys):
+    """On a GPU where capture failed (decode.graphs_failed: graphs off for the process), the "graphs" row timed the
+    eager static path and must not pass for graph replays."""
+    import decode
+    from helpers import tiny_policy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU's rows: dynamic, then graphs
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(decode, "graphs_failed", "CUDA graph capture failed (RuntimeError: boom)")
+    bench._bench_decode(tiny_policy(), "tiny", [8], new_tokens=3)
+    rows = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
+    assert rows == ["dynamic", "graphs (capture failed: eager static)"]

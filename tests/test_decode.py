@@ -1,6 +1,7 @@
 """decode.py: the static-cache decode path gives the dynamic path's episodes and log-probs (eagerly on CPU; on
 CUDA the same steps replay a captured graph), and the fallback logic: which steps run eagerly, and a capture
 that fails turns graphs off without losing the rollout."""
+import dataclasses
 import types
 
 import pytest
@@ -55,10 +56,13 @@ def test_which_steps_run_eagerly():
 
 
 def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monkeypatch):
+    """For the rest of the process: the next rollout call (a training step's) neither pays for a failed capture
+    again nor prints it again."""
     def refuse():
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # on a GPU; on a CPU, torch.cuda.Stream() fails first
+    monkeypatch.setattr(decode, "graphs_failed", None)
     p = tiny_policy()
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
     rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
@@ -72,6 +76,9 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
     assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs
     assert h.shape == (2, p.head.weight.shape[1]) and torch.isfinite(h).all()
     assert static.shape == (decode.ROW_BUCKETS[0], decode.COLUMN_STEP * (1 + batch.mask_hist.shape[1] // decode.COLUMN_STEP))
+    assert "CUDA graph capture failed" in decode.graphs_failed
+    again = rollout_module._static_decode(p, dataclasses.replace(cfg, decode="graphs"))
+    assert not again.graphs and not decode.StaticDecode(p).graphs and "capture failed" not in capsys.readouterr().out
 
 
 def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(monkeypatch):

@@ -31,8 +31,9 @@ def test_refuses_without_cuda(monkeypatch):
         gpu_check.main()
 
 
-def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None):
-    """gpu_check.main on a pretend GPU: each part's process replaced by a stub; returns the parts it ran."""
+def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None, say=None):
+    """gpu_check.main on a pretend GPU: each part's process replaced by a stub (printing say[name] too, if given);
+    returns the parts it ran."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -47,6 +48,7 @@ def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None):
             raise KeyboardInterrupt  # the call's time limit, as the check sees it
         parts.append(name)
         out = "4 passed" if name == "tests" else f"{name}: caption\n| a |\n|---|\n| 1 |\n"
+        out = (say or {}).get(name, "") + out
         log.append(dict(name=name, command=args, ok=True, seconds=1.0, output=out))
         return True, 1.0, out
 
@@ -83,6 +85,17 @@ def test_only_some_parts_and_within_a_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--only", "crop,speed"])
     with pytest.raises(SystemExit, match="the parts are"):
         gpu_check.main()
+
+
+def test_a_parts_warnings_open_the_report(monkeypatch, tmp_path):
+    """A CUDA graph capture that failed (decode.py prints it once) is the first thing the report says."""
+    warning = "warning: CUDA graph capture failed (RuntimeError: boom); decoding without graphs for the rest"
+    _fake_gpu(monkeypatch, tmp_path, say={"bench rollout": f"{warning}\n{warning}\n"})
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "w", "--only", "crop,rollout"])
+    gpu_check.main()
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert md.count("CUDA graph capture failed") == 1 and md.index("capture failed") < md.index("## bench.py crop")
+    assert "- **bench rollout: warning: CUDA graph capture failed" in md
 
 
 def test_a_failed_model_build_fails_only_the_parts_that_need_it(monkeypatch, tmp_path):
