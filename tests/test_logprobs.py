@@ -68,7 +68,7 @@ def test_the_torch_path_holds_one_chunk_of_logits_at_a_time(monkeypatch, with_en
     logp = lambda: lp.selective_logprobs_chunked(h, w, t, with_entropy=True)[0] if with_entropy else \
         lp.selective_logprobs_chunked(h, w, t)
     peak = _peak_mb(lambda: logp().sum().backward())
-    assert peak < (2.3 if with_entropy else 1.3) * chunk_mb, f"{peak:.0f} MB at the peak, chunks of {chunk_mb:.0f} MB"
+    assert peak < (2.5 if with_entropy else 1.5) * chunk_mb, f"{peak:.0f} MB at the peak, chunks of {chunk_mb:.0f} MB"
 
 
 def test_masked_rows_get_no_gradient():
