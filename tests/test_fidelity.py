@@ -352,7 +352,8 @@ def test_loss_aggregation_modes():
 
 def test_epochs_set_the_step_count(tmp_path, capsys):
     cfg = train.Config(**{**train.PRESETS["tiny"], "data": "synthetic:6", "epochs": 1.5, "prompts_per_step": 2,
-                          "out_dir": str(tmp_path), "group_size": 2, "max_turn_tokens": 3, "max_response_tokens": 3})
+                          "out_dir": str(tmp_path), "group_size": 2, "max_turn_tokens": 3, "max_response_tokens": 3,
+                          "curves": False})  # no drawing: seconds this test does not need
     train.train(cfg)
     assert cfg.steps == 5 and "epochs=1.5: 5 steps of 2 prompts over 6 samples" in capsys.readouterr().out
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 5
