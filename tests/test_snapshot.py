@@ -215,7 +215,7 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
     monkeypatch.chdir(os.path.dirname(hub_model))
     rel = "./" + os.path.basename(hub_model)
     small = ["--data", dataset, "--prompts_per_step=1", "--group_size=2", "--max_turn_tokens=4",
-             "--max_response_tokens=8", "--global_tokens=16", "--crop_tokens=16"]
+             "--max_response_tokens=8", "--global_tokens=16", "--crop_tokens=16", "--curves=false"]
     levels = tmp_path / "levels.jsonl"
     monkeypatch.setattr(sys, "argv", ["infogap.py", "--model", rel, "--data", dataset, "--ladder", "64,16",
                                       "--max-tokens", "4", "--out", str(levels)])
