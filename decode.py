@@ -12,8 +12,8 @@ A batch that fits the loaded buffers at most twice over (rows and columns) keeps
 On CPU (tests) the same static path runs eagerly: it must give the dynamic path's tokens and log-probs.
 
 Untested on a GPU so far: a failed capture turns graphs off for the rest of the process (printed once) and the
-eager static path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's forward reads
-no value back to the host (a capture could not hold one).
+eager static path goes on; `bench.py rollout` times both. On a CPU, tests/test_decode.py checks that the step's
+forward reads no value back to the host (a capture could not hold one).
 """
 import time
 

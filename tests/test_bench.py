@@ -89,7 +89,8 @@ def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
     monkeypatch.setattr(decode, "counters", dict(captures=0, capture_seconds=0.0))
     bench._bench_decode(tiny_policy(), "tiny", [8], new_tokens=6)
     assert "| rows | decode |" in printed[0] and "| 8 | dynamic |" in printed[0]
-    rows = [line.split(" | ") for line in (printed[0] + capsys.readouterr().out).splitlines() if line.startswith("| 8 |")]
+    out = printed[0] + capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 8 |")]
     assert [r[1] for r in rows] == ["dynamic", "static"]
     assert rows[0][5] == "0 (0.00 s)" and rows[1][5] == "1 (0.50 s)"
     written, tps, ms = int(rows[1][2]), float(rows[1][3]), float(rows[1][4])
