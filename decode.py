@@ -27,6 +27,12 @@ counters = dict(captures=0, capture_seconds=0.0)
 graphs_failed = None  # why a capture failed, if one did: graphs stay off for the rest of the process
 
 
+def columns(length):
+    """The static cache's columns for a batch `length` columns wide: whole COLUMN_STEPs, one column to spare at
+    least (the next step's). model.estimate_memory counts the same."""
+    return (length // COLUMN_STEP + 1) * COLUMN_STEP
+
+
 def why_eager(rows, device, graphs):
     """None when this forward can run on the static path, else the reason it runs eagerly (tested)."""
     if any(len(r.pending) > 1 or r.pending_images for r in rows):
@@ -81,7 +87,7 @@ class StaticDecode:
         rows = next(b for b in ROW_BUCKETS if b >= B)
         if self.max_rows:  # 24 rows in flight: a bucket of 24, not 32 (a third more memory than --dry-run counts)
             rows = max(B, min(rows, self.max_rows))
-        cols = (L // COLUMN_STEP + 1) * COLUMN_STEP
+        cols = columns(L)
         if self.shape and rows <= self.shape[0] <= 2 * rows and cols <= self.shape[1] <= 2 * cols:
             # the loaded buffers hold the batch at most twice over: kept, with their graph. A batch narrower for a
             # while (its longest row finished, then new rows grow back) would otherwise cost two captures

@@ -511,8 +511,7 @@ def estimate_memory(cfg):
     logprobs = n * h * 4 + min(n * vocab, kernels.logprobs.CHUNK_ELEMENTS) * (4 + 2 + 2)
     # decode.py's static cache (CUDA graphs: --decode auto or graphs on a GPU) stays allocated beside the dynamic
     # one the rollout returns to at tool turns and joins: a second KV cache, of whole COLUMN_STEPs of columns
-    columns = (seq // decode.COLUMN_STEP + 1) * decode.COLUMN_STEP
-    static = kv_cache * columns / seq if cfg.decode != "dynamic" else 0
+    static = kv_cache * decode.columns(seq) / seq if cfg.decode != "dynamic" else 0
     parts = dict(weights=weights, lora_and_optimizer=lora_bytes, kv_cache=kv_cache, static_kv_cache=static,
                  activations=activations, logprob_chunks=logprobs,
                  cuda_overhead=0 if cfg.model in ("tiny", "micro") else 1.5e9)
