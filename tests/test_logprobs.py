@@ -44,15 +44,15 @@ def test_entropy_matches_naive(monkeypatch):
 
 
 def _peak_mb(fn):
-    """The process's peak resident memory during fn() beyond what was resident before, in MB (Linux)."""
-    def kb(key):
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+    """The process's peak resident memory during fn() beyond what was resident before, in MB (Linux), read as
+    bench.py's log-prob children read theirs."""
+    import bench
 
-    base = kb("VmRSS")
+    base = bench._rss()
     with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) restarts from the current size
         f.write("5")
     fn()
-    return (kb("VmHWM") - base) / 1e3
+    return (bench._peak_rss() - base) / 1e6
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak through Linux's /proc")
