@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,4 +136,9 @@ def test_the_kernel_hub_package_installed_beside_ours(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
-    assert "Failed to load" not in out.stderr and "cannot import name" not in out.stderr
+    assert "cannot import name" not in out.stderr, out.stderr[-2000:]
+    # On a CPU with AVX512-BF16, bitsandbytes asks the hub for a kernel at import: the fake answers "offline",
+    # and bitsandbytes says so and goes on. That warning proves `get_kernel` was reached; any other reason
+    # (a name our folder failed to pass on) is a failure.
+    failures = [line for line in out.stderr.splitlines() if "Failed to load" in line]
+    assert all(re.search(r"Failed to load .*: offline\b", line) for line in failures), failures
