@@ -11,6 +11,7 @@ runs/kernel_choice.json which path won on this card, and KERNELS=auto follows it
 BENCHMARKS.md with the machine, the commit and the date.
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -345,16 +346,19 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
     """Free sampling (no tool turns) of `new_tokens` per row at each batch size, on HF's dynamic cache and on the
     static path (decode.py: CUDA graphs on a GPU, eager on a CPU), against the bare model's decode forward at
     the same batch and context (what the rollout adds: sampling, bookkeeping, the head). tokens/s is the whole
-    rollout's, prefill and graph captures included; ms per step leaves the captures out (a one-off cost per
-    shape of the static cache, shown beside it)."""
+    rollout's, prefill and graph captures included; ms per step leaves out both (the prompts' admission, rows
+    built and prefilled, timed in the rollout itself; captures are a one-off cost per shape of the static
+    cache), each shown beside it."""
     import data
     import decode
+    import rollout as engine
     from rollout import RolloutConfig, _forward, _new_rows, _prefill, rollout
 
     print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
-          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without the captures")
-    _table(["rows", "decode", "tokens written", "tokens/s", "ms per step", "graph captures", "bare model ms per step",
-            "step / bare"], [])  # each row printed as it is measured: a run stopped by a time limit keeps them
+          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without either")
+    _table(["rows", "decode", "tokens written", "tokens/s", "prefill s", "ms per step", "graph captures",
+            "bare model ms per step", "step / bare"], [])  # each row printed as it is measured: a run stopped by a
+    # time limit keeps them
     for b in batch_sizes:
         samples = data.synthetic(max(1, b // 8), seed=1)
         # the bare model: the same rows prefilled, then one-token forwards with no sampling around them
@@ -376,19 +380,42 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
             rollout(policy, samples, cfg)  # warm-up: kernels compiled and autotuned at these shapes
             _sync()
             before = dict(decode.counters)
+            admission = [0.0]  # seconds building and prefilling rows: not a decode step
             t = time.perf_counter()
-            eps = rollout(policy, samples, cfg)
+            with _timed(engine, "_new_rows", admission), _timed(engine, "_prefill", admission):
+                eps = rollout(policy, samples, cfg)
             _sync()
             dt = time.perf_counter() - t
             captures = decode.counters["captures"] - before["captures"]
             capture_s = decode.counters["capture_seconds"] - before["capture_seconds"]
             written = sum(e.num_generated for e in eps)
             steps = max(e.num_generated for e in eps)
-            step = (dt - capture_s) / steps
+            step = (dt - admission[0] - capture_s) / steps
             if mode == "graphs" and decode.graphs_failed:  # then its steps ran eagerly: the row says so
                 mode = "graphs (capture failed: eager static)"
-            _table_row((len(eps), mode, written, f"{written / dt:.1f}", f"{1e3 * step:.1f}",
+            _table_row((len(eps), mode, written, f"{written / dt:.1f}", f"{admission[0]:.2f}", f"{1e3 * step:.1f}",
                         f"{captures} ({capture_s:.2f} s)", f"{1e3 * bare:.1f}", f"{step / bare:.2f}"))
+
+
+@contextlib.contextmanager
+def _timed(module, name, total):
+    """module.name wrapped while inside: its calls' seconds (the device synchronised around each) add to total[0]."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        _sync()
+        t = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            _sync()
+            total[0] += time.perf_counter() - t
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
 
 
 def _sync():

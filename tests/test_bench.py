@@ -67,12 +67,24 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     assert kernels.measured_winner("logprobs_nograd", 0) == "torch"
 
 
-def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
-    """A capture counted during the timed rollout (here a pretend one of 0.5 s, in the first static step) is
-    shown beside the step and taken out of it. Each row is printed as soon as it is measured (a bench stopped by
-    gpu-check's time limit keeps what it measured)."""
+def test_decode_table_leaves_the_captures_and_the_prefill_out_of_the_step(monkeypatch, capsys):
+    """A capture counted during the timed rollout (here a pretend one, 0.05 s slept in the first static step) and the
+    prompts' admission (rows built and prefilled: here made 0.2 s slower) are shown beside the step and taken out
+    of it. Each row is printed as soon as it is measured (a bench stopped by gpu-check's time limit keeps what it
+    measured)."""
+    import time
+
     import decode
+    import rollout
     from helpers import tiny_policy
+
+    prefill = rollout._prefill
+
+    def slow_prefill(*args):
+        time.sleep(0.2)
+        return prefill(*args)
+
+    monkeypatch.setattr(rollout, "_prefill", slow_prefill)
 
     real, printed = decode.StaticDecode.step, []
 
@@ -82,7 +94,8 @@ def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
         if not getattr(self, "counted", False):
             self.counted = True
             decode.counters["captures"] += 1
-            decode.counters["capture_seconds"] += 0.5
+            decode.counters["capture_seconds"] += 0.05
+            time.sleep(0.05)
         return real(self, rows)
 
     monkeypatch.setattr(decode.StaticDecode, "step", step)
@@ -92,9 +105,13 @@ def test_decode_table_leaves_the_captures_out_of_the_step(monkeypatch, capsys):
     out = printed[0] + capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 8 |")]
     assert [r[1] for r in rows] == ["dynamic", "static"]
-    assert rows[0][5] == "0 (0.00 s)" and rows[1][5] == "1 (0.50 s)"
-    written, tps, ms = int(rows[1][2]), float(rows[1][3]), float(rows[1][4])
-    assert written == 8 * 6 and abs(ms / 1e3 * 6 - (written / tps - 0.5)) < 2e-3  # the whole run less the capture
+    assert rows[0][6] == "0 (0.00 s)" and rows[1][6] == "1 (0.05 s)"
+    for r in rows:
+        written, tps, admission, ms = int(r[2]), float(r[3]), float(r[4]), float(r[5])
+        capture = 0.05 if r[1] == "static" else 0.0
+        assert written == 8 * 6 and 0.2 <= admission < written / tps - capture
+        # the whole run less the capture and the admission (the last printed to 10 ms)
+        assert abs(ms / 1e3 * 6 - (written / tps - capture - admission)) < 8e-3
 
 
 def test_a_decode_row_whose_capture_failed_says_it_ran_eagerly(monkeypatch, capsys):
