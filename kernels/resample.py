@@ -8,13 +8,16 @@ smart_resize'd size (a = -0.5, support widened by the scale when shrinking, samp
 Like PIL, both paths clip to 0..255 between the horizontal and the vertical pass.
 `crop_resample_ref` is the torch reference (the CPU path and the kernel's test oracle); it converts only the
 crop, not the whole original, to float. `crop_resample_triton` is PIL's separable filter as two launches
-for all boxes: a horizontal pass (programs over 16 crop rows x 64 output columns) reads the uint8 original
-and writes an fp32 intermediate (3, crop rows, output width) per box; a vertical pass (a program per output
-patch of 14x14 pixels) reads it along contiguous rows, normalises, and writes 2 x 3 x 196 values straight
-into the patch tensor. Each program loops over its own box's tap count (about 4 * scale + 1 per axis), so a
-small crop does not pay for a large one beside it, and computes the taps' weights itself (a few flops per
-tap): the host sends one record of a few integers per box (`plan`), in one small copy, and each program
-finds its box among them.
+for all boxes: a horizontal pass reads the uint8 original and writes an fp32 intermediate (3, crop rows,
+output width) per box; a vertical pass (a program per output patch of 14x14 pixels) reads it along
+contiguous rows, normalises, and writes 2 x 3 x 196 values straight into the patch tensor. The horizontal
+pass comes two ways until a GPU has timed both (`HPASS`): "dot", a program per 64 crop rows x 64 output
+columns, a matrix product on tensor cores of the rows' pixels, read along the row, with the tile's banded
+weights; "gather", a program per 16 x 64, each output pixel's taps read one at a time. Each program loops
+over its own box's taps (about 4 * scale + 1 per axis, or the input columns its tile spans), so a small
+crop does not pay for a large one beside it, and computes the taps' weights itself (a few flops per tap):
+the host sends one record of a few integers per box (`plan`), in one small copy, and each program finds its
+box among them.
 Limits: the intermediate holds 12 bytes per (crop row x output column): 60 MB for an 8K original at 1,024
 tokens.
 """
@@ -69,7 +72,13 @@ def crop_resample_ref(image, boxes, out_hw, out_dtype=torch.float32):
 # its first h-pass program and its first patch (= its first output row) start
 X1, Y1, W_IN, H_IN, OH, OW, KX, KY, MID_AT, TILE_AT, PATCH_AT, FIELDS = (tl.constexpr(i) for i in range(12))
 P, M = tl.constexpr(PATCH), tl.constexpr(MERGE)  # as the kernels see them
-HPASS_ROWS, HPASS_COLS = 16, 64  # the horizontal pass's tile
+# The horizontal pass, two ways, until a GPU has timed both (bench.py crop) [choice: "dot", by the count of
+# memory transactions; the loser goes]: "dot", a tile of crop rows x output columns as a matrix product of the
+# rows' pixels, loaded along the row, with the tile's banded weight matrix, on tensor cores; "gather", each
+# output pixel's taps loaded one by one (a warp's 32 lanes then read bytes about `scale` pixels apart: for an
+# 8K image at 1,024 tokens, ~5 cache lines per load). Each: its kernel and its tile (crop rows, output columns).
+HPASS = "dot"
+HPASS_BLOCK_K = 64  # the dot h-pass: input columns per product
 VPASS_BLOCK = 16  # the vertical pass's tile side: a power of 2 >= the patch side 14
 
 
@@ -143,6 +152,72 @@ def _hpass_kernel(
 
 
 @triton.jit
+def _hpass_dot_kernel(
+    img_ptr,  # uint8 original (H, W, 3), contiguous
+    mid_ptr,  # out: fp32 intermediate, per box (3, H_IN, OW) planes from its MID_AT
+    rec_ptr,  # int64 (K, FIELDS) box records
+    K, W,  # the number of boxes; the original's width
+    MAX_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # the same intermediate as _hpass_kernel, for BLOCK_R crop rows x BLOCK_C output columns, as a matrix product:
+    # mid[c, y, :] = clip(img[y1 + y, x1 + i, c] @ w[i, :] / sum_i w[i, :]) over the input columns i the tile's
+    # taps span, BLOCK_K at a time; w[i, x] = Keys' cubic at (i + 0.5 - centre(x)) / filter unit, 0 outside its
+    # support (which is exactly PIL's taps of x). Pixels (0..255) are exact in fp16; each weight is split into two
+    # fp16 parts, so two fp16 products (fp32 accumulate) give ~22 bits of the weight, as fp32 arithmetic would.
+    p = tl.program_id(0)
+    box = _find_box(rec_ptr, TILE_AT, p, K, MAX_K)
+    w_in, h_in, ow = tl.load(box + W_IN), tl.load(box + H_IN), tl.load(box + OW)
+    local = p - tl.load(box + TILE_AT)
+    tiles_x = tl.cdiv(ow, BLOCK_C)
+    ys = (local // tiles_x) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c0 = (local % tiles_x) * BLOCK_C
+    xs = c0 + tl.arange(0, BLOCK_C)
+    y_ok, x_ok = ys < h_in, xs < ow
+    scale = w_in.to(tl.float32) / ow.to(tl.float32)
+    fs = tl.maximum(scale, 1.0)
+    inv = 1.0 / fs
+    center = (xs.to(tl.float32) + 0.5) * scale
+    # the input columns of the tile's taps: the first column's first to the last (valid) column's last, as _span
+    c1 = (tl.minimum(c0 + BLOCK_C, ow) - 1).to(tl.float32)
+    lo = tl.maximum(((c0.to(tl.float32) + 0.5) * scale - 2.0 * fs + 0.5).to(tl.int32), 0)
+    hi = tl.minimum(((c1 + 0.5) * scale + 2.0 * fs + 0.5).to(tl.int32), w_in.to(tl.int32))
+    rows = (tl.load(box + Y1) + ys).to(tl.int64)[:, None] * W  # int64: an 8K image has 33M pixels x 3
+    x1 = tl.load(box + X1)
+    r = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    g = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < hi
+        u = tl.abs((ks.to(tl.float32) + 0.5)[:, None] - center[None, :]) * inv
+        w = tl.where(u < 1.0, (1.5 * u - 2.5) * u * u + 1.0, ((u - 5.0) * u + 8.0) * u * -0.5 + 2.0)
+        w = tl.where((u < 2.0) & k_ok[:, None] & x_ok[None, :], w, 0.0)
+        total += tl.sum(w, axis=0)
+        w_hi = w.to(tl.float16)
+        w_lo = (w - w_hi.to(tl.float32)).to(tl.float16)
+        px = img_ptr + (rows + (x1 + ks)[None, :]) * 3  # along the row: the warp's lanes read neighbouring bytes
+        keep = y_ok[:, None] & k_ok[None, :]
+        a = tl.load(px, mask=keep, other=0).to(tl.float16)
+        r = tl.dot(a, w_lo, tl.dot(a, w_hi, r))
+        a = tl.load(px + 1, mask=keep, other=0).to(tl.float16)
+        g = tl.dot(a, w_lo, tl.dot(a, w_hi, g))
+        a = tl.load(px + 2, mask=keep, other=0).to(tl.float16)
+        b = tl.dot(a, w_lo, tl.dot(a, w_hi, b))
+    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[None, :]
+    plane = h_in * ow
+    at = mid_ptr + tl.load(box + MID_AT) + ys[:, None] * ow + xs[None, :]
+    ok = y_ok[:, None] & x_ok[None, :]
+    tl.store(at, tl.clamp(r * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + plane, tl.clamp(g * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + 2 * plane, tl.clamp(b * norm, 0.0, 255.0), mask=ok)
+
+
+# h-pass name -> its kernel and tile (crop rows, output columns): the dot's rows are a Hopper warp group's MMA rows
+HPASSES = {"dot": (_hpass_dot_kernel, 64, 64), "gather": (_hpass_kernel, 16, 64)}
+
+
+@triton.jit
 def _vpass_kernel(
     mid_ptr,  # fp32 intermediate from _hpass_kernel
     out_ptr,  # out: (num_patches, 1176) float32 or bfloat16
@@ -201,30 +276,34 @@ def num_taps(n_in, n_out):
     return 2 * math.ceil(2.0 * max(n_in / n_out, 1.0)) + 1
 
 
-def plan(boxes, out_hw):
+def plan(boxes, out_hw, hpass=None):
     """The box records (K, FIELDS), and the sizes of the h-pass grid, of the output (patches) and of the
     intermediate: all the host computes. It is a few integers per box (the taps and their weights are computed
     in the kernels), so it does not grow with the crops, and it goes to the device in one small copy."""
+    _, tile_r, tile_c = HPASSES[hpass or HPASS]
     records, tiles, patches, mid = [], 0, 0, 0
     for (x1, y1, x2, y2), (oh, ow) in zip(boxes.tolist(), out_hw):
         x1, y1, w_in, h_in = int(x1), int(y1), int(x2) - int(x1), int(y2) - int(y1)
         records.append([x1, y1, w_in, h_in, oh, ow, num_taps(w_in, ow), num_taps(h_in, oh), mid, tiles, patches])
-        tiles += -(-h_in // HPASS_ROWS) * -(-ow // HPASS_COLS)  # ceil divisions (triton.cdiv costs 6 us a call)
+        tiles += -(-h_in // tile_r) * -(-ow // tile_c)  # ceil divisions (triton.cdiv costs 6 us a call)
         patches += (oh // PATCH) * (ow // PATCH)
         mid += 3 * h_in * ow
     return torch.tensor(records, dtype=torch.long), tiles, patches, mid
 
 
-def crop_resample_triton(image, boxes, out_hw, out_dtype=torch.float32):
-    """The same as crop_resample_ref, as two launches for all boxes (CUDA, or CPU with TRITON_INTERPRET=1)."""
+def crop_resample_triton(image, boxes, out_hw, out_dtype=torch.float32, hpass=None):
+    """The same as crop_resample_ref, as two launches for all boxes (CUDA, or CPU with TRITON_INTERPRET=1).
+    hpass: "dot" or "gather" (default HPASS)."""
     image = image.contiguous()
-    records, tiles, patches, n_mid = plan(boxes, out_hw)
+    hpass = hpass or HPASS
+    records, tiles, patches, n_mid = plan(boxes, out_hw, hpass)
     records = records.to(image.device)
     k, max_k = len(out_hw), triton.next_power_of_2(len(out_hw))
     mid = torch.empty(n_mid, dtype=torch.float32, device=image.device)
     out = torch.empty(patches, 3 * TEMPORAL * PATCH * PATCH, dtype=out_dtype, device=image.device)
-    _hpass_kernel[(tiles,)](image, mid, records, k, image.shape[1], MAX_K=max_k, BLOCK_R=HPASS_ROWS,
-                            BLOCK_C=HPASS_COLS)
+    kernel, tile_r, tile_c = HPASSES[hpass]
+    extra = dict(BLOCK_K=HPASS_BLOCK_K) if hpass == "dot" else {}
+    kernel[(tiles,)](image, mid, records, k, image.shape[1], MAX_K=max_k, BLOCK_R=tile_r, BLOCK_C=tile_c, **extra)
     _vpass_kernel[(patches,)](mid, out, records, k, *MEAN, *(1.0 / s for s in STD), MAX_K=max_k,
                               BLOCK=VPASS_BLOCK)
     return out

@@ -46,6 +46,11 @@ def test_the_logprob_tiles_run_on_tensor_cores_with_pipelined_loads(compiled):
         assert f["mma"] and not f["wgmma"], label
 
 
+def test_the_dot_crop_pass_runs_on_tensor_cores(compiled):
+    dot = {arch: next(f for label, _, _, f in compiled[arch] if label == "crop h-pass (dot)") for arch in (90, 89)}
+    assert dot[90]["wgmma"] and dot[89]["mma"]
+
+
 def test_a_24gb_card_keeps_configs_the_autotuner_can_run(compiled):
     # the autotuner drops a config that asks for more shared memory than the card has (OutOfResources);
     # on an L4 or RTX 4090 some of the Hopper-sized ones do, and enough must remain
