@@ -39,26 +39,33 @@ def _measured(path, mtime):
         return json.load(f)
 
 
-def measured_winner(op, device):
-    """"triton" or "torch" as measured for `op` on the card of `device`, or None when never measured."""
+def measured(op, device):
+    """What bench.py recorded for `op` on the card of `device` ({"winner": ..., "seconds": ..., and any variant
+    it chose, such as the crop's "hpass"}), or {} when never measured."""
     path = choice_file()
     try:
         table = _measured(path, os.path.getmtime(path))
     except (OSError, ValueError):
-        return None
+        return {}
     entry = table.get(torch.cuda.get_device_name(device), {}).get(op)
-    return entry.get("winner") if isinstance(entry, dict) else None
+    return entry if isinstance(entry, dict) else {}
 
 
-def record_winner(op, winner, times):
-    """bench.py: remember which path won `op` on this card, with the times (seconds by path) it was judged on."""
+def measured_winner(op, device):
+    """"triton" or "torch" as measured for `op` on the card of `device`, or None when never measured."""
+    return measured(op, device).get("winner")
+
+
+def record_winner(op, winner, times, **chosen):
+    """bench.py: remember which path won `op` on this card, with the times (seconds by path) it was judged on
+    and the kernel's variants it chose (keyword arguments)."""
     path = choice_file()
     try:
         with open(path) as f:
             table = json.load(f)
     except (OSError, ValueError):
         table = {}
-    table.setdefault(torch.cuda.get_device_name(), {})[op] = dict(winner=winner, seconds=times)
+    table.setdefault(torch.cuda.get_device_name(), {})[op] = dict(winner=winner, seconds=times, **chosen)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -76,8 +83,11 @@ def _use_triton(op, t):
 
 def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
     """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> pixel_values (sum N_k, 1176) in out_dtype."""
-    fn = resample.crop_resample_triton if _use_triton("resample", image) else resample.crop_resample_ref
-    return fn(image, boxes, out_hw, out_dtype)
+    if not _use_triton("resample", image):
+        return resample.crop_resample_ref(image, boxes, out_hw, out_dtype)
+    # the horizontal pass bench.py measured faster on this card, else resample.HPASS
+    hpass = measured("resample", image.device).get("hpass") if image.is_cuda else None
+    return resample.crop_resample_triton(image, boxes, out_hw, out_dtype, hpass=hpass)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):

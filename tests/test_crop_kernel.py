@@ -77,13 +77,30 @@ def test_dispatch_uses_the_kernel(monkeypatch):
     img = _image(40, 50, seed=4)
     b = torch.tensor([(0, 0, 50, 40)], dtype=torch.float32)
     calls = []
-    monkeypatch.setattr(resample, "crop_resample_triton", lambda *a: calls.append(1) or crop_resample_ref(*a))
+
+    def triton(*args, hpass):
+        calls.append(hpass)
+        return crop_resample_ref(*args)
+
+    monkeypatch.setattr(resample, "crop_resample_triton", triton)
     assert kernels.crop_resample(img, b, [(28, 56)], torch.bfloat16).dtype == torch.bfloat16
     monkeypatch.setenv("KERNELS", "triton")
     kernels.crop_resample(img, b, [(28, 56)])
     monkeypatch.setenv("KERNELS", "auto")  # CPU tensors: the torch path
     kernels.crop_resample(img, b, [(28, 56)])
-    assert calls == [1]
+    assert calls == [None]  # no card, no measurement: resample.HPASS
+
+
+def test_on_a_card_auto_takes_the_kernel_with_the_h_pass_bench_measured_faster(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    kernels.record_winner("resample", "triton", dict(reference=0.004, triton_dot=0.002, triton_gather=0.001),
+                          hpass="gather")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # a pretend CUDA tensor
+    calls = []
+    monkeypatch.setattr(resample, "crop_resample_triton", lambda *args, hpass: calls.append(hpass))
+    kernels.crop_resample(_image(40, 50), torch.tensor([(0, 0, 50, 40)]), [(28, 56)])
+    assert calls == ["gather"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
