@@ -106,6 +106,19 @@ def _span(o, n_in, n_out, ok):
 
 
 @triton.jit
+def _store_mid(mid_ptr, box, ys, xs, y_ok, x_ok, h_in, ow, r, g, b, total):
+    """An h-pass tile's sums, into the box's intermediate planes. PIL normalises the weights to sum to 1, and
+    stores each pass as uint8: clip to 0..255 (its rounding is left out, as in the reference)."""
+    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[None, :]
+    plane = h_in * ow
+    at = mid_ptr + tl.load(box + MID_AT) + ys[:, None] * ow + xs[None, :]
+    ok = y_ok[:, None] & x_ok[None, :]
+    tl.store(at, tl.clamp(r * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + plane, tl.clamp(g * norm, 0.0, 255.0), mask=ok)
+    tl.store(at + 2 * plane, tl.clamp(b * norm, 0.0, 255.0), mask=ok)
+
+
+@triton.jit
 def _hpass_kernel(
     img_ptr,  # uint8 original (H, W, 3), contiguous
     mid_ptr,  # out: fp32 intermediate, per box (3, H_IN, OW) planes from its MID_AT
@@ -140,15 +153,7 @@ def _hpass_kernel(
         r += wx[None, :] * tl.load(px, mask=keep, other=0).to(tl.float32)
         g += wx[None, :] * tl.load(px + 1, mask=keep, other=0).to(tl.float32)
         b += wx[None, :] * tl.load(px + 2, mask=keep, other=0).to(tl.float32)
-    # PIL normalises the weights to sum to 1, and stores each pass as uint8: clip to 0..255 (its rounding is
-    # left out, as in the reference)
-    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[None, :]
-    plane = h_in * ow
-    at = mid_ptr + tl.load(box + MID_AT) + ys[:, None] * ow + xs[None, :]
-    ok = y_ok[:, None] & x_ok[None, :]
-    tl.store(at, tl.clamp(r * norm, 0.0, 255.0), mask=ok)
-    tl.store(at + plane, tl.clamp(g * norm, 0.0, 255.0), mask=ok)
-    tl.store(at + 2 * plane, tl.clamp(b * norm, 0.0, 255.0), mask=ok)
+    _store_mid(mid_ptr, box, ys, xs, y_ok, x_ok, h_in, ow, r, g, b, total)
 
 
 @triton.jit
@@ -204,13 +209,7 @@ def _hpass_dot_kernel(
         g = tl.dot(a, w_lo, tl.dot(a, w_hi, g))
         a = tl.load(px + 2, mask=keep, other=0).to(tl.float16)
         b = tl.dot(a, w_lo, tl.dot(a, w_hi, b))
-    norm = (1.0 / tl.where(total == 0.0, 1.0, total))[None, :]
-    plane = h_in * ow
-    at = mid_ptr + tl.load(box + MID_AT) + ys[:, None] * ow + xs[None, :]
-    ok = y_ok[:, None] & x_ok[None, :]
-    tl.store(at, tl.clamp(r * norm, 0.0, 255.0), mask=ok)
-    tl.store(at + plane, tl.clamp(g * norm, 0.0, 255.0), mask=ok)
-    tl.store(at + 2 * plane, tl.clamp(b * norm, 0.0, 255.0), mask=ok)
+    _store_mid(mid_ptr, box, ys, xs, y_ok, x_ok, h_in, ow, r, g, b, total)
 
 
 # h-pass name -> its kernel and tile (crop rows, output columns): the dot's rows are a Hopper warp group's MMA rows
