@@ -85,9 +85,10 @@ def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
     """uint8 (H, W, 3) image, (K, 4) boxes, K output sizes -> pixel_values (sum N_k, 1176) in out_dtype."""
     if not _use_triton("resample", image):
         return resample.crop_resample_ref(image, boxes, out_hw, out_dtype)
-    # the horizontal pass bench.py measured faster on this card, else resample.HPASS
+    # the horizontal pass bench.py measured faster on this card (if this code still has it), else resample.HPASS
     hpass = measured("resample", image.device).get("hpass") if image.is_cuda else None
-    return resample.crop_resample_triton(image, boxes, out_hw, out_dtype, hpass=hpass)
+    return resample.crop_resample_triton(image, boxes, out_hw, out_dtype,
+                                         hpass=hpass if hpass in resample.HPASSES else None)
 
 
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
