@@ -79,7 +79,8 @@ class Episode:
     grids: list  # per image: (t, h, w) patch grid
     prompt_len: int
     boxes_shown: list = field(default_factory=list)  # each successful crop's box as the model wrote it
-    boxes: list = field(default_factory=list)  # the same boxes in the original frame (what was cut)
+    boxes: list = field(default_factory=list)  # the same boxes as cut, in the original's pixels (crop_from_shown:
+    # cut from the shown image, mapped back)
     text: str = ""  # the response as text, image pads removed
     turns: int = 0
     num_tool_calls: int = 0  # successful crops
@@ -126,7 +127,8 @@ def parse_tool_call(turn_text):
 @dataclass
 class _Row:
     ep: Episode
-    orig: torch.Tensor  # uint8 (H, W, 3) original
+    orig: torch.Tensor  # uint8 (H, W, 3): the image crops are cut from, the original (or the shown image, with
+    # crop_from_shown)
     shown_wh: tuple  # size of the global image the model sees
     key: int  # 32-bit sampling key from (seed, step, prompt, sample)
     pending: list  # token ids not yet run through the model
@@ -136,6 +138,8 @@ class _Row:
     turn_start: int = 0  # index in ep.ids where the current assistant turn begins
     waited: int = 0  # steps its pending tool turn has waited for company
     done: bool = False  # the episode has ended (its group may still be in flight)
+    orig_wh: tuple = None  # the original's (width, height), the frame of the sample's boxes and of ep.boxes, when
+    # crops are cut from another image (crop_from_shown)
 
 
 @dataclass
@@ -260,9 +264,9 @@ def _finished_groups(policy, done_rows, left):
 def _new_rows(policy, p, sample, cfg, step):
     """The group_size rows of prompt p: the global image encoded once, shared by the group."""
     budget = sample.global_tokens or cfg.global_tokens  # the sample's info-gap level is its global image
-    image = sample.image()
+    image, orig_wh = sample.image(), None
     if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
-        image = crop.resized(image, crop.tokens_to_pixels(budget))
+        image, orig_wh = crop.resized(image, crop.tokens_to_pixels(budget)), image.size
     orig = crop.to_uint8(image).to(policy.device)  # on a GPU, crops go through the Triton kernel
     pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
     shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
@@ -276,7 +280,7 @@ def _new_rows(policy, p, sample, cfg, step):
                      pixel_values=[pv_host], grids=[grid[0].tolist()], prompt_len=len(ids))
         key = _hash32(((cfg.seed * 1_000_003 + step) * 100_003 + p * 1_009 + k) & _M32)
         rows.append(_Row(ep, orig, shown_wh, key, pending=list(ids), pending_images=[(pv, grid)],
-                         turn_start=len(ids)))
+                         turn_start=len(ids), orig_wh=orig_wh))
     return rows
 
 
@@ -520,7 +524,8 @@ def _advance(policy, row, tok, cfg):
     if request is not None:
         ep.num_tool_calls += 1
         ep.boxes_shown.append([float(v) for v in box])
-        ep.boxes.append(list(orig_box))
+        ep.boxes.append(list(orig_box) if row.orig_wh is None  # in the original's pixels, whatever was cut
+                        else list(crop.map_box(orig_box, (row.orig.shape[1], row.orig.shape[0]), row.orig_wh)))
         ep.grids.append(request[2])
         row.crop_request = request
     ep.ids += tool_ids
@@ -536,7 +541,11 @@ def _crop_request(row, box, cfg):
     encoding, so the tool turn's length is too."""
     sample = row.ep.sample
     if cfg.probe == "gt-box" and sample.boxes:
-        box = tuple(round(v) for v in sample.boxes[0])
+        box = sample.boxes[0]  # the original's pixels; cut from the shown image, in its pixels (at least one)
+        if row.orig_wh is not None:
+            box = crop.map_box(box, row.orig_wh, (row.orig.shape[1], row.orig.shape[0]))
+        box = tuple(round(v) for v in box)
+        box = box[:2] + (max(box[2], box[0] + 1), max(box[3], box[1] + 1))
     x1, y1, x2, y2 = box
     h, w = crop.crop_size(box, row.shown_wh, (row.orig.shape[1], row.orig.shape[0]),
                           crop.tokens_to_pixels(cfg.crop_tokens))

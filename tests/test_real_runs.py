@@ -13,6 +13,7 @@ from PIL import Image
 import data
 import infogap
 import model
+import rollout as rollout_module
 import train
 from helpers import logprobs_three_ways, move_lora, scripted, tiny_policy
 from rollout import RolloutConfig, rollout
@@ -77,15 +78,20 @@ def test_infogap_selection_on_the_tiny_model(tmp_path, capsys):
         infogap.prepare(train.Config(infogap="fixed:lots"), samples)
 
 
-def test_infogap_off_crops_the_shown_image():
+def test_infogap_off_crops_the_shown_image(monkeypatch):
     p = tiny_policy()
     call = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 40, 50]}}</tool_call>'
     force = scripted(p, {0: [call, "<answer>B</answer><|im_end|>"]})
     cfg = dict(group_size=1, max_turn_tokens=80, max_response_tokens=300, global_tokens=64, crop_tokens=32)
     (gap,) = rollout(p, data.synthetic(1, seed=2), RolloutConfig(**cfg), force=force)
+    seen = []
+    real = rollout_module._crop_request
+    monkeypatch.setattr(rollout_module, "_crop_request", lambda row, box, c: seen.append(box) or real(row, box, c))
     (off,) = rollout(p, data.synthetic(1, seed=2), RolloutConfig(**cfg, crop_from_shown=True), force=force)
-    assert off.boxes == [[10, 20, 40, 50]]  # the crop source is the shown image: no mapping, no new pixels
-    assert gap.boxes != off.boxes and gap.boxes[0][2] > 40  # with the gap: mapped to the original
+    assert seen == [(10, 20, 40, 50)]  # cut from the shown image: its pixels, nothing new
+    # but recorded in the original's pixels, as with the gap (what stage 2's grounding reward compares with the
+    # sample's boxes): the same box within rounding
+    assert gap.boxes[0][2] > 40 and max(abs(a - b) for a, b in zip(off.boxes[0], gap.boxes[0])) <= 1
 
 
 def test_export_merges_and_reloads_with_the_same_logprobs(tmp_path):
@@ -100,3 +106,23 @@ def test_export_merges_and_reloads_with_the_same_logprobs(tmp_path):
     a, b, base = logprobs_three_ways(p, Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval())
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # the tiny model is fp32: the merge is exact
     assert (a - base).abs().max() > 1e-3  # the adapter mattered
+
+
+def test_the_gt_box_probe_cuts_the_samples_box_from_the_shown_image_in_its_pixels(monkeypatch):
+    """Without the information gap the crop source is the shown image: the probe's box (original pixels) is
+    mapped into it, not cut as original pixels from a smaller image."""
+    p = tiny_policy()
+    call = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 40, 50]}}</tool_call>'
+    force = scripted(p, {0: [call, "<answer>B</answer><|im_end|>"]})
+    cfg = RolloutConfig(group_size=1, max_turn_tokens=80, max_response_tokens=300, global_tokens=64,
+                        crop_tokens=32, crop_from_shown=True, probe="gt-box")
+    cut = []
+    real = rollout_module._crop_request
+    monkeypatch.setattr(rollout_module, "_crop_request", lambda row, box, c: cut.append(real(row, box, c)) or cut[-1])
+    (sample,) = data.synthetic(1, seed=2)
+    rollout(p, [sample], cfg, force=force)
+    source, box, _ = cut[0]
+    (sh, sw), (w, h) = source.shape[:2], (sample.width, sample.height)
+    expected = (sample.boxes[0][0] * sw / w, sample.boxes[0][1] * sh / h,
+                sample.boxes[0][2] * sw / w, sample.boxes[0][3] * sh / h)
+    assert max(abs(a - b) for a, b in zip(box, expected)) <= 1 and box[2] <= sw and box[3] <= sh
