@@ -50,7 +50,7 @@ class Config:
     steps: int = 80  # optimizer steps (the paper: 80 per stage)
     prompts_per_step: int = 4  # distinct prompts per step per process (GPU): under torchrun a step has N times as many
     group_size: int = 8  # rollouts per prompt (the GRPO group)
-    micro_batch: int = 4  # episodes per forward/backward (gradient accumulation over the step)
+    micro_batch: int = 4  # episodes per forward/backward, cut within each group (gradient accumulation over the step)
     epochs: float = 0.0  # passes over the data; > 0 sets steps = ceil(epochs * samples / (prompts_per_step * processes))
     ppo_epochs: int = 1  # policy updates per rollout batch (DeepEyes: 1; > 1 makes the clipping matter and keeps the step's episodes in memory)
     loss_agg: str = "micro-token-mean"  # micro-token-mean: each micro-batch's token mean, averaged (verl's token-mean, as DeepEyes); token-mean: over the step's tokens
@@ -182,8 +182,12 @@ def policy_loss(policy, episodes, advantages, old_logp, cfg):
     return per_token.sum(), logp.numel(), dict(clip=clip_frac.item(), kl=kl.detach().sum().item())
 
 
-def _micro_batches(n, size):
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+def _micro_batches(n, size, group):
+    """Index lists of `size` episodes (fewer at a group's end), never across two groups: run_step takes a group's
+    gradient as soon as it finishes, and train_step (ppo_epochs > 1, the whole step at once) must cut alike, or
+    micro-token-mean would weigh the same rollout differently."""
+    return [list(range(i, min(i + size, g + group, n)))
+            for g in range(0, n, group) for i in range(g, min(g + group, n), size)]
 
 
 def accumulate_gradients(policy, episodes, advantages, cfg, old=None):
@@ -193,7 +197,7 @@ def accumulate_gradients(policy, episodes, advantages, cfg, old=None):
     Returns the sums the step's stats are made of."""
     sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0, micro=0)
     policy.model.train()
-    for k, idx in enumerate(_micro_batches(len(episodes), cfg.micro_batch)):
+    for k, idx in enumerate(_micro_batches(len(episodes), cfg.micro_batch, cfg.group_size)):
         total, n, s = policy_loss(policy, [episodes[i] for i in idx], advantages[idx], old and old[k], cfg)
         loss = total if cfg.loss_agg == "token-mean" else total / max(1, n)
         loss.backward()
@@ -234,7 +238,7 @@ def train_step(policy, optimizer, episodes, advantages, cfg):
     if cfg.ppo_epochs > 1:  # the ratio needs the log-probs before any update
         with torch.no_grad():
             old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in idx]), cfg.temperature)
-                   for idx in _micro_batches(len(episodes), cfg.micro_batch)]
+                   for idx in _micro_batches(len(episodes), cfg.micro_batch, cfg.group_size)]
     for _ in range(cfg.ppo_epochs):
         stats = optimizer_step(policy, optimizer, accumulate_gradients(policy, episodes, advantages, cfg, old), cfg)
         if stats["skipped"]:

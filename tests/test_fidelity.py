@@ -350,6 +350,24 @@ def test_loss_aggregation_modes():
         p.model.zero_grad(set_to_none=True)
 
 
+def test_micro_batches_never_span_two_groups_so_ppo_epochs_leave_the_objective_alone():
+    """With ppo_epochs = 1 each group's gradient is taken as it finishes, so its micro-batches are cut within it;
+    with more epochs the step's episodes go in at once and must be cut the same way: otherwise micro-token-mean
+    weighs the same rollout's tokens differently (here 3 micro-batches against 4)."""
+    p = tiny_policy()
+    eps = rollout(p, data.synthetic(2), rollout_cfg(group_size=3, max_turn_tokens=5, max_response_tokens=5),
+                  force=scripted(p, {0: ["<answer>B</answer><|im_end|>"], 1: ["<answer>C</answer><|im_end|>"]}))
+    eps[1].loss_mask = eps[1].loss_mask[:-3] + [0, 0, 0]  # micro-batches with different token counts
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.2, -0.7, 0.5])
+    cfg = train.Config(group_size=3, micro_batch=2)
+    whole = train.accumulate_gradients(p, eps, adv, cfg)  # as train_step gives them when ppo_epochs > 1
+    by_group = [train.accumulate_gradients(p, eps[g:g + 3], adv[g:g + 3], cfg) for g in (0, 3)]  # as run_step
+    assert whole["micro"] == sum(s["micro"] for s in by_group) == 4
+    assert whole["tokens"] == sum(s["tokens"] for s in by_group)
+    assert math.isclose(whole["loss"], sum(s["loss"] for s in by_group), rel_tol=1e-5)
+    p.model.zero_grad(set_to_none=True)
+
+
 def test_epochs_set_the_step_count(tmp_path, capsys):
     cfg = train.Config(**{**train.PRESETS["tiny"], "data": "synthetic:6", "epochs": 1.5, "prompts_per_step": 2,
                           "out_dir": str(tmp_path), "group_size": 2, "max_turn_tokens": 3, "max_response_tokens": 3,
