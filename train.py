@@ -384,16 +384,22 @@ def train(cfg, resume=None):
                                precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                                seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
+    start, halved = 0, None
     if saved:
-        start = restore_checkpoint(saved, policy, optimizer)["step"]
+        state = restore_checkpoint(saved, policy, optimizer)
+        start, halved = state["step"], state.get("oom_halved")
         print(f"resumed from {ckpt} at step {start}")
+        if halved:  # the run had halved them after running out of memory: it goes on so, with no second retry
+            cfg.micro_batch, cfg.rollout_rows = halved
+            print(f"with micro_batch={cfg.micro_batch}, rollout_rows={cfg.rollout_rows}: halved after an out-of-memory "
+                  f"error before this checkpoint")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
     held_out = logbook.probe_set(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
         truncate_metrics(metrics_path, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
+    retry.oom_retried = bool(halved)
     tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
                disable=not dist.is_main())
@@ -426,7 +432,8 @@ def train(cfg, resume=None):
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
-                                     world_size=dist.world(), metrics=metrics))
+                                     world_size=dist.world(), metrics=metrics,
+                                     oom_halved=[cfg.micro_batch, rcfg.rollout_rows] if retry.oom_retried else None))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if cfg.curves:
                     logbook.draw_curves(out_dir)

@@ -111,6 +111,32 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
     assert "out of memory again at step 1" in str(e.value) and "Estimated peak" in str(e.value)
 
 
+def test_a_resumed_run_keeps_the_halved_batch_and_its_one_retry(tmp_path, monkeypatch, capsys):
+    """An out-of-memory retry's settings are the run's from then on: a resume goes on with them (and a second
+    out-of-memory error stops it, as it would have stopped the run that was not killed)."""
+    real, calls = train.rollout_groups, {"n": 0}
+
+    def oom_once(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "rollout_groups", oom_once)
+    train.train(_cfg(tmp_path, micro_batch=4, rollout_rows=8))
+    rows = []
+
+    def oom(policy, samples, rcfg, **kw):
+        rows.append(rcfg.rollout_rows)
+        raise torch.OutOfMemoryError("again")
+
+    monkeypatch.setattr(train, "rollout_groups", oom)
+    with pytest.raises(SystemExit) as e:
+        train.train(_cfg(tmp_path, micro_batch=4, rollout_rows=8, steps=4), resume=str(tmp_path))
+    assert "with micro_batch=2, rollout_rows=4: halved" in capsys.readouterr().out
+    assert rows == [4] and "out of memory again at step 4 with micro_batch=2, rollout_rows=4" in str(e.value)
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real = torch.save
 
