@@ -32,10 +32,12 @@ def _answers(policy, samples, tokens, max_tokens, prompt):
 
 
 def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=16384, max_tokens=1024, batch=8,
-           seed=0, prompt="deepeyes", matcher="rule"):
+           seed=0, prompt="deepeyes", matcher="rule", columns=None):
     """Select every sample's level; one JSON line per sample is appended to `out` as its batch finishes, so a
     rerun skips what is done. Returns read_levels(out)."""
-    samples = data.load(spec, seed)
+    samples = data.load(spec, seed, columns=columns)
+    for s in samples:  # a level a row carries would be its global image at every rung (the rollout shows it)
+        s.global_tokens = None
     ladder = sorted((t for t in ladder if t < reference_tokens), reverse=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     data.cut_partial_line(out)  # a killed selection: its cut last line is redone, not appended onto
@@ -64,7 +66,8 @@ def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=1638
     levels = read_levels(out)
     print(f"information-gap levels in {out}: " + ", ".join(
         f"{t} tokens: {sum(r['global_tokens'] == t for r in levels.values())}" for t in ladder)
-        + f"; never diverged: {sum(not r['diverged'] for r in levels.values())} of {len(levels)}")
+        + f"; never diverged: {sum(not r['diverged'] for r in levels.values())} of {len(levels)} ("
+        f"{sum(r['reference'] is None for r in levels.values())} of them without a reference answer)")
     return levels
 
 
@@ -115,7 +118,8 @@ def prepare(cfg, samples):
         setting = cache_path(cfg)
         select(cfg.model, cfg.data, [int(t) for t in cfg.infogap_ladder.split(",")], setting,
                adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
-               max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher)
+               max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher,
+               columns=cfg.columns)
     kind = cfg.data.split(",")[0].partition(":")[0]  # generated data (data.GENERATED) has a designed level
     if setting:
         samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)

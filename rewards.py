@@ -167,9 +167,11 @@ def picked_option(reply, options):
 
 def same_answer(a, b, options=None, matcher="rule"):
     """Two replies give the same answer (the information-gap selection compares the policy with itself):
-    the same option for multiple choice ("B" and "(B) red" agree), else a match either way under `matcher`."""
+    the same option for multiple choice ("B" and "(B) red" agree; two replies naming none, the same words),
+    else a match either way under `matcher`."""
     if options:
-        return picked_option(a, options) is not None and picked_option(a, options) == picked_option(b, options)
+        picked = picked_option(a, options), picked_option(b, options)
+        return picked[0] == picked[1] if any(picked) else normalize(a) == normalize(b)
     return accuracy(a, b, matcher=matcher) == 1.0 or accuracy(b, a, matcher=matcher) == 1.0
 
 

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,11 +57,43 @@ def test_selection_compares_answers_not_strings(tmp_path, monkeypatch):
     assert len(calls) == before and len(out.read_text().splitlines()) == 3
 
 
-def test_a_sample_without_a_reference_answer_never_diverges(tmp_path, monkeypatch):
+def test_a_sample_without_a_reference_answer_never_diverges(tmp_path, monkeypatch, capsys):
     _scripted_selection(monkeypatch, {16384: [None, "A", "A"], 4096: ["B", "A", "A"], 1024: ["B", "A", "A"],
                                       256: ["B", "A", "A"], 64: ["B", "A", "A"]})
     levels = infogap.select("tiny", "synthetic:3", [4096, 1024, 256, 64], str(tmp_path / "l.jsonl"))
     assert not any(r["diverged"] for r in levels.values())
+    assert "never diverged: 3 of 3 (1 of them without a reference answer)" in capsys.readouterr().out
+
+
+def test_the_selection_asks_at_each_rung_whatever_level_a_row_carries(tmp_path, monkeypatch):
+    """A row may carry a level (global_tokens, written by a conversion or an earlier selection); the rollout
+    shows a sample at its own level, so the selection must clear it or every rung would ask at that level."""
+    asked = []
+
+    def fake_rollout(policy, samples, cfg):
+        asked.append({s.global_tokens or cfg.global_tokens for s in samples})  # what the rollout would show
+        return [SimpleNamespace(text="<answer>B</answer>") for _ in samples]
+
+    carried = data.synthetic(2)
+    for sample in carried:
+        sample.global_tokens = 64
+    monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: carried)
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
+    monkeypatch.setattr(infogap, "rollout", fake_rollout)
+    infogap.select("tiny", "rows.jsonl", [4096, 1024, 256], str(tmp_path / "l.jsonl"))
+    assert asked == [{16384}, {4096}, {1024}, {256}]
+
+
+def test_infogap_auto_reads_the_data_with_the_runs_columns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: seen.append(columns) or
+                        data.synthetic(1))
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
+    monkeypatch.setattr(infogap, "_answers", lambda policy, samples, *a: ["B"] * len(samples))
+    cfg = train.Config(infogap="auto", data="table.json", columns="image=pic,question=q,answer=a")
+    infogap.prepare(cfg, data.synthetic(1))
+    assert seen == ["image=pic,question=q,answer=a"]
 
 
 def _levels_file(path, rows):
@@ -244,6 +277,10 @@ def test_same_answer_for_the_selection():
     assert rewards.same_answer("red", "B", ["blue", "red"])  # the option's text is its letter
     assert not rewards.same_answer("A", "B", ["blue", "red"])
     assert rewards.same_answer("It is red.", "red") and not rewards.same_answer("blue", "red")
+    # naming no option twice, in the same words, is no departure; naming one where the other named none is
+    assert rewards.same_answer("cannot tell", "Cannot tell.", ["blue", "red"])
+    assert not rewards.same_answer("cannot tell", "B", ["blue", "red"])
+    assert not rewards.same_answer("cannot tell", "unclear", ["blue", "red"])
 
 
 def test_the_summary_records_the_matcher_and_probe(tmp_path):
