@@ -178,7 +178,7 @@ def policy_loss(policy, episodes, advantages, old_logp, cfg):
             ref = model.sequence_logprobs(policy, batch, cfg.temperature)
         kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimator of KL(pi || ref), >= 0
         per_token = per_token + cfg.kl_beta * kl
-    clip_frac = ((ratio - clipped).abs() > 1e-6).float().sum()
+    clip_frac = (clipped * adv < ratio * adv).float().sum()  # tokens whose objective the clip changed (verl's)
     return per_token.sum(), logp.numel(), dict(clip=clip_frac.item(), kl=kl.detach().sum().item())
 
 

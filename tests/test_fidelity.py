@@ -387,6 +387,21 @@ def test_loss_aggregation_modes():
         p.model.zero_grad(set_to_none=True)
 
 
+def test_the_clip_fraction_counts_the_tokens_whose_objective_the_clip_changed():
+    """verl's pg_clipfrac: a ratio outside [1 - eps, 1 + eps] on the side the advantage does not push (A > 0 with
+    ratio < 1 - eps: the unclipped term is the minimum) is not clipped."""
+    p = tiny_policy()
+    (ep,) = rollout(p, data.synthetic(1), rollout_cfg(group_size=1, max_turn_tokens=5, max_response_tokens=5),
+                    force=scripted(p, {0: ["<answer>B</answer><|im_end|>"]}))
+    with torch.no_grad():
+        logp = model.sequence_logprobs(p, train.collate(p, [ep]), 1.0)
+    n = logp.numel()
+    shift = torch.tensor([0.5, -0.5] * (n // 2) + [0.0] * (n % 2))  # ratios e^-0.5 and e^0.5: outside 0.8..1.2
+    for adv, expected in ((1.0, n // 2), (-1.0, n // 2)):  # A > 0: only ratio > 1.2 clipped; A < 0: only < 0.8
+        _, _, stats = train.policy_loss(p, [ep], torch.tensor([adv]), logp + shift, train.Config())
+        assert stats["clip"] == expected
+
+
 def test_micro_batches_never_span_two_groups_so_ppo_epochs_leave_the_objective_alone():
     """With ppo_epochs = 1 each group's gradient is taken as it finishes, so its micro-batches are cut within it;
     with more epochs the step's episodes go in at once and must be cut the same way: otherwise micro-token-mean
