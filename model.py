@@ -121,6 +121,7 @@ class Policy:
         self.vision_start, self.vision_end = tok("<|vision_start|>"), tok("<|vision_end|>")
         self.image_pad = tok("<|image_pad|>")
         self.tool_call_end = tok("</tool_call>")
+        self.end_of_text = tok("<|endoftext|>")  # Qwen's other end-of-generation token (generation_config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
         self.merge = hf.config.vision_config.spatial_merge_size
         # tokens only the harness writes: sampling one would break the image-pad / image count

@@ -86,7 +86,7 @@ class Episode:
     num_tool_calls: int = 0  # successful crops
     num_tool_errors: int = 0
     tool_errors: Counter = field(default_factory=Counter)  # errors by kind
-    finished: bool = False  # ended with <|im_end|> after a turn without a tool call
+    finished: bool = False  # ended by the model: an answer, or a turn without a tool call (<|im_end|>, <|endoftext|>)
     truncated: bool = False  # stopped by a token or turn limit
 
     @property
@@ -481,27 +481,30 @@ def _uniforms(keys, counters):
 def _advance(policy, row, tok, cfg):
     """Act on a sampled token. Returns False when the row is done."""
     ep = row.ep
-    response_len = len(ep.ids) - ep.prompt_len
-    turn_ended = tok in (policy.im_end, policy.tool_call_end)
-    if not turn_ended:
-        if len(ep.ids) - row.turn_start >= cfg.max_turn_tokens or response_len >= cfg.max_response_tokens:
-            ep.turns += 1
-            ep.truncated = True
-            return False
-        return True
-    ep.turns += 1
-    turn_text = policy.tokenizer.decode(ep.ids[row.turn_start:])
-    if "<answer>" in turn_text:  # an answer ends the episode, whatever else the turn holds
-        box, err = None, None
-    else:
-        box, err = parse_tool_call(turn_text)
-    if box is None and err is None:
-        if tok == policy.im_end:
-            ep.finished = True
-            return False
-        return True  # a stray </tool_call> token without a call: keep writing this turn
-    if ep.turns >= cfg.max_turns:
+    ends = tok in (policy.im_end, policy.end_of_text)  # what stops a generation (Qwen's generation_config)
+    if ends or tok == policy.tool_call_end:
+        turn_text = policy.tokenizer.decode(ep.ids[row.turn_start:])
+        # a closed answer ends the episode, whatever else the turn holds (DeepEyes: an answer, then a call)
+        answered = bool(tag_contents(turn_text, "<answer>", "</answer>"))
+        box, err = (None, None) if answered else parse_tool_call(turn_text)
+        if answered or box is not None or err is not None or ends:
+            return _end_turn(policy, row, tok, box, err, cfg)
+        # else a stray </tool_call> without a call: the turn goes on, within the limits below
+    if len(ep.ids) - row.turn_start >= cfg.max_turn_tokens or len(ep.ids) - ep.prompt_len >= cfg.max_response_tokens:
+        ep.turns += 1
         ep.truncated = True
+        return False
+    return True
+
+
+def _end_turn(policy, row, tok, box, err, cfg):
+    """The assistant turn ended: with an answer or no call (the episode ends), or with a call (box) or a bad one
+    (err), answered by the tool's turn: a crop, or an error counted per kind. A call on the last turn, or one
+    whose reply would leave no room for another token, ends the episode (a bad one still counted)."""
+    ep = row.ep
+    ep.turns += 1
+    if box is None and err is None:
+        ep.finished = True
         return False
     closed = tok == policy.im_end
     if err is None and cfg.probe == "no-tool":
@@ -514,11 +517,15 @@ def _advance(policy, row, tok, cfg):
     if err is not None:
         ep.num_tool_errors += 1
         ep.tool_errors[err[0]] += 1
+    if ep.turns >= cfg.max_turns:
+        ep.truncated = True
+        return False
+    if err is not None:
         tool_ids, request = policy.tool_turn_ids(closed, error=err[1], prompt=cfg.prompt), None
     else:
         request = _crop_request(row, orig_box, cfg)  # encoded after this step, with the other rows' crops
         tool_ids = policy.tool_turn_ids(closed, grid=request[2], prompt=cfg.prompt)
-    if response_len + len(tool_ids) > cfg.max_response_tokens:  # no room for the reply: stop here
+    if len(ep.ids) - ep.prompt_len + len(tool_ids) >= cfg.max_response_tokens:  # no room for the reply and more
         ep.truncated = True
         return False
     if request is not None:

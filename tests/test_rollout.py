@@ -88,6 +88,41 @@ def test_limits_stop_episodes():
     assert e.truncated and e.num_tool_calls == 0 and len(e.ids) - e.prompt_len <= 60
 
 
+def test_turn_ends_and_limits_follow_the_protocol():
+    p = tiny_policy()
+    s = data.synthetic(1, seed=7)
+    call = CALL.format("[10, 20, 40, 50]")
+    # a closed answer ends the episode even when the turn stopped at a tool call (DeepEyes); an answer tag that is
+    # not closed does not, and the call is made
+    (e,) = rollout(p, s, rollout_cfg(group_size=1), force=scripted(p, {0: ["<answer>B</answer>" + call, ANSWER]}))
+    assert e.finished and e.turns == 1 and e.num_tool_calls == 0 and len(e.pixel_values) == 1
+    (e,) = rollout(p, s, rollout_cfg(group_size=1), force=scripted(p, {0: ["<think><answer> later</think>" + call,
+                                                                         ANSWER]}))
+    assert e.num_tool_calls == 1 and e.finished and e.turns == 2
+    # a stray </tool_call> inside a turn is no turn: with max_turns=2 the call after it is still made
+    (e,) = rollout(p, s, rollout_cfg(group_size=1, max_turns=2),
+                   force=scripted(p, {0: ["<think>a</tool_call> b</think>" + call, ANSWER]}))
+    assert e.num_tool_calls == 1 and e.finished and e.turns == 2
+    # a bad call on the last turn ends the episode and is still counted
+    (e,) = rollout(p, s, rollout_cfg(group_size=1, max_turns=1), force=scripted(p, {0: ["<tool_call>{bad</tool_call>"]}))
+    assert e.truncated and e.num_tool_errors == 1 and e.tool_errors["json"] == 1
+    # <|endoftext|> (Qwen's other end token) ends a turn as <|im_end|> does
+    (e,) = rollout(p, s, rollout_cfg(group_size=1), force=scripted(p, {0: ["<answer>B</answer><|endoftext|>"]}))
+    assert e.finished and e.ids[-1] == p.end_of_text
+
+
+def test_a_tool_reply_that_fills_the_response_budget_leaves_no_token_past_it():
+    p = tiny_policy()
+    s = data.synthetic(1, seed=7)
+    force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER]})
+    (e,) = rollout(p, s, rollout_cfg(group_size=1), force=force)
+    reply_end = e.prompt_len + next(i for i in range(len(e.ids) - e.prompt_len)  # the first token after the reply
+                                    if e.loss_mask[e.prompt_len + i] == 0 and e.loss_mask[e.prompt_len + i + 1] == 1) + 1
+    budget = reply_end - e.prompt_len  # the call and its reply fill it exactly
+    (e,) = rollout(p, s, rollout_cfg(group_size=1, max_response_tokens=budget), force=force)
+    assert e.truncated and len(e.ids) - e.prompt_len <= budget and e.num_tool_calls == 0
+
+
 def test_recorded_logprobs_equal_a_full_forward():
     """The log-probs recorded while sampling (KV cache, padding, rows in different states) equal those of one
     forward over each final sequence, as train.py computes them."""
