@@ -58,11 +58,11 @@ def _hrbench(path, seed):
                 image = str(by_index[image]["image"])
             raw = base64.b64decode(image, validate=False)
             width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
-            options = [str(r[k]) for k in "ABCD" if r.get(k) not in (None, "") and str(r[k]) != "nan"]
+            options = [_cell(r.get(k)) for k in "ABCD" if _cell(r.get(k)) not in ("", "nan")]
             samples.append(Sample(
                 id=str(r["index"]), question=str(r["question"]), answer=_option_letter(r["answer"], options),
                 width=width, height=height, options=options, category=str(r.get("category", "default")),
-                make=_image_from_bytes(raw), meta=dict(cycle=str(r.get("cycle_category") or ""))))
+                make=_image_from_bytes(raw), meta=dict(cycle=_cell(r.get("cycle_category")))))
         except (KeyError, ValueError, OSError) as e:
             bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
     return _report(samples, bad, path)
@@ -85,6 +85,11 @@ def _require_columns(path, columns, required):
     if missing:
         raise SystemExit(f"error: {path} lacks the column(s) {', '.join(missing)} (it has: "
                          f"{', '.join(sorted(columns))[:200] or 'none'})")
+
+
+def _cell(value):
+    """A table cell as text: "" when missing (None, or NaN as pandas writes it), else str (an integer 0 too)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _option_letter(answer, options):
@@ -122,13 +127,23 @@ def _vstar(path, seed):
                 random.Random(f"{seed}/{category}/{stem}").shuffle(order)
                 boxes = item.get("bbox") or []
                 boxes = [boxes] if boxes and isinstance(boxes[0], (int, float)) else boxes
+                # as [x1, y1, x2, y2] inside the image: a box only serves the gt-box probe and the IoU, so one
+                # past the edge is clipped and an empty one left out (one line each), and the question stays
+                kept = []
                 for x, y, w, h in boxes:
-                    if not (w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height):
-                        raise ValueError(f"bbox {[x, y, w, h]} is empty or outside the {width}x{height} image")
+                    b = [max(0, x), max(0, y), min(width, x + w), min(height, y + h)]
+                    if b[2] <= b[0] or b[3] <= b[1]:
+                        print(f"{os.path.join(folder, name)}: bbox {[x, y, w, h]} is empty or outside the "
+                              f"{width}x{height} image: left out")
+                        continue
+                    if b != [x, y, x + w, y + h]:
+                        print(f"{os.path.join(folder, name)}: bbox {[x, y, w, h]} reaches outside the "
+                              f"{width}x{height} image: clipped")
+                    kept.append(b)
                 union = None
-                if boxes:  # every target's box, as one [x1, y1, x2, y2]: what the gt-box probe crops
-                    union = [min(b[0] for b in boxes), min(b[1] for b in boxes),
-                             max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)]
+                if kept:  # every target's box, as one [x1, y1, x2, y2]: what the gt-box probe crops
+                    union = [min(b[0] for b in kept), min(b[1] for b in kept),
+                             max(b[2] for b in kept), max(b[3] for b in kept)]
                 samples.append(Sample(
                     id=f"{category}/{stem}", question=str(item["question"]), answer=LETTERS[order.index(0)],
                     width=width, height=height, options=[options[k] for k in order], category=category,

@@ -291,8 +291,13 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
 
 
 def _reply(text):
+    """What an episode answered: its <answer> content; for a model that does not use the protocol (no <think>,
+    <tool_call> or <answer> tag anywhere), its bare reply; else None, no answer (a transcript cut short is not
+    scored by a letter in its thinking)."""
     reply = rewards.extract_answer(text)
-    return text if reply is None else reply  # a model that does not use the protocol: take the bare reply
+    if reply is None and not any(tag in text for tag in ("<think>", "<tool_call>", "<answer>")):
+        return text
+    return reply
 
 
 def _item(e, seconds, text, matcher="rule"):
@@ -369,7 +374,8 @@ def _accuracy_by(items, key):
 
 
 def summarize(items, name, bench="synthetic", num_total=None):
-    """Accuracy per category and overall (micro), tool use, mean seconds per question, and each benchmark's
+    """Accuracy per category and overall (micro), tool use, wall-clock seconds per item (a batch's time over its
+    items: throughput, not one question's latency), and each benchmark's
     own scores: HR-Bench official (per option-rotation cycle, then averaged) and DeepEyes' (mean of FSP and
     FCP); MME-RealWorld per task and subtask."""
     n = max(1, len(items))
@@ -391,7 +397,9 @@ def summarize(items, name, bench="synthetic", num_total=None):
         summary["deepeyes"] = (fsp + fcp) / 2 if fsp is not None and fcp is not None else None
     if bench == "mmerw":
         summary["per_task"] = _accuracy_by(items, lambda it: it["meta"].get("task", ""))
-        summary["per_subtask"] = _accuracy_by(items, lambda it: it["meta"].get("subtask", ""))
+        # subtask names repeat across tasks (Perception and Reasoning both have Autonomous_Driving): task/subtask
+        summary["per_subtask"] = _accuracy_by(items, lambda it: f"{it['meta'].get('task', '')}/"
+                                                                f"{it['meta'].get('subtask', '')}")
     return summary
 
 
@@ -418,9 +426,23 @@ def probe_tables(bench, root):
         run = read_run(os.path.join(root, d))
         if run is None or run["settings"].get("bench") != bench:
             continue
-        key = json.dumps({k: v for k, v in run["settings"].items() if k != "probe"}, sort_keys=True)
-        groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = folder_summary(os.path.join(root, d), bench)[0]
-    tables = [results for results in groups.values() if "none" in results]
+        # noise_sigma only changes the noise probe's runs: it does not part them from their plain run
+        key = json.dumps({k: v for k, v in run["settings"].items() if k not in ("probe", "noise_sigma")},
+                         sort_keys=True)
+        groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = os.path.join(root, d)
+    tables = []
+    for folders in groups.values():
+        if "none" not in folders:
+            continue
+        # every probe of a setting is compared on the items all its runs have (a --limit or an unfinished run
+        # has fewer); "n of N" says how many of the plain run's N
+        shared = set.intersection(*(set(read_items(f)) for f in folders.values()))
+        total = (read_run(folders["none"]) or {}).get("num_total")
+        results = {}
+        for probe, folder in folders.items():
+            results[probe] = folder_summary(folder, bench, ids=sorted(shared), write=False)[0]
+            results[probe]["num_total"] = total or results[probe]["num_total"]
+        tables.append(results)
     if not tables:
         raise SystemExit(f"error: no run of {bench} without a probe in {root}: run eval.py --bench {bench} first")
     return tables

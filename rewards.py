@@ -157,8 +157,10 @@ def _math_equal(reply, answer):
 
 
 def picked_option(reply, options):
-    """The option letter a reply picks: the option's own text (checked first: "A dog" is not the letter A),
-    else a letter in it; None when it names neither."""
+    """The option letter a reply picks: a lone letter ("B", "(c)"), else the option's own text ("A dog" is not
+    the letter A), else a letter in it; None when it names neither."""
+    if BARE_LETTER_RE.fullmatch(reply.strip()):
+        return reply.strip().strip("().:").upper()
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]

@@ -95,6 +95,28 @@ def test_hrbench_tsv_and_parquet_load_the_same(hrbench_tsv, tmp_path):
         assert [s.meta["cycle"] for s in samples] == ["c0", "c1", "c0"]
 
 
+def test_an_integer_cycle_0_is_a_cycle(tmp_path):
+    """A parquet release may store cycle_category as integers: 0 is a cycle, not a missing one (which would turn
+    HR-Bench's official score into n/a)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, cycle_category=k % 2) for k, r in enumerate(_hrbench_rows())]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hr.parquet")
+    assert [s.meta["cycle"] for s in benchmarks.load_benchmark("hrbench", str(tmp_path / "hr.parquet"))] == \
+        ["0", "1", "0"]
+
+
+def test_a_vstar_box_past_the_edge_is_clipped_and_the_question_kept(vstar_dir, capsys):
+    path = os.path.join(vstar_dir, "direct_attributes", "sa_1.json")
+    item = json.load(open(path))
+    json.dump(dict(item, bbox=[[150, 100, 11, 21], [200, 10, 5, 5]]), open(path, "w"))  # the image is 160 x 120
+    (a, _) = benchmarks.load_benchmark("vstar", vstar_dir)
+    assert a.id == "direct_attributes/sa_1" and a.boxes == [[150, 100, 160, 120]]
+    out = capsys.readouterr().out
+    assert "reaches outside the 160x120 image: clipped" in out and "is empty or outside" in out
+
+
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
     a = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
     b = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
@@ -143,7 +165,9 @@ def test_mmerw_and_vstar_scoring_by_hand():
              _item("b", "Perception", 0.0, task="Remote", subtask="Color"),
              _item("c", "Reasoning", 1.0, task="Auto", subtask="OCR")]
     s = ev.summarize(items, "mme", "mmerw")
-    assert s["per_task"] == {"Auto": 1.0, "Remote": 0.5} and s["per_subtask"] == {"Color": 0.0, "OCR": 1.0}
+    assert s["per_task"] == {"Auto": 1.0, "Remote": 0.5}
+    # subtasks of the same name under two tasks are two subtasks
+    assert s["per_subtask"] == {"Auto/OCR": 1.0, "Remote/Color": 0.0, "Remote/OCR": 1.0}
     v = ev.summarize([_item("1", "direct_attributes", 1.0), _item("2", "direct_attributes", 0.0),
                       _item("3", "relative_position", 1.0)], "v", "vstar")
     assert v["accuracy"] == pytest.approx(2 / 3)  # micro, not the mean of the folders (0.75)
@@ -174,6 +198,25 @@ def test_probes_and_their_summary(vstar_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert set(results) == {"none", "noise", "gt-box", "no-tool"}
     assert "| noise | 2 of 2 |" in text and "crop dependency" in text
+
+
+def test_probes_are_compared_on_the_items_every_run_has(vstar_dir, tmp_path, capsys):
+    """A noise run with --limit 1 (and another noise_sigma) pairs with the full plain run, on its one item."""
+    root = tmp_path / "eval"
+    ev.main(["--bench", "vstar", "--data", vstar_dir, "--out", str(root / "vstar"), *TINY])
+    ev.main(["--bench", "vstar", "--data", vstar_dir, "--out", str(root / "vstar-noise"), "--probe", "noise",
+             "--noise-sigma", "32", "--limit", "1", *TINY])
+    capsys.readouterr()
+    [results] = ev.main(["--bench", "vstar", "--summary", "--out", str(root / "vstar")])
+    assert results["none"]["num_items"] == results["noise"]["num_items"] == 1
+    assert "| noise | 1 of 2 |" in capsys.readouterr().out
+    assert json.load(open(root / "vstar" / "summary.json"))["num_items"] == 2  # its own summary is left alone
+
+
+def test_an_unfinished_episode_is_not_scored_by_a_letter_in_its_thinking():
+    assert ev._reply("<think>Option A says red, but I need to zoom</think><tool_call>{") is None
+    assert ev._reply("<think>it is red</think><answer>A</answer>") == "A"
+    assert ev._reply("B") == "B"  # a model that does not use the protocol: its bare reply
 
 
 def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, monkeypatch, capsys):

@@ -323,3 +323,9 @@ def test_score_takes_a_data_sample():
     assert r["total"] == pytest.approx(0.8 + 1.2 + 1.0)
     r = rewards.score("<answer>c</answer>", s, [], STAGE2)  # the option text "c", not a letter
     assert r["total"] == pytest.approx(0.8)
+
+
+def test_a_lone_letter_is_a_letter_before_it_is_an_options_text():
+    assert rewards.picked_option("B", ["B", "E", "F", "A"]) == "B"  # not option A, whose text is "B"
+    assert rewards.picked_option("A", ["the", "a cat"]) == "A"  # "A" normalises to "" (an article), like "the"
+    assert rewards.picked_option("a cat", ["the", "a cat"]) == "B"  # an option's own text
