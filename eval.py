@@ -29,7 +29,7 @@ import model
 import report
 import rewards
 import train
-from rollout import RolloutConfig, rollout
+from rollout import DEPENDENCY_PROBE, RolloutConfig, rollout
 
 
 # Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
@@ -493,7 +493,8 @@ def sweep(args):
                 point_args = argparse.Namespace(**{**vars(model_args), "global_tokens": budget, "probe": probe,
                                                    "out": _sweep_folder(root, tag, budget, name)})
                 summary = evaluate(point_args, load)
-                point[name], point["num_items"] = summary["accuracy"], summary["num_items"]
+                point[name] = summary["accuracy"]
+                point["num_items"] = min(point.get("num_items", summary["num_items"]), summary["num_items"])
             points.append(point)
     if not dist.is_main():  # torchrun: rank 0 writes the sweep's files
         return points
@@ -512,6 +513,8 @@ def _sweep_markdown(points, bench):
             f"{100 * p['noise']:.1f} | {100 * p['no-tool']:.1f} | {100 * (p['plain'] - p['noise']):+.1f} |"
             for p in points]
     return "\n".join([f"### {bench}: accuracy (%) against the global image's budget", "",
+                      f"Noise crops: the paper's probe, noise added to each crop ({DEPENDENCY_PROBE!r} in the "
+                      f"experiment table replaces the crop instead); items: the fewest any of the three runs has.", "",
                       "| model | global tokens | items | with the tool | noise crops | without the tool | "
                       "crop dependency (points) |", "|---|---|---|---|---|---|---|", *rows])
 

@@ -61,6 +61,7 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
         assert points[1]["noise"] == json.load(f)["accuracy"]
     table = (out / "sweep.md").read_text()
     assert table.count("| tiny |") == 2 and table.count("| runs-b |") == 2 and "crop dependency" in table
+    assert "noise added to each crop ('noise-replace' in the experiment table" in table  # which probe, said
     assert (out / "sweep.png").stat().st_size > 5_000
 
 
