@@ -90,9 +90,8 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch, 
     assert "stopping at step 2" in str(e.value) and "non-finite" in str(e.value)
 
 
-def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, capsys):
-    real = train.rollout_groups
-    calls = {"n": 0}
+def _out_of_memory_at_the_second_rollout(monkeypatch):
+    real, calls = train.rollout_groups, {"n": 0}
 
     def oom_once(*a, **kw):
         calls["n"] += 1
@@ -101,6 +100,10 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
         return real(*a, **kw)
 
     monkeypatch.setattr(train, "rollout_groups", oom_once)
+
+
+def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, capsys):
+    _out_of_memory_at_the_second_rollout(monkeypatch)
     cfg = _cfg(tmp_path / "a", micro_batch=4, rollout_rows=8)
     train.train(cfg)
     assert "retrying with micro_batch=2, rollout_rows=4" in capsys.readouterr().out
@@ -114,15 +117,7 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
 def test_a_resumed_run_keeps_the_halved_batch_and_its_one_retry(tmp_path, monkeypatch, capsys):
     """An out-of-memory retry's settings are the run's from then on: a resume goes on with them (and a second
     out-of-memory error stops it, as it would have stopped the run that was not killed)."""
-    real, calls = train.rollout_groups, {"n": 0}
-
-    def oom_once(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "rollout_groups", oom_once)
+    _out_of_memory_at_the_second_rollout(monkeypatch)
     train.train(_cfg(tmp_path, micro_batch=4, rollout_rows=8))
     rows = []
 
