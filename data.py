@@ -82,7 +82,11 @@ def _open_checked(path_or_file, name):
         if hasattr(path_or_file, "seek"):
             path_or_file.seek(0)
         with Image.open(path_or_file) as im:  # verify() leaves the image unusable: open again for EXIF
-            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn: the upright frame's size
+            # a quarter turn: the upright frame's size, unless Pillow gives it already (it does for a TIFF: the
+            # size it reports is its width and height tags swapped)
+            tags = getattr(im, "tag_v2", {})
+            turned = im.size == (tags.get(257), tags.get(256)) != (tags.get(256), tags.get(257))
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) and not turned:
                 width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
         raise ValueError(f"image {name}: {e}") from None
@@ -111,8 +115,9 @@ class Sample:
                 return self.make()
             with Image.open(self.image_path) as im:
                 return to_rgb(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise BadImage(f"sample {self.id} ({self.image_path or 'embedded image'}): {e}", self.id) from None
+        except Exception as e:  # noqa: BLE001 - a corrupt file can make a decoder raise anything (TypeError, ...)
+            raise BadImage(f"sample {self.id} ({self.image_path or 'embedded image'}): {type(e).__name__}: {e}",
+                           self.id) from None
 
 
 # ---------------------------------------------------------------- synthetic
@@ -261,13 +266,13 @@ def read_jsonl(path, max_reasons=5):
         raise SystemExit(f"error: data file not found: {path}")
     root = os.path.dirname(os.path.abspath(path))
     samples, bad = [], []
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(_jsonl_row(json.loads(line), root, n))
-            except (ValueError, TypeError, KeyError, OSError) as e:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # UnicodeDecodeError is a ValueError: a line that is not UTF-8 is a bad row, not mangled text
+                line = raw.decode("utf-8").removeprefix("\ufeff") if n == 1 else raw.decode("utf-8")
+                if line.strip():
+                    samples.append(_jsonl_row(json.loads(line), root, n))
+            except (ValueError, TypeError, KeyError, OSError, RecursionError) as e:
                 bad.append(f"{path}:{n}: {e}")
     return _report(samples, bad, path, "row", max_reasons)
 
@@ -291,6 +296,9 @@ def _jsonl_row(row, root, n):
     boxes = row.get("boxes")
     if boxes is not None:
         boxes = _check_nested(boxes, width, height)
+    level = row.get("global_tokens")
+    if level is not None and (type(level) is not int or level < 4):
+        raise ValueError(f"'global_tokens' must be a whole number of tokens, at least 4 (not {level!r})")
     return Sample(id=str(row.get("id", n)), question=row["question"], answer=answer, width=width, height=height,
                   options=options, boxes=boxes, category=str(row.get("category", "default")), image_path=path,
                   global_tokens=row.get("global_tokens"))
@@ -313,7 +321,8 @@ def _check_nested(boxes, width, height):
 
 
 def unique_ids(samples, path):
-    """Evaluation results are kept by item id: two items with one id would overwrite each other's result."""
+    """Results, skipped images and information-gap levels are kept by item id: two items with one id (a row
+    without an id gets its line number, which another row may carry) would share them."""
     dup = [i for i, n in Counter(s.id for s in samples).items() if n > 1]
     if dup:
         raise SystemExit(f"error: {path}: {len(dup)} item id(s) appear more than once: {', '.join(dup[:10])}")
@@ -405,7 +414,7 @@ def _read_rows(path):
 def _table_sample(f, root, n):
     """A layout's fields -> a Sample: the image checked (embedded bytes, or a path relative to the table's
     folder or to images/ beside it, where the Hub's images.zip unpacks), question and answer non-empty."""
-    question, answer = str(f.get("question") or "").strip(), str(f.get("answer") or "").strip()
+    question, answer = ("" if f.get(k) is None else str(f[k]).strip() for k in ("question", "answer"))  # 0 is one
     if not question or not answer:
         raise ValueError("no question" if not question else "no answer")
     image = f.get("image")
@@ -423,6 +432,8 @@ def _table_sample(f, root, n):
         raise ValueError("no image")
     options = f.get("options")
     if options is not None:
+        if not isinstance(options, (list, tuple)):
+            raise ValueError(f"options must be a list, not {type(options).__name__}")
         options = [str(o) for o in options]
         answer = answer.upper()
         if not 2 <= len(options) <= 5 or answer not in list(LETTERS[:len(options)]):
@@ -456,6 +467,10 @@ def load(spec, seed=0, columns=None):
         if len({s.id for s in mixed}) < len(mixed):
             raise SystemExit(f"error: --data {spec!r}: two sources share a file name; rename one")
         return mixed
+    return unique_ids(_load_one(spec, seed, columns), spec)
+
+
+def _load_one(spec, seed, columns):
     kind, _, n = spec.partition(":")
     if kind in GENERATED:
         n = n or "256"

@@ -90,8 +90,9 @@ def by_columns(spec):
         raise SystemExit(f"error: --columns {spec!r}: expected field=column pairs separated by commas; fields "
                          f"{', '.join(FIELDS)}; image, question and answer required")
 
-    def row(r):
-        out = {field: r[column] for field, column in mapping.items()}
+    def row(r):  # image, question and answer must be there; the other fields may be missing from a row
+        out = {field: r[column] if field in ("image", "question", "answer") else r.get(column)
+               for field, column in mapping.items()}
         out["image"] = _first(out["image"]) if isinstance(out["image"], list) else out["image"]
         return out
     return row

@@ -100,6 +100,60 @@ def test_exif_orientation_is_applied_so_boxes_are_in_the_upright_frame(tmp_path)
     assert r > 200 and g < 80 and b < 80
 
 
+def test_a_rotated_tiff_has_its_upright_size_once(tmp_path):
+    """Pillow reports a TIFF's size upright already (a JPEG's as stored): the loader must not turn it twice, or
+    boxes are checked against a frame the pixels do not have."""
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6
+    Image.new("RGB", (80, 40), "white").save(tmp_path / "scan.tif", exif=exif)
+    rows = [dict(id="a", image="scan.tif", question="q", answer="x", boxes=[[0, 0, 30, 70]])]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [s] = data.read_jsonl(str(tmp_path / "d.jsonl"))
+    assert (s.width, s.height) == s.image().size == (40, 80)
+
+
+def test_rows_that_would_break_a_run_later_are_skipped_at_load_with_the_reason(tmp_path, capsys):
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "ok.png")
+    good = dict(image="ok.png", question="q", answer="x")
+    lines = [json.dumps(dict(good, id="a")).encode(),
+             json.dumps(dict(good, id="b", global_tokens="64")).encode(),  # a string: a TypeError mid-run
+             json.dumps(dict(good, id="c", global_tokens=-5)).encode(),
+             ("[" * 100_000 + "]" * 100_000).encode(),  # nesting past the JSON reader's recursion limit
+             json.dumps(dict(good, id="e", question="caf")).encode()[:-2] + b"\xe9\"}",  # Latin-1, not UTF-8
+             json.dumps(dict(good, id="f")).encode()]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    samples = data.read_jsonl(str(tmp_path / "d.jsonl"))
+    assert [s.id for s in samples] == ["a", "f"]
+    out = capsys.readouterr().out
+    assert "skipped 4 bad row(s)" in out and ":2: 'global_tokens' must be a whole number" in out
+    assert ":4: maximum recursion depth" in out and ":5: 'utf-8' codec can't decode" in out
+
+
+def test_a_rows_line_number_that_another_row_carries_as_its_id_stops_the_load(tmp_path):
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "ok.png")
+    rows = [dict(image="ok.png", question="q", answer="x"), dict(id=1, image="ok.png", question="q", answer="y")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="appear more than once: 1"):
+        data.load(str(tmp_path / "d.jsonl"))
+
+
+def test_table_rows_keep_an_answer_of_0_and_refuse_options_given_as_a_string(tmp_path):
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "ok.png")
+    rows = [dict(pic="ok.png", q="How many?", a=0), dict(pic="ok.png", q="Which?", a="A", opts="AB"),
+            dict(pic="ok.png", q="Which?", a="B", opts=["x", "y"]), dict(pic="ok.png", q="Which?", a="yes")]
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    samples = data.read_table(str(tmp_path / "t.json"), "image=pic,question=q,answer=a,options=opts")
+    assert [(s.answer, s.options) for s in samples] == [("0", None), ("B", ["x", "y"]), ("yes", None)]
+
+
+def test_an_image_that_makes_the_decoder_raise_anything_is_a_bad_image(tmp_path, monkeypatch):
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "ok.png")
+    [s] = data.read_jsonl(_jsonl(tmp_path, {"a": "ok.png"}))
+    monkeypatch.setattr(data, "to_rgb", lambda im: (_ for _ in ()).throw(TypeError("'IFDRational' object")))
+    with pytest.raises(data.BadImage, match="TypeError: 'IFDRational'"):
+        s.image()
+
+
 # ---------------------------------------------------------------- benchmark files are checked at load
 
 def _tsv(path, rows, bom=False):
@@ -163,6 +217,11 @@ def test_items_that_cannot_be_scored_are_skipped_at_load_with_the_reason(tmp_pat
         Image.new("RGB", (100, 50)).save(tmp_path / "vstar" / "direct_attributes" / f"{name}.jpg")
         (tmp_path / "vstar" / "direct_attributes" / f"{name}.json").write_text(
             json.dumps(dict(question="?", options=["a", "b"], bbox=bbox)))
-    assert [s.id for s in _load("vstar", tmp_path / "vstar")] == ["direct_attributes/in"]
+    # a V* box only serves the gt-box probe and the IoU: past the edge it is clipped, empty it is left out, and the
+    # question stays (V*'s 191 items stay 191), each with a line
+    vstar = {s.id: s.boxes for s in _load("vstar", tmp_path / "vstar")}
+    assert vstar == {"direct_attributes/flat": None, "direct_attributes/in": [[10, 10, 30, 30]],
+                     "direct_attributes/out": [[90, 10, 100, 30]]}
     out = capsys.readouterr().out
-    assert "bbox [90, 10, 20, 20] is empty or outside the 100x50 image" in out and "[10, 10, 0, 5]" in out
+    assert "bbox [90, 10, 20, 20] reaches outside the 100x50 image: clipped" in out
+    assert "bbox [10, 10, 0, 5] is empty or outside the 100x50 image: left out" in out
