@@ -81,8 +81,8 @@ def user_text(question, options=None, prompt="deepeyes", tools=True):
     letters = "ABCDE"
     if prompt == "deepeyes":
         text = f"Question: {question}\n"
-        if options:
-            text += "Options: \n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options))
+        if options:  # eval_vstar.py: "Options: {options}\n" with options "\nA. ...\nB. ...\n", then USER_PROMPT_V2
+            text += "Options: \n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options)) + "\n"
         return text + (DEEPEYES_USER if tools else DEEPEYES_USER_NO_TOOL)
     if options:
         question += "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))

@@ -200,8 +200,9 @@ Return a json object with function name and arguments within <tool_call></tool_c
 </tool_call>"""
 
 # Written down from DeepEyes' eval/eval_vstar.py (instruction_prompt_before and its option string) at 6c5e796:
-# the user turn after the image, for a question with two options.
-DEEPEYES_USER_TURN = ("Question: Is the flag left or right of the pole?\nOptions: \nA. left\nB. right\n\nThink first, "
+# the user turn after the image, for a question with two options. Three newlines before "Think": the option
+# string's last, the template line's, and USER_PROMPT_V2's first.
+DEEPEYES_USER_TURN = ("Question: Is the flag left or right of the pole?\nOptions: \nA. left\nB. right\n\n\nThink first, "
                       "call **image_zoom_in_tool** if needed, then answer. Format strictly as:  <think>...</think>  "
                       "<tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
 # and the tool's reply, from visual_toolbox_v2.py: "\n<|im_start|>user\n<tool_response><image>" + USER_PROMPT_V2 +
