@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 
@@ -68,9 +69,11 @@ def _fsync_dir(folder):
 
 
 def fault(point, step):
-    """Fault injection for the tests: LFPC_FAULT=point:step kills this process (SIGKILL) at that point."""
-    if os.environ.get("LFPC_FAULT") == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Fault injection for the tests: LFPC_FAULT=point:step kills this process (SIGKILL) at that point;
+    point:step:SIGNAL sends that signal instead (SIGINT: a Ctrl-C at that moment)."""
+    want = os.environ.get("LFPC_FAULT", "").split(":")
+    if want[:2] == [point, str(step)]:
+        os.kill(os.getpid(), getattr(signal, want[2]) if len(want) > 2 else signal.SIGKILL)
 
 
 class GracefulStop:
@@ -99,12 +102,31 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
+STEP_DIR = re.compile(r"step_\d+")  # a checkpoint's folder; step_N.tmp is a killed write, step_N.old a swap's leftover
+
+
 def complete_checkpoints(run_dir):
-    """The complete step checkpoints of a run folder, oldest first (a *.tmp folder is a killed write)."""
+    """The complete step checkpoints of a run folder, oldest first."""
     if not os.path.isdir(run_dir):
         return []
     return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
-            if d.startswith("step_") and not d.endswith(".tmp") and os.path.isfile(os.path.join(run_dir, d, "state.json"))]
+            if STEP_DIR.fullmatch(d) and os.path.isfile(os.path.join(run_dir, d, "state.json"))]
+
+
+def set_aside_later(out_dir, step):
+    """Resuming at `step` from a checkpoint that is not the folder's newest (named, or the newer ones damaged):
+    the checkpoints after it belong to a continuation this run abandons. They go to abandoned-after-STEP/, so
+    that no later --resume, and no pruning, takes them for this run's. Returns how many were moved."""
+    later = [d for d in sorted(os.listdir(out_dir)) if STEP_DIR.fullmatch(d) and int(d[5:]) > step]
+    if later:
+        aside = os.path.join(out_dir, f"abandoned-after-step_{step:06d}")
+        os.makedirs(aside, exist_ok=True)
+        for d in later:
+            shutil.rmtree(os.path.join(aside, d), ignore_errors=True)
+            os.replace(os.path.join(out_dir, d), os.path.join(aside, d))
+        print(f"set aside {len(later)} checkpoint(s) after step {step} ({', '.join(later)}): another continuation of "
+              f"this run; now in {aside}")
+    return len(later)
 
 
 def latest_checkpoint(path):
@@ -237,6 +259,6 @@ def _step_of(line):
 
 
 def prune_checkpoints(out_dir, keep):
-    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+    steps = sorted(d for d in os.listdir(out_dir) if STEP_DIR.fullmatch(d))
     for d in steps[:-keep]:
         shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)

@@ -432,6 +432,8 @@ def probe_tables(bench, root):
         groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = os.path.join(root, d)
     tables = []
     for folders in groups.values():
+        for folder in folders.values():  # each folder's own summary, rebuilt from all its shards
+            folder_summary(folder, bench)
         if "none" not in folders:
             continue
         # every probe of a setting is compared on the items all its runs have (a --limit or an unfinished run

@@ -33,7 +33,7 @@ import rewards
 import snapshot
 import trackers
 from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
-                        restore_checkpoint, save_checkpoint, truncate_metrics)
+                        restore_checkpoint, save_checkpoint, set_aside_later, truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout_groups
 
@@ -384,10 +384,10 @@ def train(cfg, resume=None):
                                precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                                seed=cfg.seed)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, halved = 0, None
+    start, halved, skipped = 0, None, []
     if saved:
         state = restore_checkpoint(saved, policy, optimizer)
-        start, halved = state["step"], state.get("oom_halved")
+        start, halved, skipped = state["step"], state.get("oom_halved"), state.get("bad_ids") or []
         print(f"resumed from {ckpt} at step {start}")
         if halved:  # the run had halved them after running out of memory: it goes on so, with no second retry
             cfg.micro_batch, cfg.rollout_rows = halved
@@ -398,8 +398,11 @@ def train(cfg, resume=None):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
         truncate_metrics(metrics_path, start)
+        if saved:
+            set_aside_later(out_dir, start)
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
     retry.oom_retried = bool(halved)
+    retry.bad_ids.update(skipped)  # every rank skips them from the start, so the ranks split one order
     tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
                disable=not dist.is_main())
@@ -415,8 +418,11 @@ def train(cfg, resume=None):
                                  f"loss or gradient (likely causes: a learning rate too high, a broken reward, or "
                                  f"bad data). Last checkpoint: {latest_checkpoint(out_dir)}")
             # 6. log: every rank's episodes (torchrun), in the global prompt order; a stop signal on any rank
-            # stops them all after this step
-            episodes, scores, rollout_mem = gather_step(episodes, scores, rollout_mem, stop, retry.bad_ids)
+            # stops them all after this step. Under torchrun only the signals the ranks shared at the gather count:
+            # one that comes later (during the probe, the dumps, the checkpoint) is shared at the next step's, or
+            # one rank would wait at the stop's barrier while the others wait in the next step's collectives
+            episodes, scores, rollout_mem, agreed = gather_step(episodes, scores, rollout_mem, stop, retry.bad_ids)
+            fault("gathered", step + 1)
             metrics = logbook.step_metrics(step + 1, episodes, scores, stats, time.time() - t0, rollout_mem)
             if dist.is_main():
                 if held_out and ((step + 1) % cfg.probe_every == 0 or step == 0):
@@ -428,18 +434,19 @@ def train(cfg, resume=None):
                            file=sys.stdout)
                 if (step + 1) % cfg.dump_every == 0:
                     logbook.dump_rollouts(os.path.join(out_dir, "rollouts", f"step_{step + 1:06d}.jsonl"), episodes, scores)
+            stopping = stop.signal if dist.world() == 1 else agreed
             # 7. checkpoint
-            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop.signal) and dist.is_main():
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
-                                     world_size=dist.world(), metrics=metrics,
+                                     world_size=dist.world(), metrics=metrics, bad_ids=sorted(retry.bad_ids),
                                      oom_halved=[cfg.micro_batch, rcfg.rollout_rows] if retry.oom_retried else None))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if cfg.curves:
                     logbook.draw_curves(out_dir)
-            if stop.signal:
+            if stopping:
                 dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
-                print(f"stopped by {stop.signal} after step {step + 1}; resume with: python train.py --stage "
+                print(f"stopped by {stopping} after step {step + 1}; resume with: python train.py --stage "
                       f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
                 raise SystemExit(stop.exit_code)
     finally:
@@ -456,10 +463,11 @@ def train(cfg, resume=None):
 def gather_step(episodes, scores, rollout_mem, stop, bad_ids):
     """torchrun: every rank's episodes (without images and log-probs: the metrics and dumps do not read them) and
     scores, in rank order, which is the global prompt order; the largest rollout peak; and a stop signal any rank
-    received, which every rank then takes as its own. Samples whose image failed on any rank join every rank's
-    `bad_ids`, so that the ranks split the same global order again from the next step. One process: as given."""
+    had received by now, which every rank then takes as its own (the last value: None when none). Samples whose
+    image failed on any rank join every rank's `bad_ids`, so that the ranks split the same global order again from
+    the next step. One process: as given, and None."""
     if dist.world() == 1:
-        return episodes, scores, rollout_mem
+        return episodes, scores, rollout_mem, None
     light = [dataclasses.replace(e, sample=dataclasses.replace(e.sample, make=None), pixel_values=[], logps=[])
              for e in episodes]
     parts = dist.gather(dict(episodes=light, scores=scores, mem=rollout_mem, signal=stop.signal, code=stop.exit_code,
@@ -469,7 +477,7 @@ def gather_step(episodes, scores, rollout_mem, stop, bad_ids):
     if signals and not stop.signal:
         stop.signal, stop.exit_code = signals[0]
     return ([e for p in parts for e in p["episodes"]], [s for p in parts for s in p["scores"]],
-            max(p["mem"] for p in parts))
+            max(p["mem"] for p in parts), signals[0][0] if signals else None)
 
 
 # ---------------------------------------------------------------- command line

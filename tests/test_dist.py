@@ -64,6 +64,18 @@ def test_two_ranks_train_as_one_process_with_their_prompts_and_resume_exactly(tm
         checkpoint.check_steps(two, checkpoint.read_checkpoint(os.path.join(two, "step_000002")), train.Config(steps=2))
 
 
+def test_a_signal_after_the_gather_stops_every_rank_at_the_next_step(tmp_path):
+    """SIGINT reaching rank 0 after a step's gather (during its metrics, probe or checkpoint): the ranks agree on it
+    at the next step's gather and stop together with the shell's code, instead of rank 0 waiting at the stop's
+    barrier while rank 1 waits in the next step's collectives until the job's timeout."""
+    out = str(tmp_path / "run")
+    results = run_ranks("train.py", *TRAIN, "--steps=4", "--prompts_per_step=1", f"--out_dir={out}",
+                        "--dist_timeout_min=0.5", rank_env={0: dict(LFPC_FAULT="gathered:1:SIGINT")}, varying=True)
+    assert [r[0] for r in results] == [130, 130], results[0][2][-2000:]
+    assert "stopped by SIGINT after step 2" in results[0][1]
+    assert checkpoint.latest_checkpoint(out).endswith("step_000002")
+
+
 EVAL = ["--bench", "synthetic", "--data", "synthetic:3", "--global-tokens", "64", "--crop-tokens", "32",
         "--max-turn-tokens", "8", "--max-response-tokens", "16", "--batch", "1"]
 

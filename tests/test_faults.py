@@ -1,5 +1,6 @@
 """Fault injection: kills, signals, NaN steps, out-of-memory, a full disk, hostile images and data files.
 Each fault costs at most a step or a row, never the run or a checkpoint."""
+import dataclasses
 import io
 import json
 import os
@@ -211,6 +212,11 @@ def test_an_image_that_breaks_mid_run_costs_only_that_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipping a bad image: sample cut") == 1
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2
+    # the checkpoints remember it: a resumed run skips it from its first step, as the run that went on does (under
+    # torchrun every rank must, or the ranks would split different orders)
+    assert json.load(open(tmp_path / "run" / "step_000002" / "state.json"))["bad_ids"] == ["cut"]
+    train.train(dataclasses.replace(cfg, steps=4), resume=str(tmp_path / "run"))
+    assert "skipping a bad image" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content,why", [

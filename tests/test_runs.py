@@ -128,6 +128,19 @@ def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path
     assert json.load(open(run / "final" / "state.json"))["step"] == 3
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(finished_run, tmp_path, capsys):
+    """The checkpoints after the one resumed belong to a continuation this run abandons: left in place, a later
+    --resume of the folder (or pruning) would take them for this run's."""
+    run = _copy(finished_run, tmp_path)
+    (run / "step_000002.old").mkdir()  # a rewrite's leftover, killed before it was deleted: never a checkpoint
+    (run / "step_000002.old" / "state.json").write_text("{}")
+    train.train(_cfg(run, steps=2, lr=0.05), resume=str(run / "step_000001"))
+    assert "set aside 1 checkpoint(s) after step 1 (step_000002)" in capsys.readouterr().out
+    assert (run / "abandoned-after-step_000001" / "step_000002" / "state.json").is_file()
+    assert checkpoint.latest_checkpoint(str(run)) == str(run / "step_000002")
+    assert json.load(open(run / "step_000002" / "config.json"))["lr"] == 0.05  # this continuation's step 2
+
+
 def test_a_damaged_newest_checkpoint_costs_one_checkpoint(finished_run, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
     opt = run / "step_000002" / "optimizer.pt"
