@@ -301,7 +301,7 @@ def _jsonl_row(row, root, n):
         raise ValueError(f"'global_tokens' must be a whole number of tokens, at least 4 (not {level!r})")
     return Sample(id=str(row.get("id", n)), question=row["question"], answer=answer, width=width, height=height,
                   options=options, boxes=boxes, category=str(row.get("category", "default")), image_path=path,
-                  global_tokens=row.get("global_tokens"))
+                  global_tokens=level)
 
 
 def _check_nested(boxes, width, height):
