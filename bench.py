@@ -146,6 +146,10 @@ def _logprobs_child(method, n, d, v, device, dtype):
         hidden.grad = None
         fn(hidden, weight, targets).sum().backward()
 
+    if device == "cuda":  # compiled and autotuned first: the autotuner's buffers are not the path's memory
+        run()
+        hidden.grad = None
+        torch.cuda.synchronize()
     base = _rss() if device == "cpu" else torch.cuda.memory_allocated()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -63,7 +63,7 @@ def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatc
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "check"])
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main()
-    assert parts == ["tests", "tiny-7b", "bench crop"]
+    assert parts == ["tests", "bench crop"]  # the 7B-shaped model is built after the kernels' benchmarks
     md = (tmp_path / "check" / "report.md").read_text()
     assert "did not finish" in md and "4 passed" in md and "bench crop: caption" in md
     assert "## Two stage-1 steps" not in md  # never ran
@@ -96,6 +96,33 @@ def test_a_parts_warnings_open_the_report(monkeypatch, tmp_path):
     md = (tmp_path / "w" / "report.md").read_text()
     assert md.count("CUDA graph capture failed") == 1 and md.index("capture failed") < md.index("## bench.py crop")
     assert "- **bench rollout: warning: CUDA graph capture failed" in md
+
+
+def test_the_commit_comes_from_the_environment_or_git_and_no_git_is_no_crash(monkeypatch, tmp_path):
+    """A GPU box gets a copy of the tree, often without .git, sometimes without git."""
+    _fake_gpu(monkeypatch, tmp_path)
+
+    def no_git(*a, **kw):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "g", "--only", "crop"])
+    gpu_check.main()
+    assert "commit None" in (tmp_path / "g" / "report.md").read_text()
+    monkeypatch.setenv("LFPC_COMMIT", "abc1234")
+    gpu_check.main()
+    assert "commit abc1234" in (tmp_path / "g" / "report.md").read_text()
+
+
+def test_training_is_not_started_without_the_time_for_its_two_steps(monkeypatch, tmp_path):
+    parts = _fake_gpu(monkeypatch, tmp_path)
+    clock = iter([0.0] + [400.0] * 20)  # the check starts at 0; every later reading says 400 s have gone
+    monkeypatch.setattr(gpu_check.time, "time", lambda: next(clock))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "t", "--only", "train", "--budget", "540"])
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert "train --dry-run" in parts and "train 2 steps" not in parts  # 140 s left: the dry run, not the steps
+    assert "not run: 140 s of the check's --budget 540 s were left" in (tmp_path / "t" / "report.md").read_text()
 
 
 def test_a_failed_model_build_fails_only_the_parts_that_need_it(monkeypatch, tmp_path):
@@ -148,7 +175,7 @@ def test_a_rerun_starts_the_training_steps_in_an_empty_folder(monkeypatch, tmp_p
     (tmp_path / "check" / "stage1" / "step_000002").mkdir(parents=True)
     seen = []
 
-    def part(name, command, limit):
+    def part(name, command, limit, least=30):
         seen.append((name, (tmp_path / "check" / "stage1").exists()))
         return True, 1.0, "estimated peak GPU memory (GB): weights 5.00, peak 9.00"
 
