@@ -161,15 +161,15 @@ def main():
 
     report["benchmarks"] = {}
     name = None
-    for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150),
-                               ("rollout", ["--model"], 200)):
+    for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150), ("rollout", [], 200)):
         if what == "rollout" and only & {"rollout", "train"}:
             # the 7B-shaped model, saved once and loaded like a checkpoint (NF4), or built in bf16 without
             # bitsandbytes; after the kernels' benchmarks, whose time its 17 GB write would take. If it fails, it is
             # reported as a failed part, and the parts that need it do not run
             t = time.time()
             try:
-                extra.append(name := bench.tiny_7b())
+                name = bench.tiny_7b()
+                extra = ["--model", name]
             except Exception:  # noqa: BLE001 - reported, like a failed part
                 log.append(dict(name="build tiny-7b", command=["bench.tiny_7b()"], ok=False,
                                 seconds=round(time.time() - t, 1), output=traceback.format_exc()))
