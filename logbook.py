@@ -25,7 +25,8 @@ def step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
     return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
                 accuracy=mean([s["accuracy"] for s in scores]),
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
-                grounding=mean([s["grounding"] for s in scores]), iou=mean(ious), coverage=mean(covs),
+                grounding=mean([s["grounding"] for s in scores]),
+                iou=mean(ious) if ious else None, coverage=mean(covs) if covs else None,  # None: no crop to measure
                 response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
                 generated=mean([e.num_generated for e in episodes]),
                 tool_calls=sum(e.num_tool_calls for e in episodes) / n,
@@ -104,6 +105,7 @@ def what_changed(metrics_path, window=5):
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    window = max(1, min(window, len(rows) // 2))  # a short run: halves, never overlapping windows
     first, last = rows[:window], rows[-window:]
     parts = [f"{k} {mean(first, k):.3g} -> {mean(last, k):.3g}" for k in ("reward", "accuracy", "tool_calls")]
     probes = [r for r in rows if "crop_dependency" in r]

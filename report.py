@@ -145,9 +145,10 @@ ROW_NAMES = {None: "warm start", "runs/baseline/final": "stage 1, no information
 
 
 def experiment_rows(tables):
-    """(order, name, values) per model, in the README's order; values: accuracy, with noise crops, crop
+    """(order, name, values, partial) per model, in the README's order; values: accuracy, with noise crops, crop
     dependency (the accuracy lost), tool calls per episode and the IoU of the first crop with B1 (items that
-    cropped); None where not measured."""
+    cropped); None where not measured. partial: "n of N items" when a run has not covered its benchmark, else
+    None."""
     rows = []
     for results in tables:
         plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
@@ -157,9 +158,11 @@ def experiment_rows(tables):
             a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
         order = list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES)
         noisy_acc = noisy and noisy["accuracy"]
+        short = [r for r in (plain, noisy) if r and r.get("num_items", 0) < r.get("num_total", 0)]
+        partial = f"{min(r['num_items'] for r in short)} of {short[0]['num_total']} items" if short else None
         rows.append((order, name, [plain["accuracy"], noisy_acc, None if noisy is None else plain["accuracy"] - noisy_acc,
-                                   plain["tool_calls"], plain.get("iou_first_crop")]))
-    return sorted(rows)
+                                   plain["tool_calls"], plain.get("iou_first_crop")], partial))
+    return sorted(rows, key=lambda r: r[:2])
 
 
 TABLE_HEAD = ["| model | accuracy (%) | with noise crop (%) | crop dependency (points) | tool calls / episode | "
@@ -170,36 +173,40 @@ SCALES = (100, 100, 100, 1, 100)  # the columns' units: % and points, tool calls
 
 
 def _cell(xs, scale):
-    """A table cell: the mean of the measured values (None: not measured), then with several their standard
-    deviation and each value."""
-    xs = [scale * x for x in xs if x is not None]
+    """A table cell: the mean of the measured values (None: not measured), then with several their (sample)
+    standard deviation and each value in order, n/a where one was not measured."""
     d = 1 if scale == 100 else 2
-    if not xs:
+    got = [scale * x for x in xs if x is not None]
+    if not got:
         return "n/a"
-    spread = f" ± {statistics.stdev(xs):.{d}f} (" + ", ".join(f"{x:.{d}f}" for x in xs) + ")" if len(xs) > 1 else ""
-    return f"{sum(xs) / len(xs):.{d}f}{spread}"
+    each = ", ".join("n/a" if x is None else f"{scale * x:.{d}f}" for x in xs)
+    spread = f" ± {statistics.stdev(got):.{d}f} ({each})" if len(got) > 1 else f" ({each})" if len(xs) > 1 else ""
+    return f"{sum(got) / len(got):.{d}f}{spread}"
 
 
 def experiment_table(tables):
     """One line per model (setting), the paper's columns."""
-    lines = [f"| {name} | " + " | ".join(_cell([v], k) for v, k in zip(values, SCALES)) + " |"
-             for _, name, values in experiment_rows(tables)]
+    lines = [f"| {name}{f' (partial: {partial})' if partial else ''} | "
+             + " | ".join(_cell([v], k) for v, k in zip(values, SCALES)) + " |"
+             for _, name, values, partial in experiment_rows(tables)]
     return "\n".join(["", TABLE_NOTE, "", *TABLE_HEAD, *lines])
 
 
 def seeds_table(per_seed, seeds):
     """The experiment table over seeds (`make experiment`): each cell the mean ± standard deviation, then each
     seed's value; the seeds column names the seeds a row was measured on."""
-    cells = {}
+    cells, partial = {}, []
     for seed, tables in zip(seeds, per_seed):
-        for order, name, values in experiment_rows(tables):
-            cells.setdefault((order, name), []).append((seed, values))
-    lines = [f"| {name} | {','.join(s.lstrip('s') for s, _ in got)} | "
+        for order, name, values, short in experiment_rows(tables):
+            cells.setdefault((order, name), []).append((seed.lstrip("s") + ("*" if short else ""), values))
+            partial += [f"{name}, seed {seed.lstrip('s')}: {short}"] if short else []
+    lines = [f"| {name} | {','.join(s for s, _ in got)} | "
              + " | ".join(_cell([v[i] for _, v in got], k) for i, k in enumerate(SCALES)) + " |"
              for (_, name), got in sorted(cells.items())]
     head = [TABLE_HEAD[0].replace("| model |", "| model | seeds |"), TABLE_HEAD[1] + "---|"]
+    note = ["", "* partial (a run that has not covered its benchmark): " + "; ".join(partial)] if partial else []
     return "\n".join(["", TABLE_NOTE + "; mean ± standard deviation over the seeds, then each seed's value", "",
-                      *head, *lines])
+                      *head, *lines, *note])
 
 
 def probes_table(bench, results):

@@ -531,8 +531,9 @@ def _end_turn(policy, row, tok, box, err, cfg):
     if request is not None:
         ep.num_tool_calls += 1
         ep.boxes_shown.append([float(v) for v in box])
-        ep.boxes.append(list(orig_box) if row.orig_wh is None  # in the original's pixels, whatever was cut
-                        else list(crop.map_box(orig_box, (row.orig.shape[1], row.orig.shape[0]), row.orig_wh)))
+        cut = request[1] if cfg.probe == "gt-box" else orig_box  # the gt-box probe cut the sample's box instead
+        ep.boxes.append(list(cut) if row.orig_wh is None  # in the original's pixels, whatever was cut
+                        else list(crop.map_box(cut, (row.orig.shape[1], row.orig.shape[0]), row.orig_wh)))
         ep.grids.append(request[2])
         row.crop_request = request
     ep.ids += tool_ids

@@ -267,3 +267,10 @@ def test_the_seeds_table_gives_each_models_mean_spread_and_seeds():
     assert ("| stage 1, information gap | 0,2 | 70.0 ± 14.1 (80.0, 60.0) | 30.0 ± 0.0 (30.0, 30.0) | "
             "40.0 ± 14.1 (50.0, 30.0) | 1.00 ± 0.00 (1.00, 1.00) | 10.0 ± 0.0 (10.0, 10.0) |") in text
     assert text.index("| warm start | 0,2 | 20.0 ± 0.0") < text.index("| stage 1, information gap |")
+    # a seed whose run covered 3 of 191 items is marked, and one without a noise run is n/a in its place
+    partial = results("runs/exp/s3/stage1/final", 0.0, None)
+    partial["none"].update(num_items=3, num_total=191)
+    del partial[DEPENDENCY_PROBE]
+    text = report.seeds_table(per_seed + [[partial]], ["s0", "s2", "s3"])
+    assert "| stage 1, information gap | 0,2,3* | 46.7 ± 41.6 (80.0, 60.0, 0.0) | 30.0 ± 0.0 (30.0, 30.0, n/a) |" in text
+    assert "* partial (a run that has not covered its benchmark): stage 1, information gap, seed 3: 3 of 191 items" in text

@@ -119,3 +119,18 @@ def test_run_names_and_missing_folder(tmp_path):
         os.path.normpath("runs/a/stage1"), os.path.normpath("runs/b/stage1"), "c"]
     with pytest.raises(SystemExit, match="metrics.jsonl"):
         plot.read_metrics(str(tmp_path))
+
+
+def test_what_is_not_measured_is_not_logged_as_zero_and_short_runs_compare_halves(tmp_path):
+    from types import SimpleNamespace
+
+    ep = SimpleNamespace(group=0, ids=[1, 2, 3], prompt_len=1, num_generated=2, num_tool_calls=0, num_tool_errors=0,
+                         truncated=False)
+    score = dict(total=1.0, accuracy=1.0, format=0.0, tool=0.0, grounding=0.0, iou=None, coverage=None)
+    stats = dict(loss=0.1, grad_norm=0.2, skipped=0, clip=0.0, kl=0.0)
+    m = logbook.step_metrics(1, [ep], [score], stats, 1.0, 0.0)
+    assert m["iou"] is None and m["coverage"] is None  # no crop: nothing measured (plot.py leaves them out)
+    rows = [dict(step=k, reward=float(k), accuracy=0.0, tool_calls=0.0) for k in range(1, 7)]  # 6 steps
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "(first 3 steps -> last 3; held-out: step - -> -): reward 2 -> 5" in logbook.what_changed(
+        str(tmp_path / "metrics.jsonl"))  # not 5 steps each, sharing 4

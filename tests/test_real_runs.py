@@ -1,5 +1,6 @@
 """Real-run plumbing: DeepEyes parquet and image folders, offline info-gap selection, and export of a merged
 checkpoint of the tiny model (the memory estimate and the Hub layout: test_snapshot.py)."""
+import dataclasses
 import io
 import json
 import os
@@ -126,3 +127,7 @@ def test_the_gt_box_probe_cuts_the_samples_box_from_the_shown_image_in_its_pixel
     expected = (sample.boxes[0][0] * sw / w, sample.boxes[0][1] * sh / h,
                 sample.boxes[0][2] * sw / w, sample.boxes[0][3] * sh / h)
     assert max(abs(a - b) for a, b in zip(box, expected)) <= 1 and box[2] <= sw and box[3] <= sh
+    # with the gap, the crop is the sample's box in the original, and the episode records that box, not the model's
+    cut.clear()
+    (ep,) = rollout(p, [sample], dataclasses.replace(cfg, crop_from_shown=False), force=force)
+    assert list(cut[0][1]) == ep.boxes[0] == [round(v) for v in sample.boxes[0]] != ep.boxes_shown[0]
