@@ -74,6 +74,11 @@ def read_config(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} is missing (not a model folder, or an incomplete download)")
+    return read_json(path)
+
+
+def read_json(path):
+    """A JSON file of the folder; a cut-off or damaged one is one line naming it."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -91,8 +96,7 @@ def shards(folder):
     """The safetensors files holding the weights, from the index when there is one."""
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        return sorted(set(read_json(index)["weight_map"].values()))
     return ["model.safetensors"]
 
 
@@ -135,8 +139,15 @@ def check(folder):
     for shard in shards(folder):
         _check_shard(folder, shard)
     source = tokenizer_file(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = text_config(config)
+    chat_template(folder)  # a damaged template file is said now, not after the weights have loaded
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - a cut-off tokenizer file raises whatever its parser raises
+        raise SystemExit(f"error: {source}: the tokenizer does not load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}; an incomplete download?)") from None
+    # the ids as transformers reads them: the top level first (a transformers 4.5x config repeats the language
+    # model's keys under text_config, its image_token_id null), then text_config's
+    ids = {**text_config(config), **{k: v for k, v in config.items() if k.endswith("_token_id") and v is not None}}
     for token, key in SPECIAL_IDS.items():
         got = tokenizer.convert_tokens_to_ids(token)
         want = ids.get(key) if key else None
@@ -155,8 +166,11 @@ def chat_template(folder):
                       ("tokenizer_config.json", "chat_template")):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                template = json.load(f).get(key) if key else f.read()
+            if key:
+                template = read_json(path).get(key)
+            else:
+                with open(path) as f:
+                    template = f.read()
             if template:
                 return template
     return None

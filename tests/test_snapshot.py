@@ -75,6 +75,10 @@ def _break(folder, name, how):
     (["tokenizer.json", "vocab.json", "merges.txt"], None, "has no tokenizer (tokenizer.json, or vocab.json"),
     (["tokenizer.json"], None, "vocab.json: <|image_pad|> is id 151655, but config.json says image_token_id = 151654"),
     (["config.json"], None, "config.json is missing"),
+    # cut-off JSON files: one line naming the file, before any weight loads
+    (["tokenizer.json"], 1000, "tokenizer.json: the tokenizer does not load"),
+    (["model.safetensors.index.json"], 100, "model.safetensors.index.json is not valid JSON"),
+    (["chat_template.json"], 50, "chat_template.json is not valid JSON"),
 ])
 def test_a_broken_download_is_one_line_naming_the_file(hub_model, tmp_path, files, how, message):
     broken = linked_copy(hub_model, tmp_path / "m")
@@ -85,6 +89,17 @@ def test_a_broken_download_is_one_line_naming_the_file(hub_model, tmp_path, file
     with pytest.raises(SystemExit) as e:
         snapshot.check(broken)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_token_ids_are_read_where_transformers_reads_them(hub_model, tmp_path):
+    """A transformers 4.5x config repeats the language model's keys under text_config with image_token_id null;
+    transformers takes the top level's id, and so must the check."""
+    broken = linked_copy(hub_model, tmp_path / "m")
+    text = {k: hub_fixture.CONFIG[k] for k in ("hidden_size", "vocab_size")}
+    _break(broken, "config.json", dict(hub_fixture.CONFIG, image_token_id=151654,
+                                       text_config=dict(text, image_token_id=None)))
+    with pytest.raises(SystemExit, match="image_token_id = 151654"):
+        snapshot.check(broken)
 
 
 def test_paths_are_paths_and_an_unreachable_hub_fails_fast(tmp_path, monkeypatch):
