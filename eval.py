@@ -273,7 +273,8 @@ def evaluate(args, load_policy=None):
     dist.barrier("waiting for the other ranks' shards")  # torchrun: the summary merges every rank's items
     summary, items = folder_summary(out, args.bench, [s.id for s in all_samples], write=dist.is_main())
     if args.html and dist.is_main():
-        report.write_html(args.html, items, {s.id: s for s in all_samples}, report.markdown(summary))
+        report.write_html(args.html, items, {s.id: s for s in all_samples}, report.markdown(summary),
+                          probe=args.probe)
     if dist.is_main():
         print(report.markdown(summary))
     return summary

@@ -67,9 +67,11 @@ def markdown_html(md):
     return "\n".join(out)
 
 
-def turns(text, original, boxes):
+def turns(text, original, boxes, probe=None):
     """The transcript as a list of HTML turns; each tool reply that carried an image shows the next crop
-    (cut from the original, as the model saw it) beside the box that made it."""
+    (cut from the original, as the model saw it, unless a noise probe gave it noise instead) beside its box."""
+    seen = "original pixels" if probe not in ("noise", "noise-replace") else \
+        f"original pixels; the model was given noise instead (--probe {probe})"
     parts, crops, pos = [], iter(boxes), 0
     for m in TURN.finditer(text):
         parts.append(_plain(text[pos:m.start()]))
@@ -78,7 +80,7 @@ def turns(text, original, boxes):
         if kind == "reply" and "<|vision_start|>" in m.group(kind):
             box = next(crops, None)
             body = (f"<div class='crop'>{png(original.crop(tuple(box)), 220, 'crop')}<span>box "
-                    f"{[round(v) for v in box]} (original pixels)</span></div>") if box else body
+                    f"{[round(v) for v in box]} ({seen})</span></div>") if box else body
         elif kind == "reply":
             kind = "error" if "Error" in m.group(kind) else kind
         label = dict(think="thinking", call="tool call", reply="tool reply", error="tool error", answer="answer")[kind]
@@ -93,8 +95,8 @@ def _plain(text):
     return f"<div class='turn'><b>text</b>{html.escape(text)}</div>" if text else ""
 
 
-def write_html(path, items, samples, summary_md, thumb=512):
-    """One self-contained page: the summary, then one section per item."""
+def write_html(path, items, samples, summary_md, thumb=512, probe=None):
+    """One self-contained page: the summary, then one section per item (probe: the run's --probe)."""
     title = f"LFPC evaluation: {summary_md.splitlines()[0].lstrip('#').strip()}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>", markdown_html(summary_md)]
@@ -110,7 +112,7 @@ def write_html(path, items, samples, summary_md, thumb=512):
                      f"[{html.escape(it['category'])}]: <span class='{mark}'>{mark}</span> (answer "
                      f"{html.escape(it['answer'])}, reply {html.escape(str(it['reply'])[:80])})</h2>"
                      f"{png(im, thumb, 'full')}<p>red: the model's boxes; lime: the ground truth</p>"
-                     f"{turns(it['text'], original, it['boxes'])}</section>")
+                     f"{turns(it['text'], original, it['boxes'], probe)}</section>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "</body></html>")
 

@@ -63,6 +63,10 @@ def test_report_parses_into_a_page(tmp_path):
     assert turns == ["think", "call", "reply", "call", "error", "think", "answer", "answer"]
     css = open(tmp_path / "r.html").read()
     assert "pre-wrap" in css and "<pre>" not in css  # transcripts wrap to the page
+    assert "given noise instead" not in css
+    report.write_html(str(tmp_path / "n.html"), items, samples, report.markdown(summary), probe="noise-replace")
+    # under a noise probe the crop shown is not what the model saw, and the page says so
+    assert "the model was given noise instead (--probe noise-replace)" in open(tmp_path / "n.html").read()
 
 
 def test_markdown_table_rows_and_notes():
