@@ -449,8 +449,14 @@ def check_template(policy, folder, prompt="deepeyes"):
     system = SYSTEMS[prompt]
     messages = [dict(role="system", content=system),
                 dict(role="user", content=[dict(type="image"), dict(type="text", text=question)])]
-    text = policy.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                add_generation_prompt=True)
+    try:
+        text = policy.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template for another model (text-only: no image parts) may raise
+        warning = (f"warning: {folder}'s chat template cannot render a prompt with an image ({type(e).__name__}: "
+                   f"{str(e)[:120]}): a template for another model? The prompt is the project's own.")
+        print(warning)
+        return warning
     pads = "<|image_pad|>" * (len(policy.image_block(grid)) - 2)
     theirs = policy.encode(text.replace("<|image_pad|>", pads))
     ours = policy.prompt_ids(question, grid, prompt=prompt)

@@ -53,6 +53,13 @@ def test_hub_layout_loads_with_qwen_ids_and_the_official_template(hub_model, tmp
     warning = model.check_template(p, off)
     at = len(p.encode("<|im_start|>system"))  # the first token after the role
     assert warning.startswith(f"warning: {off}'s chat template") and f"from token {at} on" in warning
+    # a text-only template (Qwen2.5's, which adds a message's content to a string) cannot take an image part: a
+    # warning, not a crash after the weights have loaded
+    with open(os.path.join(off, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+                                    "message['content'] + '<|im_end|>' }}{% endfor %}"}, f)
+    warning = model.check_template(p, off)
+    assert warning.startswith(f"warning: {off}'s chat template cannot render a prompt with an image (TypeError")
 
 
 def _break(folder, name, how):
