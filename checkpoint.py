@@ -105,19 +105,22 @@ def _write_json(path, obj):
 STEP_DIR = re.compile(r"step_\d+")  # a checkpoint's folder; step_N.tmp is a killed write, step_N.old a swap's leftover
 
 
+def _step_dirs(run_dir):
+    """The names of a run folder's step checkpoint folders, oldest first (complete or not)."""
+    return sorted(d for d in os.listdir(run_dir) if STEP_DIR.fullmatch(d)) if os.path.isdir(run_dir) else []
+
+
 def complete_checkpoints(run_dir):
     """The complete step checkpoints of a run folder, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
-            if STEP_DIR.fullmatch(d) and os.path.isfile(os.path.join(run_dir, d, "state.json"))]
+    return [os.path.join(run_dir, d) for d in _step_dirs(run_dir)
+            if os.path.isfile(os.path.join(run_dir, d, "state.json"))]
 
 
 def set_aside_later(out_dir, step):
     """Resuming at `step` from a checkpoint that is not the folder's newest (named, or the newer ones damaged):
     the checkpoints after it belong to a continuation this run abandons. They go to abandoned-after-STEP/, so
     that no later --resume, and no pruning, takes them for this run's. Returns how many were moved."""
-    later = [d for d in sorted(os.listdir(out_dir)) if STEP_DIR.fullmatch(d) and int(d[5:]) > step]
+    later = [d for d in _step_dirs(out_dir) if int(d[5:]) > step]
     if later:
         aside = os.path.join(out_dir, f"abandoned-after-step_{step:06d}")
         os.makedirs(aside, exist_ok=True)
@@ -259,6 +262,5 @@ def _step_of(line):
 
 
 def prune_checkpoints(out_dir, keep):
-    steps = sorted(d for d in os.listdir(out_dir) if STEP_DIR.fullmatch(d))
-    for d in steps[:-keep]:
+    for d in _step_dirs(out_dir)[:-keep]:
         shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)

@@ -433,18 +433,18 @@ def probe_tables(bench, root):
         groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = os.path.join(root, d)
     tables = []
     for folders in groups.values():
-        for folder in folders.values():  # each folder's own summary, rebuilt from all its shards
-            folder_summary(folder, bench)
-        if "none" not in folders:
+        # each folder's own summary, rebuilt from all its shards (and written), and its items
+        own = {probe: folder_summary(folder, bench) for probe, folder in folders.items()}
+        if "none" not in own:
             continue
         # every probe of a setting is compared on the items all its runs have (a --limit or an unfinished run
         # has fewer); "n of N" says how many of the plain run's N
-        shared = set.intersection(*(set(read_items(f)) for f in folders.values()))
-        total = (read_run(folders["none"]) or {}).get("num_total")
+        shared = set.intersection(*({it["id"] for it in items} for _, items in own.values()))
         results = {}
-        for probe, folder in folders.items():
-            results[probe] = folder_summary(folder, bench, ids=sorted(shared), write=False)[0]
-            results[probe]["num_total"] = total or results[probe]["num_total"]
+        for probe, (summary, items) in own.items():
+            results[probe] = summarize([it for it in items if it["id"] in shared], summary["name"], bench,
+                                       num_total=own["none"][0]["num_total"])
+            results[probe]["settings"] = summary["settings"]
         tables.append(results)
     if not tables:
         raise SystemExit(f"error: no run of {bench} without a probe in {root}: run eval.py --bench {bench} first")

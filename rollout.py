@@ -141,6 +141,11 @@ class _Row:
     orig_wh: tuple = None  # the original's (width, height), the frame of the sample's boxes and of ep.boxes, when
     # crops are cut from another image (crop_from_shown)
 
+    @property
+    def source_wh(self):
+        """(width, height) of the image crops are cut from."""
+        return self.orig.shape[1], self.orig.shape[0]
+
 
 @dataclass
 class _Batch:
@@ -512,7 +517,7 @@ def _end_turn(policy, row, tok, box, err, cfg):
     if err is None and ep.num_tool_calls >= cfg.max_crops:
         err = ("limit", f"at most {cfg.max_crops} crops; give your answer")
     if err is None:
-        orig_box, why = crop.check_box(box, row.shown_wh, (row.orig.shape[1], row.orig.shape[0]))
+        orig_box, why = crop.check_box(box, row.shown_wh, row.source_wh)
         err = None if orig_box is not None else ("box", why)
     if err is not None:
         ep.num_tool_errors += 1
@@ -533,7 +538,7 @@ def _end_turn(policy, row, tok, box, err, cfg):
         ep.boxes_shown.append([float(v) for v in box])
         cut = request[1] if cfg.probe == "gt-box" else orig_box  # the gt-box probe cut the sample's box instead
         ep.boxes.append(list(cut) if row.orig_wh is None  # in the original's pixels, whatever was cut
-                        else list(crop.map_box(cut, (row.orig.shape[1], row.orig.shape[0]), row.orig_wh)))
+                        else list(crop.map_box(cut, row.source_wh, row.orig_wh)))
         ep.grids.append(request[2])
         row.crop_request = request
     ep.ids += tool_ids
@@ -551,12 +556,11 @@ def _crop_request(row, box, cfg):
     if cfg.probe == "gt-box" and sample.boxes:
         box = sample.boxes[0]  # the original's pixels; cut from the shown image, in its pixels (at least one)
         if row.orig_wh is not None:
-            box = crop.map_box(box, row.orig_wh, (row.orig.shape[1], row.orig.shape[0]))
+            box = crop.map_box(box, row.orig_wh, row.source_wh)
         box = tuple(round(v) for v in box)
         box = box[:2] + (max(box[2], box[0] + 1), max(box[3], box[1] + 1))
     x1, y1, x2, y2 = box
-    h, w = crop.crop_size(box, row.shown_wh, (row.orig.shape[1], row.orig.shape[0]),
-                          crop.tokens_to_pixels(cfg.crop_tokens))
+    h, w = crop.crop_size(box, row.shown_wh, row.source_wh, crop.tokens_to_pixels(cfg.crop_tokens))
     source = row.orig
     if cfg.probe == "noise":  # the paper's probe: noise added to the crop's pixels
         source, box = crop.add_noise(row.orig[y1:y2, x1:x2], cfg.noise_sigma, seed=len(row.ep.ids)), None

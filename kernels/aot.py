@@ -82,9 +82,8 @@ def cases():
     yield ("softmax rows", logprobs._softmax_rows_kernel, softmax,
            dict(WITH_ENTROPY=True, BLOCK_V=logprobs.softmax_block(V)), logprobs.SOFTMAX_WARPS, 3)
     hpass = dict(img_ptr=torch.uint8, mid_ptr=torch.float32, rec_ptr=torch.int64, K=8, W=7680)
-    for name, (kernel, rows, cols) in resample.HPASSES.items():
-        extra = dict(BLOCK_K=resample.HPASS_BLOCK_K) if name == "dot" else {}
-        yield f"crop h-pass ({name})", kernel, hpass, dict(MAX_K=8, BLOCK_R=rows, BLOCK_C=cols, **extra), 4, 3
+    for name, (kernel, tile) in resample.HPASSES.items():
+        yield f"crop h-pass ({name})", kernel, hpass, dict(MAX_K=8, **tile), 4, 3
     vpass = dict(mid_ptr=torch.float32, out_ptr=torch.bfloat16, rec_ptr=torch.int64, K=8,
                  **{k: 1.0 for k in ("m0", "m1", "m2", "s0", "s1", "s2")})
     yield "crop v-pass", resample._vpass_kernel, vpass, dict(MAX_K=8, BLOCK=resample.VPASS_BLOCK), 4, 3

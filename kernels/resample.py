@@ -78,7 +78,6 @@ P, M = tl.constexpr(PATCH), tl.constexpr(MERGE)  # as the kernels see them
 # output pixel's taps loaded one by one (a warp's 32 lanes then read bytes about `scale` pixels apart: for an
 # 8K image at 1,024 tokens, ~5 cache lines per load). Each: its kernel and its tile (crop rows, output columns).
 HPASS = "dot"
-HPASS_BLOCK_K = 64  # the dot h-pass: input columns per product
 VPASS_BLOCK = 16  # the vertical pass's tile side: a power of 2 >= the patch side 14
 
 
@@ -212,8 +211,10 @@ def _hpass_dot_kernel(
     _store_mid(mid_ptr, box, ys, xs, y_ok, x_ok, h_in, ow, r, g, b, total)
 
 
-# h-pass name -> its kernel and tile (crop rows, output columns): the dot's rows are a Hopper warp group's MMA rows
-HPASSES = {"dot": (_hpass_dot_kernel, 64, 64), "gather": (_hpass_kernel, 16, 64)}
+# h-pass name -> its kernel and its tile as launched (crop rows, output columns; the dot's input columns per
+# product): the dot's 64 rows are a Hopper warp group's MMA rows
+HPASSES = {"dot": (_hpass_dot_kernel, dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=64)),
+           "gather": (_hpass_kernel, dict(BLOCK_R=16, BLOCK_C=64))}
 
 
 @triton.jit
@@ -279,12 +280,12 @@ def plan(boxes, out_hw, hpass=None):
     """The box records (K, FIELDS), and the sizes of the h-pass grid, of the output (patches) and of the
     intermediate: all the host computes. It is a few integers per box (the taps and their weights are computed
     in the kernels), so it does not grow with the crops, and it goes to the device in one small copy."""
-    _, tile_r, tile_c = HPASSES[hpass or HPASS]
+    tile = HPASSES[hpass or HPASS][1]
     records, tiles, patches, mid = [], 0, 0, 0
     for (x1, y1, x2, y2), (oh, ow) in zip(boxes.tolist(), out_hw):
         x1, y1, w_in, h_in = int(x1), int(y1), int(x2) - int(x1), int(y2) - int(y1)
         records.append([x1, y1, w_in, h_in, oh, ow, num_taps(w_in, ow), num_taps(h_in, oh), mid, tiles, patches])
-        tiles += -(-h_in // tile_r) * -(-ow // tile_c)  # ceil divisions (triton.cdiv costs 6 us a call)
+        tiles += -(-h_in // tile["BLOCK_R"]) * -(-ow // tile["BLOCK_C"])  # ceil divisions (triton.cdiv: 6 us a call)
         patches += (oh // PATCH) * (ow // PATCH)
         mid += 3 * h_in * ow
     return torch.tensor(records, dtype=torch.long), tiles, patches, mid
@@ -300,9 +301,8 @@ def crop_resample_triton(image, boxes, out_hw, out_dtype=torch.float32, hpass=No
     k, max_k = len(out_hw), triton.next_power_of_2(len(out_hw))
     mid = torch.empty(n_mid, dtype=torch.float32, device=image.device)
     out = torch.empty(patches, 3 * TEMPORAL * PATCH * PATCH, dtype=out_dtype, device=image.device)
-    kernel, tile_r, tile_c = HPASSES[hpass]
-    extra = dict(BLOCK_K=HPASS_BLOCK_K) if hpass == "dot" else {}
-    kernel[(tiles,)](image, mid, records, k, image.shape[1], MAX_K=max_k, BLOCK_R=tile_r, BLOCK_C=tile_c, **extra)
+    kernel, tile = HPASSES[hpass]
+    kernel[(tiles,)](image, mid, records, k, image.shape[1], MAX_K=max_k, **tile)
     _vpass_kernel[(patches,)](mid, out, records, k, *MEAN, *(1.0 / s for s in STD), MAX_K=max_k,
                               BLOCK=VPASS_BLOCK)
     return out
