@@ -106,6 +106,7 @@ class Sample:
     image_path: str = None  # where the original lives; None for synthetic samples
     make: object = field(default=None, repr=False)  # synthetic / embedded images: a function that makes the original
     global_tokens: int = None  # information-gap level (stage 1), if selected
+    designed_tokens: int = None  # generated data: the level it is drawn for (its level unless one is selected)
     meta: dict = field(default_factory=dict)  # benchmark fields used in scoring (cycle, task, subtask)
 
     def image(self):
@@ -145,7 +146,7 @@ def _synthetic_sample(i, seed, min_side, max_side):
         return _draw(w, h, b1, category, choices[answer], random.Random(draw_seed))
 
     return Sample(id=f"syn-{seed}-{i}", question=question, answer=LETTERS[answer], width=w, height=h,
-                  options=choices, boxes=boxes, category=category, make=make)
+                  options=choices, boxes=boxes, category=category, make=make, designed_tokens=SYNTHETIC_LEVEL)
 
 
 def _expand(box, k, w, h):
@@ -235,7 +236,7 @@ def _micro_sample(i, seed):
 
     return Sample(id=f"micro-{seed}-{i}", question="Which pattern is in the black box?", answer=LETTERS[answer],
                   width=MICRO_SIDE, height=MICRO_SIDE, options=options, boxes=boxes, category="pattern", make=make,
-                  global_tokens=None)
+                  designed_tokens=MICRO_LEVEL)
 
 
 def _draw_micro(label, pattern, rng):
@@ -443,8 +444,8 @@ def _table_sample(f, root, n):
                   category=str(f.get("category") or "default"))
 
 
-# the data made here from a seed (`KIND[:N]`): kind -> (generator(n, seed), its designed information-gap level)
-GENERATED = {"synthetic": (synthetic, SYNTHETIC_LEVEL), "micro": (micro, MICRO_LEVEL)}
+# the data made here from a seed (`KIND[:N]`): kind -> generator(n, seed)
+GENERATED = {"synthetic": synthetic, "micro": micro}
 
 
 def generated(spec):
@@ -476,7 +477,7 @@ def _load_one(spec, seed, columns):
         n = n or "256"
         if not n.isdigit() or int(n) < 1:
             raise SystemExit(f"error: bad data spec {spec!r}: expected {kind}:N with N a positive number")
-        return GENERATED[kind][0](int(n), seed)
+        return GENERATED[kind](int(n), seed)
     if spec.endswith(".jsonl"):
         return read_jsonl(spec)
     if spec.endswith((".parquet", ".json")):

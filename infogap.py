@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+from collections import Counter
 
 from tqdm import tqdm
 
@@ -120,14 +121,15 @@ def prepare(cfg, samples):
                adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
                max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher,
                columns=cfg.columns)
-    kind = cfg.data.split(",")[0].partition(":")[0]  # generated data (data.GENERATED) has a designed level
     if setting:
         samples = _apply_levels(read_levels(setting), samples, cfg.infogap_never, setting)
-    elif kind in data.GENERATED and not any(s.global_tokens for s in samples):
-        level = data.GENERATED[kind][1]
-        print(f"{kind} data: its designed information-gap level, {level} tokens")
-        for s in samples:
-            s.global_tokens = level
+    else:  # generated data (synthetic, micro: each part of a mixed spec) has the level it was drawn for
+        designed = [s for s in samples if s.designed_tokens and not s.global_tokens]
+        for s in designed:
+            s.global_tokens = s.designed_tokens
+        if designed:
+            levels = ", ".join(f"{n} at {t} tokens" for t, n in sorted(Counter(s.designed_tokens for s in designed).items()))
+            print(f"generated data: its designed information-gap levels ({levels})")
     if cfg.stage == 1 and not any(s.global_tokens for s in samples):
         raise SystemExit(NO_LEVELS.format(data=cfg.data))
     _report_above_budget(samples, cfg.global_tokens)

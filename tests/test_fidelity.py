@@ -129,13 +129,21 @@ def test_a_level_above_the_budget_is_reported_not_capped(tmp_path, capsys):
 
 
 def test_stage_1_without_levels_stops_and_names_the_choices(tmp_path):
-    samples = data.synthetic(2)
+    samples = [dataclasses.replace(s, designed_tokens=None) for s in data.synthetic(2)]  # as a JSONL's rows
     with pytest.raises(SystemExit) as e:
         infogap.prepare(train.Config(data=str(tmp_path / "train.jsonl")), samples)
     for choice in ("--infogap auto", "--infogap FILE", "--infogap fixed:N", "--infogap off"):
         assert choice in str(e.value)
     assert infogap.prepare(train.Config(data=str(tmp_path / "b.jsonl"), stage=2), samples)  # stage 2 may go on
     assert {s.global_tokens for s in infogap.prepare(train.Config(), data.synthetic(2))} == {data.SYNTHETIC_LEVEL}
+
+
+def test_mixed_generated_data_keeps_each_parts_designed_level(capsys):
+    samples = data.load("micro:2,synthetic:1")
+    levels = {s.id.split("/")[0]: s.global_tokens for s in infogap.prepare(train.Config(data="micro:2,synthetic:1"),
+                                                                            samples)}
+    assert levels == {"micro:2": data.MICRO_LEVEL, "synthetic:1": data.SYNTHETIC_LEVEL}
+    assert "2 at 16 tokens, 1 at 64 tokens" in capsys.readouterr().out
 
 
 def test_infogap_auto_selects_caches_and_resumes(tmp_path, monkeypatch):
