@@ -32,8 +32,10 @@ section.item { border-top: 2px solid #ddd; padding: 1em 0; }
 .crop { display: flex; gap: 1em; align-items: center; } img { max-width: 100%; border: 1px solid #ccc; }
 """
 # The parts of a transcript, in the order the protocol writes them; anything else is plain text.
+# a bad call's reply: "Error: ..." inside <tool_response> (the qwen prompt), or a bare user turn (deepeyes)
 TURN = re.compile(r"<think>(?P<think>.*?)</think>|<tool_call>(?P<call>.*?)</tool_call>"
-                  r"|<tool_response>(?P<reply>.*?)</tool_response>|<answer>(?P<answer>.*?)</answer>", re.S)
+                  r"|<tool_response>(?P<reply>.*?)</tool_response>|<answer>(?P<answer>.*?)</answer>"
+                  r"|(?<=<\|im_start\|>user\n)(?P<error>Error: .*?)(?=<\|im_end\|>|$)", re.S)
 CHAT_MARKERS = re.compile(r"<\|im_(?:start|end)\|>(?:assistant|user)?\n?|<\|endoftext\|>")
 
 

@@ -10,6 +10,7 @@ import data
 import eval as ev
 import model
 import report
+from helpers import tiny_policy
 
 TEXT = ('<think>The label is small.</think>\n<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
         '[1, 2, 3, 4]}}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|vision_end|>'
@@ -64,6 +65,12 @@ def test_report_parses_into_a_page(tmp_path):
     css = open(tmp_path / "r.html").read()
     assert "pre-wrap" in css and "<pre>" not in css  # transcripts wrap to the page
     assert "given noise instead" not in css
+    # the deepeyes prompt answers a bad call with a bare user turn, no <tool_response>
+    policy = tiny_policy()
+    bare = policy.tokenizer.decode(policy.tool_turn_ids(True, error="not JSON", prompt="deepeyes"))
+    assert "<tool_response>" not in bare
+    html = report.turns("<tool_call>{bad</tool_call><|im_end|>" + bare + "<answer>B</answer>", None, [])
+    assert "<div class='turn error'><b>tool error</b>Error: not JSON</div>" in html and "<b>text</b>" not in html
     report.write_html(str(tmp_path / "n.html"), items, samples, report.markdown(summary), probe="noise-replace")
     # under a noise probe the crop shown is not what the model saw, and the page says so
     assert "the model was given noise instead (--probe noise-replace)" in open(tmp_path / "n.html").read()
