@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import urllib.parse
+import urllib.request
 
 # owner/name: what a Hugging Face Hub id looks like (Qwen's models always have an owner)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,15 +57,28 @@ def _from_hub(name, download):
         raise SystemExit(f"error: {name} is not downloaded. {hint}")
     if constants.HF_HUB_OFFLINE:
         raise SystemExit(f"error: {name} is not in the Hub cache and HF_HUB_OFFLINE is set. {hint}")
-    url = urllib.parse.urlparse(constants.ENDPOINT)
+    host, port, proxy = _first_hop(constants.ENDPOINT)
     try:  # a few seconds, instead of the Hub client's minute of retries
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
-        raise SystemExit(f"error: cannot reach {constants.ENDPOINT} to download {name} ({e}). {hint}") from None
+        via = f" through the proxy {proxy}" if proxy else ""
+        raise SystemExit(f"error: cannot reach {constants.ENDPOINT}{via} to download {name} ({e}). {hint}") from None
     try:
         return snapshot_download(name)
     except OSError as e:  # HfHubHTTPError (no such repository, gated, ...) is an OSError
         raise SystemExit(f"error: cannot download {name}: {str(e).splitlines()[0]}. {hint}") from None
+
+
+def _first_hop(endpoint):
+    """(host, port, proxy or None): where a connection to the Hub goes first. Behind a proxy (HTTPS_PROXY, ...,
+    unless NO_PROXY exempts the Hub's host) that is the proxy: the Hub itself may be unreachable directly."""
+    url = urllib.parse.urlparse(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        p = urllib.parse.urlparse(proxy if "://" in proxy else "http://" + proxy)
+        return p.hostname, p.port or (443 if p.scheme == "https" else 80), proxy
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80), None
 
 
 # ---------------------------------------------------------------- what is in it

@@ -128,6 +128,15 @@ def test_paths_are_paths_and_an_unreachable_hub_fails_fast(tmp_path, monkeypatch
     assert time.time() - t0 < 10
     assert "cannot reach http://127.0.0.1:9" in str(e.value)
     assert "hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR" in str(e.value) and "--model DIR" in str(e.value)
+    for var in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.2:7")  # behind a proxy, the proxy is what must answer
+    with pytest.raises(SystemExit, match=r"cannot reach http://127.0.0.1:9 through the proxy http://127.0.0.2:7"):
+        snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert snapshot._first_hop("https://huggingface.co") == ("huggingface.co", 443, None)  # HTTPS: no proxy set
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert snapshot._first_hop("http://127.0.0.1:9") == ("127.0.0.1", 9, None)
+    monkeypatch.delenv("HTTP_PROXY")
     with pytest.raises(SystemExit) as e:  # --dry-run: nothing is downloaded
         snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct", download=False)
     assert f"is not downloaded. No folder {tmp_path}/Qwen/Qwen2.5-VL-7B-Instruct either" in str(e.value)
