@@ -291,22 +291,12 @@ def _rollout_skipping_bad_images(policy, batch, cfg):
     return []
 
 
-def _reply(text):
-    """What an episode answered: its <answer> content; for a model that does not use the protocol (no <think>,
-    <tool_call> or <answer> tag anywhere), its bare reply; else None, no answer (a transcript cut short is not
-    scored by a letter in its thinking)."""
-    reply = rewards.extract_answer(text)
-    if reply is None and not any(tag in text for tag in ("<think>", "<tool_call>", "<answer>")):
-        return text
-    return reply
-
-
 def _item(e, seconds, text, matcher="rule"):
     """One item's result; `text` is the transcript with undecodable bytes escaped (shown in reports; scoring
     uses the rollout's own text)."""
     s = e.sample
-    return dict(id=s.id, category=s.category, answer=s.answer, reply=_reply(text),
-                correct=rewards.accuracy(_reply(e.text), s.answer, s.options, matcher), text=text, boxes_shown=e.boxes_shown,
+    return dict(id=s.id, category=s.category, answer=s.answer, reply=rewards.scored_reply(text),
+                correct=rewards.accuracy(rewards.scored_reply(e.text), s.answer, s.options, matcher), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 

@@ -135,7 +135,7 @@ def probe_held_out(policy, samples, rcfg, matcher, global_tokens=0):
         cfg = dataclasses.replace(rcfg, group_size=1, greedy=True, probe=probe, crop_from_shown=False,
                                   rollout_rows=len(samples), global_tokens=global_tokens or rcfg.global_tokens)
         eps = rollout(policy, samples, cfg, step=0)
-        out[f"heldout_{tag}accuracy"] = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer,
+        out[f"heldout_{tag}accuracy"] = sum(rewards.accuracy(rewards.scored_reply(e.text), e.sample.answer,
                                                              e.sample.options, matcher) for e in eps) / len(eps)
         if probe is None:
             out["heldout_tool_calls"] = sum(e.num_tool_calls for e in eps) / len(eps)

@@ -75,6 +75,16 @@ def extract_answer(text):
     return found[-1].strip() if found else None
 
 
+def scored_reply(text):
+    """What an episode answered, as eval and the held-out probe score it: its <answer> content; for a model that
+    does not use the protocol (no <think>, <tool_call> or <answer> tag anywhere), its bare reply; else None, no
+    answer (a transcript cut short is not scored by a letter in its thinking)."""
+    reply = extract_answer(text)
+    if reply is None and not any(tag in text for tag in ("<think>", "<tool_call>", "<answer>")):
+        return text
+    return reply
+
+
 def extract_letter(text):
     """The first standalone option letter A-E in a reply ("B", "(B)", "B. red", "The answer is B")."""
     m = LETTER_RE.search(text or "")

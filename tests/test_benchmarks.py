@@ -5,13 +5,18 @@ import csv
 import io
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 import benchmarks
+import data
 import eval as ev
+import logbook
 import report
+import rewards
+from helpers import rollout_cfg
 from rollout import DEPENDENCY_PROBE
 
 TINY = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "30"]
@@ -214,9 +219,18 @@ def test_probes_are_compared_on_the_items_every_run_has(vstar_dir, tmp_path, cap
 
 
 def test_an_unfinished_episode_is_not_scored_by_a_letter_in_its_thinking():
-    assert ev._reply("<think>Option A says red, but I need to zoom</think><tool_call>{") is None
-    assert ev._reply("<think>it is red</think><answer>A</answer>") == "A"
-    assert ev._reply("B") == "B"  # a model that does not use the protocol: its bare reply
+    assert rewards.scored_reply("<think>Option A says red, but I need to zoom</think><tool_call>{") is None
+    assert rewards.scored_reply("<think>it is red</think><answer>A</answer>") == "A"
+    assert rewards.scored_reply("B") == "B"  # a model that does not use the protocol: its bare reply
+
+
+def test_the_held_out_probe_scores_replies_as_eval_does(monkeypatch):
+    s = data.micro(1)[0]
+    texts = iter([s.answer, "<think>x</think>", "C", "<think>x</think>"])  # bare right, tags but no answer
+    monkeypatch.setattr(logbook, "rollout", lambda policy, samples, cfg, step: [
+        SimpleNamespace(text=next(texts), sample=s, num_tool_calls=0) for _ in samples])
+    out = logbook.probe_held_out(None, [s, s], rollout_cfg(), "rule")
+    assert out["heldout_accuracy"] == 0.5 and out["heldout_noise_accuracy"] == float(s.answer == "C") / 2
 
 
 def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, monkeypatch, capsys):
