@@ -4,8 +4,9 @@ resample.py (crop + resample + normalise + patchify) and logprobs.py (selective 
 KERNELS=auto (default): the torch path, except on a GPU where `bench.py` (or `make gpu-check`) measured the
 kernel faster than the torch path on this card: a kernel earns its place by measurement, never by device
 type. The measurements live in runs/kernel_choice.json (per card name, per op; KERNEL_CHOICE= names
-another file). KERNELS=ref: always torch. KERNELS=triton: always Triton (on CPU tensors this needs
-TRITON_INTERPRET=1; the tests use it).
+another file). KERNELS=ref: always torch. KERNELS=triton: Triton for every CUDA tensor, and for CPU tensors
+under TRITON_INTERPRET=1 (the tests); a CPU tensor without the interpreter (warmstart's images on a GPU box)
+takes the torch path, which is all that can run it.
 
 The name: run from the repository root, `import kernels` finds this folder before Hugging Face's `kernels`
 package (the kernel hub client) when that is installed, and transformers and bitsandbytes import that
@@ -47,7 +48,8 @@ def measured(op, device):
         table = _measured(path, os.path.getmtime(path))
     except (OSError, ValueError):
         return {}
-    entry = table.get(torch.cuda.get_device_name(device), {}).get(op)
+    card = table.get(torch.cuda.get_device_name(device)) if isinstance(table, dict) else None
+    entry = card.get(op) if isinstance(card, dict) else None  # a hand-edited file may hold anything
     return entry if isinstance(entry, dict) else {}
 
 
@@ -65,7 +67,10 @@ def record_winner(op, winner, times, **chosen):
             table = json.load(f)
     except (OSError, ValueError):
         table = {}
-    table.setdefault(torch.cuda.get_device_name(), {})[op] = dict(winner=winner, seconds=times, **chosen)
+    table = table if isinstance(table, dict) else {}
+    card = table.get(torch.cuda.get_device_name())
+    card = table[torch.cuda.get_device_name()] = card if isinstance(card, dict) else {}
+    card[op] = dict(winner=winner, seconds=times, **chosen)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -78,7 +83,9 @@ def _use_triton(op, t):
     mode = os.environ.get("KERNELS", "auto")
     if mode not in ("auto", "ref", "triton"):
         raise ValueError(f"KERNELS={mode!r}: expected auto, ref or triton")
-    return mode == "triton" or (mode == "auto" and t.is_cuda and measured_winner(op, t.device) == "triton")
+    if mode == "triton":
+        return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return mode == "auto" and t.is_cuda and measured_winner(op, t.device) == "triton"
 
 
 def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):

@@ -116,6 +116,15 @@ def _lse_partials_kernel(
             z += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             z += tl.dot(h, tl.trans(w))
+    # rounded to the head's dtype, as the gradient path's matmul (and torch's) hands its logits over, so the old
+    # and reference log-probs (this kernel) equal the policy's (that path) for the same weights: fp32 logits here
+    # would put the ratio of two equal policies anywhere in 0.95-1.06. bf16 by its bits, to nearest even (the
+    # interpreter's cast truncates)
+    if w_ptr.dtype.element_ty == tl.bfloat16:
+        bits = z.to(tl.uint32, bitcast=True)
+        z = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+    elif w_ptr.dtype.element_ty == tl.float16:
+        z = z.to(tl.float16).to(tl.float32)
     z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
     # this block's share of the logsumexp: max m, sum e^(z - m); merged across blocks on the host
     m = tl.max(z, axis=1)
@@ -178,7 +187,8 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy, blocks=N
     scale = torch.exp(m - top)  # (N, slots)
     total = (s * scale).sum(1)
     lse = top[:, 0] + total.log()
-    z_target = (hidden.float() * weight[targets].float()).sum(-1) / temperature  # exact products, fp32 sum
+    # exact products, an fp32 sum, rounded as the tile's logits are
+    z_target = (hidden.float() * weight[targets].float()).sum(-1).to(weight.dtype).float() / temperature
     entropy = lse - (ez * scale).sum(1) / total if with_entropy else None  # H = lse - E_p[z]
     return z_target - lse, entropy
 
@@ -215,6 +225,9 @@ def _softmax_rows_kernel(
     tl.store(logp_ptr + row, z_t - lse)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, lse - ez / s)  # H = lse - E_p[z]
+    # every warp has read z_t before any writes p over it: without the barrier, a warp that owns the target's
+    # column may store p[t] before another's load of z_t is served
+    tl.debug_barrier()
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < V

@@ -1,5 +1,6 @@
 """kernels.selective_logprobs: the chunked torch path and the Triton kernel (interpreted on CPU, compiled on a
 GPU) against the naive log_softmax + gather, forward and backward."""
+import json
 import os
 
 import pytest
@@ -145,6 +146,15 @@ def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path)
     assert not pick(gpu)
     monkeypatch.setenv("KERNELS", "triton")
     assert pick(gpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor on a GPU box (warmstart's images): torch
+    assert not pick(SimpleNamespace(is_cuda=False, device="cpu"))
+    monkeypatch.setenv("KERNELS", "auto")
+    for broken in ([], {"A100": []}, {"A100": {"logprobs": "triton"}}):  # a hand-edited file: as never measured
+        (tmp_path / "choice.json").write_text(json.dumps(broken))
+        os.utime(tmp_path / "choice.json", (1, len(str(broken))))  # a new mtime: the cache reads it again
+        assert not pick(gpu)
+        kernels.record_winner("logprobs", "triton", dict(triton=0.03))  # and a measurement replaces it
+        assert pick(gpu)
 
 
 # ---------------------------------------------------------------- the Triton kernel (interpreted on CPU, in fp32)
@@ -219,6 +229,18 @@ def test_triton_kernel_bf16_inputs_within_twice_torch_error():
     for need_grad in (False, True):  # each kernel
         ours, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, need_grad, (16, 128, 32))
         assert (ours - exact).abs().max() <= 2 * (torch_bf16 - exact).abs().max() + 1e-3
+
+
+def test_one_policys_old_and_new_logprobs_agree_in_bf16():
+    """The ratio of two equal policies is 1: the no-grad kernel (old and reference log-probs) rounds its logits to
+    the head's dtype as the gradient path's matmul does. With fp32 logits there it was anywhere in 0.95-1.07 here.
+    On a GPU the two sum in different orders, so a logit near a rounding boundary may round apart: the median."""
+    h, w, t = _inputs(64, 64, 1000, torch.bfloat16, device=KERNEL_DEVICE)
+    w = w * 8  # logits up to ~30, an LM's range, where bf16's step is 1/16 to 1/8
+    old, _, _ = lp._triton_sweep(h.detach(), w, t, 1.0, False, False)
+    for sweep in (lp._triton_sweep, lp._torch_sweep):  # the gradient paths
+        new, _, _ = sweep(h.detach(), w, t, 1.0, False, True)
+        assert (old - new).abs().median() < 1e-4 and (old - new).abs().mean() < 2e-3
 
 
 def test_each_size_class_of_n_autotunes_its_own_tiles():
