@@ -81,7 +81,7 @@ def scored_reply(text):
     answer (a transcript cut short is not scored by a letter in its thinking)."""
     reply = extract_answer(text)
     if reply is None and not any(tag in text for tag in ("<think>", "<tool_call>", "<answer>")):
-        return text
+        return END_TOKENS_RE.sub("", text).strip()
     return reply
 
 
@@ -99,8 +99,11 @@ def _reply_letter(reply):
 
 
 def normalize(text):
-    """Lowercase, drop punctuation, articles and extra spaces (short-answer matching)."""
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    """Lowercase, drop punctuation, articles and extra spaces (short-answer matching). A number keeps its sign,
+    point, fraction bar, ratio colon and percent: "3.5" is not "35", nor "-3" "3", nor "1/2" "12"."""
+    text = text.lower()
+    keep = {m.start() for m in NUMBER_PUNCT_RE.finditer(text)}
+    text = "".join(c for i, c in enumerate(text) if c not in string.punctuation or i in keep)
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
@@ -113,10 +116,12 @@ def accuracy(reply, answer, options=None, matcher="rule"):
         return 0.0
     if options:
         return float(picked_option(reply, options) == answer.strip().upper())
-    if re.fullmatch(r"[A-E]", answer.strip()):  # an option letter without the options (e.g. DeepEyes' data)
-        return float(_reply_letter(reply) == answer.strip())
+    if re.fullmatch(r"\(?[A-E]\)?[.:]?", answer.strip()):  # an option letter without the options (DeepEyes' data)
+        return float(_reply_letter(reply) == answer.strip().strip("().:"))
     if matcher not in MATCHERS:
         raise ValueError(f"matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+    if not normalize(answer):  # an answer of punctuation or articles only: nothing is left to compare but itself
+        return float(reply.strip().lower() == answer.strip().lower())
     if normalize(reply) == normalize(answer):
         return 1.0
     if matcher == "math" and _math_equal(reply, answer):
@@ -127,6 +132,8 @@ def accuracy(reply, answer, options=None, matcher="rule"):
 PAIRED = {"<think>": "</think>", "<tool_call>": "</tool_call>"}
 MATCHERS = ("exact", "rule", "math")
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+NUMBER_PUNCT_RE = re.compile(r"(?<=\d)[./:](?=\d)|-(?=\.?\d)|(?<=\d)%|\.(?=\d)")  # what normalize keeps
+END_TOKENS_RE = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
 
 
 def _numbers(text):
@@ -192,17 +199,17 @@ ERROR_TURN_RE = re.compile(r"<tool_response>Error: |<\|im_start\|>user\nError: "
 
 def format_ok(text):
     """Well formed: <think>/<tool_call> tags open and close in order, no tool error replies, exactly one
-    <answer>, at the end."""
+    <answer>...</answer> (no stray tag of it), at the end."""
     if ERROR_TURN_RE.search(text):  # a tool call that got an error reply
         return False
     text = assistant_text(text)  # what the policy wrote
     stray = strip_spans(text, PAIRED)
     if any(tag in stray for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>")):
         return False
-    if len(tag_contents(text, "<answer>", "</answer>")) != 1:
+    if text.count("<answer>") != 1 or text.count("</answer>") != 1 or len(tag_contents(text, "<answer>", "</answer>")) != 1:
         return False
     tail = text[text.rfind("</answer>") + len("</answer>"):]
-    return tail.replace("<|im_end|>", "").strip() == ""
+    return END_TOKENS_RE.sub("", tail).strip() == ""  # either end token closes a turn (rollout.py)
 
 
 def area(b):

@@ -88,6 +88,23 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("b", "B", OPTIONS, 1.0),  # a lone lowercase letter is that letter
     ("(c)", "C", OPTIONS, 1.0),
     ("d.", "B", OPTIONS, 0.0),
+    # numbers are numbers: their points, signs, fraction bars, colons and percents are not punctuation
+    ("35", "3.5", None, 0.0),
+    ("3", "-3", None, 0.0),
+    ("12", "1/2", None, 0.0),
+    ("125", "12.5%", None, 0.0),
+    ("21", "2:1", None, 0.0),
+    ("3.50", "3.5", None, 1.0),
+    ("1000", "1,000", None, 1.0),
+    ("1/2", "1/2", None, 1.0),
+    # an answer that normalises to nothing is not matched by an empty reply
+    ("", "The", None, 0.0),
+    (".", "...", None, 0.0),
+    ("...", "...", None, 1.0),
+    # a letter answer with its punctuation, without the options
+    ("A", "(A)", None, 1.0),
+    ("", "(A)", None, 0.0),
+    ("B.", "B.", None, 1.0),
 ])
 def test_accuracy(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
@@ -111,6 +128,7 @@ def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected)
     ("An  apple, a day.", "apple day"),
     ("  THE end ", "end"),
     ("there", "there"),  # only whole words are articles
+    ("Well-known, 3.5 m; -2, 1/2, 50% at 2:1.", "wellknown 3.5 m -2 1/2 50% at 2:1"),
 ])
 def test_normalize(text, expected):
     assert rewards.normalize(text) == expected
@@ -151,6 +169,11 @@ CROP_REPLY = "<|im_end|>\n<|im_start|>user\n<tool_response><|vision_start|><|vis
     # tags in the wrong order, though balanced in count
     ("</think>x<think><answer>B</answer>", False),
     (f"</tool_call>{CALL.replace('</tool_call>', '')}<tool_call><answer>B</answer>", False),
+    # stray answer tags around the one closed pair
+    ("<think>x</think><answer>A<answer>B</answer>", False),
+    ("<think>x</think></answer> junk <answer>B</answer>", False),
+    # <|endoftext|> ends a turn as <|im_end|> does (rollout.py)
+    ("<think>x</think><answer>B</answer><|endoftext|>", True),
 ])
 def test_format_ok(text, expected):
     assert rewards.format_ok(text) is expected
@@ -329,3 +352,9 @@ def test_a_lone_letter_is_a_letter_before_it_is_an_options_text():
     assert rewards.picked_option("B", ["B", "E", "F", "A"]) == "B"  # not option A, whose text is "B"
     assert rewards.picked_option("A", ["the", "a cat"]) == "A"  # "A" normalises to "" (an article), like "the"
     assert rewards.picked_option("a cat", ["the", "a cat"]) == "B"  # an option's own text
+
+
+def test_a_bare_reply_is_scored_without_its_end_token():
+    """A model that ignores the protocol: its reply, not the turn's closing token, is what is scored."""
+    assert rewards.scored_reply("red car<|im_end|>") == "red car"
+    assert rewards.accuracy(rewards.scored_reply("Blue car<|endoftext|>"), "B", OPTIONS) == 1.0
