@@ -83,6 +83,18 @@ def check_box(box, shown_wh, orig_wh, min_side=MIN_SIDE, max_aspect=MAX_ASPECT):
     return (x1, y1, x2, y2), None
 
 
+def fit_box(box, wh, min_side=MIN_SIDE, max_aspect=MAX_ASPECT):
+    """A box not of the model's making (the gt-box probe's), in the pixels of an image of size wh -> the integer
+    box the tool cuts: clamped, each side grown about its centre to min_side and to 1/max_aspect of the longer
+    (a thin annotated box is a valid crop, where the model's would be refused)."""
+    W, H = wh
+    x1, y1, x2, y2 = max(0.0, box[0]), max(0.0, box[1]), min(float(W), box[2]), min(float(H), box[3])
+    side = max(min_side, max(x2 - x1, y2 - y1) / max_aspect)
+    x1, x2 = _grow(x1, x2, side, W)
+    y1, y2 = _grow(y1, y2, side, H)
+    return round(x1), round(y1), round(x2), round(y2)
+
+
 def _grow(lo, hi, min_side, limit):
     """Grow [lo, hi) about its centre to at least min_side, shifted to stay inside [0, limit)."""
     if hi - lo >= min_side:

@@ -554,11 +554,10 @@ def _crop_request(row, box, cfg):
     encoding, so the tool turn's length is too."""
     sample = row.ep.sample
     if cfg.probe == "gt-box" and sample.boxes:
-        box = sample.boxes[0]  # the original's pixels; cut from the shown image, in its pixels (at least one)
+        box = sample.boxes[0]  # the original's pixels; cut from the shown image, in its pixels
         if row.orig_wh is not None:
             box = crop.map_box(box, row.orig_wh, row.source_wh)
-        box = tuple(round(v) for v in box)
-        box = box[:2] + (max(box[2], box[0] + 1), max(box[3], box[1] + 1))
+        box = crop.fit_box(box, row.source_wh)  # grown to the tool's least side, as the model's box would be
     x1, y1, x2, y2 = box
     h, w = crop.crop_size(box, row.shown_wh, row.source_wh, crop.tokens_to_pixels(cfg.crop_tokens))
     source = row.orig

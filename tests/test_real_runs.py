@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import crop
 import data
 import infogap
 import model
@@ -126,7 +127,8 @@ def test_the_gt_box_probe_cuts_the_samples_box_from_the_shown_image_in_its_pixel
     (sh, sw), (w, h) = source.shape[:2], (sample.width, sample.height)
     expected = (sample.boxes[0][0] * sw / w, sample.boxes[0][1] * sh / h,
                 sample.boxes[0][2] * sw / w, sample.boxes[0][3] * sh / h)
-    assert max(abs(a - b) for a, b in zip(box, expected)) <= 1 and box[2] <= sw and box[3] <= sh
+    assert tuple(box) == crop.fit_box(expected, (sw, sh))  # grown to the tool's 28 px, as the model's box would be
+    assert min(box[2] - box[0], box[3] - box[1]) >= 28 and box[2] <= sw and box[3] <= sh
     # with the gap, the crop is the sample's box in the original, and the episode records that box, not the model's
     cut.clear()
     (ep,) = rollout(p, [sample], dataclasses.replace(cfg, crop_from_shown=False), force=force)

@@ -1,4 +1,5 @@
 """rollout.py: the tool protocol, crops from the original, masks, limits, and exact log-probs."""
+import dataclasses
 
 import pytest
 import torch
@@ -137,6 +138,17 @@ def test_recorded_logprobs_equal_a_full_forward():
         full = model.sequence_logprobs(p, batch, temperature=0.9)
     recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
     torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+
+
+def test_the_gt_box_probe_cuts_a_thin_annotated_box():
+    """A ground-truth box one pixel high (valid data) is cut as the tool cuts any box: grown to 28 px (it raised
+    in smart_resize's aspect check)."""
+    p = tiny_policy()
+    s = dataclasses.replace(data.synthetic(1, seed=10)[0], boxes=[[100, 486, 400, 487]])
+    force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER]})
+    (gt,) = rollout(p, [s], rollout_cfg(group_size=1, probe="gt-box"), force=force)
+    x1, y1, x2, y2 = gt.boxes[0]
+    assert (x1, x2, y2 - y1) == (100, 400, 28) and y1 <= 486 and y2 >= 487
 
 
 def test_sampling_is_seeded():
