@@ -24,7 +24,7 @@ PANELS = [
     ("accuracy", ["accuracy"]),
     ("format errors (share of episodes)", ["-format"]),
     ("tool calls (solid), tool errors (dashed) per episode", ["tool_calls", "tool_errors"]),
-    ("IoU (solid), coverage (dashed), stage 2", ["iou", "coverage"]),
+    ("first crop: best IoU (solid), B1 coverage (dashed)", ["iou", "coverage"]),
     ("held-out accuracy (solid), crops -> noise (dashed)", ["heldout_accuracy", "heldout_noise_accuracy"]),
     ("crop dependency (held-out)", ["crop_dependency"]),
     ("response length (tokens)", ["response_len"]),

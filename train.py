@@ -233,17 +233,35 @@ def optimizer_step(policy, optimizer, sums, cfg):
 
 
 def train_step(policy, optimizer, episodes, advantages, cfg):
-    """ppo_epochs optimizer steps on a batch of episodes with their advantages (all of them in memory)."""
+    """ppo_epochs optimizer steps on a batch of episodes with their advantages (all of them in memory). Out of
+    memory in a later epoch puts the adapter and optimizer back as they were before the first, so the retried
+    step (Retry) applies ppo_epochs updates, not more."""
     old = None
     if cfg.ppo_epochs > 1:  # the ratio needs the log-probs before any update
         with torch.no_grad():
             old = [model.sequence_logprobs(policy, collate(policy, [episodes[i] for i in idx]), cfg.temperature)
                    for idx in _micro_batches(len(episodes), cfg.micro_batch, cfg.group_size)]
-    for _ in range(cfg.ppo_epochs):
-        stats = optimizer_step(policy, optimizer, accumulate_gradients(policy, episodes, advantages, cfg, old), cfg)
-        if stats["skipped"]:
-            break
+    before = _on_cpu(([p.detach() for p in policy.trainable_parameters()], optimizer.state_dict()))
+    try:
+        for _ in range(cfg.ppo_epochs):
+            stats = optimizer_step(policy, optimizer, accumulate_gradients(policy, episodes, advantages, cfg, old), cfg)
+            if stats["skipped"]:
+                break
+    except torch.OutOfMemoryError:
+        for p, saved in zip(policy.trainable_parameters(), before[0]):
+            p.data.copy_(saved)
+        optimizer.load_state_dict(before[1])
+        raise
     return stats
+
+
+def _on_cpu(x):
+    """A copy of nested lists and dicts with every tensor in it on the CPU."""
+    if torch.is_tensor(x):
+        return x.to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    return [_on_cpu(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 # ---------------------------------------------------------------- the run
@@ -389,6 +407,11 @@ def train(cfg, resume=None):
         state = restore_checkpoint(saved, policy, optimizer)
         start, halved, skipped = state["step"], state.get("oom_halved"), state.get("bad_ids") or []
         print(f"resumed from {ckpt} at step {start}")
+        for group in optimizer.param_groups:  # the optimizer's moments come back; its settings are this run's
+            for key in ("lr", "weight_decay"):
+                if group[key] != getattr(cfg, key):
+                    print(f"  {key}: {group[key]!r} in the checkpoint -> {getattr(cfg, key)!r} from now on")
+                    group[key] = getattr(cfg, key)
         if halved:  # the run had halved them after running out of memory: it goes on so, with no second retry
             cfg.micro_batch, cfg.rollout_rows = halved
             print(f"with micro_batch={cfg.micro_batch}, rollout_rows={cfg.rollout_rows}: halved after an out-of-memory "
@@ -493,8 +516,12 @@ def field_help():
 
 
 # fields whose value must be at least 1 (0 would divide by zero, loop forever or train on nothing)
-AT_LEAST_ONE = ("steps", "prompts_per_step", "group_size", "micro_batch", "num_epochs", "max_turns",
-                "max_turn_tokens", "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
+AT_LEAST_ONE = ("steps", "prompts_per_step", "micro_batch", "ppo_epochs", "max_turns", "max_turn_tokens",
+                "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
+# fields that take one of a few words (a typo would otherwise run as some default)
+CHOICES = dict(loss_agg=("micro-token-mean", "token-mean"), decode=("auto", "graphs", "static", "dynamic"),
+               matcher=rewards.MATCHERS, prompt=model.PROMPTS, base_precision=model.PRECISIONS,
+               infogap_never=("coarsest", "reference", "drop"))
 
 
 def override_pairs(items):
@@ -530,6 +557,10 @@ def parse_overrides(cfg, items):
             raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
         if key in AT_LEAST_ONE and new < 1:
             raise SystemExit(f"error: --{key} must be at least 1, got {value!r}")
+        if key == "group_size" and new < 2:  # a group of one has no advantage: it would train on nothing
+            raise SystemExit(f"error: --group_size must be at least 2 (GRPO compares rollouts of a prompt), got {value!r}")
+        if key in CHOICES and new not in CHOICES[key]:
+            raise SystemExit(f"error: --{key} {value!r}: expected one of {', '.join(CHOICES[key])}")
         if key == "rollout_rows" and new < 0:
             raise SystemExit(f"error: --rollout_rows must be at least 0 (0: the most that fit), got {value!r}")
         print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")

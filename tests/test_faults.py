@@ -115,6 +115,23 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
     assert "out of memory again at step 1" in str(e.value) and "Estimated peak" in str(e.value)
 
 
+def test_out_of_memory_in_a_later_ppo_epoch_redoes_the_step_from_its_start(tmp_path, monkeypatch):
+    """ppo_epochs=2, out of memory in the second update: the adapter and optimizer go back to the step's start,
+    so the retried step applies two updates in all (it applied three)."""
+    real, calls = train.optimizer_step, {"n": 0}
+
+    def oom_second(policy, optimizer, sums, cfg):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(policy, optimizer, sums, cfg)
+
+    monkeypatch.setattr(train, "optimizer_step", oom_second)
+    train.train(_cfg(tmp_path, steps=1, ppo_epochs=2))
+    opt = torch.load(tmp_path / "step_000001" / "optimizer.pt", weights_only=True)
+    assert calls["n"] == 4 and {int(s["step"]) for s in opt["state"].values()} == {2}
+
+
 def test_a_resumed_run_keeps_the_halved_batch_and_its_one_retry(tmp_path, monkeypatch, capsys):
     """An out-of-memory retry's settings are the run's from then on: a resume goes on with them (and a second
     out-of-memory error stops it, as it would have stopped the run that was not killed)."""

@@ -29,10 +29,17 @@ def test_space_form_overrides_and_counts_below_one(capsys):
     assert (cfg.steps, cfg.lr, cfg.group_size) == (4, 3e-4, 2)
     for key in ("group_size", "prompts_per_step", "steps", "micro_batch"):
         for bad in (["--" + key, "0"], [f"--{key}=-1"]):
-            with pytest.raises(SystemExit, match=f"--{key} must be at least 1"):
+            with pytest.raises(SystemExit, match=f"--{key} must be at least {2 if key == 'group_size' else 1}"):
                 train.parse_overrides(train.Config(), bad)
     with pytest.raises(SystemExit, match="needs a value"):
         train.parse_overrides(train.Config(), ["--steps", "--lr=1"])
+    with pytest.raises(SystemExit, match="--ppo_epochs must be at least 1"):  # it crashed after a whole rollout
+        train.parse_overrides(train.Config(), ["--ppo_epochs=0"])
+    with pytest.raises(SystemExit, match="--group_size must be at least 2"):  # every advantage 0: nothing learnt
+        train.parse_overrides(train.Config(), ["--group_size=1"])
+    for key, typo in (("loss_agg", "token_mean"), ("decode", "graph"), ("matcher", "rules"), ("prompt", "DeepEyes")):
+        with pytest.raises(SystemExit, match=f"--{key} '{typo}': expected one of"):  # ran as the default, silently
+            train.parse_overrides(train.Config(), [f"--{key}={typo}"])
 
 
 def test_lora_r_must_match_the_init_adapter(tmp_path, capsys):
@@ -126,6 +133,18 @@ def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path
     assert "resumed from" in capsys.readouterr().out
     assert (run / "step_000003").is_dir() and not (tmp_path / "runs").exists()
     assert json.load(open(run / "final" / "state.json"))["step"] == 3
+
+
+def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished_run, tmp_path, monkeypatch, capsys):
+    """The optimizer's moments come from the checkpoint, its settings from the command line (they were the
+    checkpoint's, while config.json recorded the new ones)."""
+    run = _copy(finished_run, tmp_path)
+    seen, real = [], train.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda policy, opt, sums, cfg: seen.append(
+        {k: opt.param_groups[0][k] for k in ("lr", "weight_decay")}) or real(policy, opt, sums, cfg))
+    train.train(_cfg(run, steps=3, lr=1e-7, weight_decay=0.5), resume=str(run))
+    assert seen == [dict(lr=1e-7, weight_decay=0.5)]
+    assert "-> 1e-07 from now on" in capsys.readouterr().out
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(finished_run, tmp_path, capsys):
