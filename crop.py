@@ -126,7 +126,8 @@ def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels=None, out
     """Many boxes of one uint8 image in one call (None = whole image) -> (pixel_values, grid_thw (K, 3)).
     Each crop is resized with smart_resize under max_pixels, or to the given `out_hw` sizes (multiples of 28)."""
     H, W, _ = image_u8.shape
-    boxes = [(0, 0, W, H) if b is None else b for b in boxes]
+    # whole pixels, rounded as PIL's Image.crop rounds (the resample would truncate a fractional box)
+    boxes = [(0, 0, W, H) if b is None else tuple(round(v) for v in b) for b in boxes]
     if out_hw is None:
         out_hw = [smart_resize(y2 - y1, x2 - x1, min_pixels=min_pixels, max_pixels=max_pixels)
                   for x1, y1, x2, y2 in boxes]

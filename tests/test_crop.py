@@ -406,6 +406,9 @@ def test_encode_crops_batches_like_single_calls():
     assert torch.equal(pv, torch.cat([p for p, _ in singles]))
     # None is the whole image; a tensor input gives what the PIL input gives
     assert torch.equal(singles[0][0], crop.encode_image(u8, (0, 0, 300, 200), max_pixels=64 * TOK)[0])
+    # a fractional box is the box PIL's crop would cut: rounded, not truncated
+    assert torch.equal(crop.encode_image(u8, (10.6, 20.6, 66.6, 76.6), max_pixels=64 * TOK)[0],
+                       crop.encode_image(u8, (11, 21, 67, 77), max_pixels=64 * TOK)[0])
 
 
 # ------------------------------------------------------------------ check_box
