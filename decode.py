@@ -97,9 +97,9 @@ class StaticDecode:
             self.graph = None
             self.cache = StaticCache(config=self.policy.lm.config.text_config, max_cache_len=cols)
             first = batch.cache.layers[0].keys
-            for layer in self.cache.layers:
-                shape = (rows,) + first.shape[1:2] + (cols,) + first.shape[3:]
-                layer.lazy_initialization(first.new_zeros(shape), first.new_zeros(shape))
+            for layer in self.cache.layers:  # it reads its arguments' shapes and makes its own (rows, cols) buffers
+                shape = (rows,) + first.shape[1:2] + (0,) + first.shape[3:]
+                layer.lazy_initialization(first.new_empty(shape), first.new_empty(shape))
             self.ids = torch.full((rows, 1), self.policy.pad, dtype=torch.long, device=dev)
             self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=dev)
             self.mask = torch.zeros(rows, cols, dtype=torch.long, device=dev)
@@ -136,14 +136,17 @@ class StaticDecode:
 
     def _capture(self):
         """Record one decode forward as a CUDA graph (warmed up on a side stream, as torch asks). The warm-up and
-        the capture each advance the cache's counters and write a column: both are rewound."""
+        the capture each advance the cache's counters and write a column: both are rewound. Out of memory is the
+        training loop's to handle (train.Retry halves the rows), not a reason to give up graphs."""
         started, lengths = time.perf_counter(), [layer.cumulative_length.clone() for layer in self.cache.layers]
+        before = None
         try:
+            before = torch.cuda.current_stream()
             stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(before)
             with torch.cuda.stream(stream):
                 self._run()
-            torch.cuda.current_stream().wait_stream(stream)
+            before.wait_stream(stream)
             for layer, c in zip(self.cache.layers, lengths):
                 layer.cumulative_length.copy_(c)
             graph = torch.cuda.CUDAGraph()
@@ -153,10 +156,19 @@ class StaticDecode:
             torch.cuda.synchronize()
             counters["captures"] += 1
             counters["capture_seconds"] += time.perf_counter() - started
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to capture: eager static steps from here on
             global graphs_failed
-            graphs_failed = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
+            why = [f"{type(x).__name__}: {str(x)[:200]}" for x in (e.__context__, e) if x is not None]
+            # an op that failed inside the capture (its cause, first) makes capture_end fail too
+            graphs_failed = f"CUDA graph capture failed ({'; then '.join(why)})"
             print(f"warning: {graphs_failed}; decoding without graphs for the rest of this process")
             self.graphs, self.graph = False, None
-        for layer, c in zip(self.cache.layers, lengths):
-            layer.cumulative_length.copy_(c)
+        finally:
+            # a failed capture_end skips torch.cuda.graph's own restore: every later kernel (the eager steps, the
+            # training) would run on the capture stream, and memory cached on the default one sit unused
+            if before is not None:
+                torch.cuda.set_stream(before)
+            for layer, c in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(c)

@@ -81,6 +81,79 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
     assert not again.graphs and not decode.StaticDecode(p).graphs and "capture failed" not in capsys.readouterr().out
 
 
+def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_up(monkeypatch, capsys):
+    """torch.cuda's streams and graph stubbed on a CPU (torch.cuda.graph is torch's own class). An op that fails
+    inside the capture makes capture_end raise, and torch.cuda.graph's exit then skips its stream restore: the
+    eager fallback and all training after it ran on the capture stream. Out of memory while capturing goes up
+    to the training loop (which halves the rows); it was taken for a failed capture, graphs off for good."""
+    current, capturing = ["default"], [False]
+
+    class Stream:
+        def __init__(self, name="capture"):
+            self.name = name
+
+        def wait_stream(self, other):
+            pass
+
+    class StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.stream.name
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    class Graph:
+        def capture_begin(self, *a, **kw):
+            capturing[0] = True
+
+        def capture_end(self):
+            capturing[0] = False
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    for name, fake in dict(Stream=Stream, stream=StreamContext, current_stream=lambda *a: Stream(current[0]),
+                           set_stream=lambda s: current.__setitem__(0, s.name), synchronize=lambda *a: None,
+                           empty_cache=lambda: None, CUDAGraph=Graph).items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)
+    monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)  # torch keeps the first one made
+    monkeypatch.setattr(decode, "graphs_failed", None)
+    real_run, fail = decode.StaticDecode._run, {}
+
+    def run(self):
+        if fail.get("oom"):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if capturing[0]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        real_run(self)
+
+    monkeypatch.setattr(decode.StaticDecode, "_run", run)
+    p = tiny_policy()
+    cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
+    for case in ("inside", "oom"):
+        fail["oom"] = case == "oom"
+        rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
+        with torch.no_grad():
+            batch = rollout_module._prefill(p, rows, 2)
+            for r in batch.live:
+                r.pending, r.pending_images = [p.encode("hm")[0]], []
+            static = decode.StaticDecode(p, graphs=True)
+            static.load(batch)
+            if case == "inside":
+                static.step(batch.live)
+                assert current[0] == "default" and not static.graphs
+                assert "operation not permitted when stream is capturing" in capsys.readouterr().out
+            else:
+                monkeypatch.setattr(decode, "graphs_failed", None)
+                length = static.cache.layers[0].cumulative_length.clone()
+                with pytest.raises(torch.OutOfMemoryError):
+                    static.step(batch.live)
+                assert decode.graphs_failed is None and current[0] == "default"
+                assert torch.equal(static.cache.layers[0].cumulative_length, length)  # rewound
+
+
 def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(monkeypatch):
     """A new shape of the static cache means new buffers and, on a GPU, a new capture; a batch that fits the loaded
     buffers at most twice over (rows and columns) keeps them. No bucket holds more rows than the rollout has in
@@ -177,12 +250,22 @@ def test_the_static_decode_step_never_waits_for_the_device(monkeypatch, precisio
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_replays_give_the_dynamic_paths_episodes(capsys):
-    p = model.load_policy("tiny", lora_r=4, lora_alpha=8, device="cuda")
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_graph_replays_give_the_dynamic_paths_episodes(capsys, precision):
+    """NF4 + LoRA is what a real run captures (bitsandbytes' kernels inside the graph). There bitsandbytes and
+    cuBLAS choose their kernels by row count, and a static step runs at its bucket's rows: the last bits may
+    differ from the dynamic path's, so a sampled token may too. Its episodes are compared up to that token."""
+    if precision == "nf4":
+        pytest.importorskip("bitsandbytes")
+    p = model.load_policy("tiny", lora_r=4, lora_alpha=8, precision=precision, device="cuda")
     captures = decode.counters["captures"]
     dynamic, graphs = _episodes(p, "dynamic"), _episodes(p, "graphs")
     assert "capture failed" not in capsys.readouterr().out  # the replays ran, not the eager fallback
     assert decode.counters["captures"] > captures
-    assert [e.ids for e in graphs] == [e.ids for e in dynamic]
+    if precision == "fp32":
+        assert [e.ids for e in graphs] == [e.ids for e in dynamic]
     for a, b in zip(graphs, dynamic):
-        torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-3, rtol=0)
+        same = next((i for i, (x, y) in enumerate(zip(a.ids, b.ids)) if x != y), min(len(a.ids), len(b.ids)))
+        assert same > a.prompt_len  # the first token at least
+        torch.testing.assert_close(torch.tensor(a.logps[:same]), torch.tensor(b.logps[:same]),
+                                   atol=1e-3 if precision == "fp32" else 5e-2, rtol=0)
