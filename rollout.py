@@ -18,8 +18,10 @@ row.
 
 Sampling runs on the policy's device, batched over rows: temperature, top-p and the draw (inverse CDF with
 one uniform per row and step from a counter-based hash of (seed, step, prompt, sample, draw), so a row's
-tokens depend on nothing else: not on the batch, the device or the other rows). The chosen ids and their
-log-probs come back to the host in one small copy per step.
+draws depend on nothing else: not on the batch, the device or the other rows; its tokens neither, as far as
+the model's numbers do not: on a GPU, a 4-bit or bf16 matmul may differ in its last bits with the batch's
+rows, and a draw at a probability boundary with them). The chosen ids and their log-probs come back to the
+host in one small copy per step.
 
 Tool protocol (DeepEyes): `<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2,
 y2]}}</tool_call>` in the frame of the shown global image; the reply is a user turn `<tool_response>` + the
