@@ -399,7 +399,8 @@ def probe_summary(bench, root="runs/eval"):
     returned crop is noise), per setting: folders under `root` whose run.json differs only in the probe. Each
     folder's summary is rebuilt from all its shards' items. Returns one {probe: summary} per setting. A root
     that holds `make experiment`'s seed folders (s<seed>/eval) gets the table over seeds instead."""
-    seeds = sorted(d for d in os.listdir(root) if re.fullmatch(r"s\d+", d)) if os.path.isdir(root) else []
+    seeds = sorted((d for d in os.listdir(root) if re.fullmatch(r"s\d+", d)), key=lambda d: int(d[1:])) \
+        if os.path.isdir(root) else []
     if seeds:
         print(report.seeds_table([probe_tables(bench, os.path.join(root, d, "eval")) for d in seeds], seeds))
         return
@@ -420,7 +421,10 @@ def probe_tables(bench, root):
         # noise_sigma only changes the noise probe's runs: it does not part them from their plain run
         key = json.dumps({k: v for k, v in run["settings"].items() if k not in ("probe", "noise_sigma")},
                          sort_keys=True)
-        groups.setdefault(key, {})[run["settings"].get("probe") or "none"] = os.path.join(root, d)
+        probe = run["settings"].get("probe") or "none"
+        if probe in groups.setdefault(key, {}):  # one setting evaluated twice: the later folder is the one shown
+            print(f"warning: {groups[key][probe]} and {d} hold the same setting and probe; {d} is used")
+        groups[key][probe] = os.path.join(root, d)
     tables = []
     for folders in groups.values():
         # each folder's own summary, rebuilt from all its shards (and written), and its items
@@ -481,13 +485,17 @@ def sweep(args):
             lambda a=adapter, m=base, p=eval_precision(args, settings): model.load_policy(
                 m, adapter=a, lora=False, trainable=False, precision=p))
         for budget in budgets:
-            point = dict(model=tag, global_tokens=budget)
+            point, runs = dict(model=tag, global_tokens=budget), {}
             for name, probe in SWEEP_PROBES:
                 point_args = argparse.Namespace(**{**vars(model_args), "global_tokens": budget, "probe": probe,
                                                    "out": _sweep_folder(root, tag, budget, name)})
-                summary = evaluate(point_args, load)
-                point[name] = summary["accuracy"]
-                point["num_items"] = min(point.get("num_items", summary["num_items"]), summary["num_items"])
+                evaluate(point_args, load)
+                runs[name] = read_items(point_args.out)
+            # the three accuracies on the items all three runs have (a --limit or unfinished run has fewer), so
+            # that plain - noise is the crop dependency of one set of items
+            shared = set.intersection(*(set(r) for r in runs.values()))
+            point.update({name: sum(r[i]["correct"] for i in shared) / max(1, len(shared)) for name, r in runs.items()},
+                         num_items=len(shared))
             points.append(point)
     if not dist.is_main():  # torchrun: rank 0 writes the sweep's files
         return points

@@ -157,9 +157,11 @@ def experiment_rows(tables):
     for results in tables:
         plain, noisy = results["none"], results.get(DEPENDENCY_PROBE)
         adapter = (plain.get("settings") or {}).get("adapter")
-        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own
-        name = next((n for a, n in ROW_NAMES.items() if a and adapter and os.path.normpath(adapter).endswith(
-            a.removeprefix("runs/"))), ROW_NAMES[None] if adapter is None else adapter)
+        # a run folder of `make experiment` (runs/exp/s0/stage1/final) is named as the Makefile's own, by its last
+        # two folders (runs/ablate_stage1/final is not stage1/final)
+        tail = os.path.normpath(adapter).split(os.sep)[-2:] if adapter else None
+        name = next((n for a, n in ROW_NAMES.items() if a and tail == a.split("/")[1:]),
+                    ROW_NAMES[None] if adapter is None else adapter)
         order = list(ROW_NAMES.values()).index(name) if name in ROW_NAMES.values() else len(ROW_NAMES)
         noisy_acc = noisy and noisy["accuracy"]
         short = [r for r in (plain, noisy) if r and r.get("num_items", 0) < r.get("num_total", 0)]

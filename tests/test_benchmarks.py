@@ -270,7 +270,7 @@ def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
         ev.main(base + ["--shard", "2/2"])
 
 
-def test_the_seeds_table_gives_each_models_mean_spread_and_seeds():
+def test_the_seeds_table_gives_each_models_mean_spread_and_seeds(tmp_path, monkeypatch):
     """`eval.py --summary --out runs/exp/summary` over `make experiment`'s seed folders: the README's table."""
     def results(adapter, acc, noisy):
         plain = dict(accuracy=acc, tool_calls=1.0, iou_first_crop=0.1, settings=dict(adapter=adapter))
@@ -288,3 +288,14 @@ def test_the_seeds_table_gives_each_models_mean_spread_and_seeds():
     text = report.seeds_table(per_seed + [[partial]], ["s0", "s2", "s3"])
     assert "| stage 1, information gap | 0,2,3* | 46.7 ± 41.6 (80.0, 60.0, 0.0) | 30.0 ± 0.0 (30.0, 30.0, n/a) |" in text
     assert "* partial (a run that has not covered its benchmark): stage 1, information gap, seed 3: 3 of 191 items" in text
+    # a row is the Makefile's by its last two folders, not by how its path ends: another model is its own row
+    other = [[results("runs/exp/s0/ablate_stage1/final", 0.1, 0.1)]]
+    assert "| runs/exp/s0/ablate_stage1/final | 0 |" in report.seeds_table(other, ["s0"])
+    # seeds in number order (s10 after s2)
+    seen = []
+    monkeypatch.setattr(ev, "probe_tables", lambda bench, root: [])
+    monkeypatch.setattr(report, "seeds_table", lambda tables, seeds: seen.append(seeds) or "")
+    for d in ("s10", "s2", "summary"):
+        os.makedirs(tmp_path / d)
+    ev.probe_summary("vstar", str(tmp_path))
+    assert seen == [["s2", "s10"]]

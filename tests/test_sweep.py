@@ -65,6 +65,23 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
     assert (out / "sweep.png").stat().st_size > 5_000
 
 
+def test_a_points_accuracies_are_taken_on_the_items_all_three_runs_have(tmp_path, monkeypatch):
+    """A point whose noise run stopped after one item: plain, noise and no-tool are compared on that item (the
+    crop dependency is plain - noise on one set of items), not each on its own."""
+    scored = {"plain": {"a": 1, "b": 1}, "noise": {"a": 0}, "no-tool": {"a": 1, "b": 0}}
+    items = lambda folder: {i: dict(id=i, correct=c) for i, c in scored[folder.split("g16-")[1]].items()}
+
+    def evaluate(args, load):  # its folder, and a summary of its own items, as eval's
+        os.makedirs(args.out)
+        own = items(args.out)
+        return dict(accuracy=sum(it["correct"] for it in own.values()) / len(own), num_items=len(own))
+
+    monkeypatch.setattr(ev, "read_items", items)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    (point,) = ev.main(["--bench", "synthetic", "--sweep", "16", "--out", str(tmp_path / "s")])
+    assert (point["plain"], point["noise"], point["no-tool"], point["num_items"]) == (1.0, 0.0, 1.0, 1)
+
+
 def test_model_tags_and_the_one_adapter_rule():
     assert ev._model_tag("tiny", None) == "tiny"
     assert ev._model_tag("tiny", "runs/stage2/final/") == "runs-stage2-final"
