@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -216,6 +217,9 @@ def test_probes_are_compared_on_the_items_every_run_has(vstar_dir, tmp_path, cap
     assert results["none"]["num_items"] == results["noise"]["num_items"] == 1
     assert "| noise | 1 of 2 |" in capsys.readouterr().out
     assert json.load(open(root / "vstar" / "summary.json"))["num_items"] == 2  # its own summary is left alone
+    shutil.copytree(root / "vstar", root / "vstar-again")  # one setting twice: which one counts is said
+    ev.main(["--bench", "vstar", "--summary", "--out", str(root / "vstar")])
+    assert "hold the same setting and probe; vstar-again is used" in capsys.readouterr().out
 
 
 def test_an_unfinished_episode_is_not_scored_by_a_letter_in_its_thinking():
