@@ -426,7 +426,7 @@ def train(cfg, resume=None):
     stop, bad_steps, retry = GracefulStop(), 0, Retry(cfg, rcfg)
     retry.oom_retried = bool(halved)
     retry.bad_ids.update(skipped)  # every rank skips them from the start, so the ranks split one order
-    tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg))
+    tracker = trackers.start(cfg.report_to if dist.is_main() else "none", out_dir, dataclasses.asdict(cfg), start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}", file=sys.stdout,
                disable=not dist.is_main())
     try:

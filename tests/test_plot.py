@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import sys
+import types
 
 import pytest
 
@@ -90,6 +92,34 @@ def test_a_missing_tracker_stops_the_run_at_start(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="expected one of none, tensorboard, wandb, trackio"):
         trackers.check("mlflow")
     trackers.check("none")
+
+
+def test_a_resumed_run_goes_on_with_its_tracker_run(tmp_path, monkeypatch):
+    """A resume runs the steps after its checkpoint again, and metrics.jsonl drops the killed run's rows for
+    them: TensorBoard drops its events from there (it kept both), wandb and trackio go on with the same run (a
+    new one before), named by the folder and kept in it (runs/a/stage1 and runs/b/stage1 are two runs)."""
+    seen = []
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = lambda **kw: seen.append(("tensorboard", kw)) or types.SimpleNamespace(add_text=print)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    for name in ("wandb", "trackio"):
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(init=lambda n=name, **kw: seen.append((n, kw))))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("wandb", "trackio", "tensorboard")
+                        else real_find_spec(name, *a))
+    trackers.start("tensorboard", str(tmp_path), {}, first_step=2)
+    assert seen.pop()[1]["purge_step"] == 3  # the first step run again
+    for other in ("a", "b"):
+        os.makedirs(tmp_path / other / "stage1")
+        for name in ("wandb", "trackio"):
+            trackers.start(name, str(tmp_path / other / "stage1"), {})
+            trackers.start(name, str(tmp_path / other / "stage1"), {}, first_step=2)
+    wandb = [kw for n, kw in seen if n == "wandb"]
+    trackio = [kw for n, kw in seen if n == "trackio"]
+    assert wandb[0]["id"] == wandb[1]["id"] == wandb[1]["name"] != wandb[2]["id"] and wandb[0]["resume"] == "allow"
+    assert wandb[0]["name"].startswith("stage1-")
+    assert trackio[0]["name"] == trackio[1]["name"] != trackio[2]["name"]
+    assert [kw["resume"] for kw in trackio] == ["never", "allow"] * 2
 
 
 def test_scalars_keep_numbers_only():
