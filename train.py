@@ -223,7 +223,8 @@ def optimizer_step(policy, optimizer, sums, cfg):
             p.grad /= denom
     norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     stats = dict(loss=sums["loss"] / denom, clip=sums["clip"] / max(1, sums["tokens"]),
-                 kl=sums["kl"] / max(1, sums["tokens"]), grad_norm=norm, skipped=0)
+                 kl=sums["kl"] / max(1, sums["tokens"]) if cfg.kl_beta > 0 else None,  # None: not measured
+                 grad_norm=norm, skipped=0)
     if math.isfinite(stats["loss"]) and math.isfinite(norm):
         optimizer.step()
     else:  # a NaN/inf step would poison the weights: skip it

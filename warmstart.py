@@ -232,10 +232,11 @@ def held_out(policy, n=40, budget=data.MICRO_LEVEL, probe=None):
     samples = data.micro(n, seed=data.HELD_OUT_SEED)
     cfg = RolloutConfig(greedy=True, global_tokens=budget, rollout_rows=n, probe=probe, **data.MICRO_EPISODE)
     eps = rollout(policy, samples, cfg)
-    acc = sum(rewards.accuracy(rewards.extract_answer(e.text), e.sample.answer, e.sample.options) for e in eps) / n
+    acc = sum(rewards.accuracy(rewards.scored_reply(e.text), e.sample.answer, e.sample.options) for e in eps) / n
     ious = [rewards.iou(e.boxes[0], e.sample.boxes[0]) for e in eps if e.boxes]
     return dict(accuracy=acc, tool_calls=sum(e.num_tool_calls for e in eps) / n,
-                iou=sum(ious) / max(1, len(ious)), format=sum(rewards.format_ok(e.text) for e in eps) / n)
+                iou=sum(ious) / len(ious) if ious else None,  # None: no episode cropped
+                format=sum(rewards.format_ok(e.text) for e in eps) / n)
 
 
 def main(argv=None):
@@ -260,7 +261,7 @@ def main(argv=None):
         with torch.no_grad():
             for budget in (data.MICRO_LEVEL, data.MICRO_READABLE):
                 print(f"held-out, global {budget} tokens: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in held_out(policy, args.eval, budget).items()))
+                    f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in held_out(policy, args.eval, budget).items()))
 
 
 if __name__ == "__main__":

@@ -379,6 +379,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4)
 
 
+def test_the_kl_term_is_measured_only_when_it_is_on():
+    """kl_beta > 0: the k3 estimate against the base (the adapter off): 0 while the adapter is the identity, more
+    once it is not. kl_beta = 0 (every preset): nothing is measured, and the log says so (it logged 0)."""
+    p = tiny_policy()
+    eps = rollout(p, data.synthetic(1), rollout_cfg(group_size=2, max_turn_tokens=5, max_response_tokens=5),
+                  force=scripted(p, {0: ["<answer>B</answer><|im_end|>"]}))
+    opt = torch.optim.SGD(p.trainable_parameters(), lr=0.0)
+
+    def kl(beta):
+        cfg = train.Config(kl_beta=beta, micro_batch=2)
+        return train.optimizer_step(p, opt, train.accumulate_gradients(p, eps, torch.tensor([1.0, -1.0]), cfg), cfg)["kl"]
+
+    assert kl(0.0) is None and kl(0.1) == 0.0
+    with torch.no_grad():
+        for name, w in p.model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    assert kl(0.1) > 0
+
+
 def test_loss_aggregation_modes():
     p = tiny_policy()
     eps = rollout(p, data.synthetic(1), rollout_cfg(group_size=3, max_turn_tokens=5, max_response_tokens=5),
