@@ -86,7 +86,7 @@ GPU_PY ?= $(if $(wildcard .venv/bin/python),$(PY),python3)
 gpu-check:
 	$(GPU_PY) gpu_check.py $(ARGS)
 
-# The README's pictures, from the built-in default (tiny model, synthetic data; CPU, a few minutes): the curves of
+# Three of the README's pictures, from train.py's own default (tiny model, synthetic data; CPU, a few minutes): the curves of
 # stage 1 against the no-gap baseline, the global-budget sweep, and a screenshot of an HTML report (Debian's chromium).
 FIG := runs/figures
 FIG_EVAL := --crop-tokens 64 --max-turn-tokens 48 --max-response-tokens 160

@@ -540,7 +540,7 @@ def main():
                                                          "folder, or several joined by commas")
     ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
     ap.add_argument("--limit", type=int, default=4, help="show: how many samples to print")
-    ap.add_argument("--out", default=None, help="convert: the JSONL to write (its images go in <out>_images/)")
+    ap.add_argument("--out", default=None, help="convert: the JSONL to write (its images go in a folder beside it: x.jsonl -> x_images/)")
     args = ap.parse_args()
     if args.command == "convert":
         if not args.out:

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     helps = train.field_help()
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
+                        choices=train.CHOICES.get(key),  # a typo'd --matcher ran as the default, --prompt crashed late
                         help=f"{helps[key]} (default: the adapter's run, else {getattr(train.Config, key)!r})")
     ap.add_argument("--probe", default=None, choices=PROBES[1:],
                     help="noise: Gaussian noise added to every returned crop (the paper's probe); noise-replace: "
@@ -217,8 +218,8 @@ def check_adapter(path):
     made_by = next((f"`make {stage}` (python train.py --stage {stage[-1]})" for stage in ("stage1", "stage2")
                     if os.path.normpath(path).endswith(os.path.join(stage, "final"))), "a training run's final/")
     raise SystemExit(f"error: adapter {path} not found (no adapter_config.json there). It is made by {made_by}; "
-                     f"to evaluate another adapter pass --adapter DIR (make: ADAPTER=runs/stage1/final), or "
-                     f"ADAPTER= for the base model")
+                     f"to evaluate another adapter pass --adapter DIR (make eval: ADAPTERS=\"none runs/stage1/final\"), "
+                     f"or no --adapter for the base model")
 
 
 def eval_precision(args, settings):

@@ -41,10 +41,10 @@ from rollout import RolloutConfig, rollout_groups
 @dataclass
 class Config:
     stage: int = 1  # 1: information gap; 2: + grounding reward, starting from stage 1's adapter
-    model: str = "tiny"  # "tiny" (built-in toy model) or a Qwen2.5-VL checkpoint (hub id or local folder)
-    base_precision: str = "auto"  # base weights: nf4 (QLoRA) | bf16 | fp32; auto: nf4 for a checkpoint, fp32 for tiny
+    model: str = "tiny"  # tiny | micro (built-in) | tiny-7b (random, 7B's shape) | a Qwen2.5-VL checkpoint (hub id or folder)
+    base_precision: str = "auto"  # base weights: nf4 (QLoRA) | bf16 | fp32; auto: nf4 for a checkpoint, bf16 for tiny-7b, fp32 for tiny and micro
     data: str = "synthetic:64"  # "synthetic[:N]" or a .jsonl file (see README)
-    preset: str = "tiny"  # tiny | 24gb | 48gb | 80gb: a dict of overrides below
+    preset: str = "tiny"  # tiny | micro (CPU) | 24gb | 48gb | 80gb (a GPU's memory): a dict of overrides below
     out_dir: str = ""  # default runs/stage{stage}
     init_adapter: str = ""  # adapter to start from; stage 2 default: runs/stage1/final
     steps: int = 80  # optimizer steps (the paper: 80 per stage)
@@ -79,7 +79,7 @@ class Config:
     infogap_max_tokens: int = 1024  # tokens the policy may write per answer in the selection (a 7B thinks first)
     infogap_never: str = "coarsest"  # a sample that never diverges: coarsest (the ladder's smallest: the largest gap) | reference (no gap) | drop
     crop_tokens: int = 16384  # budget of each returned crop (DeepEyes: 16,384; presets lower it to fit); never coarser than the global image
-    prompt: str = "deepeyes"  # prompt wording: deepeyes (what DeepEyes-7B and LFPC start from) | qwen
+    prompt: str = "deepeyes"  # prompt wording: deepeyes (what DeepEyes-7B and LFPC start from) | qwen | micro
     matcher: str = "rule"  # short answers: exact | rule (numbers, yes/no, containment) | math (math-verify, then rule)
     w_accuracy: float = 0.8  # reward weight of accuracy
     w_format: float = 0.2  # reward weight of the format penalty (-1 when malformed)
@@ -630,9 +630,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: information gap; 2: grounding reward")
-    ap.add_argument("--model", default=None, help="'tiny' or a Qwen2.5-VL checkpoint (hub id or folder)")
-    ap.add_argument("--data", default=None, help="'synthetic[:N]' or a .jsonl file")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides sized for a GPU")
+    ap.add_argument("--model", default=None, help="tiny | micro | tiny-7b | a Qwen2.5-VL checkpoint (hub id or folder)")
+    ap.add_argument("--data", default=None, help="synthetic[:N] | micro[:N] | FILE.jsonl | FOLDER | FILE.parquet | "
+                    "FILE.json, or several joined by commas")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides: tiny and micro "
+                    "for a CPU, 24gb, 48gb and 80gb for a GPU of that memory")
     ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
     ap.add_argument("--infogap", default=None, help="auto (select levels now), FILE (from infogap.py), fixed:N "
                                                     "(one budget for all) or off (crops from the shown image: the baseline)")

@@ -61,9 +61,9 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
     def refuse():
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    p = tiny_policy()  # first: transformers' import reads torch.cuda.CUDAGraph
     monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # on a GPU; on a CPU, torch.cuda.Stream() fails first
     monkeypatch.setattr(decode, "graphs_failed", None)
-    p = tiny_policy()
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
     rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
     with torch.no_grad():
@@ -86,6 +86,7 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
     inside the capture makes capture_end raise, and torch.cuda.graph's exit then skips its stream restore: the
     eager fallback and all training after it ran on the capture stream. Out of memory while capturing goes up
     to the training loop (which halves the rows); it was taken for a failed capture, graphs off for good."""
+    p = tiny_policy()  # first: transformers' import reads torch.cuda's classes
     current, capturing = ["default"], [False]
 
     class Stream:
@@ -130,7 +131,6 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
         real_run(self)
 
     monkeypatch.setattr(decode.StaticDecode, "_run", run)
-    p = tiny_policy()
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
     for case in ("inside", "oom"):
         fail["oom"] = case == "oom"

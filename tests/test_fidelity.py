@@ -392,11 +392,17 @@ def test_the_kl_term_is_measured_only_when_it_is_on():
         return train.optimizer_step(p, opt, train.accumulate_gradients(p, eps, torch.tensor([1.0, -1.0]), cfg), cfg)["kl"]
 
     assert kl(0.0) is None and kl(0.1) == 0.0
-    with torch.no_grad():
-        for name, w in p.model.named_parameters():
-            if "lora_B" in name:
+    lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
+    saved = [w.detach().clone() for w in lora_b]  # the tiny model is shared by the tests: put its weights back
+    try:
+        with torch.no_grad():
+            for w in lora_b:
                 w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    assert kl(0.1) > 0
+        assert kl(0.1) > 0
+    finally:
+        with torch.no_grad():
+            for w, v in zip(lora_b, saved):
+                w.copy_(v)
 
 
 def test_loss_aggregation_modes():

@@ -40,6 +40,11 @@ def test_space_form_overrides_and_counts_below_one(capsys):
     for key, typo in (("loss_agg", "token_mean"), ("decode", "graph"), ("matcher", "rules"), ("prompt", "DeepEyes")):
         with pytest.raises(SystemExit, match=f"--{key} '{typo}': expected one of"):  # ran as the default, silently
             train.parse_overrides(train.Config(), [f"--{key}={typo}"])
+    import eval as ev
+    for key, typo in (("matcher", "rules"), ("prompt", "DeepEyes")):  # eval.py too, before any model loads
+        with pytest.raises(SystemExit):
+            ev.parse_args(["--bench", "synthetic", f"--{key}", typo])
+    assert "invalid choice: 'rules'" in capsys.readouterr().err
 
 
 def test_lora_r_must_match_the_init_adapter(tmp_path, capsys):
@@ -64,7 +69,7 @@ def test_eval_names_a_missing_adapter_and_what_makes_it(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         ev.main(["--bench", "synthetic", "--data", "synthetic:2", "--adapter", "runs/stage2/final"])
     assert "adapter runs/stage2/final not found" in str(e.value)
-    assert "make stage2" in str(e.value) and "ADAPTER=runs/stage1/final" in str(e.value)
+    assert "make stage2" in str(e.value) and 'ADAPTERS="none runs/stage1/final"' in str(e.value)
 
 
 # ---------------------------------------------------------------- a run folder belongs to one run
