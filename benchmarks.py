@@ -22,7 +22,7 @@ BENCHMARKS = {
 
 
 def load_benchmark(bench, path, seed=0):
-    """Samples of a benchmark from the file or folder users download (formats in METHOD.md §5)."""
+    """Samples of a benchmark from the file or folder users download (the formats: README, "Evaluation")."""
     if not path or not os.path.exists(path):
         raise SystemExit(f"error: --data {path!r} not found: --bench {bench} expects {BENCHMARKS[bench]}")
     return unique_ids(dict(hrbench=_hrbench, vstar=_vstar, mmerw=_mmerw)[bench](path, seed), path)

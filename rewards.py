@@ -4,7 +4,7 @@ the project.
     r = w_acc * accuracy + w_format * format + w_tool * 1[tool used and accuracy > 0.5] + w_geo * r_geo
 
 format is 0 when the episode is well formed and -1 when not; r_geo (stage 2) is the grounding reward of the
-episode's first crop against the sample's nested boxes B1 (innermost) ⊂ B2 ⊂ ... (METHOD.md §2).
+episode's first crop against the sample's nested boxes B1 (innermost) ⊂ B2 ⊂ ... (the paper's stage 2).
 """
 import re
 import string
