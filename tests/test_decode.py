@@ -55,6 +55,17 @@ def test_which_steps_run_eagerly():
     assert "CUDA" in decode.why_eager([row([5])], cpu, graphs=True)
 
 
+def _loaded(p, cfg):
+    """Two rows prefilled, each with one token to feed, loaded into a StaticDecode that asks for graphs."""
+    rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
+    batch = rollout_module._prefill(p, rows, 2)
+    for r in batch.live:
+        r.pending, r.pending_images = [p.encode("hm")[0]], []
+    static = decode.StaticDecode(p, graphs=True)
+    static.load(batch)
+    return batch, static
+
+
 def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monkeypatch):
     """For the rest of the process: the next rollout call (a training step's) neither pays for a failed capture
     again nor prints it again."""
@@ -65,13 +76,8 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_runs(capsys, monke
     monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # on a GPU; on a CPU, torch.cuda.Stream() fails first
     monkeypatch.setattr(decode, "graphs_failed", None)
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
-    rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
     with torch.no_grad():
-        batch = rollout_module._prefill(p, rows, 2)
-        for r in batch.live:
-            r.pending, r.pending_images = [p.encode("hm")[0]], []
-        static = decode.StaticDecode(p, graphs=True)
-        static.load(batch)
+        batch, static = _loaded(p, cfg)
         h = static.step(batch.live)
     assert "CUDA graph capture failed" in capsys.readouterr().out and not static.graphs
     assert h.shape == (2, p.head.weight.shape[1]) and torch.isfinite(h).all()
@@ -134,13 +140,8 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
     for case in ("inside", "oom"):
         fail["oom"] = case == "oom"
-        rows = rollout_module._new_rows(p, 0, data.synthetic(1, seed=22)[0], cfg, 0)
         with torch.no_grad():
-            batch = rollout_module._prefill(p, rows, 2)
-            for r in batch.live:
-                r.pending, r.pending_images = [p.encode("hm")[0]], []
-            static = decode.StaticDecode(p, graphs=True)
-            static.load(batch)
+            batch, static = _loaded(p, cfg)
             if case == "inside":
                 static.step(batch.live)
                 assert current[0] == "default" and not static.graphs
