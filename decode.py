@@ -156,9 +156,10 @@ class StaticDecode:
             torch.cuda.synchronize()
             counters["captures"] += 1
             counters["capture_seconds"] += time.perf_counter() - started
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:  # noqa: BLE001 - any failure to capture: eager static steps from here on
+            oom = next((x for x in (e, e.__context__) if isinstance(x, torch.OutOfMemoryError)), None)
+            if oom is not None:  # in the warm-up, or inside the capture (then capture_end fails after it)
+                raise oom
             global graphs_failed
             why = [f"{type(x).__name__}: {str(x)[:200]}" for x in (e.__context__, e) if x is not None]
             # an op that failed inside the capture (its cause, first) makes capture_end fail too

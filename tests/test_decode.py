@@ -130,7 +130,7 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
     real_run, fail = decode.StaticDecode._run, {}
 
     def run(self):
-        if fail.get("oom"):
+        if fail.get("oom") == "warm-up" or (fail.get("oom") == "capture" and capturing[0]):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         if capturing[0]:
             raise RuntimeError("operation not permitted when stream is capturing")
@@ -138,8 +138,8 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
 
     monkeypatch.setattr(decode.StaticDecode, "_run", run)
     cfg = rollout_cfg(group_size=2, global_tokens=48, decode="static")
-    for case in ("inside", "oom"):
-        fail["oom"] = case == "oom"
+    for case in ("inside", "warm-up", "capture"):  # an op failing inside the capture; out of memory in either
+        fail["oom"] = case
         with torch.no_grad():
             batch, static = _loaded(p, cfg)
             if case == "inside":
