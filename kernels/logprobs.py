@@ -118,7 +118,7 @@ def _lse_partials_kernel(
             z += tl.dot(h, tl.trans(w))
     # rounded to the head's dtype, as the gradient path's matmul (and torch's) hands its logits over, so the old
     # and reference log-probs (this kernel) equal the policy's (that path) for the same weights: fp32 logits here
-    # would put the ratio of two equal policies anywhere in 0.95-1.06. bf16 by its bits, to nearest even (the
+    # would put the ratio of two equal policies anywhere in 0.95-1.07. bf16 by its bits, to nearest even (the
     # interpreter's cast truncates)
     if w_ptr.dtype.element_ty == tl.bfloat16:
         bits = z.to(tl.uint32, bitcast=True)
