@@ -268,18 +268,20 @@ def _on_cpu(x):
 # ---------------------------------------------------------------- the run
 
 def step_prompts(samples, step, n, seed, skip=()):
-    """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order. A sample
-    in `skip` (its image is broken) is replaced by the next one in the order."""
-    if len(skip) >= len(samples):
+    """The prompts of a step: a seeded permutation per epoch, so a resumed run sees the same order. A sample in
+    `skip` (its image is broken) leaves the order: the steps from then on take the samples after it, so its
+    place goes to the next one and no prompt comes twice in an epoch."""
+    kept = [i for i, s in enumerate(samples) if s.id not in skip]
+    if not kept:
         raise SystemExit("error: every sample's image is unreadable")
-    out, i = [], step * n
-    while len(out) < n:
-        epoch, k = divmod(i, len(samples))
-        order = list(range(len(samples)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        if samples[order[k]].id not in skip:
-            out.append(samples[order[k]])
-        i += 1
+    out, orders = [], {}
+    for i in range(step * n, step * n + n):
+        epoch, k = divmod(i, len(kept))
+        if epoch not in orders:
+            order = list(range(len(samples)))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            orders[epoch] = [j for j in order if samples[j].id not in skip]
+        out.append(samples[orders[epoch][k]])
     return out
 
 

@@ -22,6 +22,20 @@ def test_group_advantages():
         assert torch.all(train.group_advantages(torch.full((8,), value), 8) == 0)
 
 
+def test_a_skipped_sample_leaves_the_order_and_no_prompt_comes_twice():
+    """A broken image's sample is skipped: its place goes to the next sample, and the next step starts after that
+    one (it started at it, so one prompt came twice in a row of steps)."""
+    samples = data.synthetic(10)
+    steps = [train.step_prompts(samples, s, 3, seed=0) for s in range(3)]
+    bad = steps[1][1].id
+    after = [train.step_prompts(samples, s, 3, seed=0, skip={bad}) for s in range(3)]
+    ids = [x.id for step in after for x in step]
+    assert bad not in ids and len(set(ids)) == 9 and after[0] == steps[0]  # the steps before it are as they were
+    assert [x.id for x in after[1]] == [steps[1][0].id, steps[1][2].id, steps[2][0].id]
+    with pytest.raises(SystemExit, match="every sample's image is unreadable"):
+        train.step_prompts(samples, 0, 3, seed=0, skip={s.id for s in samples})
+
+
 def test_overrides_are_checked(capsys):
     cfg = train.parse_overrides(train.Config(), ["--lr=3e-4", "--steps=7", "--gradient_checkpointing=true"])
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.gradient_checkpointing is True
