@@ -134,6 +134,9 @@ def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
     assert a[1].boxes == [[5, 5, 70, 70]]  # two targets: their union
     seeds = {tuple(benchmarks.load_benchmark("vstar", vstar_dir, seed=k)[0].options) for k in range(8)}
     assert len(seeds) > 1  # the shuffle does move the right answer around
+    for k in range(8):  # the answer letter follows the right option whatever the shuffle (seed 1's is its own inverse)
+        for s, right in zip(benchmarks.load_benchmark("vstar", vstar_dir, seed=k), ["white", "left"]):
+            assert s.options["ABCD".index(s.answer)] == right
 
 
 def test_mmerw_loader(mmerw_json, capsys):

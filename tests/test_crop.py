@@ -396,6 +396,16 @@ def test_encode_image_without_resampling_is_exact(w, h):
     assert torch.allclose(pv, ref_pv, atol=1e-5, rtol=0)
 
 
+def test_fit_box_grows_a_thin_box_to_the_tools_least_side_and_aspect():
+    """The gt-box probe's boxes: a 1-px-high box gets 28 px; an 8000 x 5 box gets 80 px (8000 / 100), which the
+    encoder takes (past 200:1 it refuses); each about its centre, inside the image."""
+    assert crop.fit_box((100, 486, 400, 487), (1000, 1000)) == (100, 472, 400, 500)
+    box = crop.fit_box((0, 100, 8000, 105), (8000, 6000))
+    assert box == (0, 62, 8000, 142)
+    crop.crop_size(box, (800, 600), (8000, 6000), 1024 * 784)  # does not raise
+    assert crop.fit_box((0, 0, 5, 3), (1000, 1000)) == (0, 0, 28, 28)  # at the corner: shifted inside
+
+
 def test_encode_crops_batches_like_single_calls():
     img = smooth_image(11, 300, 200)
     u8 = crop.to_uint8(img)

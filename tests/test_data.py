@@ -216,6 +216,14 @@ BAD_ROWS = [
      "does not contain"),  # outer first: not nested innermost first
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[5, 5, 40, 30], [6, 0, 50, 40]]},
      "does not contain"),  # overlapping, not nested
+    ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[10, 10, 20, 20], [11, 5, 40, 30]]},
+     "does not contain"),  # short of the inner box on its left side only
+    ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[10, 10, 20, 20], [5, 11, 40, 30]]},
+     "does not contain"),  # short of the inner box on its top side only
+    ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[10, 10, 20, 20], [5, 5, 19, 30]]},
+     "does not contain"),  # short of the inner box on its right side only
+    ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[10, 10, 20, 20], [5, 5, 40, 19]]},
+     "does not contain"),  # short of the inner box on its bottom side only
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": []}, "boxes"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[1, 2, 3]]}, "is not"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[True, 2, 30, 40]]}, "is not"),

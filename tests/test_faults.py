@@ -15,7 +15,7 @@ import data
 import logbook
 import model
 import train
-from helpers import run_cfg, run_cli
+from helpers import run_cfg, run_cli, tiny_policy
 
 
 def _run(out, *extra, fault=None, wait_for=None, send=None):
@@ -89,6 +89,25 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as e:
         train.train(_cfg(tmp_path / "b", max_bad_steps=2))
     assert "stopping at step 2" in str(e.value) and "non-finite" in str(e.value)
+
+
+def test_a_non_finite_gradient_skips_the_update_even_with_a_finite_loss():
+    """An inf in one gradient (the loss itself finite): no update, the gradients cleared, the step counted."""
+    p = tiny_policy()
+    params = p.trainable_parameters()
+    before = [w.detach().clone() for w in params]
+    for w in params:
+        w.grad = torch.ones_like(w)
+    params[0].grad[0] = float("inf")
+    stats = train.optimizer_step(p, torch.optim.SGD(params, lr=1.0), dict(loss=1.0, clip=0, kl=0, tokens=4, micro=1),
+                                 train.Config())
+    try:
+        assert stats["skipped"] == 1 and all(w.grad is None for w in params)
+        assert all(torch.equal(w, b) for w, b in zip(params, before))
+    finally:
+        with torch.no_grad():  # the tiny model is shared by the tests
+            for w, b in zip(params, before):
+                w.copy_(b)
 
 
 def _out_of_memory_at_the_second_rollout(monkeypatch):

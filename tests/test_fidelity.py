@@ -392,13 +392,19 @@ def test_the_kl_term_is_measured_only_when_it_is_on():
         return train.optimizer_step(p, opt, train.accumulate_gradients(p, eps, torch.tensor([1.0, -1.0]), cfg), cfg)["kl"]
 
     assert kl(0.0) is None and kl(0.1) == 0.0
+    batch = train.collate(p, eps)
     lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
     saved = [w.detach().clone() for w in lora_b]  # the tiny model is shared by the tests: put its weights back
     try:
         with torch.no_grad():
             for w in lora_b:
                 w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-        assert kl(0.1) > 0
+            logp = model.sequence_logprobs(p, batch, 1.0)
+            with p.reference():
+                ref = model.sequence_logprobs(p, batch, 1.0)
+        # k3, an unbiased estimate of KL(policy || reference) from the policy's own tokens (not KL(ref || policy))
+        expected = (torch.exp(ref - logp) - (ref - logp) - 1).mean().item()
+        assert expected > 0 and math.isclose(kl(0.1), expected, rel_tol=1e-4)
     finally:
         with torch.no_grad():
             for w, v in zip(lora_b, saved):
@@ -417,9 +423,8 @@ def test_loss_aggregation_modes():
                           ("micro-token-mean", sum(t.item() / n for t, n in per_micro) / 2)):
         cfg = train.Config(micro_batch=2, loss_agg=agg)
         sums = train.accumulate_gradients(p, eps, adv, cfg)
-        denom = sums["tokens"] if agg == "token-mean" else sums["micro"]
-        assert math.isclose(sums["loss"] / denom, expected, rel_tol=1e-5)
-        p.model.zero_grad(set_to_none=True)
+        stats = train.optimizer_step(p, torch.optim.SGD(p.trainable_parameters(), lr=0.0), sums, cfg)
+        assert math.isclose(stats["loss"], expected, rel_tol=1e-5)
 
 
 def test_the_clip_fraction_counts_the_tokens_whose_objective_the_clip_changed():
@@ -435,6 +440,14 @@ def test_the_clip_fraction_counts_the_tokens_whose_objective_the_clip_changed():
     for adv, expected in ((1.0, n // 2), (-1.0, n // 2)):  # A > 0: only ratio > 1.2 clipped; A < 0: only < 0.8
         _, _, stats = train.policy_loss(p, [ep], torch.tensor([adv]), logp + shift, train.Config())
         assert stats["clip"] == expected
+    # the loss itself, with an asymmetric clip (DAPO's clip-higher): -min(r A, clip(r, 1 - 0.2, 1 + 0.8) A) per token
+    r = torch.exp(-shift)
+    for adv in (1.0, -1.0):
+        total, _, stats = train.policy_loss(p, [ep], torch.tensor([adv]), logp + shift,
+                                            train.Config(clip_low=0.2, clip_high=0.8))
+        expected = -torch.minimum(r * adv, r.clamp(0.8, 1.8) * adv).sum()
+        assert math.isclose(total.item(), expected.item(), rel_tol=1e-5)
+        assert stats["clip"] == (0 if adv > 0 else n // 2)  # e^0.5 = 1.65 is inside 1.8 now
 
 
 def test_micro_batches_never_span_two_groups_so_ppo_epochs_leave_the_objective_alone():

@@ -124,6 +124,19 @@ def test_dispatch_modes(monkeypatch):
     assert calls == [1]
 
 
+def test_with_and_without_a_gradient_each_path_follows_its_own_measurement(monkeypatch):
+    """The policy's log-probs (a gradient) and the reference and old ones (none) run different kernels, measured
+    apart: each asks for its own op's winner."""
+    asked = []
+    monkeypatch.setattr(kernels, "_use_triton", lambda op, t: asked.append(op) or False)
+    h, w, t = _inputs(3, 8, 20)
+    kernels.selective_logprobs(h, w, t)
+    with torch.no_grad():
+        kernels.selective_logprobs(h, w, t)
+    kernels.selective_logprobs(h.detach(), w, t)
+    assert asked == ["logprobs", "logprobs_nograd", "logprobs_nograd"]
+
+
 def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path):
     """KERNELS=auto on a GPU: the kernel only where bench.py recorded it winning on this very card; the torch
     path when never measured, when measured slower, or on another card; never on CPU tensors."""

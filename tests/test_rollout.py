@@ -51,6 +51,8 @@ def test_tool_call_crops_the_original_and_masks_the_reply():
     assert all(m == 0 for t, m in zip(e.ids, e.loss_mask) if t == p.image_pad)
     assert e.ids.count(p.image_pad) == sum(g[0] * g[1] * g[2] // 4 for g in e.grids)
     assert "<tool_response><|vision_start|><|vision_end|>" + model.DEEPEYES_USER + "</tool_response>" in e.text
+    # the model stopped at </tool_call>: the harness closes its turn as the chat template does
+    assert "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>" in e.text
     assert e.text.endswith("<answer>B</answer><|im_end|>")
     assert eps[2].num_tool_calls == 0 and eps[2].finished
 

@@ -152,6 +152,17 @@ def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished
     assert "-> 1e-07 from now on" in capsys.readouterr().out
 
 
+def test_pruning_keeps_the_newest_checkpoints(tmp_path):
+    for k in range(1, 6):
+        os.makedirs(tmp_path / f"step_{k:06d}")
+        (tmp_path / f"step_{k:06d}" / "state.json").write_text("{}")
+    os.makedirs(tmp_path / "final")
+    checkpoint.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["final", "step_000004", "step_000005"]
+    checkpoint.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["final", "step_000005"]
+
+
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(finished_run, tmp_path, capsys):
     """The checkpoints after the one resumed belong to a continuation this run abandons: left in place, a later
     --resume of the folder (or pruning) would take them for this run's."""
