@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import dist
 import train
 from helpers import run_cli, run_ranks
 from logbook import READINGS as TIMINGS
@@ -31,6 +32,14 @@ def _state(out):
     opt = torch.load(os.path.join(out, "step_000002", "optimizer.pt"), weights_only=True)["state"]
     metrics = [{k: v for k, v in json.loads(x).items() if k not in TIMINGS} for x in open(os.path.join(out, "metrics.jsonl"))]
     return adapter, opt, metrics
+
+
+def test_each_rank_takes_its_part_and_knows_where_it_starts(monkeypatch):
+    """The start is the global index of the rank's first prompt, from which its sampling seeds derive: rank 1 of 2
+    over 8 prompts starts at 4 (with its rank as the start, rank 1 drew prompt 1's seeds)."""
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    assert dist.share(list("abcdefgh")) == (4, list("efgh"))
 
 
 def test_two_ranks_train_as_one_process_with_their_prompts_and_resume_exactly(tmp_path):

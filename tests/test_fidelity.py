@@ -157,6 +157,7 @@ def test_infogap_auto_selects_caches_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: pytest.fail("the cache was not reused"))
     infogap.prepare(cfg, data.synthetic(2))
     assert infogap.cache_path(dataclasses.replace(cfg, model="other")) != path  # another model, another file
+    assert infogap.cache_path(dataclasses.replace(cfg, seed=4)) != path  # another seed: other items, other answers
 
 
 # ---------------------------------------------------------------- crops

@@ -49,6 +49,13 @@ def _items_and_samples(tmp_path):
     return items, samples
 
 
+def test_only_a_run_short_of_its_benchmark_is_marked_partial():
+    whole = dict(ev.summarize([dict(id="a", category="x", correct=1.0, tool_calls=0, tool_errors=0, seconds=1.0,
+                                    meta={})], "v", "vstar"), num_total=1)
+    assert "partial" not in report.markdown(whole)
+    assert "**partial: 1 of 2 items**" in report.markdown(dict(whole, num_total=2))
+
+
 def test_report_parses_into_a_page(tmp_path):
     items, samples = _items_and_samples(tmp_path)
     summary = ev.summarize([dict(it, tool_calls=1, tool_errors=0, seconds=0.1) for it in items], "vstar")
