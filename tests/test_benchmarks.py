@@ -171,7 +171,7 @@ def test_hrbench_scoring_by_hand():
     assert ev.summarize(items[:2], "hr", "hrbench")["deepeyes"] is None
     assert ev.summarize(items + [_item("5", "cross", 1.0)], "hr", "hrbench")["official"] is None
     # the IoU is the first crop's, with B1, over the items that cropped
-    boxed = [dict(_item("0", "single", 1.0, cycle="c0"), boxes=[[0, 0, 10, 10], [0, 0, 5, 5]], gt_boxes=[[0, 0, 10, 5]]),
+    boxed = [dict(_item("0", "single", 1.0, cycle="c0"), boxes=[[0, 0, 10, 10], [0, 0, 10, 5]], gt_boxes=[[0, 0, 10, 5]]),
              dict(_item("1", "single", 1.0, cycle="c0"), boxes=[], gt_boxes=[[0, 0, 1, 1]])]
     assert ev.summarize(boxed, "hr", "hrbench")["iou_first_crop"] == pytest.approx(0.5)
 
