@@ -174,6 +174,8 @@ def test_hrbench_scoring_by_hand():
     boxed = [dict(_item("0", "single", 1.0, cycle="c0"), boxes=[[0, 0, 10, 10], [0, 0, 10, 5]], gt_boxes=[[0, 0, 10, 5]]),
              dict(_item("1", "single", 1.0, cycle="c0"), boxes=[], gt_boxes=[[0, 0, 1, 1]])]
     assert ev.summarize(boxed, "hr", "hrbench")["iou_first_crop"] == pytest.approx(0.5)
+    calls = [dict(_item(str(k), "single", 1.0, cycle="c0"), tool_calls=2, tool_errors=k) for k in (0, 1)]
+    assert (ev.summarize(calls, "hr", "hrbench")["tool_calls"], ev.summarize(calls, "hr", "hrbench")["tool_errors"]) == (2, 0.5)
 
 
 def test_mmerw_and_vstar_scoring_by_hand():

@@ -160,6 +160,13 @@ def test_what_is_not_measured_is_not_logged_as_zero_and_short_runs_compare_halve
     stats = dict(loss=0.1, grad_norm=0.2, skipped=0, clip=0.0, kl=0.0)
     m = logbook.step_metrics(1, [ep], [score], stats, 1.0, 0.0)
     assert m["iou"] is None and m["coverage"] is None  # no crop: nothing measured (plot.py leaves them out)
+    # each metric from its own field: two episodes, 3 and 1 calls, 1 and 0 errors; a crop's IoU and coverage
+    eps = [SimpleNamespace(**{**vars(ep), "num_tool_calls": c, "num_tool_errors": e, "group": g})
+           for c, e, g in ((3, 1, 0), (1, 0, 1))]
+    scores = [dict(score, total=t, iou=0.25, coverage=1.0) for t in (1.0, 3.0)]
+    m = logbook.step_metrics(1, eps, scores, stats, 1.0, 0.0)
+    assert (m["tool_calls"], m["tool_errors"], m["iou"], m["coverage"]) == (2.0, 0.5, 0.25, 1.0)
+    assert m["reward_std"] == 1.0  # the groups' means 1 and 3: their population standard deviation
     rows = [dict(step=k, reward=float(k), accuracy=0.0, tool_calls=0.0) for k in range(1, 7)]  # 6 steps
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "(first 3 steps -> last 3; held-out: step - -> -): reward 2 -> 5" in logbook.what_changed(

@@ -153,6 +153,15 @@ def test_the_gt_box_probe_cuts_a_thin_annotated_box():
     assert (x1, x2, y2 - y1) == (100, 400, 28) and y1 <= 486 and y2 >= 487
 
 
+def test_the_gt_box_probe_on_an_item_without_boxes_cuts_the_models_box():
+    p = tiny_policy()
+    s = dataclasses.replace(data.synthetic(1, seed=10)[0], boxes=None)  # an HR-Bench item has none
+    force = scripted(p, {0: [CALL.format("[10, 20, 40, 50]"), ANSWER]})
+    (gt,) = rollout(p, [s], rollout_cfg(group_size=1, probe="gt-box"), force=force)
+    (plain,) = rollout(p, [s], rollout_cfg(group_size=1), force=force)
+    assert gt.boxes == plain.boxes and gt.num_tool_calls == 1
+
+
 def test_sampling_is_seeded():
     p = tiny_policy()
     s = data.synthetic(1, seed=9)
