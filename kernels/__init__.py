@@ -84,7 +84,7 @@ def _use_triton(op, t):
     if mode not in ("auto", "ref", "triton"):
         raise ValueError(f"KERNELS={mode!r}: expected auto, ref or triton")
     if mode == "triton":
-        return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return t.is_cuda or logprobs._interpreted()
     return mode == "auto" and t.is_cuda and measured_winner(op, t.device) == "triton"
 
 
