@@ -57,12 +57,23 @@ def crop_resample_ref(image, boxes, out_hw, out_dtype=torch.float32):
         # torch's antialiased bicubic is PIL's filter (a = -0.5, widened support, renormalised edge taps). PIL
         # runs it as two passes, horizontal then vertical, each stored as uint8: clip after each (PIL also
         # rounds; leaving that out keeps the kernel and this reference within 1e-4 of each other).
-        crop = F.interpolate(crop, size=(crop.shape[2], ow), mode="bicubic", antialias=True, align_corners=False)
-        crop = crop.clamp_(0.0, 255.0)
-        crop = F.interpolate(crop, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)[0]
+        crop = _aa_bicubic(crop, (crop.shape[2], ow)).clamp_(0.0, 255.0)
+        crop = _aa_bicubic(crop, (oh, ow))[0]
         crop = crop.clamp_(0.0, 255.0)
         out.append(patchify((crop / 255.0 - mean) / std))
     return torch.cat(out).to(out_dtype)
+
+
+def _aa_bicubic(x, size):
+    """torch's antialiased bicubic resize of x (1, 3, h, w). On CUDA its kernel keeps every output pixel's
+    weights in shared memory and refuses a downscale of more than about 90x on an axis (a whole 8K image at a
+    few tokens): that resize runs on the CPU instead."""
+    try:
+        return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    except RuntimeError as e:
+        if not x.is_cuda or "shared memory" not in str(e):
+            raise
+        return F.interpolate(x.cpu(), size=size, mode="bicubic", antialias=True, align_corners=False).to(x.device)
 
 
 # ---------------------------------------------------------------- Triton

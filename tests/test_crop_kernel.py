@@ -51,6 +51,30 @@ def _bound(img, b, sizes):
     return max(1e-4, 2 * float((torch_gpu - crop_resample_ref(img, b, sizes)).abs().max()))
 
 
+def test_reference_resizes_on_the_cpu_what_cuda_refuses(monkeypatch):
+    """torch's CUDA antialiased resize raises past a ~90x downscale (its weights outgrow shared memory): the
+    reference redoes that one resize on the CPU; any other error is raised."""
+    img = _image(50, 60, seed=5)
+    b = torch.tensor([(0, 0, 60, 50)], dtype=torch.float32)
+    expected = crop_resample_ref(img, b, [(28, 28)])
+    interpolate, calls = resample.F.interpolate, []
+
+    def refusing(x, **kw):  # CUDA's refusal, once: the horizontal pass
+        calls.append(kw["size"])
+        if len(calls) == 1:
+            raise RuntimeError("Provided interpolation parameters can not be handled with current algorithm "
+                               "implementation. Please reduce the scale factor. Too much shared memory required")
+        return interpolate(x, **kw)
+
+    monkeypatch.setattr(resample.F, "interpolate", refusing)
+    with pytest.raises(RuntimeError, match="shared memory"):  # a CPU tensor: nothing to fall back to
+        crop_resample_ref(img, b, [(28, 28)])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # a pretend CUDA tensor
+    calls.clear()
+    assert torch.equal(crop_resample_ref(img, b, [(28, 28)]), expected)
+    assert calls == [(50, 28), (50, 28), (28, 28)]  # the refused pass redone, then the next
+
+
 def test_the_host_sends_a_record_per_box_whatever_the_crops_size():
     """Taps and weights are computed in the kernels: the host's plan is a few integers per box, the same for a
     40-pixel crop as for a whole 8K image, so it costs microseconds and one small copy."""
