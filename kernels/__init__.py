@@ -98,11 +98,18 @@ def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
                                          hpass=hpass if hpass in resample.HPASSES else None)
 
 
+def logprobs_op(op, dtype):
+    """The name a log-prob path's measurement is kept under: "logprobs:bfloat16", "logprobs_nograd:float32"."""
+    return f"{op}:{str(dtype).removeprefix('torch.')}"
+
+
 def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log softmax(hidden @ weight.T / T)[targets] without materialising (N, V) logits; differentiable in
     `hidden`. With `with_entropy`, also returns the per-token entropy (no gradient). With a gradient and without
-    one (reference and old-policy log-probs) the kernels differ, so each is measured and chosen on its own."""
+    one (reference and old-policy log-probs) the kernels differ, so each is measured and chosen on its own, and
+    per dtype: bench.py measures the bf16 head, so an fp32 one takes the torch path unless measured too."""
     op = "logprobs" if torch.is_grad_enabled() and hidden.requires_grad else "logprobs_nograd"
+    op = logprobs_op(op, hidden.dtype)
     fn = logprobs.selective_logprobs_triton if _use_triton(op, hidden) else logprobs.selective_logprobs_chunked
     return fn(hidden, weight, targets, temperature, with_entropy)
 

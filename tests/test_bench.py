@@ -53,7 +53,7 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     assert "| triton | 8192 |" in shown["chunked nograd"] and "| chunked nograd |" not in shown["chunked nograd"]
     assert shown[8192].splitlines()[1].startswith("logprobs: D=3584") and "| path | N |" in shown[8192]
     table = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]
-    assert table["logprobs"]["winner"] == "triton" and table["logprobs_nograd"]["winner"] == "torch"
+    assert table["logprobs:bfloat16"]["winner"] == "triton" and table["logprobs_nograd:bfloat16"]["winner"] == "torch"
     out = "".join(printed) + capsys.readouterr().out
     nograd = next(line for line in out.splitlines() if line.startswith("| triton nograd | 8192"))
     # 2 * 8192 * 3584 * 152064 flops in 25 ms: 357.2 TFLOP/s; 2.00x cuBLAS's 12.5 ms for h W^T, 2.77x the time at
@@ -64,7 +64,7 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     assert triton.split(" | ")[4:] == ["595.3", "1.0", "0.68", "1.20", "1.66 |"]
     matmul = next(line for line in out.splitlines() if line.startswith("| matmul | 8192"))
     assert matmul.split(" | ")[4:] == ["714.3", "-", "-", "1.00", "1.38 |"]
-    assert kernels.measured_winner("logprobs_nograd", 0) == "torch"
+    assert kernels.measured_winner("logprobs_nograd:bfloat16", 0) == "torch"
 
 
 def test_decode_table_leaves_the_captures_and_the_prefill_out_of_the_step(monkeypatch, capsys):

@@ -134,7 +134,9 @@ def test_with_and_without_a_gradient_each_path_follows_its_own_measurement(monke
     with torch.no_grad():
         kernels.selective_logprobs(h, w, t)
     kernels.selective_logprobs(h.detach(), w, t)
-    assert asked == ["logprobs", "logprobs_nograd", "logprobs_nograd"]
+    assert asked == ["logprobs:float32", "logprobs_nograd:float32", "logprobs_nograd:float32"]
+    kernels.selective_logprobs(h.bfloat16(), w.bfloat16(), t)  # each dtype is measured on its own
+    assert asked[-1] == "logprobs:bfloat16"
 
 
 def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path):
@@ -145,15 +147,16 @@ def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path)
     monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
     gpu = SimpleNamespace(is_cuda=True, device=0)
-    pick = lambda t: kernels._use_triton("logprobs", t)
+    pick = lambda t: kernels._use_triton("logprobs:bfloat16", t)
     card = "H100"
     assert not pick(gpu)  # no measurement yet
-    kernels.record_winner("logprobs", "torch", dict(triton=0.17, chunked=0.044))
+    kernels.record_winner("logprobs:bfloat16", "torch", dict(triton=0.17, chunked=0.044))
     assert not pick(gpu)
-    kernels.record_winner("logprobs", "triton", dict(triton=0.03, chunked=0.044))
+    kernels.record_winner("logprobs:bfloat16", "triton", dict(triton=0.03, chunked=0.044))
     assert pick(gpu)
     assert not kernels._use_triton("resample", gpu)  # another op: not measured
-    assert not kernels._use_triton("logprobs_nograd", gpu)  # the no-gradient kernel is measured on its own
+    assert not kernels._use_triton("logprobs_nograd:bfloat16", gpu)  # the no-gradient kernel is measured on its own
+    assert not kernels._use_triton("logprobs:float32", gpu)  # and each dtype
     assert not pick(SimpleNamespace(is_cuda=False, device="cpu"))
     card = "A100"  # measured on another card: torch
     assert not pick(gpu)
@@ -166,7 +169,7 @@ def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path)
         (tmp_path / "choice.json").write_text(json.dumps(broken))
         os.utime(tmp_path / "choice.json", (1, len(str(broken))))  # a new mtime: the cache reads it again
         assert not pick(gpu)
-        kernels.record_winner("logprobs", "triton", dict(triton=0.03))  # and a measurement replaces it
+        kernels.record_winner("logprobs:bfloat16", "triton", dict(triton=0.03))  # and a measurement replaces it
         assert pick(gpu)
 
 
