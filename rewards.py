@@ -24,6 +24,7 @@ class RewardConfig:
 
 BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
+ARTICLE_A_RE = re.compile(r"A (?!(?:is|was|seems|looks|appears)\b)[a-z]")
 
 
 def tag_spans(text, pairs):
@@ -86,9 +87,13 @@ def scored_reply(text):
 
 
 def extract_letter(text):
-    """The first standalone option letter A-E in a reply ("B", "(B)", "B. red", "The answer is B")."""
-    m = LETTER_RE.search(text or "")
-    return m.group(1) if m else None
+    """The first standalone option letter A-E in a reply ("B", "(B)", "B. red", "The answer is B"). A bare "A"
+    before a lower-case word is the article ("A large cat"), not option A, unless that word is a verb
+    ("A is correct")."""
+    for m in LETTER_RE.finditer(text or ""):
+        if not ARTICLE_A_RE.match(text, m.start()):
+            return m.group(1)
+    return None
 
 
 def _reply_letter(reply):
@@ -175,13 +180,18 @@ def _math_equal(reply, answer):
 
 def picked_option(reply, options):
     """The option letter a reply picks: a lone letter ("B", "(c)"), else the option's own text ("A dog" is not
-    the letter A), else a letter in it; None when it names neither."""
+    the letter A), else a letter in it, else the one option whose text it holds ("A large cat, I think");
+    None when it names none, or several options' texts and no letter."""
     if BARE_LETTER_RE.fullmatch(reply.strip()):
         return reply.strip().strip("().:").upper()
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]
-    return _reply_letter(reply)
+    letter = _reply_letter(reply)
+    if letter:
+        return letter
+    named = [i for i, t in enumerate(texts) if t and f" {t} " in f" {normalize(reply)} "]
+    return "ABCDE"[named[0]] if len(named) == 1 else None
 
 
 def same_answer(a, b, options=None, matcher="rule"):

@@ -44,6 +44,12 @@ def test_extract_answer(text, expected):
     ("BAD", None),
     ("b", None),  # lower case is never a letter (so the article "a" is not read as A)
     ("a dog", None),
+    ("A large cat", None),  # the article "A" starting a sentence is not option A
+    ("It is a cat. A large one.", None),
+    ("A large cat, so B", "B"),
+    ("A is correct", "A"),  # ... but a capital A followed by a verb is
+    ("A. large cat", "A"),
+    ("(A) large cat", "A"),
     ("", None),
     (None, None),
 ])
@@ -117,7 +123,11 @@ def test_accuracy(reply, answer, options, expected):
     ("USB Type C", "B", ["USB Type A", "USB Type C"], 1.0),
     ("usb type a", "A", ["USB Type A", "USB Type C"], 1.0),
     ("B", "B", ["USB Type A", "USB Type C"], 1.0),  # letters still work beside such options
-    ("A cat, I think", "A", ["a cat", "a dog"], 1.0),  # not an option's text: read as a letter
+    ("A cat, I think", "A", ["a cat", "a dog"], 1.0),  # holds one option's text, and no letter
+    ("A large cat", "A", ["dog", "cat"], 0.0),  # the article is not option A...
+    ("A large cat", "B", ["dog", "cat"], 1.0),  # ... the reply names option B's text
+    ("A cat or a dog", "A", ["a cat", "a dog"], 0.0),  # two options' texts: neither
+    ("B, not a cat", "B", ["a cat", "a dog"], 1.0),  # a letter before any option's text
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
