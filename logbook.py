@@ -25,6 +25,7 @@ def step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
     return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
                 accuracy=mean([s["accuracy"] for s in scores]),
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),
+                # r_geo unweighted: logged in stage 1 too (weight 0 there), to see grounding before it is rewarded
                 grounding=mean([s["grounding"] for s in scores]),
                 iou=mean(ious) if ious else None, coverage=mean(covs) if covs else None,  # None: no crop to measure
                 response_len=mean([len(e.ids) - e.prompt_len for e in episodes]),
