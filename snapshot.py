@@ -48,15 +48,21 @@ def _from_hub(name, download):
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return snapshot_download(name, local_files_only=True)  # already in the Hub cache
+        cached = snapshot_download(name, local_files_only=True)  # already in the Hub cache
     except OSError:  # LocalEntryNotFoundError: not cached
-        pass
+        cached = None
+    # a download cut short leaves a snapshot with some files: the download resumes. Without one (--dry-run,
+    # offline), check() names the first missing file
+    if cached and (not download or constants.HF_HUB_OFFLINE or _complete(cached)):
+        return cached
     hint = (f"No folder {os.path.abspath(name)} either. Download it where there is network (hf download {name} "
             f"--local-dir DIR), then pass --model DIR (a local folder)")
     if not download:
         raise SystemExit(f"error: {name} is not downloaded. {hint}")
     if constants.HF_HUB_OFFLINE:
         raise SystemExit(f"error: {name} is not in the Hub cache and HF_HUB_OFFLINE is set. {hint}")
+    if cached:
+        print(f"{name}: the Hub cache holds part of it ({cached}): downloading the rest")
     host, port, proxy = _first_hop(constants.ENDPOINT)
     try:  # a few seconds, instead of the Hub client's minute of retries
         socket.create_connection((host, port), timeout=5).close()
@@ -67,6 +73,17 @@ def _from_hub(name, download):
         return snapshot_download(name)
     except OSError as e:  # HfHubHTTPError (no such repository, gated, ...) is an OSError
         raise SystemExit(f"error: cannot download {name}: {str(e).splitlines()[0]}. {hint}") from None
+
+
+def _complete(folder):
+    """A cached snapshot has the files a load needs: config.json, every weight shard and a tokenizer."""
+    try:
+        names = ["config.json"] + shards(folder)
+    except SystemExit:  # a damaged index: not a missing file, which check() reports
+        return True
+    tokenizer = ["tokenizer.json"] if os.path.isfile(os.path.join(folder, "tokenizer.json")) else ["vocab.json",
+                                                                                                   "merges.txt"]
+    return all(os.path.isfile(os.path.join(folder, n)) for n in names + tokenizer)
 
 
 def _first_hop(endpoint):

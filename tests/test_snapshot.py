@@ -1,8 +1,10 @@
 """The real checkpoint path, on a tiny folder laid out like the Hub download of Qwen2.5-VL-7B-Instruct
 (tests/hub_fixture.py): loading and checking it, paths, shapes from config.json, the export."""
 import dataclasses
+import io
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -140,6 +142,39 @@ def test_paths_are_paths_and_an_unreachable_hub_fails_fast(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:  # --dry-run: nothing is downloaded
         snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct", download=False)
     assert f"is not downloaded. No folder {tmp_path}/Qwen/Qwen2.5-VL-7B-Instruct either" in str(e.value)
+
+
+def test_a_partly_cached_hub_id_downloads_the_rest(hub_model, tmp_path, monkeypatch):
+    """A Hub download cut short leaves a snapshot in the cache with some of its files: resolving the id resumes
+    the download rather than returning the partial folder, whose load would fail; a whole one is used as is."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    partial = tmp_path / "snapshot"
+    shutil.copytree(hub_model, partial)
+    calls = []
+
+    def snapshot_download(name, local_files_only=False):
+        calls.append(local_files_only)
+        if not local_files_only:  # the Hub client fetches what the snapshot lacks
+            shutil.copytree(hub_model, partial, dirs_exist_ok=True)
+        return str(partial)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(snapshot.socket, "create_connection", lambda *a, **k: io.BytesIO())  # the Hub answers
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct") == str(partial) and calls == [True]  # whole: as is
+    for missing in [snapshot.shards(partial)[:1], ["config.json"], ["tokenizer.json", "vocab.json"]]:
+        for name in missing:
+            os.remove(partial / name)
+        calls.clear()
+        assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct") == str(partial) and calls == [True, False]
+        assert all(os.path.isfile(partial / name) for name in missing)
+    os.remove(partial / "config.json")
+    calls.clear()  # --dry-run downloads nothing: the partial folder, whose check names the missing file
+    assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct", download=False) == str(partial) and calls == [True]
+    with pytest.raises(SystemExit, match="config.json is missing"):
+        snapshot.check(str(partial))
 
 
 def test_memory_estimate_reads_the_config_of_any_size(tmp_path):
