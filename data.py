@@ -362,15 +362,26 @@ def _image_from_bytes(raw):
     return make
 
 
+class Loaded(list):
+    """The samples read from a file, and `skipped`: one line per row or item left out, saying which and why
+    (eval.py counts them in the benchmark's size and keeps them in skipped.txt)."""
+    skipped = ()
+
+
 def _report(samples, bad, path, what="item", max_reasons=5):
-    """Print how many rows or items were skipped and the first reasons; stop if nothing usable is left."""
+    """Print how many rows or items were skipped and the first reasons; stop if nothing usable is left.
+    Returns the samples as a Loaded list that keeps every reason."""
     if bad:
         print(f"skipped {len(bad)} bad {what}(s) of {path}:")
         for reason in bad[:max_reasons]:
             print("  " + reason)
+        if len(bad) > max_reasons:
+            print(f"  ... and {len(bad) - max_reasons} more")
     if not samples:
         raise SystemExit(f"error: no usable sample in {path}")
-    return samples
+    loaded = Loaded(samples)
+    loaded.skipped = list(bad)
+    return loaded
 
 
 def read_table(path, columns=None):

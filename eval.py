@@ -234,7 +234,11 @@ def evaluate(args, load_policy=None):
     check_adapter(args.adapter)
     settings = resolve_settings(args)
     precision = eval_precision(args, settings)
-    all_samples = load_bench(args)[:args.limit]
+    loaded = load_bench(args)
+    all_samples = loaded[:args.limit]
+    # rows the loader could not read are part of the benchmark: counted in its size (the results stay partial),
+    # each kept with its reason. Under --limit, which of them fall within the limit is unknown: not counted.
+    unreadable = list(getattr(loaded, "skipped", ())) if args.limit is None else []
     for s in all_samples:  # information-gap levels are training data: an evaluation's global image is its setting
         s.global_tokens = None
     samples, tag = _shard(all_samples, args.shard or dist.shard_spec())  # torchrun: this rank's shard
@@ -243,7 +247,12 @@ def evaluate(args, load_policy=None):
     shown = dict(probe=args.probe, noise_sigma=args.noise_sigma if args.probe == "noise" else None,
                  adapter=args.adapter, precision=precision, **{k: getattr(settings, k) for k in SHARED})
     claim_folder(out, run_settings(args, settings, precision),
-                 dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples), shown=shown))
+                 dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples) + len(unreadable),
+                      num_unreadable=len(unreadable), shown=shown))
+    if unreadable and dist.is_main():
+        with open(os.path.join(out, "skipped.txt"), "w") as f:
+            f.write("".join(reason + "\n" for reason in unreadable))
+        print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {out}/skipped.txt")
     items_path = os.path.join(out, f"items{tag}.jsonl")
     if data.cut_partial_line(items_path):
         print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
@@ -318,8 +327,10 @@ def folder_summary(out, bench, ids=None, write=True):
     done = read_items(out)
     items = [done[i] for i in ids if i in done] if ids is not None else list(done.values())
     run = read_run(out) or {}
+    unreadable = run.get("num_unreadable", 0)
     summary = summarize(items, os.path.basename(os.path.normpath(out)), bench,
-                        num_total=len(ids) if ids is not None else run.get("num_total"))
+                        num_total=len(ids) + unreadable if ids is not None else run.get("num_total"))
+    summary["num_unreadable"] = unreadable
     summary["settings"] = run.get("shown")
     if write:
         _write_reports(out, summary)

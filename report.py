@@ -127,7 +127,10 @@ def markdown(summary):
     lines = [f"### {summary['name']}", "", "| category | items | accuracy (%) |", "|---|---|---|", *rows,
              f"| **overall** | {summary['num_items']} | **{100 * summary['accuracy']:.1f}** |", ""]
     if summary.get("num_total", summary["num_items"]) > summary["num_items"]:
-        lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** (shards or a run still going)")
+        unreadable = summary.get("num_unreadable", 0)
+        why = ([f"{unreadable} unreadable in the benchmark's file, listed in skipped.txt"] if unreadable else []) + (
+            ["shards or a run still going"] if summary["num_items"] + unreadable < summary["num_total"] else [])
+        lines.append(f"**partial: {summary['num_items']} of {summary['num_total']} items** ({'; '.join(why)})")
     if "official" in summary:
         official, deepeyes = summary["official"], summary.get("deepeyes")
         lines.append("HR-Bench official (per cycle, averaged) " + (f"{100 * official:.1f}" if official is not None

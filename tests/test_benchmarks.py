@@ -272,6 +272,29 @@ def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, m
     assert "1 item(s) already in" in capsys.readouterr().out
 
 
+def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(tmp_path, capsys):
+    """A row the loader cannot read is not silently dropped from the benchmark: the results are partial (the
+    score is over fewer items than the file holds), and skipped.txt names every such row and why."""
+    rows = _hrbench_rows()
+    rows[2]["image"] = "not base64 of an image" * 4
+    path = tmp_path / "hr_bench_4k.tsv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "hr"
+    summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
+    assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 3, 1)
+    assert open(out / "skipped.txt").read().startswith(f"{path}: row 2: ")
+    shown = report.markdown(summary)
+    assert "**partial: 2 of 3 items** (1 unreadable in the benchmark's file, listed in skipped.txt)" in shown
+    assert ev.folder_summary(str(out), "hrbench")[0]["num_total"] == 3  # read back from run.json
+    # the first rows only (--limit): which unreadable rows fall within the limit is unknown, so none is counted
+    summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(tmp_path / "two"), "--limit", "2",
+                       *TINY])
+    assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 2, 0)
+
+
 def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
     out = tmp_path / "hr"
     base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), *TINY]
