@@ -34,7 +34,8 @@ HRBENCH_SCORES = {"category": "DeepEyes' score (mean of FSP and FCP)",
 
 def _hrbench(path, seed):
     """HR-Bench TSV (or parquet): index, question, answer letter, A-D, category (single = FSP, cross = FCP),
-    cycle_category, image (base64; a short number instead refers to the row holding the image)."""
+    cycle_category, image (base64 text; in a parquet also bytes or the Hub's {bytes, path}; a short number instead
+    refers to the row holding the image)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         try:
@@ -53,19 +54,35 @@ def _hrbench(path, seed):
     samples, bad = [], []
     for r in rows:
         try:
-            image = str(r["image"])
-            if len(image) < 64 and image in by_index:  # VLMEvalKit stores a repeated image once
-                image = str(by_index[image]["image"])
-            raw = base64.b64decode(image, validate=False)
+            raw = _hrbench_image(r["image"], by_index)
             width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
-            options = [_cell(r.get(k)) for k in "ABCD" if _cell(r.get(k)) not in ("", "nan")]
+            # options keep their letters: an empty one before a filled one would shift the answer's
+            filled = [_cell(r.get(k)) not in ("", "nan") for k in "ABCD"]
+            options = [_cell(r.get(k)) for k in "ABCD"[:sum(filled)]]
+            if not all(filled[:len(options)]):
+                raise ValueError(f"option {'ABCD'[filled.index(False)]} is empty but a later one is not")
             samples.append(Sample(
                 id=str(r["index"]), question=str(r["question"]), answer=_option_letter(r["answer"], options),
-                width=width, height=height, options=options, category=str(r.get("category", "default")),
+                width=width, height=height, options=options, category=_cell(r.get("category")) or "default",
                 make=_image_from_bytes(raw), meta=dict(cycle=_cell(r.get("cycle_category")))))
         except (KeyError, ValueError, OSError) as e:
             bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
     return _report(samples, bad, path)
+
+
+def _hrbench_image(image, by_index):
+    """A row's image bytes: base64 text (the TSV), raw bytes or the Hub's {bytes, path} (a parquet); a short
+    number instead refers to the row holding the image (VLMEvalKit stores a repeated image once)."""
+    if isinstance(image, dict):
+        image = image.get("bytes")
+    if isinstance(image, (bytes, bytearray)):
+        if len(image) >= 64:  # no image is shorter: a shorter value is a reference
+            return bytes(image)
+        image = image.decode(errors="replace")
+    image = str(image)
+    if len(image) < 64 and image in by_index:
+        return _hrbench_image(by_index[image]["image"], {})
+    return base64.b64decode(image, validate=False)
 
 
 def _read_text(path):
@@ -130,7 +147,12 @@ def _vstar(path, seed):
                 # as [x1, y1, x2, y2] inside the image: a box only serves the gt-box probe and the IoU, so one
                 # past the edge is clipped and an empty one left out (one line each), and the question stays
                 kept = []
-                for x, y, w, h in boxes:
+                for box in boxes:
+                    if not (isinstance(box, list) and len(box) == 4
+                            and all(isinstance(v, (int, float)) for v in box)):
+                        print(f"{os.path.join(folder, name)}: bbox {box!r} is not [x, y, w, h]: left out")
+                        continue
+                    x, y, w, h = box
                     b = [max(0, x), max(0, y), min(width, x + w), min(height, y + h)]
                     if b[2] <= b[0] or b[3] <= b[1]:
                         print(f"{os.path.join(folder, name)}: bbox {[x, y, w, h]} is empty or outside the "

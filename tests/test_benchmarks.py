@@ -113,6 +113,32 @@ def test_an_integer_cycle_0_is_a_cycle(tmp_path):
         ["0", "1", "0"]
 
 
+def test_hrbench_parquet_with_image_bytes_a_gap_in_the_options_and_no_category(tmp_path, capsys):
+    """A parquet may hold the image as raw bytes or as the Hub's {bytes, path}; an empty option before a filled
+    one is refused with its letter (dropping it would re-letter the rest under the answer); a null category is
+    "default"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _hrbench_rows()
+    rows[0]["image"] = _png_bytes(300, 200, "red")
+    rows[1]["image"] = "0".encode()  # in a bytes column, still a reference to row 0's image
+    rows[2].update(image=_png_bytes(120, 90, "blue"), category=None)
+    gap = dict(rows[2], index=4, B="", answer="C")
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[1], rows[2], gap]), tmp_path / "hr.parquet")
+    hub = [dict(r, image={"bytes": r["image"], "path": None}) for r in rows]  # the Hub's Image feature
+    pq.write_table(pa.Table.from_pylist(hub), tmp_path / "hub.parquet")
+    for name in ("hr.parquet", "hub.parquet"):
+        samples = benchmarks.load_benchmark("hrbench", str(tmp_path / name))
+        assert [s.id for s in samples] == ["0", "1", "2"]
+        assert [s.image().getpixel((0, 0)) for s in samples] == [(255, 0, 0), (255, 0, 0), (0, 0, 255)]
+        assert samples[2].category == "default"
+    assert "row 4: ValueError: option B is empty but a later one is not" in capsys.readouterr().out
+    rows = _hrbench_rows()  # trailing empty options are fewer options
+    pq.write_table(pa.Table.from_pylist([dict(rows[0], D=None, C="")]), tmp_path / "three.parquet")
+    assert benchmarks.load_benchmark("hrbench", str(tmp_path / "three.parquet"))[0].options == ["red", "blue"]
+
+
 def test_a_vstar_box_past_the_edge_is_clipped_and_the_question_kept(vstar_dir, capsys):
     path = os.path.join(vstar_dir, "direct_attributes", "sa_1.json")
     item = json.load(open(path))
@@ -121,6 +147,10 @@ def test_a_vstar_box_past_the_edge_is_clipped_and_the_question_kept(vstar_dir, c
     assert a.id == "direct_attributes/sa_1" and a.boxes == [[150, 100, 160, 120]]
     out = capsys.readouterr().out
     assert "reaches outside the 160x120 image: clipped" in out and "is empty or outside" in out
+    json.dump(dict(item, bbox=[[1, 2, 3, 4, 5], [10, 20, 30, 40]]), open(path, "w"))  # a malformed box
+    (a, _) = benchmarks.load_benchmark("vstar", vstar_dir)
+    assert a.id == "direct_attributes/sa_1" and a.boxes == [[10, 20, 40, 60]]  # the question and the good box stay
+    assert "bbox [1, 2, 3, 4, 5] is not [x, y, w, h]: left out" in capsys.readouterr().out
 
 
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
