@@ -124,9 +124,10 @@ class Policy:
         self.end_of_text = tok("<|endoftext|>")  # Qwen's other end-of-generation token (generation_config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
         self.merge = hf.config.vision_config.spatial_merge_size
-        # tokens only the harness writes: sampling one would break the image-pad / image count
+        # tokens only the harness writes: sampling one would break the image-pad / image count; and the head's
+        # rows past the tokenizer (Qwen2.5-VL-7B: 152,064 rows, 151,665 tokens), which decode to nothing
         self.banned = [tok(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                        "<|video_pad|>")]
+                                        "<|video_pad|>")] + list(range(len(tokenizer), self.head.weight.shape[0]))
 
     @property
     def device(self):

@@ -45,6 +45,7 @@ def test_hub_layout_loads_with_qwen_ids_and_the_official_template(hub_model, tmp
     assert (p.im_start, p.im_end, p.vision_start, p.vision_end, p.image_pad, p.tool_call_end, p.pad) == (
         151644, 151645, 151652, 151653, 151655, 151658, 151643)
     assert len(p.tokenizer) == 151665 and p.head.weight.shape[0] == 152064
+    assert set(range(151665, 152064)) <= set(p.banned)  # ids without a token are never sampled
     assert model.check_template(p, hub_model) is None  # the project's prompt is Qwen's, token for token
     off = linked_copy(hub_model, tmp_path / "off")
     os.remove(os.path.join(off, "chat_template.json"))
