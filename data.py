@@ -49,13 +49,16 @@ class BadImage(ValueError):
 
 def to_rgb(im):
     """Any PIL image -> RGB and upright: EXIF orientation applied (as transformers' own loader does, so boxes
-    are in the upright frame); 16- and 32-bit images scaled to 8 bits rather than clipped."""
+    are in the upright frame); transparency laid on white (as Qwen's image processor does: transformers'
+    convert_to_rgb); 16- and 32-bit images scaled to 8 bits rather than clipped."""
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         import numpy as np
         a = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if "16" in im.mode else max(float(a.max()), 1.0)
         im = Image.fromarray((a / peak * 255).clip(0, 255).astype(np.uint8), "L")
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
     return im.convert("RGB")
 
 

@@ -100,6 +100,25 @@ def test_exif_orientation_is_applied_so_boxes_are_in_the_upright_frame(tmp_path)
     assert r > 200 and g < 80 and b < 80
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA"])
+def test_transparency_is_laid_on_white_as_qwens_processor_does(mode):
+    """transformers' convert_to_rgb (which Qwen2.5-VL's image processor calls) puts transparent pixels on white;
+    a plain convert("RGB") shows whatever colour they store (often black)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    im = Image.new("RGBA", (8, 6), (0, 0, 0, 0))  # transparent black
+    im.paste((200, 30, 30, 255), (0, 0, 4, 6))  # an opaque red half
+    im.paste((0, 0, 255, 128), (4, 0, 6, 6))  # half-transparent blue
+    if mode == "P":  # a palette with one transparent entry (how a GIF or a small PNG keeps transparency)
+        im = im.convert("RGB").quantize(4)
+        im.info["transparency"] = im.getpixel((7, 0))
+    else:
+        im = im.convert(mode)
+    ours = data.to_rgb(im)
+    assert ours.getpixel((7, 0)) == (255, 255, 255)
+    assert ours.tobytes() == convert_to_rgb(im, return_numpy=True).tobytes()
+
+
 def test_a_rotated_tiff_has_its_upright_size_once(tmp_path):
     """Pillow reports a TIFF's size upright already (a JPEG's as stored): the loader must not turn it twice, or
     boxes are checked against a frame the pixels do not have."""
