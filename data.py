@@ -321,6 +321,8 @@ def _check_nested(boxes, width, height):
         if out and not (b[0] <= out[-1][0] and b[1] <= out[-1][1] and b[2] >= out[-1][2] and b[3] >= out[-1][3]):
             raise ValueError(f"box {b} does not contain the box before it (boxes go innermost first)")
         out.append([float(v) for v in b])
+    if out[-1][2] <= 1 and out[-1][3] <= 1 and width * height > 1:  # every box within the first pixel
+        raise ValueError(f"boxes {boxes} look normalised to 0-1: boxes are pixels [x1, y1, x2, y2] of the image")
     return out
 
 

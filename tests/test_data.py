@@ -224,6 +224,8 @@ BAD_ROWS = [
      "does not contain"),  # short of the inner box on its right side only
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[10, 10, 20, 20], [5, 5, 40, 19]]},
      "does not contain"),  # short of the inner box on its bottom side only
+    ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[0.4, 0.4, 0.45, 0.45], [0.3, 0.3, 0.6, 1]]},
+     "look normalised to 0-1"),  # would pass as a sub-pixel box in the corner, which every crop there covers
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": []}, "boxes"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[1, 2, 3]]}, "is not"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[True, 2, 30, 40]]}, "is not"),
@@ -261,8 +263,10 @@ def test_read_jsonl_counts_and_limits_reasons(dataset, capsys):
     out = capsys.readouterr().out
     assert f"skipped {len(bad)} bad row(s) of {path}" in out
     lines = [ln for ln in out.splitlines() if ln.startswith("  ")]
-    assert len(lines) == 5  # the first 5 reasons
-    assert [ln.split(": ", 1)[0] for ln in lines] == [f"  {path}:{n}" for n in (1, 2, 3, 5, 6)]
+    assert len(lines) == 6  # the first 5 reasons, and how many more
+    assert [ln.split(": ", 1)[0] for ln in lines[:5]] == [f"  {path}:{n}" for n in (1, 2, 3, 5, 6)]
+    assert lines[5] == f"  ... and {len(bad) - 5} more"
+    assert samples.skipped[0].startswith(f"{path}:1: ") and len(samples.skipped) == len(bad)  # every reason kept
     data.read_jsonl(path, max_reasons=100)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
     assert len(lines) == len(bad)
