@@ -195,10 +195,13 @@ def _mmerw(path, seed):
             letter = re.search(r"[A-E]", str(item["Ground truth"]).upper())  # "B" or "(B)"
             if letter is None:
                 raise ValueError(f"ground truth {item['Ground truth']!r} is not a letter A-E")
+            task, subtask = str(item.get("Task", "")), str(item.get("Subtask", ""))
             samples.append(Sample(
                 id=str(item["Question_id"]), question=str(item["Text"]), answer=_option_letter(letter.group(0), options),
-                width=width, height=height, options=options, category=str(item.get("Category", "default")),
-                image_path=image, meta=dict(task=str(item.get("Task", "")), subtask=str(item.get("Subtask", "")))))
+                width=width, height=height, options=options, image_path=image, meta=dict(task=task, subtask=subtask),
+                # category names repeat across subtasks ("color" in several): each is kept under its own, as
+                # MME-RealWorld's scoring script nests them
+                category=f"{task}/{subtask}/{item.get('Category', 'default')}"))
         except (KeyError, ValueError, TypeError, OSError) as e:
             bad.append(f"{path}: item {item.get('Question_id', '?') if isinstance(item, dict) else '?'}: "
                        f"{type(e).__name__}: {e}")

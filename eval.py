@@ -360,12 +360,14 @@ def _read_items(path):
     done = {}
     if os.path.exists(path):
         with open(path) as f:
-            for line in f:
-                try:
-                    item = json.loads(line)
-                    done[item["id"]] = item
-                except (ValueError, KeyError):  # a line cut by a kill: that item is simply redone
-                    continue
+            lines = f.readlines()
+        for n, line in enumerate(lines, 1):
+            try:
+                item = json.loads(line)
+                done[item["id"]] = item
+            except (ValueError, KeyError, TypeError) as e:  # its item is redone
+                if line.endswith("\n"):  # not the last line of a shard still writing it, nor one a kill cut
+                    print(f"{path}:{n}: not an item ({type(e).__name__}: {e}): left out, its item redone")
     return done
 
 

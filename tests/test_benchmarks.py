@@ -172,6 +172,7 @@ def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
 def test_mmerw_loader(mmerw_json, capsys):
     samples = benchmarks.load_benchmark("mmerw", mmerw_json)
     assert [s.id for s in samples] == ["q1", "q2"]  # q3's image is missing: skipped and reported
+    assert [s.category for s in samples] == ["Remote/OCR/Perception", "Monitoring/Count/Reasoning"]
     assert "missing.png" in capsys.readouterr().out
     assert samples[0].options == ["a tree", "a car", "a dog", "a cup", "a hat"] and samples[0].answer == "B"
     assert samples[1].answer == "A" and samples[1].meta == dict(task="Monitoring", subtask="Count")
@@ -323,6 +324,17 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(tmp_path / "two"), "--limit", "2",
                        *TINY])
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 2, 0)
+
+
+def test_a_damaged_results_line_is_named_and_its_item_redone(tmp_path, capsys):
+    """items.jsonl read back: a line that is not an item (null, a list, no id, not JSON) is named with its line
+    number, never a crash; a last line without its newline (a shard still writing it) is left out quietly."""
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"id": "a", "correct": 1}\nnull\n[1]\n{"correct": 0}\n{"id": "b"\n{"id": "c", "correct": 0}\n{"id"')
+    assert sorted(ev._read_items(str(path))) == ["a", "c"]
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in out] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert "TypeError" in out[0] and "KeyError" in out[2] and "JSONDecodeError" in out[3]
 
 
 def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
