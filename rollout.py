@@ -453,7 +453,9 @@ def _sample(logits, cfg, u):
     probs = torch.softmax(logits, -1)  # (B, V)
     order = None
     if cfg.top_p < 1.0:
-        probs, order = probs.sort(-1, descending=True)
+        # ties (common: bf16 logits take few values) in id order, so which of them the nucleus keeps, and the
+        # draw, do not depend on the sort's algorithm (CPU's is not stable)
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > cfg.top_p, 0.0)  # after the nucleus is full
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]

@@ -98,6 +98,17 @@ def test_top_p_and_greedy():
     assert set(_sample(logits, RolloutConfig(greedy=True), u).tolist()) == {1}
 
 
+def test_top_p_keeps_tied_ids_in_id_order():
+    """bf16 logits take few distinct values, so ties are common: the nucleus takes tied ids lowest first, and a
+    uniform maps to the same id whatever the sort algorithm (CPU's unstable sort scattered them)."""
+    logits = torch.zeros(1, 4096)
+    logits[0, 4000] = 0.5  # one above the rest; then 4,095 ties
+    u = torch.linspace(0, 1 - 2 ** -24, 200)
+    drawn = [int(_sample(logits, RolloutConfig(top_p=0.1), u[i:i + 1])) for i in range(len(u))]
+    assert drawn[0] == 4000 and drawn[1] == 0  # the largest first, then the ties from id 0
+    assert drawn[1:] == sorted(drawn[1:]) and drawn[-1] < 420  # ids in order, the nucleus ~10% of the ties
+
+
 def test_banned_ids_are_never_drawn():
     """-inf logits have an empty CDF step: no uniform, not even 0 or the largest, lands on them."""
     u = torch.tensor([0.0, 0.5, 1 - 2 ** -24, 1 - 2 ** -24])
