@@ -134,20 +134,28 @@ def run_settings(args, resolved, precision):
 
 
 def _fingerprint(path):
-    """sha256 of a file, or of a folder's file names and sizes; a spec that is not a path (synthetic:N) as is."""
+    """sha256 of a file; of a folder (V*), its file names and sizes and the contents of its files under 1 MB
+    (the questions and answers: an edited one changes it even at the same size; the images by size, for speed).
+    A spec that is not a path (synthetic:N) as is."""
     if not path or not os.path.exists(path):
         return path
     digest = hashlib.sha256()
     if os.path.isdir(path):
         for folder, _, names in sorted(os.walk(path)):
             for n in sorted(names):
-                digest.update(f"{os.path.relpath(os.path.join(folder, n), path)}:"
-                              f"{os.path.getsize(os.path.join(folder, n))}\n".encode())
+                file = os.path.join(folder, n)
+                digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}\n".encode())
+                if os.path.getsize(file) < 1 << 20:
+                    _hash_file(file, digest)
     else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        _hash_file(path, digest)
     return "sha256:" + digest.hexdigest()
+
+
+def _hash_file(path, digest):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
 
 
 def default_name(args, resolved):

@@ -235,6 +235,22 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(hrbench_tsv, tmp_pat
         ev.main(base)
 
 
+def test_a_benchmark_folder_edited_at_the_same_size_is_another_data_set(tmp_path):
+    """V* is a folder: an answer edited in its JSON without changing the file's size is other data (its results
+    must not be resumed into), and so is a new image; an untouched folder keeps its fingerprint."""
+    root = tmp_path / "vstar" / "direct_attributes"
+    os.makedirs(root)
+    (root / "sa_1.json").write_text('{"options": ["red", "blue"]}')
+    (root / "sa_1.jpg").write_bytes(b"x" * 100)
+    before = ev._fingerprint(str(tmp_path / "vstar"))
+    assert ev._fingerprint(str(tmp_path / "vstar")) == before
+    (root / "sa_1.json").write_text('{"options": ["blue", "red"]}')
+    edited = ev._fingerprint(str(tmp_path / "vstar"))
+    assert edited != before
+    (root / "sa_2.jpg").write_bytes(b"y")
+    assert ev._fingerprint(str(tmp_path / "vstar")) != edited
+
+
 def test_default_folder_names_tell_runs_apart(tmp_path):
     def name(*argv):
         args = ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv])
