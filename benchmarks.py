@@ -43,8 +43,7 @@ def _hrbench(path, seed):
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
             raise SystemExit(f"error: cannot read {path} as parquet: {e}") from None
     else:
-        csv.field_size_limit(1 << 31)
-        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t"))
+        rows = _tsv_rows(path)
     columns = set(rows[0]) if rows else set()
     _require_columns(path, columns, ("index", "question", "answer", "image", "A", "B"))
     for column, score in HRBENCH_SCORES.items():
@@ -83,6 +82,20 @@ def _hrbench_image(image, by_index):
     if len(image) < 64 and image in by_index:
         return _hrbench_image(by_index[image]["image"], {})
     return base64.b64decode(image, validate=False)
+
+
+def _tsv_rows(path):
+    """A TSV's rows, read as a stream (HR-Bench 8K's file is gigabytes of base64: not held twice more as one
+    text); a binary or non-UTF-8 file is one message naming it."""
+    csv.field_size_limit(1 << 31)
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(1 << 16):
+            raise SystemExit(f"error: {path} is a binary file, not text: is it the benchmark's file?")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): is it the benchmark's file?") from None
 
 
 def _read_text(path):

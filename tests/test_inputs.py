@@ -193,8 +193,11 @@ def test_benchmark_files_that_cannot_be_read_are_one_message_before_the_model(tm
     monkeypatch.setattr("model.load_policy", lambda *a, **kw: pytest.fail("the model loaded first"))
     assert len(_load("hrbench", _tsv(tmp_path / "bom.tsv", _hrbench_rows(), bom=True))) == 3  # Excel's BOM
     (tmp_path / "bin.tsv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
-    with pytest.raises(SystemExit, match=f"{tmp_path / 'bin.tsv'} is not UTF-8 text"):
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'bin.tsv'} is a binary file, not text"):
         _load("hrbench", tmp_path / "bin.tsv")
+    (tmp_path / "latin1.tsv").write_bytes(b"index\tquestion\n0\tcaf\xe9\n")
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'latin1.tsv'} is not UTF-8 text"):
+        _load("hrbench", tmp_path / "latin1.tsv")
     rows = [{k: v for k, v in r.items() if k != "question"} for r in _hrbench_rows()]
     with pytest.raises(SystemExit, match="lacks the column.s. question"):
         _load("hrbench", _tsv(tmp_path / "noq.tsv", rows))
