@@ -26,16 +26,19 @@ def deepeyes(r):
         users = [m["content"] for m in r.get("prompt") or [] if m.get("role") == "user"]
         question = users[-1].replace("<image>", "").strip() if users else ""
     return dict(id=extra.get("index"), image=_first(r.get("images")), question=question,
-                answer=(r.get("reward_model") or {}).get("ground_truth"), category=r.get("data_source"))
+                answer=_unboxed((r.get("reward_model") or {}).get("ground_truth")), category=r.get("data_source"))
 
 
 def pixelreasoner(r):
     """Pixel-Reasoner's RL data (TIGER-Lab/PixelReasoner-RL-Data, release.parquet; images in images.zip):
-    qid, question, image (a list of paths into the unzipped images folder), is_video, answer. Layout as read by
-    verl-tool's examples/data_preprocess/pixel_reasoner/prepare_train.py. Video items are skipped."""
+    qid, question, image (a list of paths into the unzipped images folder), is_video, answer (a list: its first
+    is the answer, often as \\boxed{...}). Layout as read by verl-tool's
+    examples/data_preprocess/pixel_reasoner/prepare_train.py (answer[0]). Video items are skipped."""
     if r.get("is_video"):
         raise ValueError("a video item (only images are used)")
-    return dict(id=r.get("qid"), image=_first(r["image"]), question=r["question"], answer=r["answer"])
+    answer = r["answer"]
+    answer = _first(answer, "answer") if isinstance(answer, (list, tuple)) else answer
+    return dict(id=r.get("qid"), image=_first(r["image"]), question=r["question"], answer=_unboxed(answer))
 
 
 def chain_of_focus(r):
@@ -98,7 +101,16 @@ def by_columns(spec):
     return row
 
 
-def _first(values):
+def _first(values, what="image"):
     if not values:
-        raise ValueError("no image")
+        raise ValueError(f"no {what}")
     return values[0]
+
+
+BOXED_RE = re.compile(r"\s*\\boxed\{(.*)\}\s*", re.S)
+
+
+def _unboxed(answer):
+    """A gold answer written as \\boxed{X} (math-style sets) is X: the reply's <answer> holds X, not the box."""
+    m = BOXED_RE.fullmatch(answer) if isinstance(answer, str) else None
+    return m.group(1).strip() if m else answer

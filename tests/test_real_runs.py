@@ -40,11 +40,13 @@ def test_deepeyes_parquet(tmp_path, capsys):
             _deepeyes_row(1, dict(bytes=None, path="on_disk.png"), answer="a red car", question="What is it?"),
             _deepeyes_row(2, dict(bytes=b"not an image", path=None)),  # undecodable
             _deepeyes_row(3, dict(bytes=_png(), path=None), answer=""),  # no answer
-            _deepeyes_row(4, dict(bytes=None, path="missing.png"))]  # missing file
+            _deepeyes_row(4, dict(bytes=None, path="missing.png")),  # missing file
+            _deepeyes_row(5, dict(bytes=_png(), path=None), answer="\\boxed{\\frac{1}{2}}")]  # a math-style answer
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     samples = data.load(str(tmp_path / "train.parquet"))
     out = capsys.readouterr().out
-    assert [s.id for s in samples] == ["0", "1"]
+    assert [s.id for s in samples] == ["0", "1", "5"]
+    assert samples[2].answer == "\\frac{1}{2}"  # the box is not part of the answer
     assert "skipped 3 bad row(s)" in out and "row 2" in out and "row 3" in out
     assert samples[0].question == "What color is the car?" and samples[0].answer == "B"
     assert samples[0].image().size == (64, 48) and samples[1].image().size == (80, 60)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import data
+import rewards
 import sources
 
 
@@ -30,9 +31,11 @@ def pixelreasoner(tmp_path):
     """release.parquet with images.zip unpacked beside it (into images/)."""
     (tmp_path / "images" / "vstar").mkdir(parents=True)
     Image.new("RGB", (64, 48), "blue").save(tmp_path / "images" / "vstar" / "a.jpg")
-    rows = [dict(qid="pr-0", question="What color is the car?", image=["vstar/a.jpg"], is_video=False, answer="blue"),
-            dict(qid="pr-1", question="Which frame?", image=["v/1.jpg", "v/2.jpg"], is_video=True, answer="2"),
-            dict(qid="pr-2", question="Missing?", image=["vstar/none.jpg"], is_video=False, answer="x")]
+    # answer: a list, its first element the answer in \boxed{} (verl-tool's prepare_train.py takes answer[0])
+    rows = [dict(qid="pr-0", question="What color is the car?", image=["vstar/a.jpg"], is_video=False,
+                 answer=["\\boxed{blue}"]),
+            dict(qid="pr-1", question="Which frame?", image=["v/1.jpg", "v/2.jpg"], is_video=True, answer=["2"]),
+            dict(qid="pr-2", question="Missing?", image=["vstar/none.jpg"], is_video=False, answer=["x"])]
     return _write(tmp_path / "release.parquet", rows)
 
 
@@ -66,6 +69,7 @@ def test_pixelreasoner_layout(pixelreasoner, capsys):
     assert "pixelreasoner layout" in out and "skipped 2 bad row(s)" in out
     assert "row 1: ValueError: a video item" in out and "none.jpg" in out
     assert (s.id, s.question, s.answer, s.options) == ("pr-0", "What color is the car?", "blue", None)
+    assert rewards.accuracy("blue", s.answer) == 1.0  # was compared with "['\\boxed{blue}']": never right
     r, g, b = s.image().getpixel((0, 0))
     assert s.image().size == (64, 48) and b > 250 > 5 > max(r, g)  # the blue JPEG
 
