@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 
 from tqdm import tqdm
@@ -25,51 +26,75 @@ from rollout import RolloutConfig, rollout
 LADDER = "4096,1024,256,64"  # global budgets below the reference, largest first [choice]
 
 
-def _answers(policy, samples, tokens, max_tokens, prompt):
-    """Greedy replies without the tool at a global budget: the <answer> content, or None."""
+def _answers(policy, samples, tokens, max_tokens, prompt, bad):
+    """Greedy replies without the tool at a global budget: {id: the <answer> content, or None}. A sample whose
+    image fails to decode is left out, with its reason in `bad` (id -> reason) and one line."""
     cfg = RolloutConfig(greedy=True, probe="no-tool", max_turns=1, max_turn_tokens=max_tokens,
                         max_response_tokens=max_tokens, global_tokens=tokens, prompt=prompt)
-    return [rewards.extract_answer(e.text) for e in rollout(policy, samples, cfg)]
+    while samples:
+        try:
+            return {e.sample.id: rewards.extract_answer(e.text) for e in rollout(policy, samples, cfg)}
+        except data.BadImage as e:
+            print(f"skipping a bad image: {e}")
+            bad[e.sample_id] = str(e)
+            samples = [s for s in samples if s.id != e.sample_id]
+    return {}
 
 
 def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=16384, max_tokens=1024, batch=8,
            seed=0, prompt="deepeyes", matcher="rule", columns=None):
     """Select every sample's level; one JSON line per sample is appended to `out` as its batch finishes, so a
-    rerun skips what is done. Returns read_levels(out)."""
+    rerun skips what is done (a file made with other settings is refused). A sample whose image does not
+    decode gets a row with its `error`: training leaves it out. Returns read_levels(out)."""
     samples = data.load(spec, seed, columns=columns)
     for s in samples:  # a level a row carries would be its global image at every rung (the rollout shows it)
         s.global_tokens = None
     ladder = sorted((t for t in ladder if t < reference_tokens), reverse=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     data.cut_partial_line(out)  # a killed selection: its cut last line is redone, not appended onto
-    done = set(read_levels(out)) if os.path.exists(out) else set()
+    settings = dict(model=model_name, adapter=adapter, reference_tokens=reference_tokens, ladder=ladder,
+                    max_tokens=max_tokens, prompt=prompt, matcher=matcher)
+    done = read_levels(out) if os.path.exists(out) else {}
+    _check_settings(done, settings, out)
     todo = [s for s in samples if s.id not in done]
     policy = load_policy(model_name, adapter=adapter, lora=False, trainable=False) if todo else None
     for i in tqdm(range(0, len(todo), batch), desc="infogap", unit="batch"):
-        group = todo[i:i + batch]
-        reference = dict(zip((s.id for s in group), _answers(policy, group, reference_tokens, max_tokens, prompt)))
+        group, bad = todo[i:i + batch], {}
+        by_id = {s.id: s for s in group}
+        reference = _answers(policy, group, reference_tokens, max_tokens, prompt, bad)
         answers = {s.id: {} for s in group}
         level = {}
-        open_ = [s for s in group if reference[s.id] is not None]  # no reference answer: nothing to depart from
+        # no reference answer (or image): nothing to depart from
+        open_ = [s for s in group if reference.get(s.id) is not None]
         for tokens in ladder:  # down the ladder, only for the samples still undecided
             if not open_:
                 break
-            for s, a in zip(open_, _answers(policy, open_, tokens, max_tokens, prompt)):
-                answers[s.id][str(tokens)] = a
-                if a is not None and not rewards.same_answer(a, reference[s.id], s.options, matcher):
-                    level[s.id] = tokens
-            open_ = [s for s in open_ if s.id not in level]
+            for s_id, a in _answers(policy, open_, tokens, max_tokens, prompt, bad).items():
+                answers[s_id][str(tokens)] = a
+                if a is not None and not rewards.same_answer(a, reference[s_id], by_id[s_id].options, matcher):
+                    level[s_id] = tokens
+            open_ = [s for s in open_ if s.id not in level and s.id not in bad]
         with open(out, "a") as f:
             for s in group:
-                f.write(json.dumps(dict(id=s.id, global_tokens=level.get(s.id), diverged=s.id in level,
-                                        reference=reference[s.id], reference_tokens=reference_tokens,
-                                        ladder=ladder, answers=answers[s.id])) + "\n")
+                row = dict(id=s.id, global_tokens=level.get(s.id), diverged=s.id in level,
+                           reference=reference.get(s.id), answers=answers[s.id], **settings)
+                f.write(json.dumps(dict(row, error=bad[s.id]) if s.id in bad else row) + "\n")
     levels = read_levels(out)
     print(f"information-gap levels in {out}: " + ", ".join(
         f"{t} tokens: {sum(r['global_tokens'] == t for r in levels.values())}" for t in ladder)
         + f"; never diverged: {sum(not r['diverged'] for r in levels.values())} of {len(levels)} ("
         f"{sum(r['reference'] is None for r in levels.values())} of them without a reference answer)")
     return levels
+
+
+def _check_settings(done, settings, out):
+    """A selection resumed with other settings (another model, ladder, budget, ...) would mix two selections:
+    refused, naming what differs. A row without a setting (an older file) is not checked on it."""
+    row = next(iter(done.values()), None)
+    differ = [k for k, v in settings.items() if row is not None and k in row and row[k] != v]
+    if differ:
+        raise SystemExit(f"error: {out} holds a selection made with other settings: " + ", ".join(
+            f"{k}={row[k]!r} there, {settings[k]!r} now" for k in differ) + ". Pass another --out, or remove it")
 
 
 def read_levels(path):
@@ -86,11 +111,12 @@ def cache_path(cfg):
     """Where --infogap auto keeps its selection: next to the data file (runs/ for synthetic data), named by
     what the selection depends on, so a different model or ladder never reuses it."""
     key = json.dumps([cfg.model, cfg.init_adapter, cfg.infogap_ladder, cfg.infogap_reference_tokens,
-                      cfg.infogap_max_tokens, cfg.prompt, cfg.matcher, cfg.seed])
+                      cfg.infogap_max_tokens, cfg.prompt, cfg.matcher, cfg.seed] + ([cfg.columns] if cfg.columns else []))
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
     if os.path.exists(cfg.data):
         return f"{os.path.splitext(cfg.data.rstrip('/'))[0]}.infogap-{tag}.jsonl"
-    return os.path.join("runs", f"{cfg.data.replace(':', '_')}.infogap-{tag}.jsonl")
+    # generated data, or several sources ("a.parquet,b.json"): a file of its own under runs/
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", cfg.data).strip("_")[-80:] + f".infogap-{tag}.jsonl")
 
 
 NO_LEVELS = ("error: stage 1 needs each sample's information-gap level, and {data} has none. Choose one:\n"
@@ -141,12 +167,16 @@ def _apply_levels(levels, samples, never, path):
     smallest budget, the largest gap), reference (its reference budget: no gap) or drop."""
     if never not in ("coarsest", "reference", "drop"):
         raise SystemExit(f"error: --infogap_never {never!r}: expected coarsest, reference or drop")
-    kept, missing, undiverged = [], 0, 0
+    kept, missing, unreadable, undiverged = [], 0, 0, 0
     for s in samples:
         row = levels.get(s.id)
-        if row is None:
+        if row is None:  # not selected (a file of other data): trained at the run's budget, it would have no gap
             missing += 1
-        elif row["diverged"]:
+            continue
+        if row.get("error"):  # its image did not decode in the selection
+            unreadable += 1
+            continue
+        if row["diverged"]:
             s.global_tokens = int(row["global_tokens"])
         else:
             undiverged += 1
@@ -154,8 +184,11 @@ def _apply_levels(levels, samples, never, path):
                 continue
             s.global_tokens = min(row["ladder"]) if never == "coarsest" and row["ladder"] else row["reference_tokens"]
         kept.append(s)
-    print(f"info-gap levels from {path}: {len(samples) - missing - undiverged} diverged, {undiverged} never "
-          f"diverged ({'dropped' if never == 'drop' else never}), {missing} without a level (global_tokens)")
+    diverged = len(samples) - missing - unreadable - undiverged
+    print(f"info-gap levels from {path}: {diverged} diverged, {undiverged} never diverged "
+          f"({'dropped' if never == 'drop' else never})"
+          + (f"; left out: {missing} not in it" if missing else "")
+          + (f"{', ' if missing else '; left out: '}{unreadable} whose image did not decode" if unreadable else ""))
     return kept
 
 

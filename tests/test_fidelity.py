@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -27,10 +28,10 @@ def _scripted_selection(monkeypatch, by_tokens):
     """select() with the policy's answers given per budget: by_tokens[tokens] is a list, one per sample."""
     calls = []
 
-    def answers(policy, samples, tokens, max_tokens, prompt):
+    def answers(policy, samples, tokens, max_tokens, prompt, bad):
         calls.append(tokens)
         idx = {s.id: i for i, s in enumerate(data.synthetic(3))}
-        return [by_tokens[tokens][idx[s.id]] for s in samples]
+        return {s.id: by_tokens[tokens][idx[s.id]] for s in samples}
 
     monkeypatch.setattr(infogap, "_answers", answers)
     monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
@@ -65,6 +66,54 @@ def test_a_sample_without_a_reference_answer_never_diverges(tmp_path, monkeypatc
     assert "never diverged: 3 of 3 (1 of them without a reference answer)" in capsys.readouterr().out
 
 
+def test_a_bad_image_in_the_selection_is_a_row_with_its_error_and_training_leaves_it_out(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """An image that passed the load's checks but does not decode stopped the whole selection, again on every
+    resume. Now it gets a row with its error (a resume does not retry it), the batch goes on without it, and a
+    run leaves it out; so does a sample the file has no row for (it would train with no gap)."""
+    samples = data.synthetic(3)
+    bad_id = samples[1].id
+
+    def fake_rollout(policy, batch, cfg):
+        if any(s.id == bad_id for s in batch):
+            raise data.BadImage(f"sample {bad_id}: image file is truncated", bad_id)
+        return [SimpleNamespace(sample=s, text="<answer>B</answer>" if cfg.global_tokens > 256 else "<answer>C</answer>")
+                for s in batch]
+
+    monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: data.synthetic(3))
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
+    monkeypatch.setattr(infogap, "rollout", fake_rollout)
+    out = str(tmp_path / "l.jsonl")
+    levels = infogap.select("tiny", "rows.jsonl", [1024, 256], out)
+    assert [levels[s.id]["global_tokens"] for s in samples] == [256, None, 256]
+    assert "truncated" in levels[bad_id]["error"] and "skipping a bad image" in capsys.readouterr().out
+    monkeypatch.setattr(infogap, "rollout", lambda *a: pytest.fail("a resume retried the bad image"))
+    infogap.select("tiny", "rows.jsonl", [1024, 256], out)
+    extra = data.synthetic(4)[3]  # not in the file
+    cfg = train.Config(data="rows.jsonl", infogap=out, infogap_never="coarsest")
+    kept = infogap.prepare(cfg, data.synthetic(3) + [extra])
+    assert [s.id for s in kept] == [samples[0].id, samples[2].id] and {s.global_tokens for s in kept} == {256}
+    assert "left out: 1 not in it, 1 whose image did not decode" in capsys.readouterr().out
+
+
+def test_a_selection_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
+    _scripted_selection(monkeypatch, {t: ["B", "B", "B"] for t in (16384, 4096, 1024, 512, 256, 64)})
+    out = str(tmp_path / "l.jsonl")
+    infogap.select("tiny", "synthetic:3", [4096, 1024], out)
+    with pytest.raises(SystemExit, match=r"other settings: .*ladder=\[4096, 1024\] there, \[512, 64\] now"):
+        infogap.select("tiny", "synthetic:3", [512, 64], out)
+    with pytest.raises(SystemExit, match="model='tiny' there, 'micro' now"):
+        infogap.select("micro", "synthetic:3", [4096, 1024], out)
+    infogap.select("tiny", "synthetic:3", [4096, 1024], out)  # the same settings: resumed
+
+
+def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
+    cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
+    path = infogap.cache_path(cfg)
+    assert os.path.dirname(path) == "runs" and "," not in path and path.endswith(".jsonl")
+    assert infogap.cache_path(dataclasses.replace(cfg, columns="image=a,question=b,answer=c")) != path
+
+
 def test_the_selection_asks_at_each_rung_whatever_level_a_row_carries(tmp_path, monkeypatch):
     """A row may carry a level (global_tokens, written by a conversion or an earlier selection); the rollout
     shows a sample at its own level, so the selection must clear it or every rung would ask at that level."""
@@ -72,7 +121,7 @@ def test_the_selection_asks_at_each_rung_whatever_level_a_row_carries(tmp_path, 
 
     def fake_rollout(policy, samples, cfg):
         asked.append({s.global_tokens or cfg.global_tokens for s in samples})  # what the rollout would show
-        return [SimpleNamespace(text="<answer>B</answer>") for _ in samples]
+        return [SimpleNamespace(sample=s, text="<answer>B</answer>") for s in samples]
 
     carried = data.synthetic(2)
     for sample in carried:
@@ -90,7 +139,7 @@ def test_infogap_auto_reads_the_data_with_the_runs_columns(tmp_path, monkeypatch
     monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: seen.append(columns) or
                         data.synthetic(1))
     monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
-    monkeypatch.setattr(infogap, "_answers", lambda policy, samples, *a: ["B"] * len(samples))
+    monkeypatch.setattr(infogap, "_answers", lambda policy, samples, *a: {s.id: "B" for s in samples})
     cfg = train.Config(infogap="auto", data="table.json", columns="image=pic,question=q,answer=a")
     infogap.prepare(cfg, data.synthetic(1))
     assert seen == ["image=pic,question=q,answer=a"]
