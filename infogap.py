@@ -189,6 +189,9 @@ def _apply_levels(levels, samples, never, path):
           f"({'dropped' if never == 'drop' else never})"
           + (f"; left out: {missing} not in it" if missing else "")
           + (f"{', ' if missing else '; left out: '}{unreadable} whose image did not decode" if unreadable else ""))
+    if not kept:
+        raise SystemExit(f"error: no sample is left to train on with the levels of {path} (a selection of other "
+                         f"data?)")
     return kept
 
 

@@ -94,6 +94,8 @@ def test_a_bad_image_in_the_selection_is_a_row_with_its_error_and_training_leave
     kept = infogap.prepare(cfg, data.synthetic(3) + [extra])
     assert [s.id for s in kept] == [samples[0].id, samples[2].id] and {s.global_tokens for s in kept} == {256}
     assert "left out: 1 not in it, 1 whose image did not decode" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no sample is left to train on"):  # a selection of other data
+        infogap.prepare(cfg, [extra])
 
 
 def test_a_selection_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
