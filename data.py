@@ -6,6 +6,7 @@ At the global budget the label is a few pixels wide and unreadable; a crop of th
 JSONL (one sample per line; relative image paths resolve against the file's folder):
     {"id": "a1", "image": "imgs/a.jpg", "question": "...", "options": ["...", ...], "answer": "B",
      "boxes": [[x1, y1, x2, y2], ...]}     # options and boxes optional; boxes nested, innermost first
+    (optional too: "category", "global_tokens" (an information-gap level), "matcher" (exact | rule | math))
 
     python data.py show --data synthetic:4          # print samples
     python data.py show --data release.parquet,ThinkLite-VL-70k.parquet     # sources mixed
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import sources
 from crop import MAX_IMAGE_ASPECT
+from rewards import MATCHERS
 
 WORDS = ("apple river stone cloud tiger lemon piano rocket candle forest silver window garden bridge "
          "honey violin planet marble castle dragon").split()
@@ -305,7 +307,7 @@ def _jsonl_row(row, root, n):
         raise ValueError(f"'global_tokens' must be a whole number of tokens, at least 4 (not {level!r})")
     return Sample(id=str(row.get("id", n)), question=row["question"], answer=answer, width=width, height=height,
                   options=options, boxes=boxes, category=str(row.get("category", "default")), image_path=path,
-                  global_tokens=level)
+                  global_tokens=level, meta=_matcher_meta(row.get("matcher")))
 
 
 def _check_nested(boxes, width, height):
@@ -457,7 +459,16 @@ def _table_sample(f, root, n):
             raise ValueError(f"answer {answer!r} is not a letter of the {len(options)} options")
     return Sample(id=str(f["id"] if f.get("id") is not None else n), question=question, answer=answer, width=width,
                   height=height, options=options, image_path=image_path, make=make,
-                  category=str(f.get("category") or "default"))
+                  category=str(f.get("category") or "default"), meta=_matcher_meta(f.get("matcher")))
+
+
+def _matcher_meta(matcher):
+    """A row's own short-answer matcher (rewards.MATCHERS), kept in its meta; {} when it has none."""
+    if matcher is None:
+        return {}
+    if matcher not in MATCHERS:
+        raise ValueError(f"matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+    return dict(matcher=matcher)
 
 
 # the data made here from a seed (`KIND[:N]`): kind -> generator(n, seed)
@@ -521,7 +532,7 @@ def convert(spec, out, columns=None, seed=0):
             name = _write_image(s, name)
             row = dict(id=s.id, image=os.path.relpath(name, os.path.dirname(os.path.abspath(out))),
                        question=s.question, answer=s.answer, options=s.options, boxes=s.boxes,
-                       category=s.category, global_tokens=s.global_tokens)
+                       category=s.category, global_tokens=s.global_tokens, matcher=s.meta.get("matcher"))
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
     os.replace(out + ".tmp", out)
     print(f"wrote {len(samples)} sample(s) to {out}, images in {folder}/")

@@ -71,7 +71,9 @@ def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=1638
                 break
             for s_id, a in _answers(policy, open_, tokens, max_tokens, prompt, bad).items():
                 answers[s_id][str(tokens)] = a
-                if a is not None and not rewards.same_answer(a, reference[s_id], by_id[s_id].options, matcher):
+                s = by_id[s_id]
+                if a is not None and not rewards.same_answer(a, reference[s_id], s.options,
+                                                             rewards.matcher_for(s, matcher)):
                     level[s_id] = tokens
             open_ = [s for s in open_ if s.id not in level and s.id not in bad]
         with open(out, "a") as f:

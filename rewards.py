@@ -254,12 +254,17 @@ def grounding(pred, nested, width, height, tau=0.9, omega=0.5):
     return omega * r_iou + (1 - omega) * r_l1, r_iou, r_l1, cov
 
 
+def matcher_for(sample, default):
+    """The short-answer matcher of a sample: its own (a data set's math rows: "math") or the run's."""
+    return (getattr(sample, "meta", None) or {}).get("matcher") or default
+
+
 def score(episode_text, sample, boxes, cfg=RewardConfig()):
     """The reward of one episode and its parts.
 
     episode_text: the response (assistant turns and tool replies); sample: has .answer, .options, .boxes,
     .width, .height; boxes: the boxes the episode cropped, original frame, in order."""
-    acc = accuracy(extract_answer(episode_text), sample.answer, sample.options, cfg.matcher)
+    acc = accuracy(extract_answer(episode_text), sample.answer, sample.options, matcher_for(sample, cfg.matcher))
     fmt = 0.0 if format_ok(episode_text) else -1.0
     tool = 1.0 if boxes and acc > 0.5 else 0.0
     parts = dict(accuracy=acc, format=fmt, tool=tool, grounding=0.0, iou=None, coverage=None)

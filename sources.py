@@ -16,6 +16,10 @@ Imports nothing of the project.
 import re
 
 
+# DeepEyes' math rows: its reward (verl/utils/reward_score) judges them as math answers, not by string
+MATH_SOURCES = ("thinklite_eureka", "xince")
+
+
 def deepeyes(r):
     """DeepEyes-Datasets-47k (ChenShawn/DeepEyes-Datasets-47k, verl parquet): prompt (chat messages, the user
     text holding an <image> placeholder), images ([{bytes, path}]), reward_model.ground_truth,
@@ -25,8 +29,10 @@ def deepeyes(r):
     if not question:
         users = [m["content"] for m in r.get("prompt") or [] if m.get("role") == "user"]
         question = users[-1].replace("<image>", "").strip() if users else ""
+    source = r.get("data_source")
     return dict(id=extra.get("index"), image=_first(r.get("images")), question=question,
-                answer=_unboxed((r.get("reward_model") or {}).get("ground_truth")), category=r.get("data_source"))
+                answer=_unboxed((r.get("reward_model") or {}).get("ground_truth")), category=source,
+                matcher="math" if source in MATH_SOURCES else None)
 
 
 def pixelreasoner(r):
@@ -76,7 +82,7 @@ LAYOUTS = {
     "chain-of-focus": ({"messages", "images"}, chain_of_focus),
     "thinklite": ({"problem", "image", "answer"}, thinklite),
 }
-FIELDS = ("image", "question", "answer", "options", "id", "category")
+FIELDS = ("image", "question", "answer", "options", "id", "category", "matcher")
 
 
 def detect(columns):

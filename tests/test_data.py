@@ -159,7 +159,7 @@ GOOD_ROWS = [
     {"id": "a1", "image": "imgs/a.png", "question": "Which colour?", "options": ["red", "blue", "green"],
      "answer": "b", "boxes": [[10, 10, 20, 20], [5, 5, 40, 30], [0, 0, 120, 80]], "category": "colour",
      "global_tokens": 64},
-    {"image": "imgs/b.png", "question": "Name it.", "answer": " cat "},
+    {"image": "imgs/b.png", "question": "Name it.", "answer": " cat ", "matcher": "exact"},
     {"id": 7, "image": "../shared/c.png", "question": "Q", "options": ["x", "y", "z", "w", "v"], "answer": "E",
      "boxes": [[0.5, 1.5, 29.5, 40]]},
 ]
@@ -180,6 +180,7 @@ def test_read_jsonl_good_rows(dataset):
     assert (b.id, b.answer, b.options, b.boxes, b.category) == ("2", "cat", None, None, "default")
     assert (b.width, b.height) == (64, 48) and b.image().getpixel((0, 0)) == (1, 2, 3)
     assert b.question == "Name it." and b.options is None
+    assert b.meta == {"matcher": "exact"} and a.meta == {}  # a row's own matcher
     assert (c.id, c.answer, c.width, c.height) == ("7", "E", 30, 40)
     assert c.boxes == [[0.5, 1.5, 29.5, 40.0]]
 
@@ -227,6 +228,7 @@ BAD_ROWS = [
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[0.4, 0.4, 0.45, 0.45], [0.3, 0.3, 0.6, 1]]},
      "look normalised to 0-1"),  # would pass as a sub-pixel box in the corner, which every crop there covers
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": []}, "boxes"),
+    ({"image": "imgs/a.png", "question": "q", "answer": "1/2", "matcher": "maths"}, "matcher 'maths'"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[1, 2, 3]]}, "is not"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [[True, 2, 30, 40]]}, "is not"),
     ({"image": "imgs/a.png", "question": "q", "answer": "A", "boxes": [["1", 2, 30, 40]]}, "is not"),

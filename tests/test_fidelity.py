@@ -58,6 +58,16 @@ def test_selection_compares_answers_not_strings(tmp_path, monkeypatch):
     assert len(calls) == before and len(out.read_text().splitlines()) == 3
 
 
+def test_the_selection_compares_a_math_rows_answers_as_math(tmp_path, monkeypatch):
+    """A row with its own matcher (DeepEyes' math rows) is compared by it: "0.5" is "\\frac{1}{2}", no divergence."""
+    _scripted_selection(monkeypatch, {16384: ["\\frac{1}{2}"] * 3, 4096: ["0.5"] * 3})
+    samples = [dataclasses.replace(s, options=None, answer="1/2") for s in data.synthetic(3)]  # short answers
+    samples[0].meta = {"matcher": "math"}
+    monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: samples)
+    levels = infogap.select("tiny", "rows.jsonl", [4096], str(tmp_path / "l.jsonl"))
+    assert [levels[s.id]["diverged"] for s in samples] == [False, True, True]
+
+
 def test_a_sample_without_a_reference_answer_never_diverges(tmp_path, monkeypatch, capsys):
     _scripted_selection(monkeypatch, {16384: [None, "A", "A"], 4096: ["B", "A", "A"], 1024: ["B", "A", "A"],
                                       256: ["B", "A", "A"], 64: ["B", "A", "A"]})

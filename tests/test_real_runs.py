@@ -15,6 +15,7 @@ import crop
 import data
 import infogap
 import model
+import rewards
 import rollout as rollout_module
 import train
 from helpers import logprobs_three_ways, move_lora, scripted, tiny_policy
@@ -27,8 +28,8 @@ def _png(w=64, h=48, color="red"):
     return buf.getvalue()
 
 
-def _deepeyes_row(i, image, answer="B", question=None):
-    return dict(data_source="vstar", prompt=[dict(role="system", content="sys"),
+def _deepeyes_row(i, image, answer="B", question=None, source="vstar"):
+    return dict(data_source=source, prompt=[dict(role="system", content="sys"),
                                             dict(role="user", content="<image>\nWhat color is the car?")],
                 images=[image], reward_model=dict(ground_truth=answer, style="model"),
                 extra_info=dict(question=question, index=i), ability="vqa", env_name="visual_toolbox_v2")
@@ -41,12 +42,19 @@ def test_deepeyes_parquet(tmp_path, capsys):
             _deepeyes_row(2, dict(bytes=b"not an image", path=None)),  # undecodable
             _deepeyes_row(3, dict(bytes=_png(), path=None), answer=""),  # no answer
             _deepeyes_row(4, dict(bytes=None, path="missing.png")),  # missing file
-            _deepeyes_row(5, dict(bytes=_png(), path=None), answer="\\boxed{\\frac{1}{2}}")]  # a math-style answer
+            _deepeyes_row(5, dict(bytes=_png(), path=None), answer="\\boxed{\\frac{1}{2}}",  # a math row
+                          source="thinklite_eureka")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     samples = data.load(str(tmp_path / "train.parquet"))
     out = capsys.readouterr().out
     assert [s.id for s in samples] == ["0", "1", "5"]
     assert samples[2].answer == "\\frac{1}{2}"  # the box is not part of the answer
+    # judged as math, as DeepEyes' reward judges its math rows, whatever the run's matcher; the others by it
+    assert rewards.score("<answer>0.5</answer>", samples[2], [])["accuracy"] == 1.0
+    assert rewards.score("<answer>0.5</answer>", dataclasses.replace(samples[2], meta={}), [])["accuracy"] == 0.0
+    assert samples[0].meta == {}
+    data.convert(str(tmp_path / "train.parquet"), str(tmp_path / "conv.jsonl"))  # kept by the project's JSONL
+    assert [s.meta for s in data.read_jsonl(str(tmp_path / "conv.jsonl"))] == [{}, {}, {"matcher": "math"}]
     assert "skipped 3 bad row(s)" in out and "row 2" in out and "row 3" in out
     assert samples[0].question == "What color is the car?" and samples[0].answer == "B"
     assert samples[0].image().size == (64, 48) and samples[1].image().size == (80, 60)
