@@ -258,14 +258,16 @@ def evaluate(args, load_policy=None):
                  dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples) + len(unreadable),
                       num_unreadable=len(unreadable), shown=shown))
     if unreadable and dist.is_main():
-        with open(os.path.join(out, "skipped.txt"), "w") as f:
-            f.write("".join(reason + "\n" for reason in unreadable))
+        if not os.path.exists(os.path.join(out, "skipped.txt")):  # a rerun: there already (the same data)
+            with open(os.path.join(out, "skipped.txt"), "w") as f:
+                f.write("".join(reason + "\n" for reason in unreadable))
         print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {out}/skipped.txt")
     items_path = os.path.join(out, f"items{tag}.jsonl")
     if data.cut_partial_line(items_path):
         print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
     done = read_items(out)  # every shard's results count as done
-    todo = [s for s in samples if s.id not in done]
+    failed = read_items(out, failed=True)  # and images found undecodable: not retried
+    todo = [s for s in samples if s.id not in done and s.id not in failed]
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
     if todo:
@@ -276,17 +278,22 @@ def evaluate(args, load_policy=None):
         bar = tqdm(total=len(todo), desc=name, file=sys.stdout)
         for i in range(0, len(todo), args.batch):
             t0 = time.time()
-            episodes = _rollout_skipping_bad_images(policy, todo[i:i + args.batch], cfg)
-            if not episodes:
-                continue
-            seconds = (time.time() - t0) / len(episodes)
+            bad = {}
+            episodes = _rollout_skipping_bad_images(policy, todo[i:i + args.batch], cfg, bad)
+            seconds = (time.time() - t0) / max(1, len(episodes))
             with open(items_path, "a") as f:
                 for e in episodes:
                     item = _item(e, seconds, response_text(policy, e), settings.matcher)
                     done[item["id"]] = item
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
-            bar.update(len(episodes))
-            bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
+                for s_id, reason in bad.items():  # kept as unreadable, with the reason
+                    f.write(json.dumps(dict(id=s_id, error=reason)) + "\n")
+            if bad:
+                with open(os.path.join(out, "skipped.txt"), "a") as f:
+                    f.write("".join(reason + "\n" for reason in bad.values()))
+            bar.update(len(episodes) + len(bad))
+            if done:
+                bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
         bar.close()
     dist.barrier("waiting for the other ranks' shards")  # torchrun: the summary merges every rank's items
     summary, items = folder_summary(out, args.bench, [s.id for s in all_samples], write=dist.is_main())
@@ -298,13 +305,15 @@ def evaluate(args, load_policy=None):
     return summary
 
 
-def _rollout_skipping_bad_images(policy, batch, cfg):
-    """Roll out a batch; an item whose image fails to decode is reported in one line and left out."""
+def _rollout_skipping_bad_images(policy, batch, cfg, bad):
+    """Roll out a batch; an item whose image fails to decode is reported in one line, left out and kept in `bad`
+    (id -> reason)."""
     while batch:
         try:
             return rollout(policy, batch, cfg)
         except data.BadImage as e:
             print(f"skipping a bad image: {e}")
+            bad[e.sample_id] = str(e)
             batch = [s for s in batch if s.id != e.sample_id]
     return []
 
@@ -319,26 +328,29 @@ def _item(e, seconds, text, matcher="rule"):
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 
 
-def read_items(out):
-    """Every shard's items in a folder, read now (other shards may still be writing: a cut line is skipped)."""
+def read_items(out, failed=False):
+    """Every shard's items in a folder, read now (other shards may still be writing: a cut line is skipped); with
+    `failed`, instead the items whose image did not decode in the rollout ({id, error})."""
     done = {}
     for f in sorted(os.listdir(out)):
         if f.startswith("items") and f.endswith(".jsonl"):
             done.update(_read_items(os.path.join(out, f)))
-    return done
+    return {k: v for k, v in done.items() if ("error" in v) == failed}
 
 
 def folder_summary(out, bench, ids=None, write=True):
     """The summary of a folder's results, all shards merged as they are now (of `ids` when given), with how many
     of the benchmark's items it covers; writes summary.json and table.md (unless not `write`). Returns the summary
     and the items."""
-    done = read_items(out)
+    done, failed = read_items(out), read_items(out, failed=True)
     items = [done[i] for i in ids if i in done] if ids is not None else list(done.values())
+    failed = [i for i in ids if i in failed] if ids is not None else list(failed)
     run = read_run(out) or {}
+    # unreadable: the loader's rows (not in ids), and the items whose image then failed to decode
     unreadable = run.get("num_unreadable", 0)
     summary = summarize(items, os.path.basename(os.path.normpath(out)), bench,
                         num_total=len(ids) + unreadable if ids is not None else run.get("num_total"))
-    summary["num_unreadable"] = unreadable
+    summary["num_unreadable"] = unreadable + len(failed)
     summary["settings"] = run.get("shown")
     if write:
         _write_reports(out, summary)

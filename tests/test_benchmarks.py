@@ -324,6 +324,24 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(tmp_path / "two"), "--limit", "2",
                        *TINY])
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 2, 0)
+    # an image that passes the load's checks but fails to decode in the rollout (a truncated JPEG) counts the
+    # same, and a rerun does not retry it
+    buf = io.BytesIO()
+    Image.effect_noise((300, 200), 60).convert("RGB").save(buf, "JPEG")
+    rows[1]["image"] = base64.b64encode(buf.getvalue()[:len(buf.getvalue()) // 2]).decode()
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "cut"
+    summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
+    assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (1, 3, 2)
+    assert "**partial: 1 of 3 items** (2 unreadable" in report.markdown(summary)
+    assert "sample 1 (embedded image)" in open(out / "skipped.txt").read().splitlines()[1]
+    summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])  # nothing to redo
+    assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (1, 3, 2)
+    assert len(open(out / "skipped.txt").read().splitlines()) == 2
+    assert "0 to go" in capsys.readouterr().out
 
 
 def test_a_damaged_results_line_is_named_and_its_item_redone(tmp_path, capsys):
