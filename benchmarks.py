@@ -138,8 +138,8 @@ def _vstar(path, seed):
     samples, bad = [], []
     for category in ("direct_attributes", "relative_position"):
         folder = os.path.join(path, category)
-        if not os.path.isdir(folder):
-            bad.append(f"{folder}: missing")
+        if not os.path.isdir(folder):  # a whole category: said, not counted as one unreadable item
+            print(f"warning: {folder} is missing: the {category} items are not evaluated")
             continue
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
             try:

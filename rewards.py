@@ -25,6 +25,7 @@ class RewardConfig:
 BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 ARTICLE_A_RE = re.compile(r"A (?!(?:is|was|seems|looks|appears)\b)[a-z]")
+SENTENCE_START_RE = re.compile(r"(?:^|[.!?]\s+|\n\s*)$")  # what precedes a sentence's first word
 
 
 def tag_spans(text, pairs):
@@ -88,10 +89,10 @@ def scored_reply(text):
 
 def extract_letter(text):
     """The first standalone option letter A-E in a reply ("B", "(B)", "B. red", "The answer is B"). A bare "A"
-    before a lower-case word is the article ("A large cat"), not option A, unless that word is a verb
-    ("A is correct")."""
+    starting a sentence before a lower-case word is the article ("A large cat."), not option A, unless that word
+    is a verb ("A is correct"); elsewhere it is the letter ("The answer is A because ...")."""
     for m in LETTER_RE.finditer(text or ""):
-        if not ARTICLE_A_RE.match(text, m.start()):
+        if not (ARTICLE_A_RE.match(text, m.start()) and SENTENCE_START_RE.search(text, 0, m.start())):
             return m.group(1)
     return None
 
@@ -191,6 +192,8 @@ def picked_option(reply, options):
     if letter:
         return letter
     named = [i for i, t in enumerate(texts) if t and f" {t} " in f" {normalize(reply)} "]
+    # an option's text inside another named one ("cat" in "large cat") is that one's
+    named = [i for i in named if not any(j != i and f" {texts[i]} " in f" {texts[j]} " for j in named)]
     return "ABCDE"[named[0]] if len(named) == 1 else None
 
 

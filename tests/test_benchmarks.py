@@ -153,6 +153,13 @@ def test_a_vstar_box_past_the_edge_is_clipped_and_the_question_kept(vstar_dir, c
     assert "bbox [1, 2, 3, 4, 5] is not [x, y, w, h]: left out" in capsys.readouterr().out
 
 
+def test_a_missing_vstar_category_is_said_and_not_an_unreadable_item(vstar_dir, capsys):
+    shutil.rmtree(os.path.join(vstar_dir, "relative_position"))
+    samples = benchmarks.load_benchmark("vstar", vstar_dir)
+    assert [s.category for s in samples] == ["direct_attributes"] and samples.skipped == []
+    assert "relative_position is missing: the relative_position items are not evaluated" in capsys.readouterr().out
+
+
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
     a = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
     b = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)

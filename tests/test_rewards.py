@@ -50,6 +50,10 @@ def test_extract_answer(text, expected):
     ("A is correct", "A"),  # ... but a capital A followed by a verb is
     ("A. large cat", "A"),
     ("(A) large cat", "A"),
+    ("The answer is A because the car is red", "A"),  # mid-sentence, "A" is the letter
+    ("Answer: A as shown", "A"),
+    ("I choose A because it is red", "A"),
+    ("It is big.\nA small dog", None),  # a new line starts a sentence
     ("", None),
     (None, None),
 ])
@@ -128,6 +132,7 @@ def test_accuracy(reply, answer, options, expected):
     ("A large cat", "B", ["dog", "cat"], 1.0),  # ... the reply names option B's text
     ("A cat or a dog", "A", ["a cat", "a dog"], 0.0),  # two options' texts: neither
     ("B, not a cat", "B", ["a cat", "a dog"], 1.0),  # a letter before any option's text
+    ("I think it is a large cat", "B", ["cat", "large cat"], 1.0),  # the longer text holding the other
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
