@@ -362,13 +362,25 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
     rollout's, prefill and graph captures included; ms per step leaves out both (the prompts' admission, rows
     built and prefilled, timed in the rollout itself; captures are a one-off cost per shape of the static
     cache), each shown beside it."""
+    print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
+          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without either")
+    # every row writes its tokens, with no tool turn: a random model's draws never end a turn here. (tiny-7b's
+    # head has 152,064 rows but its tokenizer a few hundred tokens: the rows past it are banned, so without this
+    # its draws would end a turn about once in 200)
+    banned = policy.banned
+    policy.banned = banned + [policy.im_end, policy.end_of_text, policy.tool_call_end]
+    try:
+        _decode_rows(policy, batch_sizes, new_tokens)
+    finally:
+        policy.banned = banned
+
+
+def _decode_rows(policy, batch_sizes, new_tokens):
     import data
     import decode
     import rollout as engine
     from rollout import RolloutConfig, _forward, _new_rows, _prefill, rollout
 
-    print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
-          f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without either")
     _table(["rows", "decode", "tokens written", "tokens/s", "prefill s", "ms per step", "graph captures",
             "bare model ms per step", "step / bare"], [])  # each row printed as it is measured: a run stopped by a
     # time limit keeps them
