@@ -364,9 +364,7 @@ def _bench_decode(policy, name, batch_sizes, new_tokens=64):
     cache), each shown beside it."""
     print(f"rollout decode: {_describe(policy, name)}, global image 1,024 tokens, {new_tokens} sampled tokens per "
           f"row; tokens/s over the whole rollout (prefill and captures included), ms per step without either")
-    # every row writes its tokens, with no tool turn: a random model's draws never end a turn here. (tiny-7b's
-    # head has 152,064 rows but its tokenizer a few hundred tokens: the rows past it are banned, so without this
-    # its draws would end a turn about once in 200)
+    # every row writes its tokens, with no tool turn: a random model's draws never end a turn here
     banned = policy.banned
     policy.banned = banned + [policy.im_end, policy.end_of_text, policy.tool_call_end]
     try:

@@ -125,9 +125,13 @@ class Policy:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tok("<|endoftext|>")
         self.merge = hf.config.vision_config.spatial_merge_size
         # tokens only the harness writes: sampling one would break the image-pad / image count; and the head's
-        # rows past the tokenizer (Qwen2.5-VL-7B: 152,064 rows, 151,665 tokens), which decode to nothing
+        # rows past the tokenizer (Qwen2.5-VL-7B: 152,064 rows, 151,665 tokens), which decode to nothing. Not when
+        # they are most of the head: tiny-7b (random weights at the 7B's shape, the tiny tokenizer) would then draw
+        # from a few hundred ids, end tokens among them, and its benchmark rows would end early
+        rows = self.head.weight.shape[0]
+        past = list(range(len(tokenizer), rows)) if rows - len(tokenizer) < rows // 100 else []
         self.banned = [tok(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                        "<|video_pad|>")] + list(range(len(tokenizer), self.head.weight.shape[0]))
+                                        "<|video_pad|>")] + past
 
     @property
     def device(self):

@@ -6,6 +6,20 @@ import model
 from helpers import tiny_policy
 
 
+def test_head_rows_past_the_tokenizer_are_banned_unless_they_are_most_of_the_head():
+    """Qwen2.5-VL-7B's head has 399 rows past its tokenizer, which decode to nothing: never drawn. A head that is
+    mostly such rows (tiny-7b: the 7B's shape, the tiny tokenizer) keeps them, or it would draw from a few
+    hundred ids, end tokens among them."""
+    import torch.nn as nn
+
+    m, tok = model.build_tiny(seed=0)
+    vision = len(model.Policy(m, tok, "t").banned)
+    for extra, banned in ((len(tok) // 200, True), (len(tok) * 50, False)):
+        m.lm_head = nn.Linear(m.lm_head.in_features, len(tok) + extra, bias=False)
+        p = model.Policy(m, tok, "t")
+        assert len(p.banned) == vision + (extra if banned else 0)
+
+
 def _sequence(policy, sizes):
     """A prompt with one image, then a tool turn per extra image, as the rollout builds them."""
     grids = [crop.encode_image(torch.zeros(h, w, 3, dtype=torch.uint8), max_pixels=64 * 784)[1][0] for h, w in sizes]
