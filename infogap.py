@@ -82,10 +82,12 @@ def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=1638
                            reference=reference.get(s.id), answers=answers[s.id], **settings)
                 f.write(json.dumps(dict(row, error=bad[s.id]) if s.id in bad else row) + "\n")
     levels = read_levels(out)
+    rows = [r for r in levels.values() if not r.get("error")]
     print(f"information-gap levels in {out}: " + ", ".join(
-        f"{t} tokens: {sum(r['global_tokens'] == t for r in levels.values())}" for t in ladder)
-        + f"; never diverged: {sum(not r['diverged'] for r in levels.values())} of {len(levels)} ("
-        f"{sum(r['reference'] is None for r in levels.values())} of them without a reference answer)")
+        f"{t} tokens: {sum(r['global_tokens'] == t for r in rows)}" for t in ladder)
+        + f"; never diverged: {sum(not r['diverged'] for r in rows)} of {len(rows)} ("
+        f"{sum(r['reference'] is None for r in rows)} of them without a reference answer)"
+        + (f"; {len(levels) - len(rows)} whose image did not decode" if len(rows) < len(levels) else ""))
     return levels
 
 
@@ -117,8 +119,14 @@ def cache_path(cfg):
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
     if os.path.exists(cfg.data):
         return f"{os.path.splitext(cfg.data.rstrip('/'))[0]}.infogap-{tag}.jsonl"
-    # generated data, or several sources ("a.parquet,b.json"): a file of its own under runs/
-    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", cfg.data).strip("_")[-80:] + f".infogap-{tag}.jsonl")
+    return _runs_path(cfg.data, tag)
+
+
+def _runs_path(spec, tag):
+    """Generated data, or several sources ("a.parquet,b.json"): a file of its own under runs/, named after the
+    spec (shortened) and a hash of it with `tag`, so that two specs never share one."""
+    digest = hashlib.sha256((spec + tag).encode()).hexdigest()[:8]
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", spec)[-60:].strip("_") + f".infogap-{digest}.jsonl")
 
 
 NO_LEVELS = ("error: stage 1 needs each sample's information-gap level, and {data} has none. Choose one:\n"
@@ -192,8 +200,7 @@ def _apply_levels(levels, samples, never, path):
           + (f"; left out: {missing} not in it" if missing else "")
           + (f"{', ' if missing else '; left out: '}{unreadable} whose image did not decode" if unreadable else ""))
     if not kept:
-        raise SystemExit(f"error: no sample is left to train on with the levels of {path} (a selection of other "
-                         f"data?)")
+        raise SystemExit(f"error: no sample is left to train on with the levels of {path} (the counts above)")
     return kept
 
 
@@ -216,9 +223,11 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=1024, help="tokens per answer (a 7B thinks before answering)")
     ap.add_argument("--prompt", default="deepeyes", choices=PROMPTS, help="prompt wording")
     ap.add_argument("--matcher", default="rule", choices=list(rewards.MATCHERS), help="short-answer matcher")
-    ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl)")
+    ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl beside a data file, "
+                                                "else a file under runs/)")
     args = ap.parse_args()
-    out = args.out or args.data.replace(":", "_").removesuffix(".jsonl") + ".infogap.jsonl"
+    out = args.out or (args.data.removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)
+                       else _runs_path(args.data, "cli"))
     select(args.model, args.data, [int(x) for x in args.ladder.split(",")], out, adapter=args.adapter,
            reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, prompt=args.prompt,
            matcher=args.matcher)

@@ -96,7 +96,9 @@ def test_a_bad_image_in_the_selection_is_a_row_with_its_error_and_training_leave
     out = str(tmp_path / "l.jsonl")
     levels = infogap.select("tiny", "rows.jsonl", [1024, 256], out)
     assert [levels[s.id]["global_tokens"] for s in samples] == [256, None, 256]
-    assert "truncated" in levels[bad_id]["error"] and "skipping a bad image" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "truncated" in levels[bad_id]["error"] and "skipping a bad image" in out_text
+    assert "never diverged: 0 of 2 (0 of them without a reference answer); 1 whose image did not decode" in out_text
     monkeypatch.setattr(infogap, "rollout", lambda *a: pytest.fail("a resume retried the bad image"))
     infogap.select("tiny", "rows.jsonl", [1024, 256], out)
     extra = data.synthetic(4)[3]  # not in the file
@@ -123,6 +125,10 @@ def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
     path = infogap.cache_path(cfg)
     assert os.path.dirname(path) == "runs" and "," not in path and path.endswith(".jsonl")
+    assert not os.path.basename(path).startswith("_")
+    # two specs that read alike once their separators are replaced are two files
+    assert infogap.cache_path(dataclasses.replace(cfg, data="a.parquet,b.parquet")) != \
+        infogap.cache_path(dataclasses.replace(cfg, data="a.parquet b.parquet"))
     assert infogap.cache_path(dataclasses.replace(cfg, columns="image=a,question=b,answer=c")) != path
 
 
