@@ -109,7 +109,7 @@ def selective_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=Fa
     one (reference and old-policy log-probs) the kernels differ, so each is measured and chosen on its own, and
     per dtype: bench.py measures the bf16 head, so an fp32 one takes the torch path unless measured too."""
     op = "logprobs" if torch.is_grad_enabled() and hidden.requires_grad else "logprobs_nograd"
-    op = logprobs_op(op, hidden.dtype)
+    op = logprobs_op(op, weight.dtype)
     fn = logprobs.selective_logprobs_triton if _use_triton(op, hidden) else logprobs.selective_logprobs_chunked
     return fn(hidden, weight, targets, temperature, with_entropy)
 
