@@ -165,6 +165,11 @@ GOOD_ROWS = [
 ]
 
 
+def test_a_rows_matcher_is_one_rewards_knows():
+    import rewards
+    assert data.MATCHERS == rewards.MATCHERS  # data keeps its own copy: it imports no scoring code
+
+
 def test_read_jsonl_good_rows(dataset):
     path = dataset(GOOD_ROWS)
     samples = data.read_jsonl(path)
