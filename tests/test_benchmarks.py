@@ -125,7 +125,8 @@ def test_hrbench_parquet_with_image_bytes_a_gap_in_the_options_and_no_category(t
     rows[1]["image"] = "0".encode()  # in a bytes column, still a reference to row 0's image
     rows[2].update(image=_png_bytes(120, 90, "blue"), category=None)
     gap = dict(rows[2], index=4, B="", answer="C")
-    pq.write_table(pa.Table.from_pylist([rows[0], rows[1], rows[2], gap]), tmp_path / "hr.parquet")
+    gap_c = dict(rows[2], index=5, C=None, answer="D")  # the last but one: D filled
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[1], rows[2], gap, gap_c]), tmp_path / "hr.parquet")
     hub = [dict(r, image={"bytes": r["image"], "path": None}) for r in rows]  # the Hub's Image feature
     pq.write_table(pa.Table.from_pylist(hub), tmp_path / "hub.parquet")
     for name in ("hr.parquet", "hub.parquet"):
@@ -133,7 +134,9 @@ def test_hrbench_parquet_with_image_bytes_a_gap_in_the_options_and_no_category(t
         assert [s.id for s in samples] == ["0", "1", "2"]
         assert [s.image().getpixel((0, 0)) for s in samples] == [(255, 0, 0), (255, 0, 0), (0, 0, 255)]
         assert samples[2].category == "default"
-    assert "row 4: ValueError: option B is empty but a later one is not" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "row 4: ValueError: option B is empty but a later one is not" in out
+    assert "row 5: ValueError: option C is empty but a later one is not" in out
     rows = _hrbench_rows()  # trailing empty options are fewer options
     pq.write_table(pa.Table.from_pylist([dict(rows[0], D=None, C="")]), tmp_path / "three.parquet")
     assert benchmarks.load_benchmark("hrbench", str(tmp_path / "three.parquet"))[0].options == ["red", "blue"]

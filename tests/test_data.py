@@ -165,6 +165,23 @@ GOOD_ROWS = [
 ]
 
 
+def test_a_jsonl_saved_with_a_bom_keeps_its_first_row(dataset):
+    path = dataset([GOOD_ROWS[1], GOOD_ROWS[0]])
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write("\ufeff".encode() + raw)  # as Windows editors save UTF-8
+    assert [s.id for s in data.read_jsonl(path)] == ["1", "a1"]
+
+
+def test_a_tables_id_0_is_its_id_and_levels_start_at_4_tokens(dataset, capsys):
+    s = data._table_sample(dict(id=0, image="imgs/a.png", question="q", answer="x"), str(dataset.root), 5)
+    assert s.id == "0"  # not the row number, 5 (which another row may carry)
+    path = dataset([dict(GOOD_ROWS[1], id="four", global_tokens=4), dict(GOOD_ROWS[1], id="three", global_tokens=3)])
+    assert [s.id for s in data.read_jsonl(path)] == ["four"]
+    assert "at least 4" in capsys.readouterr().out
+
+
 def test_a_rows_matcher_is_one_rewards_knows():
     import rewards
     assert data.MATCHERS == rewards.MATCHERS  # data keeps its own copy: it imports no scoring code

@@ -119,6 +119,10 @@ def test_a_selection_resumed_with_other_settings_is_refused(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="model='tiny' there, 'micro' now"):
         infogap.select("micro", "synthetic:3", [4096, 1024], out)
     infogap.select("tiny", "synthetic:3", [4096, 1024], out)  # the same settings: resumed
+    rows = [json.loads(line) for line in open(out)]
+    with open(out, "w") as f:  # an older file, made before the settings were written: not checked on them
+        f.write("".join(json.dumps({k: v for k, v in r.items() if k not in ("model", "prompt")}) + "\n" for r in rows))
+    infogap.select("micro", "synthetic:3", [4096, 1024], out)
 
 
 def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):

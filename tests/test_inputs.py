@@ -100,6 +100,18 @@ def test_exif_orientation_is_applied_so_boxes_are_in_the_upright_frame(tmp_path)
     assert r > 200 and g < 80 and b < 80
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_16_bit_images_are_scaled_from_65535_in_either_byte_order(mode):
+    """A 16-bit value v is v * 255 / 65535 in 8 bits, whatever the image's own largest value (a dark image
+    stays dark)."""
+    import struct
+
+    values = [20000] * 5 + [40000]
+    fmt = ">" if mode == "I;16B" else "<"
+    im = Image.frombytes(mode, (3, 2), struct.pack(f"{fmt}6H", *values))
+    assert data.to_rgb(im).getpixel((0, 0)) == (77, 77, 77)  # 20000 * 255 / 65535 = 77.8, not 127 (of 40000)
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA"])
 def test_transparency_is_laid_on_white_as_qwens_processor_does(mode):
     """transformers' convert_to_rgb (which Qwen2.5-VL's image processor calls) puts transparent pixels on white;

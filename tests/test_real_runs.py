@@ -86,8 +86,10 @@ def test_infogap_selection_on_the_tiny_model(tmp_path, capsys):
     samples = data.synthetic(3)
     assert {s.global_tokens for s in infogap.prepare(train.Config(infogap="fixed:256"), samples)} == {256}
     assert {s.global_tokens for s in infogap.prepare(train.Config(infogap="off"), samples)} == {None}
-    with pytest.raises(SystemExit):
-        infogap.prepare(train.Config(infogap="fixed:lots"), samples)
+    for bad in ("fixed:lots", "fixed:3"):  # a global image has at least 4 tokens
+        with pytest.raises(SystemExit):
+            infogap.prepare(train.Config(infogap=bad), samples)
+    assert {s.global_tokens for s in infogap.prepare(train.Config(infogap="fixed:4"), samples)} == {4}
 
 
 def test_infogap_off_crops_the_shown_image(monkeypatch):

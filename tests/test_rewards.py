@@ -54,6 +54,8 @@ def test_extract_answer(text, expected):
     ("Answer: A as shown", "A"),
     ("I choose A because it is red", "A"),
     ("It is big.\nA small dog", None),  # a new line starts a sentence
+    ("B. A dog sits there", "B"),  # an article later on does not hide the letter before it
+    ("A island", None),  # "is" only as a whole word is a verb
     ("", None),
     (None, None),
 ])

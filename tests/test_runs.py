@@ -240,11 +240,14 @@ def test_a_benchmark_folder_edited_at_the_same_size_is_another_data_set(tmp_path
     must not be resumed into), and so is a new image; an untouched folder keeps its fingerprint."""
     root = tmp_path / "vstar" / "direct_attributes"
     os.makedirs(root)
-    (root / "sa_1.json").write_text('{"options": ["red", "blue"]}')
+    question = " " * 5000  # a JSON of a few KB
+    (root / "sa_1.json").write_text('{"options": ["red", "blue"], "q": "%s"}' % question)
     (root / "sa_1.jpg").write_bytes(b"x" * 100)
     before = ev._fingerprint(str(tmp_path / "vstar"))
-    assert ev._fingerprint(str(tmp_path / "vstar")) == before
-    (root / "sa_1.json").write_text('{"options": ["blue", "red"]}')
+    os.rename(tmp_path / "vstar", tmp_path / "moved")  # the same data elsewhere: the same fingerprint
+    assert ev._fingerprint(str(tmp_path / "moved")) == before
+    os.rename(tmp_path / "moved", tmp_path / "vstar")
+    (root / "sa_1.json").write_text('{"options": ["blue", "red"], "q": "%s"}' % question)
     edited = ev._fingerprint(str(tmp_path / "vstar"))
     assert edited != before
     (root / "sa_2.jpg").write_bytes(b"y")

@@ -165,12 +165,19 @@ def test_a_partly_cached_hub_id_downloads_the_rest(hub_model, tmp_path, monkeypa
     monkeypatch.setattr(snapshot.socket, "create_connection", lambda *a, **k: io.BytesIO())  # the Hub answers
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct") == str(partial) and calls == [True]  # whole: as is
-    for missing in [snapshot.shards(partial)[:1], ["config.json"], ["tokenizer.json", "vocab.json"]]:
+    for missing in [snapshot.shards(partial)[:1], ["config.json"], ["tokenizer.json", "vocab.json"],
+                    ["tokenizer.json", "merges.txt"]]:
         for name in missing:
             os.remove(partial / name)
         calls.clear()
         assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct") == str(partial) and calls == [True, False]
         assert all(os.path.isfile(partial / name) for name in missing)
+    (partial / snapshot.INDEX).write_text("{not json")  # damage, not a missing file: check() says which
+    calls.clear()
+    assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct") == str(partial) and calls == [True]
+    with pytest.raises(SystemExit, match="model.safetensors.index.json is not valid JSON"):
+        snapshot.check(str(partial))
+    shutil.copy(os.path.join(hub_model, snapshot.INDEX), partial / snapshot.INDEX)
     os.remove(partial / "config.json")
     calls.clear()  # --dry-run downloads nothing: the partial folder, whose check names the missing file
     assert snapshot.resolve("Qwen/Qwen2.5-VL-7B-Instruct", download=False) == str(partial) and calls == [True]

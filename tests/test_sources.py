@@ -86,6 +86,8 @@ def test_chain_of_focus_layout_parquet_and_json(cof, tmp_path, capsys):
     (s,) = data.load(cof)
     assert "chain-of-focus layout" in capsys.readouterr().out
     assert (s.question, s.answer, s.width, s.height) == ("What is written on the sign?", "the red sign", 50, 70)
+    row = _cof_row(answer="<answer>a sign</answer> then, closer: <answer>the red sign</answer>")
+    assert sources.chain_of_focus(row)["answer"] == "the red sign"  # the final answer, not a first guess
     with open(tmp_path / "cof_sft_data.json", "w") as f:  # the file as the Hub holds it
         json.dump([_cof_row()], f)
     (j,) = data.load(str(tmp_path / "cof_sft_data.json"))
