@@ -25,7 +25,8 @@ class RewardConfig:
 BARE_LETTER_RE = re.compile(r"\(?[A-Ea-e]\)?[.:]?")
 LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 ARTICLE_A_RE = re.compile(r"A (?!(?:is|was|seems|looks|appears)\b)[a-z]")
-SENTENCE_START_RE = re.compile(r"(?:^|[.!?]\s+|\n\s*)$")  # what precedes a sentence's first word
+# what precedes a sentence's first word: the start, an end of sentence (and a closing quote), a new line or bullet
+SENTENCE_START_RE = re.compile(r"(?:(?:^|\n)\s*(?:[-*\u2022]\s*)?|[.!?][\"')\]]?\s+)$")
 
 
 def tag_spans(text, pairs):
@@ -181,20 +182,29 @@ def _math_equal(reply, answer):
 
 def picked_option(reply, options):
     """The option letter a reply picks: a lone letter ("B", "(c)"), else the option's own text ("A dog" is not
-    the letter A), else a letter in it, else the one option whose text it holds ("A large cat, I think");
-    None when it names none, or several options' texts and no letter."""
+    the letter A), else a letter in it (but an "A" that may be the article yields to an option's text the reply
+    holds: "Answer: A cat"), else the one option whose text it holds ("A large cat, I think"); None when it
+    names none, or several options' texts and no letter."""
     if BARE_LETTER_RE.fullmatch(reply.strip()):
         return reply.strip().strip("().:").upper()
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]
-    letter = _reply_letter(reply)
-    if letter:
-        return letter
-    named = [i for i, t in enumerate(texts) if t and f" {t} " in f" {normalize(reply)} "]
-    # an option's text inside another named one ("cat" in "large cat") is that one's
-    named = [i for i in named if not any(j != i and f" {texts[i]} " in f" {texts[j]} " for j in named)]
-    return "ABCDE"[named[0]] if len(named) == 1 else None
+    letter, named = _reply_letter(reply), _named_option(reply, texts)
+    # "A" before a lower-case word may be the article ("Answer: A cat"): the option the reply names wins
+    article = letter == "A" and named is not None and ARTICLE_A_RE.search(reply)
+    return named if article or not letter else letter
+
+
+def _named_option(reply, texts):
+    """The one option whose (normalised) text the reply holds, longest texts first, each match blanked out so
+    that "cat" is not found again inside "large cat"; None when it names none or several."""
+    rest, named = f" {normalize(reply)} ", set()
+    for i in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
+        if texts[i] and f" {texts[i]} " in rest:
+            named.add(i)
+            rest = rest.replace(f" {texts[i]} ", " | ")
+    return "ABCDE"[named.pop()] if len(named) == 1 else None
 
 
 def same_answer(a, b, options=None, matcher="rule"):

@@ -54,6 +54,8 @@ def test_extract_answer(text, expected):
     ("Answer: A as shown", "A"),
     ("I choose A because it is red", "A"),
     ("It is big.\nA small dog", None),  # a new line starts a sentence
+    ("- A small dog", None),  # so does a bullet
+    ('It is big." A small dog', None),  # and an end of sentence inside quotes
     ("B. A dog sits there", "B"),  # an article later on does not hide the letter before it
     ("A island", None),  # "is" only as a whole word is a verb
     ("", None),
@@ -135,6 +137,10 @@ def test_accuracy(reply, answer, options, expected):
     ("A cat or a dog", "A", ["a cat", "a dog"], 0.0),  # two options' texts: neither
     ("B, not a cat", "B", ["a cat", "a dog"], 1.0),  # a letter before any option's text
     ("I think it is a large cat", "B", ["cat", "large cat"], 1.0),  # the longer text holding the other
+    ("It is red, not dark red", "B", ["red", "dark red"], 0.0),  # both named on their own: neither
+    ("Answer: A cat", "B", ["dog", "cat"], 1.0),  # "A" the article: the option's text decides
+    ("Answer: A", "A", ["dog", "cat"], 1.0),
+    ("The answer is A because the cat is red", "A", ["dog", "red cat"], 1.0),  # no option's text: the letter
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
