@@ -95,7 +95,8 @@ def _open_checked(path_or_file, name):
             if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) and not turned:
                 width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
-        raise ValueError(f"image {name}: {e}") from None
+        # PIL names an in-memory file by its address, which changes from run to run
+        raise ValueError(f"image {name}: {str(e).replace(repr(path_or_file), '(embedded bytes)')}") from None
     return width, height
 
 
@@ -465,7 +466,7 @@ def _table_sample(f, root, n):
 
 def _matcher_meta(matcher):
     """A row's own short-answer matcher (rewards.MATCHERS), kept in its meta; {} when it has none."""
-    if matcher is None:
+    if not matcher:  # None, or a table's empty cell
         return {}
     if matcher not in MATCHERS:
         raise ValueError(f"matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")

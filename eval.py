@@ -258,10 +258,11 @@ def evaluate(args, load_policy=None):
                  dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples) + len(unreadable),
                       num_unreadable=len(unreadable), shown=shown))
     if unreadable and dist.is_main():
-        if not os.path.exists(os.path.join(out, "skipped.txt")):  # a rerun: there already (the same data)
-            with open(os.path.join(out, "skipped.txt"), "w") as f:
-                f.write("".join(reason + "\n" for reason in unreadable))
-        print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {out}/skipped.txt")
+        path = os.path.join(out, "skipped.txt")
+        listed = set(open(path).read().splitlines()) if os.path.exists(path) else set()  # a rerun: some there
+        with open(path, "a") as f:
+            f.write("".join(reason + "\n" for reason in unreadable if reason not in listed))
+        print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {path}")
     items_path = os.path.join(out, f"items{tag}.jsonl")
     if data.cut_partial_line(items_path):
         print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
@@ -323,7 +324,8 @@ def _item(e, seconds, text, matcher="rule"):
     uses the rollout's own text)."""
     s = e.sample
     return dict(id=s.id, category=s.category, answer=s.answer, reply=rewards.scored_reply(text),
-                correct=rewards.accuracy(rewards.scored_reply(e.text), s.answer, s.options, matcher), text=text, boxes_shown=e.boxes_shown,
+                correct=rewards.accuracy(rewards.scored_reply(e.text), s.answer, s.options,
+                                         rewards.matcher_for(s, matcher)), text=text, boxes_shown=e.boxes_shown,
                 boxes=e.boxes, gt_boxes=s.boxes, turns=e.turns, tool_calls=e.num_tool_calls,
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 
@@ -372,6 +374,8 @@ def response_text(policy, e):
         return e.text
     table, out = _byte_decoder(), bytearray()
     for tok in policy.tokenizer.convert_ids_to_tokens([t for t in e.ids[e.prompt_len:] if t != policy.image_pad]):
+        if tok is None:  # an id past the tokenizer (tiny-7b's head): it decodes to nothing
+            continue
         out += bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
     return out.decode("utf-8", errors="backslashreplace")
 

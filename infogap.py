@@ -126,7 +126,7 @@ def _runs_path(spec, tag):
     """Generated data, or several sources ("a.parquet,b.json"): a file of its own under runs/, named after the
     spec (shortened) and a hash of it with `tag`, so that two specs never share one."""
     digest = hashlib.sha256((spec + tag).encode()).hexdigest()[:8]
-    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", spec)[-60:].strip("_") + f".infogap-{digest}.jsonl")
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", spec)[-60:].strip("_.") + f".infogap-{digest}.jsonl")
 
 
 NO_LEVELS = ("error: stage 1 needs each sample's information-gap level, and {data} has none. Choose one:\n"
@@ -226,7 +226,7 @@ def main():
     ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl beside a data file, "
                                                 "else a file under runs/)")
     args = ap.parse_args()
-    out = args.out or (args.data.removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)
+    out = args.out or (args.data.rstrip("/").removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)
                        else _runs_path(args.data, "cli"))
     select(args.model, args.data, [int(x) for x in args.ladder.split(",")], out, adapter=args.adapter,
            reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, prompt=args.prompt,

@@ -8,6 +8,7 @@ import torch
 
 import bench
 import kernels
+import rollout as rollout_module
 
 
 @pytest.mark.parametrize("method", ["naive", "chunked", "chunked nograd", "triton", "triton nograd", "matmul",
@@ -104,6 +105,10 @@ def test_decode_table_leaves_the_captures_and_the_prefill_out_of_the_step(monkey
     banned = list(policy.banned)
     bench._bench_decode(policy, "tiny", [8], new_tokens=6)
     assert policy.banned == banned  # the end tokens are banned only while the benchmark runs
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError):
+        bench._bench_decode(policy, "tiny", [8], new_tokens=6)
+    assert policy.banned == banned  # ... even when it fails
     assert "| rows | decode |" in printed[0] and "| 8 | dynamic |" in printed[0]
     out = printed[0] + capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 8 |")]

@@ -326,7 +326,8 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     out = tmp_path / "hr"
     summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 3, 1)
-    assert open(out / "skipped.txt").read().startswith(f"{path}: row 2: ")
+    assert open(out / "skipped.txt").read() == (f"{path}: row 2: ValueError: image of row 2: cannot identify image "
+                                                f"file (embedded bytes)\n")  # the same words in every run
     shown = report.markdown(summary)
     assert "**partial: 2 of 3 items** (1 unreadable in the benchmark's file, listed in skipped.txt)" in shown
     assert ev.folder_summary(str(out), "hrbench")[0]["num_total"] == 3  # read back from run.json
@@ -352,6 +353,22 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (1, 3, 2)
     assert len(open(out / "skipped.txt").read().splitlines()) == 2
     assert "0 to go" in capsys.readouterr().out
+    # a first run under --limit (no load reasons written) and then the whole benchmark into the same folder:
+    # skipped.txt ends up with every reason, once
+    out = tmp_path / "limit_then_all"
+    ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), "--limit", "2", *TINY])
+    summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
+    assert summary["num_unreadable"] == 2 and len(open(out / "skipped.txt").read().splitlines()) == 2
+
+
+def test_an_item_is_judged_by_its_rows_own_matcher():
+    """A row's matcher (DeepEyes' math rows: "math") judges it in eval as in training, whatever --matcher."""
+    s = data.Sample(id="m", question="q", answer="\\frac{1}{2}", width=10, height=10, meta={"matcher": "math"})
+    e = SimpleNamespace(sample=s, text="<answer>0.5</answer>", boxes_shown=[], boxes=[], turns=1, num_tool_calls=0,
+                        num_tool_errors=0)
+    assert ev._item(e, 0.1, e.text, "rule")["correct"] == 1.0
+    s.meta = {}
+    assert ev._item(e, 0.1, e.text, "rule")["correct"] == 0.0
 
 
 def test_a_damaged_results_line_is_named_and_its_item_redone(tmp_path, capsys):

@@ -203,6 +203,7 @@ def test_read_jsonl_good_rows(dataset):
     assert (b.width, b.height) == (64, 48) and b.image().getpixel((0, 0)) == (1, 2, 3)
     assert b.question == "Name it." and b.options is None
     assert b.meta == {"matcher": "exact"} and a.meta == {}  # a row's own matcher
+    assert data._matcher_meta("") == {}  # a table's empty cell: the run's
     assert (c.id, c.answer, c.width, c.height) == ("7", "E", 30, 40)
     assert c.boxes == [[0.5, 1.5, 29.5, 40.0]]
 

@@ -130,6 +130,8 @@ def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     path = infogap.cache_path(cfg)
     assert os.path.dirname(path) == "runs" and "," not in path and path.endswith(".jsonl")
     assert not os.path.basename(path).startswith("_")
+    relative = infogap.cache_path(dataclasses.replace(cfg, data="../pr/release.parquet,../tl/x.parquet"))
+    assert not os.path.basename(relative).startswith(".")  # not a hidden file
     # two specs that read alike once their separators are replaced are two files
     assert infogap.cache_path(dataclasses.replace(cfg, data="a.parquet,b.parquet")) != \
         infogap.cache_path(dataclasses.replace(cfg, data="a.parquet b.parquet"))

@@ -137,6 +137,9 @@ def test_with_and_without_a_gradient_each_path_follows_its_own_measurement(monke
     assert asked == ["logprobs:float32", "logprobs_nograd:float32", "logprobs_nograd:float32"]
     kernels.selective_logprobs(h.bfloat16(), w.bfloat16(), t)  # each dtype is measured on its own
     assert asked[-1] == "logprobs:bfloat16"
+    monkeypatch.setattr(kernels.logprobs, "selective_logprobs_chunked", lambda *a: None)
+    kernels.selective_logprobs(h, w.bfloat16(), t)  # the head's dtype is what was measured
+    assert asked[-1] == "logprobs:bfloat16"
 
 
 def test_auto_picks_the_kernel_only_where_measured_faster(monkeypatch, tmp_path):

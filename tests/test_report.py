@@ -97,3 +97,5 @@ def test_undecodable_bytes_become_escapes():
     assert e.text == "\ufffdok" and ev.response_text(policy, e) == "\\xc3ok"
     whole = SimpleNamespace(text="fine", ids=tok.encode("fine", add_special_tokens=False), prompt_len=0)
     assert ev.response_text(policy, whole) == "fine"
+    past = SimpleNamespace(text="\ufffdok", ids=[first, len(tok) + 5] + ids[1:], prompt_len=0)  # tiny-7b's head
+    assert ev.response_text(policy, past) == "\\xc3ok"  # an id past the tokenizer decodes to nothing
