@@ -41,14 +41,18 @@ def _hrbench_rows():
     ]
 
 
-@pytest.fixture
-def hrbench_tsv(tmp_path):
-    path = tmp_path / "hr_bench_4k.tsv"
-    rows = _hrbench_rows()
+def _write_tsv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         w.writeheader()
         w.writerows(rows)
+
+
+@pytest.fixture
+def hrbench_tsv(tmp_path):
+    path = tmp_path / "hr_bench_4k.tsv"
+    rows = _hrbench_rows()
+    _write_tsv(path, rows)
     return str(path)
 
 
@@ -319,10 +323,7 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     rows = _hrbench_rows()
     rows[2]["image"] = "not base64 of an image" * 4
     path = tmp_path / "hr_bench_4k.tsv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
-        w.writeheader()
-        w.writerows(rows)
+    _write_tsv(path, rows)
     out = tmp_path / "hr"
     summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (2, 3, 1)
@@ -340,10 +341,7 @@ def test_unreadable_rows_count_in_the_benchmark_and_are_kept_with_their_reasons(
     buf = io.BytesIO()
     Image.effect_noise((300, 200), 60).convert("RGB").save(buf, "JPEG")
     rows[1]["image"] = base64.b64encode(buf.getvalue()[:len(buf.getvalue()) // 2]).decode()
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
-        w.writeheader()
-        w.writerows(rows)
+    _write_tsv(path, rows)
     out = tmp_path / "cut"
     summary = ev.main(["--bench", "hrbench", "--data", str(path), "--out", str(out), *TINY])
     assert (summary["num_items"], summary["num_total"], summary["num_unreadable"]) == (1, 3, 2)
