@@ -92,9 +92,14 @@ def extract_letter(text):
     """The first standalone option letter A-E in a reply ("B", "(B)", "B. red", "The answer is B"). A bare "A"
     starting a sentence before a lower-case word is the article ("A large cat."), not option A, unless that word
     is a verb ("A is correct"); elsewhere it is the letter ("The answer is A because ...")."""
-    for m in LETTER_RE.finditer(text or ""):
+    m = _letter_match(text or "")
+    return m.group(1) if m else None
+
+
+def _letter_match(text):
+    for m in LETTER_RE.finditer(text):
         if not (ARTICLE_A_RE.match(text, m.start()) and SENTENCE_START_RE.search(text, 0, m.start())):
-            return m.group(1)
+            return m
     return None
 
 
@@ -191,8 +196,11 @@ def picked_option(reply, options):
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]
     letter, named = _reply_letter(reply), _named_option(reply, texts)
-    # "A" before a lower-case word may be the article ("Answer: A cat"): the option the reply names wins
-    article = letter == "A" and named is not None and ARTICLE_A_RE.search(reply)
+    # "A" after a colon and before a lower-case word may be the article ("Answer: A cat"): the option the reply
+    # names wins ("The answer is A because the cat ..." keeps its letter)
+    m = _letter_match(reply)
+    article = (letter == "A" and named is not None and m is not None and ARTICLE_A_RE.match(reply, m.start())
+               and reply[:m.start()].rstrip().endswith(":"))
     return named if article or not letter else letter
 
 

@@ -140,7 +140,7 @@ def test_accuracy(reply, answer, options, expected):
     ("It is red, not dark red", "B", ["red", "dark red"], 0.0),  # both named on their own: neither
     ("Answer: A cat", "B", ["dog", "cat"], 1.0),  # "A" the article: the option's text decides
     ("Answer: A", "A", ["dog", "cat"], 1.0),
-    ("The answer is A because the cat is red", "A", ["dog", "red cat"], 1.0),  # no option's text: the letter
+    ("The answer is A because the cat is red", "A", ["dog", "cat"], 1.0),  # mid-sentence: the letter
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
