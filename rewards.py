@@ -195,13 +195,12 @@ def picked_option(reply, options):
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]
-    letter, named = _reply_letter(reply), _named_option(reply, texts)
+    m, named = _letter_match(reply), _named_option(reply, texts)
     # "A" after a colon and before a lower-case word may be the article ("Answer: A cat"): the option the reply
     # names wins ("The answer is A because the cat ..." keeps its letter)
-    m = _letter_match(reply)
-    article = (letter == "A" and named is not None and m is not None and ARTICLE_A_RE.match(reply, m.start())
-               and reply[:m.start()].rstrip().endswith(":"))
-    return named if article or not letter else letter
+    if m and not (named and ARTICLE_A_RE.match(reply, m.start()) and reply[:m.start()].rstrip().endswith(":")):
+        return m.group(1)
+    return named
 
 
 def _named_option(reply, texts):
