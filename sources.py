@@ -113,10 +113,15 @@ def _first(values, what="image"):
     return values[0]
 
 
-BOXED_RE = re.compile(r"\s*\\boxed\{(.*)\}\s*", re.S)
-
-
 def _unboxed(answer):
-    """A gold answer written as \\boxed{X} (math-style sets) is X: the reply's <answer> holds X, not the box."""
-    m = BOXED_RE.fullmatch(answer) if isinstance(answer, str) else None
-    return m.group(1).strip() if m else answer
+    """A gold answer written as \\boxed{X} (math-style sets) is X: the reply's <answer> holds X, not the box.
+    Only one box around the whole answer is taken off ("\\boxed{a}, \\boxed{b}" stays as it is)."""
+    text = answer.strip() if isinstance(answer, str) else ""
+    if not (text.startswith("\\boxed{") and text.endswith("}")):
+        return answer
+    depth = 0
+    for c in text[len("\\boxed"):-1]:  # the box's brace must close at the very end
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            return answer
+    return text[len("\\boxed{"):-1].strip()

@@ -94,6 +94,13 @@ def test_chain_of_focus_layout_parquet_and_json(cof, tmp_path, capsys):
     assert (j.question, j.answer, j.image_path) == (s.question, s.answer, s.image_path)
 
 
+def test_only_a_box_around_the_whole_answer_is_taken_off():
+    assert sources._unboxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"  # braces inside the box
+    assert sources._unboxed(" \\boxed{ B } ") == "B"
+    assert sources._unboxed("\\boxed{a}, \\boxed{b}") == "\\boxed{a}, \\boxed{b}"  # two boxes: not one answer
+    assert sources._unboxed("B") == "B" and sources._unboxed(None) is None
+
+
 def test_deepeyes_is_still_recognised():
     assert sources.detect(["data_source", "prompt", "images", "reward_model", "extra_info"])[0] == "deepeyes"
     assert sources.detect(["foo"]) is None
