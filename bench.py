@@ -254,11 +254,10 @@ def bench_logprobs(sizes=None):
     if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
         faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
         won = all(faster(t) for t in times.values())
-        head = getattr(torch, dtype)
-        kernels.record_winner(kernels.logprobs_op("logprobs", head), "triton" if won else "torch",
+        kernels.record_winner(kernels.logprobs_op("logprobs", dtype), "triton" if won else "torch",
                               {str(n): t for n, t in times.items()})
         if nograd:
-            kernels.record_winner(kernels.logprobs_op("logprobs_nograd", head), "triton" if faster(nograd) else "torch",
+            kernels.record_winner(kernels.logprobs_op("logprobs_nograd", dtype), "triton" if faster(nograd) else "torch",
                                   {str(max(sizes)): nograd})
 
 

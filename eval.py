@@ -258,16 +258,12 @@ def evaluate(args, load_policy=None):
                  dict(data_path=data_spec(args), adapter_path=args.adapter, num_total=len(all_samples) + len(unreadable),
                       num_unreadable=len(unreadable), shown=shown))
     if unreadable and dist.is_main():
-        path = os.path.join(out, "skipped.txt")
-        listed = set(open(path).read().splitlines()) if os.path.exists(path) else set()  # a rerun: some there
-        with open(path, "a") as f:
-            f.write("".join(reason + "\n" for reason in unreadable if reason not in listed))
-        print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {path}")
+        _list_skipped(out, unreadable)
+        print(f"{len(unreadable)} unreadable item(s) of the benchmark, each with its reason: {out}/skipped.txt")
     items_path = os.path.join(out, f"items{tag}.jsonl")
     if data.cut_partial_line(items_path):
         print(f"{items_path}: its last line was cut (a killed run): truncated to the last whole line; that item is redone")
-    done = read_items(out)  # every shard's results count as done
-    failed = read_items(out, failed=True)  # and images found undecodable: not retried
+    done, failed = read_results(out)  # every shard's results count as done, and undecodable images: not retried
     todo = [s for s in samples if s.id not in done and s.id not in failed]
     if done:
         print(f"{len(done)} item(s) already in {items_path}; {len(todo)} to go")
@@ -289,9 +285,7 @@ def evaluate(args, load_policy=None):
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
                 for s_id, reason in bad.items():  # kept as unreadable, with the reason
                     f.write(json.dumps(dict(id=s_id, error=reason)) + "\n")
-            if bad:
-                with open(os.path.join(out, "skipped.txt"), "a") as f:
-                    f.write("".join(reason + "\n" for reason in bad.values()))
+            _list_skipped(out, bad.values())
             bar.update(len(episodes) + len(bad))
             if done:
                 bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
@@ -330,21 +324,36 @@ def _item(e, seconds, text, matcher="rule"):
                 tool_errors=e.num_tool_errors, seconds=seconds, meta=s.meta)
 
 
-def read_items(out, failed=False):
-    """Every shard's items in a folder, read now (other shards may still be writing: a cut line is skipped); with
-    `failed`, instead the items whose image did not decode in the rollout ({id, error})."""
-    done = {}
+def read_items(out):
+    """Every shard's items in a folder, read now (other shards may still be writing: a cut line is skipped)."""
+    return read_results(out)[0]
+
+
+def read_results(out):
+    """(items, failed): every shard's items, and the items whose image did not decode in the rollout ({id,
+    error}), from one read of the folder's files."""
+    lines = {}
     for f in sorted(os.listdir(out)):
         if f.startswith("items") and f.endswith(".jsonl"):
-            done.update(_read_items(os.path.join(out, f)))
-    return {k: v for k, v in done.items() if ("error" in v) == failed}
+            lines.update(_read_items(os.path.join(out, f)))
+    return ({k: v for k, v in lines.items() if "error" not in v}, {k: v for k, v in lines.items() if "error" in v})
+
+
+def _list_skipped(out, reasons):
+    """Add the reasons skipped.txt does not hold yet (a rerun meets the loader's again), one line each."""
+    path = os.path.join(out, "skipped.txt")
+    listed = set(open(path).read().splitlines()) if os.path.exists(path) else set()
+    new = [r for r in reasons if r not in listed]
+    if new:
+        with open(path, "a") as f:
+            f.write("".join(r + "\n" for r in new))
 
 
 def folder_summary(out, bench, ids=None, write=True):
     """The summary of a folder's results, all shards merged as they are now (of `ids` when given), with how many
     of the benchmark's items it covers; writes summary.json and table.md (unless not `write`). Returns the summary
     and the items."""
-    done, failed = read_items(out), read_items(out, failed=True)
+    done, failed = read_results(out)
     items = [done[i] for i in ids if i in done] if ids is not None else list(done.values())
     failed = [i for i in ids if i in failed] if ids is not None else list(failed)
     run = read_run(out) or {}

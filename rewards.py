@@ -195,12 +195,12 @@ def picked_option(reply, options):
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]
-    m, named = _letter_match(reply), _named_option(reply, texts)
+    m = _letter_match(reply)
     # "A" after a colon and before a lower-case word may be the article ("Answer: A cat"): the option the reply
     # names wins ("The answer is A because the cat ..." keeps its letter)
-    if m and not (named and ARTICLE_A_RE.match(reply, m.start()) and reply[:m.start()].rstrip().endswith(":")):
+    if m and not (ARTICLE_A_RE.match(reply, m.start()) and reply[:m.start()].rstrip().endswith(":")):
         return m.group(1)
-    return named
+    return _named_option(reply, texts) or (m.group(1) if m else None)
 
 
 def _named_option(reply, texts):

@@ -99,7 +99,8 @@ def crop_resample(image, boxes, out_hw, out_dtype=torch.float32):
 
 
 def logprobs_op(op, dtype):
-    """The name a log-prob path's measurement is kept under: "logprobs:bfloat16", "logprobs_nograd:float32"."""
+    """The name a log-prob path's measurement is kept under: "logprobs:bfloat16", "logprobs_nograd:float32"
+    (dtype: a torch dtype, or its name)."""
     return f"{op}:{str(dtype).removeprefix('torch.')}"
 
 
