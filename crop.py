@@ -20,6 +20,14 @@ MAX_ASPECT = 100  # crops more elongated than this are refused
 MAX_IMAGE_ASPECT = 200  # Qwen's smart_resize refuses images more elongated than this (data.py refuses them at load)
 
 
+class BadImage(ValueError):
+    """An image that cannot be used; the message names the file and says why (data.Sample.image raises it)."""
+
+    def __init__(self, message, sample_id=None):
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
 def tokens_to_pixels(tokens):
     """A budget in language-model tokens -> max_pixels (one token is 28x28 pixels)."""
     return int(tokens) * FACTOR * FACTOR

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import sources
-from crop import MAX_IMAGE_ASPECT
+from crop import MAX_IMAGE_ASPECT, BadImage  # noqa: F401 - BadImage: data.BadImage, what Sample.image raises
 
 MATCHERS = ("exact", "rule", "math")  # rewards.MATCHERS, which a row may name (data imports no scoring code)
 
@@ -40,14 +40,6 @@ SYNTHETIC_LEVEL = 64  # the synthetic set's designed information-gap level: at 6
 MAX_PIXELS = int(os.environ.get("LFPC_MAX_PIXELS", 200_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ORIENTATION = 0x0112  # the EXIF tag
-
-
-class BadImage(ValueError):
-    """An image that cannot be used; the message names the file and says why."""
-
-    def __init__(self, message, sample_id=None):
-        super().__init__(message)
-        self.sample_id = sample_id
 
 
 def to_rgb(im):

@@ -29,7 +29,7 @@ import model
 import report
 import rewards
 import train
-from rollout import DEPENDENCY_PROBE, RolloutConfig, rollout
+from rollout import DEPENDENCY_PROBE, RolloutConfig, rollout_skipping_bad_images
 
 
 # Settings eval shares with training: defaults from train.Config; given --adapter, from the run's config.json
@@ -276,7 +276,7 @@ def evaluate(args, load_policy=None):
         for i in range(0, len(todo), args.batch):
             t0 = time.time()
             bad = {}
-            episodes = _rollout_skipping_bad_images(policy, todo[i:i + args.batch], cfg, bad)
+            episodes = rollout_skipping_bad_images(policy, todo[i:i + args.batch], cfg, bad)
             seconds = (time.time() - t0) / max(1, len(episodes))
             with open(items_path, "a") as f:
                 for e in episodes:
@@ -298,19 +298,6 @@ def evaluate(args, load_policy=None):
     if dist.is_main():
         print(report.markdown(summary))
     return summary
-
-
-def _rollout_skipping_bad_images(policy, batch, cfg, bad):
-    """Roll out a batch; an item whose image fails to decode is reported in one line, left out and kept in `bad`
-    (id -> reason)."""
-    while batch:
-        try:
-            return rollout(policy, batch, cfg)
-        except data.BadImage as e:
-            print(f"skipping a bad image: {e}")
-            bad[e.sample_id] = str(e)
-            batch = [s for s in batch if s.id != e.sample_id]
-    return []
 
 
 def _item(e, seconds, text, matcher="rule"):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import data
 import rewards
 from model import PROMPTS, load_policy
-from rollout import RolloutConfig, rollout
+from rollout import RolloutConfig, rollout_skipping_bad_images
 
 LADDER = "4096,1024,256,64"  # global budgets below the reference, largest first [choice]
 
@@ -31,14 +31,7 @@ def _answers(policy, samples, tokens, max_tokens, prompt, bad):
     image fails to decode is left out, with its reason in `bad` (id -> reason) and one line."""
     cfg = RolloutConfig(greedy=True, probe="no-tool", max_turns=1, max_turn_tokens=max_tokens,
                         max_response_tokens=max_tokens, global_tokens=tokens, prompt=prompt)
-    while samples:
-        try:
-            return {e.sample.id: rewards.extract_answer(e.text) for e in rollout(policy, samples, cfg)}
-        except data.BadImage as e:
-            print(f"skipping a bad image: {e}")
-            bad[e.sample_id] = str(e)
-            samples = [s for s in samples if s.id != e.sample_id]
-    return {}
+    return {e.sample.id: rewards.extract_answer(e.text) for e in rollout_skipping_bad_images(policy, samples, cfg, bad)}
 
 
 def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=16384, max_tokens=1024, batch=8,

@@ -172,6 +172,19 @@ def rollout(policy, samples, cfg, *, step=0, force=None, first=0):
     return [e for g in groups for e in g]
 
 
+def rollout_skipping_bad_images(policy, samples, cfg, bad):
+    """rollout() of the samples whose image decodes: one that fails is reported in one line, left out and kept in
+    `bad` (id -> reason), and the others rolled out again (evaluation and the info-gap selection)."""
+    while samples:
+        try:
+            return rollout(policy, samples, cfg)
+        except crop.BadImage as e:
+            print(f"skipping a bad image: {e}")
+            bad[e.sample_id] = str(e)
+            samples = [s for s in samples if s.id != e.sample_id]
+    return []
+
+
 def rollout_groups(policy, samples, cfg, *, step=0, force=None, first=0):
     """rollout() as a stream: yields each group's episodes (a list of group_size) as soon as its last row
     finishes, while the other rows go on. Training takes a group's gradient at once and frees its images, so

@@ -18,6 +18,7 @@ import logbook
 import report
 import rewards
 from helpers import rollout_cfg
+import rollout as rollout_module
 from rollout import DEPENDENCY_PROBE
 
 TINY = ["--global-tokens", "16", "--crop-tokens", "16", "--max-turn-tokens", "8", "--max-response-tokens", "30"]
@@ -296,7 +297,7 @@ def test_the_held_out_probe_scores_replies_as_eval_does(monkeypatch):
 
 def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, monkeypatch, capsys):
     out = tmp_path / "hr"
-    real = ev.rollout
+    real = rollout_module.rollout
     calls = []
 
     def dying(policy, samples, cfg):
@@ -305,13 +306,13 @@ def test_interrupted_eval_resumes_without_redoing_items(hrbench_tsv, tmp_path, m
             raise KeyboardInterrupt("killed")
         return real(policy, samples, cfg)
 
-    monkeypatch.setattr(ev, "rollout", dying)
+    monkeypatch.setattr(rollout_module, "rollout", dying)
     args = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", str(out), "--batch", "1", *TINY]
     with pytest.raises(KeyboardInterrupt):
         ev.main(args)
     assert len(open(out / "items.jsonl").readlines()) == 1
     calls.clear()
-    monkeypatch.setattr(ev, "rollout", lambda p, s, c: calls.append([x.id for x in s]) or real(p, s, c))
+    monkeypatch.setattr(rollout_module, "rollout", lambda p, s, c: calls.append([x.id for x in s]) or real(p, s, c))
     s = ev.main(args)
     assert calls == [["1"], ["2"]] and s["num_items"] == 3  # item 0 was not redone
     assert "1 item(s) already in" in capsys.readouterr().out
@@ -388,7 +389,7 @@ def test_shards_cover_the_benchmark(hrbench_tsv, tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["items.shard-0-of-2.jsonl", "items.shard-1-of-2.jsonl", "run.json",
                                        "summary.json", "table.md"]
     assert len(open(out / "items.shard-0-of-2.jsonl").readlines()) == 2  # items 0 and 2
-    monkeypatch.setattr(ev, "rollout", lambda *a: pytest.fail("everything was done by the shards"))
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a: pytest.fail("everything was done by the shards"))
     assert ev.main(base)["num_items"] == 3
     with pytest.raises(SystemExit):
         ev.main(base + ["--shard", "2/2"])

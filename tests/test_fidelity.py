@@ -92,14 +92,14 @@ def test_a_bad_image_in_the_selection_is_a_row_with_its_error_and_training_leave
 
     monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: data.synthetic(3))
     monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
-    monkeypatch.setattr(infogap, "rollout", fake_rollout)
+    monkeypatch.setattr(rollout_module, "rollout", fake_rollout)
     out = str(tmp_path / "l.jsonl")
     levels = infogap.select("tiny", "rows.jsonl", [1024, 256], out)
     assert [levels[s.id]["global_tokens"] for s in samples] == [256, None, 256]
     out_text = capsys.readouterr().out
     assert "truncated" in levels[bad_id]["error"] and "skipping a bad image" in out_text
     assert "never diverged: 0 of 2 (0 of them without a reference answer); 1 whose image did not decode" in out_text
-    monkeypatch.setattr(infogap, "rollout", lambda *a: pytest.fail("a resume retried the bad image"))
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a: pytest.fail("a resume retried the bad image"))
     infogap.select("tiny", "rows.jsonl", [1024, 256], out)
     extra = data.synthetic(4)[3]  # not in the file
     cfg = train.Config(data="rows.jsonl", infogap=out, infogap_never="coarsest")
@@ -152,7 +152,7 @@ def test_the_selection_asks_at_each_rung_whatever_level_a_row_carries(tmp_path, 
         sample.global_tokens = 64
     monkeypatch.setattr(infogap.data, "load", lambda spec, seed, columns=None: carried)
     monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
-    monkeypatch.setattr(infogap, "rollout", fake_rollout)
+    monkeypatch.setattr(rollout_module, "rollout", fake_rollout)
     infogap.select("tiny", "rows.jsonl", [4096, 1024, 256], str(tmp_path / "l.jsonl"))
     assert asked == [{16384}, {4096}, {1024}, {256}]
 

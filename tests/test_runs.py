@@ -207,6 +207,7 @@ def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run
 from test_benchmarks import TINY, _hrbench_rows, hrbench_tsv  # noqa: E402,F401  (fixture and its rows)
 
 import eval as ev  # noqa: E402
+import rollout as rollout_module  # noqa: E402
 
 
 def _write_tsv(path, rows):
@@ -273,7 +274,7 @@ def test_default_folder_names_tell_runs_apart(tmp_path):
 def test_a_summary_covers_every_shard_at_the_time_it_is_written(hrbench_tsv, tmp_path, monkeypatch):
     out = str(tmp_path / "hr")
     base = ["--bench", "hrbench", "--data", hrbench_tsv, "--out", out, *TINY]
-    real = ev.rollout
+    real = rollout_module.rollout
     calls = []
 
     def shard_0_finishes_meanwhile(policy, samples, cfg):
@@ -282,7 +283,7 @@ def test_a_summary_covers_every_shard_at_the_time_it_is_written(hrbench_tsv, tmp
             ev.main(base + ["--shard", "0/2"])
         return real(policy, samples, cfg)
 
-    monkeypatch.setattr(ev, "rollout", shard_0_finishes_meanwhile)
+    monkeypatch.setattr(rollout_module, "rollout", shard_0_finishes_meanwhile)
     s = ev.main(base + ["--shard", "1/2"])
     assert (s["num_items"], s["num_total"]) == (3, 3)  # not shard 1's one item labelled as the benchmark
     os.remove(os.path.join(out, "summary.json"))
@@ -307,8 +308,8 @@ def test_a_cut_last_line_is_truncated_and_its_item_redone(hrbench_tsv, tmp_path,
     items = out / "items.jsonl"
     whole = items.read_bytes()
     items.write_bytes(whole[:len(whole) - len(whole.splitlines()[-1]) // 2 - 1])  # the kill cut line 2 in half
-    real, redone = ev.rollout, []
-    monkeypatch.setattr(ev, "rollout", lambda p, s, c: redone.extend(x.id for x in s) or real(p, s, c))
+    real, redone = rollout_module.rollout, []
+    monkeypatch.setattr(rollout_module, "rollout", lambda p, s, c: redone.extend(x.id for x in s) or real(p, s, c))
     s = ev.main(args)
     assert "its last line was cut" in capsys.readouterr().out and redone == ["1"]
     lines = items.read_text().splitlines()

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+import rollout as rollout_module
 from helpers import tiny_policy
 
 ARGS = ["--bench", "synthetic", "--batch", "2", "--sweep", "16,32",
@@ -29,7 +30,7 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
     policy = tiny_policy(lora=False)  # built once per test session
     monkeypatch.setattr(ev.model, "load_policy", lambda *a, **kw: policy)
     calls = []
-    real_rollout = ev.rollout
+    real_rollout = rollout_module.rollout
 
     def counting_rollout(policy, batch, cfg):
         calls.append((cfg.global_tokens, cfg.probe))
@@ -37,7 +38,7 @@ def test_sweep_writes_its_table_and_figure_and_resumes_after_a_kill(tmp_path, mo
             raise KeyboardInterrupt("killed")  # the 4th point: g32, plain
         return real_rollout(policy, batch, cfg)
 
-    monkeypatch.setattr(ev, "rollout", counting_rollout)
+    monkeypatch.setattr(rollout_module, "rollout", counting_rollout)
     with pytest.raises(KeyboardInterrupt):
         ev.main(args)
     assert calls == [(16, None), (16, "noise"), (16, "no-tool"), (32, None)]
