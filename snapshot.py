@@ -81,9 +81,11 @@ def _complete(folder):
         names = ["config.json"] + shards(folder)
     except SystemExit:  # a damaged index: not a missing file, which check() reports
         return True
-    tokenizer = ["tokenizer.json"] if os.path.isfile(os.path.join(folder, "tokenizer.json")) else ["vocab.json",
-                                                                                                   "merges.txt"]
-    return all(os.path.isfile(os.path.join(folder, n)) for n in names + tokenizer)
+    try:
+        tokenizer_file(folder)
+    except SystemExit:  # neither tokenizer.json nor vocab.json and merges.txt
+        return False
+    return all(os.path.isfile(os.path.join(folder, n)) for n in names)
 
 
 def _first_hop(endpoint):
