@@ -61,7 +61,8 @@ QWEN_USER_NO_TOOL = "\nThink first inside <think></think>. Put the final answer 
 PLAIN_SYSTEM = "You are a helpful assistant."
 # The micro model's wording: Qwen's layout with the tool schema cut to one example call [choice]. The full schema
 # is ~450 tokens that a model trained from scratch does not need, and on a CPU each prompt token costs time in
-# every rollout and every loss; user turn and tool reply are the qwen wording's.
+# every rollout and every loss; the user turn is the qwen wording's, the tool reply too but without its newlines
+# (the layout the committed warm start was trained with).
 MICRO_SYSTEM = ('You are a helpful assistant. To zoom in, call image_zoom_in_tool: <tool_call>{"name": '
                 '"image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>')
 MICRO_USER = "\nZoom in if it is too small. Answer inside <answer></answer>."
@@ -160,11 +161,14 @@ class Policy:
         _check_prompt(prompt)
         ids = self.encode("\n" if closed else "<|im_end|>\n")  # the chat template's newline after <|im_end|>
         ids += self.encode("<|im_start|>user\n")
+        # Qwen2.5's chat template puts a tool message on lines of its own; DeepEyes and the micro warm start do not
+        nl = "\n" if prompt == "qwen" else ""
         if error is not None:  # DeepEyes answers a bad call with bare "Error: ..." text
-            ids += self.encode(f"Error: {error}" if prompt == "deepeyes" else f"<tool_response>Error: {error}</tool_response>")
+            ids += self.encode(f"Error: {error}" if prompt == "deepeyes" else
+                               f"<tool_response>{nl}Error: {error}{nl}</tool_response>")
         else:
-            ids += self.encode("<tool_response>") + self.image_block(grid)
-            ids += self.encode((DEEPEYES_USER if prompt == "deepeyes" else "") + "</tool_response>")
+            ids += self.encode(f"<tool_response>{nl}") + self.image_block(grid)
+            ids += self.encode((DEEPEYES_USER if prompt == "deepeyes" else nl) + "</tool_response>")
         return ids + self.encode("<|im_end|>\n<|im_start|>assistant\n")
 
     def forward_hidden(self, ids, attention_mask, position_ids, pixel_values=None, grid_thw=None, cache=None):

@@ -224,7 +224,7 @@ def same_answer(a, b, options=None, matcher="rule"):
     return accuracy(a, b, matcher=matcher) == 1.0 or accuracy(b, a, matcher=matcher) == 1.0
 
 
-ERROR_TURN_RE = re.compile(r"<tool_response>Error: |<\|im_start\|>user\nError: ")  # both prompt styles
+ERROR_TURN_RE = re.compile(r"<tool_response>\n?Error: |<\|im_start\|>user\nError: ")  # every prompt's layout
 
 
 def format_ok(text):

@@ -308,6 +308,21 @@ def test_the_deepeyes_prompt_renders_byte_identical():
         "\n<|im_start|>user\nError: bad box<|im_end|>\n<|im_start|>assistant\n")
 
 
+# Qwen2.5's chat template renders a tool message as "<|im_start|>user" + "\n<tool_response>\n" + content +
+# "\n</tool_response>" + "<|im_end|>\n": the layout a Qwen2.5-VL-Instruct checkpoint saw with tools
+def test_the_qwen_prompt_wraps_the_tool_reply_as_qwens_chat_template_does():
+    p = tiny_policy()
+    assert p.tokenizer.decode(p.tool_turn_ids(True, grid=[1, 2, 2], prompt="qwen")) == (
+        "\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert p.tokenizer.decode(p.tool_turn_ids(False, error="bad box", prompt="qwen")) == (
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\nError: bad box\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    # the micro model keeps the layout its committed warm start was trained with
+    assert p.tokenizer.decode(p.tool_turn_ids(True, error="bad box", prompt="micro")) == (
+        "\n<|im_start|>user\n<tool_response>Error: bad box</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_an_error_turn_of_either_prompt_is_a_format_error():
     for prompt in model.PROMPTS:
         reply = tiny_policy().tokenizer.decode(tiny_policy().tool_turn_ids(True, error="x", prompt=prompt))
