@@ -163,16 +163,27 @@ def _rule_match(reply, answer):
     """The rule-based matcher for short answers (beyond exact match): an answer that is a number matches a
     reply holding that one number; yes/no match the reply's first word; otherwise the answer's words must
     appear together in a reply of at most a few more words than the answer (so a reply listing every
-    option does not count)."""
+    option does not count). A reply negating what it holds ("not a cat", "isn't 3") matches nothing."""
     a, r = normalize(answer), normalize(reply)
+    if a in ("yes", "no"):
+        return r.split()[:1] == [a]
+    if _negates(r, a):  # "not a cat" does not say "cat"
+        return False
     numbers = _numbers(answer.replace(" ", ""))
     if len(numbers) == 1 and NUMBER_RE.fullmatch(answer.strip().rstrip("%").replace(" ", "")):
         found = _numbers(reply)
         return len(found) == 1 and abs(found[0] - numbers[0]) <= 1e-6 * max(1.0, abs(numbers[0]))
-    if a in ("yes", "no"):
-        return r.split()[:1] == [a]
     words = r.split()
     return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5
+
+
+NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "without", "cannot", "isnt", "arent", "wasnt", "werent",
+             "doesnt", "dont", "didnt", "cant", "wont", "hasnt", "havent", "hadnt", "couldnt", "shouldnt", "wouldnt"}
+
+
+def _negates(reply, text):
+    """The (normalised) reply holds a negation that the (normalised) text it is matched with does not."""
+    return any(w in NEGATIONS or w.endswith("n’t") for w in set(reply.split()) - set(text.split()))
 
 
 def _math_equal(reply, answer):
@@ -205,13 +216,17 @@ def picked_option(reply, options):
 
 def _named_option(reply, texts):
     """The one option whose (normalised) text the reply holds, longest texts first, each match blanked out so
-    that "cat" is not found again inside "large cat"; None when it names none or several."""
+    that "cat" is not found again inside "large cat"; None when it names none or several, or negates it
+    ("not red" does not pick "red")."""
     rest, named = f" {normalize(reply)} ", set()
     for i in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
         if texts[i] and f" {texts[i]} " in rest:
             named.add(i)
             rest = rest.replace(f" {texts[i]} ", " | ")
-    return "ABCDE"[named.pop()] if len(named) == 1 else None
+    if len(named) != 1:
+        return None
+    i = named.pop()
+    return None if _negates(normalize(reply), texts[i]) else "ABCDE"[i]
 
 
 def same_answer(a, b, options=None, matcher="rule"):

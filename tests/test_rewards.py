@@ -97,6 +97,14 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("cats", "cat", None, 0.0),
     ("B", "cat", None, 0.0),
     ("cat dog", "cat", None, 1.0),  # the rule matcher (default): the answer within a short reply
+    ("not a cat", "cat", None, 0.0),  # ... but not negated
+    ("it isn't red", "red", None, 0.0),
+    ("it isn\u2019t red", "red", None, 0.0),
+    ("no cat", "cat", None, 0.0),
+    ("not 3", "3", None, 0.0),
+    ("not sure", "not sure", None, 1.0),  # the answer's own negation
+    ("I am not sure", "not sure", None, 1.0),
+    ("no", "no", None, 1.0),
     (None, "cat", None, 0.0),
     ("cat", "cat", [], 1.0),  # an empty option list is a short answer
     ("b", "B", OPTIONS, 1.0),  # a lone lowercase letter is that letter
@@ -141,6 +149,11 @@ def test_accuracy(reply, answer, options, expected):
     ("Answer: A cat", "B", ["dog", "cat"], 1.0),  # "A" the article: the option's text decides
     ("Answer: A", "A", ["dog", "cat"], 1.0),
     ("The answer is A because the cat is red", "A", ["dog", "cat"], 1.0),  # mid-sentence: the letter
+    # a negated option text names nothing
+    ("not red", "A", ["red", "blue"], 0.0),
+    ("It isn't a cat", "B", ["dog", "cat"], 0.0),
+    ("There is no dog", "A", ["dog", "cat"], 0.0),
+    ("It is not a dog", "A", ["not a dog", "a dog"], 1.0),  # the negation is the option's own text
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
