@@ -53,7 +53,7 @@ class RolloutConfig:
     max_turns: int = 5  # assistant turns per episode
     max_crops: int = 6  # successful crops per episode; later calls get an error reply
     max_turn_tokens: int = 512  # tokens the model may write in one turn
-    max_response_tokens: int = 2048  # everything after the prompt: written tokens and tool turns
+    max_response_tokens: int = 2048  # everything after the prompt: written tokens and tool turns (0: no cap)
     temperature: float = 1.0  # sampling temperature (log-probs are taken at the same temperature)
     top_p: float = 1.0  # nucleus sampling
     greedy: bool = False  # argmax decoding (evaluation)
@@ -512,7 +512,7 @@ def _advance(policy, row, tok, cfg):
         if answered or box is not None or err is not None or ends:
             return _end_turn(policy, row, tok, box, err, cfg)
         # else a stray </tool_call> without a call: the turn goes on, within the limits below
-    if len(ep.ids) - row.turn_start >= cfg.max_turn_tokens or len(ep.ids) - ep.prompt_len >= cfg.max_response_tokens:
+    if len(ep.ids) - row.turn_start >= cfg.max_turn_tokens or _past_budget(ep, 0, cfg):
         ep.turns += 1
         ep.truncated = True
         return False
@@ -547,7 +547,7 @@ def _end_turn(policy, row, tok, box, err, cfg):
     else:
         request = _crop_request(row, orig_box, cfg)  # encoded after this step, with the other rows' crops
         tool_ids = policy.tool_turn_ids(closed, grid=request[2], prompt=cfg.prompt)
-    if len(ep.ids) - ep.prompt_len + len(tool_ids) >= cfg.max_response_tokens:  # no room for the reply and more
+    if _past_budget(ep, len(tool_ids), cfg):  # no room for the reply and more
         ep.truncated = True
         return False
     if request is not None:
@@ -564,6 +564,11 @@ def _end_turn(policy, row, tok, box, err, cfg):
     row.pending += tool_ids
     row.turn_start = len(ep.ids)
     return True
+
+
+def _past_budget(ep, more, cfg):
+    """The response (everything after the prompt) with `more` tokens reaches max_response_tokens (0: no cap)."""
+    return bool(cfg.max_response_tokens) and len(ep.ids) - ep.prompt_len + more >= cfg.max_response_tokens
 
 
 def _crop_request(row, box, cfg):

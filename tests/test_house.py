@@ -97,8 +97,12 @@ def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"global_tokens=48 ({tmp_path / 'config.json'})" in out and "max_turns=7 (--max-turns)" in out
     assert f"crop_tokens={train.Config.crop_tokens} (default)" in out
-    cfg = evaluation.resolve_settings(evaluation.parse_args([]))  # no adapter: Config's defaults
-    assert cfg.global_tokens == train.Config.global_tokens and cfg.max_turns == train.Config.max_turns
+    cfg = evaluation.resolve_settings(evaluation.parse_args([]))  # no adapter: Config's defaults...
+    assert cfg.global_tokens == train.Config.global_tokens and cfg.crop_tokens == train.Config.crop_tokens
+    # ... but the episode's limits of DeepEyes' evaluation: a 16,384-token crop is never cut off by training's
+    # 2,048-token response budget, and a model may make up to 11 calls
+    assert (cfg.max_response_tokens, cfg.max_turns) == (0, 11)
+    assert "max_response_tokens=0 (evaluation's default)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the `kernels` name

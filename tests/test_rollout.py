@@ -89,6 +89,10 @@ def test_limits_stop_episodes():
     (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_response_tokens=60),
                    force=scripted(p, {0: [call, ANSWER]}))
     assert e.truncated and e.num_tool_calls == 0 and len(e.ids) - e.prompt_len <= 60
+    # max_response_tokens=0: no cap on the episode's length (evaluation's default, as DeepEyes evaluates)
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_response_tokens=0),
+                   force=scripted(p, {0: [call, call, ANSWER]}))
+    assert e.finished and not e.truncated and e.num_tool_calls == 2 and len(e.ids) - e.prompt_len > 60
 
 
 def test_turn_ends_and_limits_follow_the_protocol():
