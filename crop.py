@@ -144,12 +144,14 @@ def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels=None, out
     return pv, grids
 
 
-def crop_size(box, shown_wh, orig_wh, max_pixels):
+def crop_size(box, shown_wh, orig_wh, max_pixels, floor=True):
     """(height, width) a crop of `box` (original pixels) is sent back at: smart_resize under the crop budget,
-    but never coarser than the global image it was cut from (pixels per original pixel, on each axis), which a
-    small crop budget would otherwise make it for a large box."""
+    but (floor) never coarser than the global image it was cut from (pixels per original pixel, on each axis),
+    which a small crop budget would otherwise make it for a large box."""
     x1, y1, x2, y2 = box
     h, w = smart_resize(y2 - y1, x2 - x1, max_pixels=max_pixels)
+    if not floor:
+        return h, w
     floor_h = math.ceil((y2 - y1) * shown_wh[1] / orig_wh[1] / FACTOR) * FACTOR
     floor_w = math.ceil((x2 - x1) * shown_wh[0] / orig_wh[0] / FACTOR) * FACTOR
     return max(h, floor_h), max(w, floor_w)

@@ -547,6 +547,9 @@ def _end_turn(policy, row, tok, box, err, cfg):
     else:
         request = _crop_request(row, orig_box, cfg)  # encoded after this step, with the other rows' crops
         tool_ids = policy.tool_turn_ids(closed, grid=request[2], prompt=cfg.prompt)
+        if _past_budget(ep, len(tool_ids), cfg):  # at the global image's scale it does not fit: the budget's may
+            request = _crop_request(row, orig_box, cfg, floor=False)
+            tool_ids = policy.tool_turn_ids(closed, grid=request[2], prompt=cfg.prompt)
     if _past_budget(ep, len(tool_ids), cfg):  # no room for the reply and more
         ep.truncated = True
         return False
@@ -571,9 +574,9 @@ def _past_budget(ep, more, cfg):
     return bool(cfg.max_response_tokens) and len(ep.ids) - ep.prompt_len + more >= cfg.max_response_tokens
 
 
-def _crop_request(row, box, cfg):
+def _crop_request(row, box, cfg, floor=True):
     """(source image, box, grid) of a crop; the probes swap the box or the pixels. The grid is known before
-    encoding, so the tool turn's length is too."""
+    encoding, so the tool turn's length is too. floor: never coarser than the global image (crop.crop_size)."""
     sample = row.ep.sample
     if cfg.probe == "gt-box" and sample.boxes:
         box = sample.boxes[0]  # the original's pixels; cut from the shown image, in its pixels
@@ -581,7 +584,7 @@ def _crop_request(row, box, cfg):
             box = crop.map_box(box, row.orig_wh, row.source_wh)
         box = crop.fit_box(box, row.source_wh)  # grown to the tool's least side, as the model's box would be
     x1, y1, x2, y2 = box
-    h, w = crop.crop_size(box, row.shown_wh, row.source_wh, crop.tokens_to_pixels(cfg.crop_tokens))
+    h, w = crop.crop_size(box, row.shown_wh, row.source_wh, crop.tokens_to_pixels(cfg.crop_tokens), floor)
     source = row.orig
     if cfg.probe == "noise":  # the paper's probe: noise added to the crop's pixels
         source, box = crop.add_noise(row.orig[y1:y2, x1:x2], cfg.noise_sigma, seed=len(row.ep.ids)), None

@@ -130,6 +130,20 @@ def test_a_tool_reply_that_fills_the_response_budget_leaves_no_token_past_it():
     assert e.truncated and len(e.ids) - e.prompt_len <= budget and e.num_tool_calls == 0
 
 
+def test_a_crop_at_the_global_images_scale_that_does_not_fit_comes_back_at_the_crop_budget():
+    p = tiny_policy()
+    s = data.synthetic(1, seed=7)
+    force = scripted(p, {0: [CALL.format("[0, 0, 200, 150]"), ANSWER]})
+    cfg = dict(group_size=1, global_tokens=256, crop_tokens=16)
+    (e,) = rollout(p, s, rollout_cfg(**cfg), force=force)
+    floored = e.grids[1]  # the large box, at the global image's scale: more than the 16-token budget gives
+    assert floored[1] * floored[2] // 4 > 16 and not e.truncated
+    budget = e.loss_mask.index(1, e.loss_mask.index(0, e.prompt_len)) - e.prompt_len  # the call and that reply
+    (e,) = rollout(p, s, rollout_cfg(**cfg, max_response_tokens=budget), force=force)  # no room after them
+    assert e.finished and not e.truncated and e.num_tool_calls == 1 and len(e.ids) - e.prompt_len < budget
+    assert e.grids[1][1] * e.grids[1][2] // 4 <= 16
+
+
 def test_recorded_logprobs_equal_a_full_forward():
     """The log-probs recorded while sampling (KV cache, padding, rows in different states) equal those of one
     forward over each final sequence, as train.py computes them."""
