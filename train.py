@@ -386,6 +386,7 @@ def train(cfg, resume=None):
         raise SystemExit(f"error: --seed={cfg.seed} generates the held-out evaluation items of {cfg.data!r} "
                          f"(eval.py's and the probe's seed): training on them would test on training data; "
                          f"choose another seed")
+    init = resolve_init_adapter(cfg)  # before the info-gap selection, which runs the policy the run starts from
     samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))
@@ -400,7 +401,6 @@ def train(cfg, resume=None):
           f"global image {cfg.global_tokens} tokens, crops up to {cfg.crop_tokens} tokens (DeepEyes: 16384)")
     if cfg.stage == 2 and not any(s.boxes for s in samples):
         print("warning: no sample has boxes: stage 2's grounding reward will be 0")
-    init = resolve_init_adapter(cfg)
     policy = model.load_policy(cfg.model, adapter=init or None, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                precision=cfg.base_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                                seed=cfg.seed)
@@ -574,8 +574,9 @@ def parse_overrides(cfg, items):
 def resolve_init_adapter(cfg, given=()):
     """The adapter a run starts from (stage 2 default: runs/stage1/final), checked before any loading. Its LoRA
     rank is the run's: --lora_r given with an adapter of another rank is an error; otherwise the config takes
-    the adapter's rank and alpha, so that the config saved with every checkpoint tells the truth."""
-    init = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
+    the adapter's rank and alpha (and the default adapter's path), so that the config saved with every checkpoint
+    tells the truth, and --infogap auto selects levels with the policy the run starts from."""
+    init = cfg.init_adapter = cfg.init_adapter or ("runs/stage1/final" if cfg.stage == 2 else "")
     if not init:
         return ""
     path = os.path.join(init, "adapter_config.json")

@@ -1,5 +1,6 @@
 """Results that cannot lie (issue 16): a run folder belongs to one run and an evaluation folder to one setting;
 damaged checkpoints, cut lines, signals and bad arguments are named, never silently mixed into a number."""
+import dataclasses
 import json
 import os
 import signal
@@ -56,6 +57,18 @@ def test_lora_r_must_match_the_init_adapter(tmp_path, capsys):
     assert (cfg.lora_r, cfg.lora_alpha) == (8, 16) and "lora_r: 16 -> 8 (from the init adapter" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         train.main(["--stage", "2", f"--init_adapter={tmp_path / 'nope'}", "--dry-run"])
+
+
+def test_stage_2s_default_adapter_is_the_runs_own_and_its_info_gap_selection_uses_it(tmp_path, monkeypatch):
+    import infogap
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/stage1/final")
+    with open("runs/stage1/final/adapter_config.json", "w") as f:
+        json.dump(dict(r=8, lora_alpha=16), f)
+    cfg = train.main(["--stage", "2", "--dry-run"])
+    # the saved config names the adapter it started from, and --infogap auto selects with that policy
+    assert cfg.init_adapter == "runs/stage1/final"
+    assert infogap.cache_path(cfg) != infogap.cache_path(dataclasses.replace(cfg, init_adapter=""))
 
 
 # ---------------------------------------------------------------- a missing adapter is named
