@@ -159,8 +159,12 @@ def prepare(cfg, samples):
         if designed:
             levels = ", ".join(f"{n} at {t} tokens" for t, n in sorted(Counter(s.designed_tokens for s in designed).items()))
             print(f"generated data: its designed information-gap levels ({levels})")
-    if cfg.stage == 1 and not any(s.global_tokens for s in samples):
+    without = sum(not s.global_tokens for s in samples)
+    if cfg.stage == 1 and without == len(samples):
         raise SystemExit(NO_LEVELS.format(data=cfg.data))
+    if cfg.stage == 1 and without:
+        print(f"warning: {without} of {len(samples)} samples have no information-gap level: they train at "
+              f"global_tokens={cfg.global_tokens}, with no gap")
     _report_above_budget(samples, cfg.global_tokens)
     return samples
 

@@ -211,6 +211,15 @@ def test_stage_1_without_levels_stops_and_names_the_choices(tmp_path):
     assert {s.global_tokens for s in infogap.prepare(train.Config(), data.synthetic(2))} == {data.SYNTHETIC_LEVEL}
 
 
+def test_stage_1_names_the_samples_left_without_a_level(tmp_path, capsys):
+    samples = [dataclasses.replace(s, designed_tokens=None) for s in data.synthetic(3)]
+    samples[0].global_tokens = 16  # one row of a JSONL carries its level, the others do not
+    infogap.prepare(train.Config(data=str(tmp_path / "train.jsonl")), samples)
+    assert "2 of 3 samples have no information-gap level: they train at global_tokens=1024" in capsys.readouterr().out
+    infogap.prepare(train.Config(data=str(tmp_path / "train.jsonl"), stage=2), samples)  # stage 2 has no gap
+    assert "no information-gap level" not in capsys.readouterr().out
+
+
 def test_mixed_generated_data_keeps_each_parts_designed_level(capsys):
     samples = data.load("micro:2,synthetic:1")
     levels = {s.id.split("/")[0]: s.global_tokens for s in infogap.prepare(train.Config(data="micro:2,synthetic:1"),
@@ -361,7 +370,7 @@ def test_noise_probes_in_the_rollout():
     ("It is red.", "red", "rule", 1), ("It is red.", "red", "exact", 0), ("red", "Red", "exact", 1),
     ("There are 3 apples", "3", "rule", 1), ("3.0", "3", "rule", 1), ("1,000", "1000", "rule", 1),
     ("3 or 4", "3", "rule", 0), ("13", "3", "rule", 0), ("50%", "50", "rule", 1),
-    ("Yes, it is.", "yes", "rule", 1), ("No.", "yes", "rule", 0), ("not red", "red", "rule", 1),
+    ("Yes, it is.", "yes", "rule", 1), ("No.", "yes", "rule", 0), ("not red", "red", "rule", 0),  # negated
     ("red blue green yellow orange purple white", "red", "rule", 0),  # a list of everything is no answer
     ("$\\frac{1}{2}$", "0.5", "math", 1), ("$\\frac{1}{2}$", "0.5", "rule", 0), ("x^2 + 1", "x^2+2", "math", 0),
     ("\\boxed{2\\sqrt{2}}", "$\\sqrt{8}$", "math", 1),
