@@ -167,23 +167,24 @@ def _rule_match(reply, answer):
     a, r = normalize(answer), normalize(reply)
     if a in ("yes", "no"):
         return r.split()[:1] == [a]
-    if _negates(r, a):  # "not a cat" does not say "cat"
-        return False
     numbers = _numbers(answer.replace(" ", ""))
     if len(numbers) == 1 and NUMBER_RE.fullmatch(answer.strip().rstrip("%").replace(" ", "")):
         found = _numbers(reply)
         return len(found) == 1 and abs(found[0] - numbers[0]) <= 1e-6 * max(1.0, abs(numbers[0]))
     words = r.split()
-    return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5
+    # "not a cat" does not say "cat" (numbers are not checked: "No. 5", "0 (no cars)")
+    return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5 and not _negated(r, a)
 
 
 NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "without", "cannot", "isnt", "arent", "wasnt", "werent",
              "doesnt", "dont", "didnt", "cant", "wont", "hasnt", "havent", "hadnt", "couldnt", "shouldnt", "wouldnt"}
 
 
-def _negates(reply, text):
-    """The (normalised) reply holds a negation that the (normalised) text it is matched with does not."""
-    return any(w in NEGATIONS or w.endswith("n’t") for w in set(reply.split()) - set(text.split()))
+def _negated(reply, text):
+    """Every place the (normalised) reply holds the (normalised) text is right after a negation: "not red",
+    "isn't red", "no red" say nothing for red; "red, not blue" and "it is red" do."""
+    before = [reply[:m.start()].split()[-1:] for m in re.finditer(rf"(?<!\S){re.escape(text)}(?!\S)", reply)]
+    return bool(before) and all(w and (w[0] in NEGATIONS or w[0].endswith("n’t")) for w in before)
 
 
 def _math_equal(reply, answer):
@@ -218,6 +219,9 @@ def _named_option(reply, texts):
     """The one option whose (normalised) text the reply holds, longest texts first, each match blanked out so
     that "cat" is not found again inside "large cat"; None when it names none or several, or negates it
     ("not red" does not pick "red")."""
+    first = normalize(reply).split()[:1]
+    if first and first[0] in ("yes", "no") and first[0] in texts:  # a yes/no question: the first word decides
+        return "ABCDE"[texts.index(first[0])]
     rest, named = f" {normalize(reply)} ", set()
     for i in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
         if texts[i] and f" {texts[i]} " in rest:
@@ -226,7 +230,7 @@ def _named_option(reply, texts):
     if len(named) != 1:
         return None
     i = named.pop()
-    return None if _negates(normalize(reply), texts[i]) else "ABCDE"[i]
+    return None if _negated(normalize(reply), texts[i]) else "ABCDE"[i]
 
 
 def same_answer(a, b, options=None, matcher="rule"):

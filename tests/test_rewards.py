@@ -101,7 +101,10 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("it isn't red", "red", None, 0.0),
     ("it isn\u2019t red", "red", None, 0.0),
     ("no cat", "cat", None, 0.0),
-    ("not 3", "3", None, 0.0),
+    ("red, not blue", "red", None, 1.0),  # the negation is not on the answer
+    ("0 (no cars)", "0", None, 1.0),
+    ("No. 5", "5", None, 1.0),
+    ("Jersey No. 23", "23", None, 1.0),
     ("not sure", "not sure", None, 1.0),  # the answer's own negation
     ("I am not sure", "not sure", None, 1.0),
     ("no", "no", None, 1.0),
@@ -154,6 +157,11 @@ def test_accuracy(reply, answer, options, expected):
     ("It isn't a cat", "B", ["dog", "cat"], 0.0),
     ("There is no dog", "A", ["dog", "cat"], 0.0),
     ("It is not a dog", "A", ["not a dog", "a dog"], 1.0),  # the negation is the option's own text
+    # ... but a negation elsewhere in the reply is not
+    ("It is red, not blue.", "A", ["red", "green"], 1.0),
+    ("No, it is not.", "B", ["Yes", "No"], 1.0),  # yes/no options: the reply's first word decides
+    ("Yes, there is no doubt", "A", ["yes", "no"], 1.0),
+    ("No, it isn't", "B", ["yes", "no"], 1.0),
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
