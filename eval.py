@@ -37,9 +37,9 @@ SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "ma
           "prompt", "matcher")
 
 
-# ... except the episode's limits, which without a run of its own follow DeepEyes' evaluation (eval/eval_vstar.py
-# at 6c5e796: up to 11 model calls, no cap on the episode's length) rather than training's 2,048-token response
-# budget, which a single crop at eval's 16,384-token crop budget would overflow, ending the episode unanswered
+# ... except the episode's limits, which unless given follow DeepEyes' evaluation (eval/eval_vstar.py at 6c5e796: up
+# to 11 model calls, no cap on the episode's length) for every model alike, trained or not (a sweep compares them),
+# rather than training's 2,048-token response budget, which one crop at 16,384 tokens would overflow
 EVAL_DEFAULTS = dict(max_response_tokens=0, max_turns=11)
 
 PROBES = ("", "noise", "noise-replace", "gt-box", "no-tool")
@@ -57,8 +57,8 @@ def parse_args(argv=None):
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
                         choices=train.CHOICES.get(key),  # a typo'd --matcher ran as the default, --prompt crashed late
-                        help=f"{helps[key]} (default: the adapter's run, else "
-                             f"{EVAL_DEFAULTS.get(key, getattr(train.Config, key))!r})")
+                        help=f"{helps[key]} (default: " + (f"{EVAL_DEFAULTS[key]!r}, for every model" if key in
+                             EVAL_DEFAULTS else f"the adapter's run, else {getattr(train.Config, key)!r}") + ")")
     ap.add_argument("--probe", default=None, choices=PROBES[1:],
                     help="noise: Gaussian noise added to every returned crop (the paper's probe); noise-replace: "
                          "crops replaced by pure noise; gt-box: the model's box replaced by the ground truth; "
@@ -95,8 +95,8 @@ def data_spec(args):
 
 def resolve_settings(args):
     """The run settings of an evaluation: the command line, else the adapter's training run (its
-    config.json), else train.Config's defaults (EVAL_DEFAULTS for the episode's limits). Prints where each value
-    came from. Returns a train.Config."""
+    config.json), else train.Config's defaults; the episode's limits are EVAL_DEFAULTS unless given. Prints where
+    each value came from. Returns a train.Config."""
     run_path = os.path.join(args.adapter, "config.json") if args.adapter else None
     run = {}
     if run_path and os.path.isfile(run_path):
@@ -106,10 +106,10 @@ def resolve_settings(args):
     for key in SHARED:
         if getattr(args, key) is not None:
             value, source = getattr(args, key), "--" + key.replace("_", "-")
-        elif key in run:
-            value, source = run[key], run_path
         elif key in EVAL_DEFAULTS:
             value, source = EVAL_DEFAULTS[key], "evaluation's default"
+        elif key in run:
+            value, source = run[key], run_path
         else:
             value, source = getattr(cfg, key), "default"
         setattr(cfg, key, value)

@@ -318,7 +318,7 @@ def test_the_deepeyes_prompt_renders_byte_identical():
 
 
 # Qwen2.5's chat template renders a tool message as "<|im_start|>user" + "\n<tool_response>\n" + content +
-# "\n</tool_response>" + "<|im_end|>\n": the layout a Qwen2.5-VL-Instruct checkpoint saw with tools
+# "\n</tool_response>" + "<|im_end|>\n" (its tokenizer's template with tools; Qwen2.5-VL's image template has no tool role)
 def test_the_qwen_prompt_wraps_the_tool_reply_as_qwens_chat_template_does():
     p = tiny_policy()
     assert p.tokenizer.decode(p.tool_turn_ids(True, grid=[1, 2, 2], prompt="qwen")) == (

@@ -97,6 +97,11 @@ def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"global_tokens=48 ({tmp_path / 'config.json'})" in out and "max_turns=7 (--max-turns)" in out
     assert f"crop_tokens={train.Config.crop_tokens} (default)" in out
+    # the episode's limits are evaluation's own, for a trained model as for the base (a sweep compares them)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", max_turns=2, max_response_tokens=300)))
+    cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path)]))
+    assert (cfg.max_turns, cfg.max_response_tokens, cfg.model) == (11, 0, "tiny")
+    capsys.readouterr()
     cfg = evaluation.resolve_settings(evaluation.parse_args([]))  # no adapter: Config's defaults...
     assert cfg.global_tokens == train.Config.global_tokens and cfg.crop_tokens == train.Config.crop_tokens
     # ... but the episode's limits of DeepEyes' evaluation: a 16,384-token crop is never cut off by training's

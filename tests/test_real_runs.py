@@ -100,7 +100,8 @@ def test_infogap_off_crops_the_shown_image(monkeypatch):
     (gap,) = rollout(p, data.synthetic(1, seed=2), RolloutConfig(**cfg), force=force)
     seen = []
     real = rollout_module._crop_request
-    monkeypatch.setattr(rollout_module, "_crop_request", lambda row, box, c: seen.append(box) or real(row, box, c))
+    monkeypatch.setattr(rollout_module, "_crop_request",
+                        lambda row, box, c, **kw: seen.append(box) or real(row, box, c, **kw))
     (off,) = rollout(p, data.synthetic(1, seed=2), RolloutConfig(**cfg, crop_from_shown=True), force=force)
     assert seen == [(10, 20, 40, 50)]  # cut from the shown image: its pixels, nothing new
     # but recorded in the original's pixels, as with the gap (what stage 2's grounding reward compares with the
@@ -132,7 +133,8 @@ def test_the_gt_box_probe_cuts_the_samples_box_from_the_shown_image_in_its_pixel
                         crop_tokens=32, crop_from_shown=True, probe="gt-box")
     cut = []
     real = rollout_module._crop_request
-    monkeypatch.setattr(rollout_module, "_crop_request", lambda row, box, c: cut.append(real(row, box, c)) or cut[-1])
+    monkeypatch.setattr(rollout_module, "_crop_request",
+                        lambda row, box, c, **kw: cut.append(real(row, box, c, **kw)) or cut[-1])
     (sample,) = data.synthetic(1, seed=2)
     rollout(p, [sample], cfg, force=force)
     source, box, _ = cut[0]
