@@ -163,7 +163,7 @@ def _rule_match(reply, answer):
     """The rule-based matcher for short answers (beyond exact match): an answer that is a number matches a
     reply holding that one number; yes/no match the reply's first word; otherwise the answer's words must
     appear together in a reply of at most a few more words than the answer (so a reply listing every
-    option does not count). A reply negating what it holds ("not a cat", "isn't 3") matches nothing."""
+    option does not count), and not right after a negation ("not a cat", "isn't red")."""
     a, r = normalize(answer), normalize(reply)
     if a in ("yes", "no"):
         return r.split()[:1] == [a]
@@ -218,7 +218,7 @@ def picked_option(reply, options):
 def _named_option(reply, texts):
     """The one option whose (normalised) text the reply holds, longest texts first, each match blanked out so
     that "cat" is not found again inside "large cat"; None when it names none or several, or negates it
-    ("not red" does not pick "red")."""
+    ("not red" does not pick "red"). Options "yes" and "no": the reply's first word decides, if it is one."""
     first = normalize(reply).split()[:1]
     if first and first[0] in ("yes", "no") and first[0] in texts:  # a yes/no question: the first word decides
         return "ABCDE"[texts.index(first[0])]
