@@ -2,6 +2,7 @@
 CUDA the same steps replay a captured graph), and the fallback logic: which steps run eagerly, and a capture
 that fails turns graphs off without losing the rollout."""
 import dataclasses
+import functools
 import types
 
 import pytest
@@ -42,6 +43,19 @@ def test_static_decode_gives_the_dynamic_paths_episodes(monkeypatch):
     assert [e.ids for e in static] == [e.ids for e in dynamic] and sum(e.num_tool_calls for e in static) == 4
     for a, b in zip(static, dynamic):
         torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-4, rtol=0)
+
+
+def test_a_batch_that_finishes_whole_on_the_static_path_lets_the_next_group_in():
+    """Rows for one group: each group's rows all finish in one step, on the static cache, and the batch empties
+    before the next group is admitted (nothing is left loaded to unload into it). Episodes as on the dynamic path."""
+    p = tiny_policy()
+    script = scripted(p, {g: ["<answer>B</answer><|im_end|>"] for g in range(2)})
+    cfg = rollout_cfg(group_size=2, rollout_rows=2, global_tokens=16)
+    samples = data.synthetic(2, seed=21, min_side=300, max_side=400)
+    dynamic, static = (rollout(p, samples, dataclasses.replace(cfg, decode=mode), force=script)
+                       for mode in ("dynamic", "static"))
+    assert [e.group for e in static] == [0, 0, 1, 1] and all(e.finished for e in static)
+    assert [e.ids for e in static] == [e.ids for e in dynamic]
 
 
 def test_which_steps_run_eagerly():
@@ -156,30 +170,32 @@ def test_a_capture_failing_inside_gives_the_stream_back_and_out_of_memory_goes_u
                 assert torch.equal(static.cache.layers[0].cumulative_length, length)  # rewound
 
 
+def _loads(p, static, batches):
+    """Each (rows, columns) batch loaded into `static` and unloaded: the buffers' shape and identity at each."""
+    from transformers import DynamicCache
+
+    text = p.lm.config.text_config
+    kv_shape = (text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
+    seen = []
+    for rows, width in batches:
+        cache = DynamicCache(config=text)
+        for i in range(text.num_hidden_layers):
+            cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
+        batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
+        static.load(batch)
+        seen.append((static.shape, id(static.cache)))
+        static.unload(batch)
+        assert batch.mask_hist.shape == (rows, width) and batch.cache.layers[0].keys.shape[0] == rows
+    return seen
+
+
 def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(monkeypatch):
     """A new shape of the static cache means new buffers and, on a GPU, a new capture; a batch that fits the loaded
     buffers at most twice over (rows and columns) keeps them. No bucket holds more rows than the rollout has in
     flight (rollout_rows: what the memory estimate counts)."""
-    from transformers import DynamicCache
-
     monkeypatch.setattr(decode, "COLUMN_STEP", 16)
     p = tiny_policy()
-    text = p.lm.config.text_config
-    kv_shape = (text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
-
-    def loads(static, batches):
-        """Each (rows, columns) batch loaded and unloaded: the buffers' shape and identity at each."""
-        seen = []
-        for rows, width in batches:
-            cache = DynamicCache(config=text)
-            for i in range(text.num_hidden_layers):
-                cache.update(*[torch.zeros(rows, kv_shape[0], width, kv_shape[1])] * 2, i)
-            batch = types.SimpleNamespace(cache=cache, mask_hist=torch.ones(rows, width, dtype=torch.long))
-            static.load(batch)
-            seen.append((static.shape, id(static.cache)))
-            static.unload(batch)
-            assert batch.mask_hist.shape == (rows, width) and batch.cache.layers[0].keys.shape[0] == rows
-        return seen
+    loads = functools.partial(_loads, p)
 
     seen = loads(decode.StaticDecode(p, graphs=False), [(6, 40), (5, 20), (3, 40), (6, 10), (12, 40), (6, 70)])
     # (rows, columns) needed: (8, 48), (8, 32), (8, 48), (8, 16), (16, 48), (8, 80)
@@ -190,6 +206,17 @@ def test_loaded_buffers_are_kept_while_they_hold_the_batch_at_most_twice_over(mo
     assert [shape for shape, _ in seen] == [(12, 48)] * 3
     cfg = rollout_module.RolloutConfig(group_size=8, rollout_rows=24, decode="static")
     assert rollout_module._static_decode(p, cfg).max_rows == 24
+
+
+def test_a_full_bucket_is_its_own_and_buffers_twice_the_batch_are_kept(monkeypatch):
+    """The edges of the rules above: a batch of exactly a bucket's rows takes that bucket (not the next, twice the
+    memory), and buffers of exactly twice the rows or columns a batch needs still hold it (kept, with their graph)."""
+    monkeypatch.setattr(decode, "COLUMN_STEP", 16)
+    p = tiny_policy()
+    assert [shape for shape, _ in _loads(p, decode.StaticDecode(p, graphs=False), [(8, 40), (16, 40)])] == \
+        [(8, 48), (16, 48)]
+    seen = _loads(p, decode.StaticDecode(p, graphs=False), [(12, 90), (6, 40)])  # needs (16, 96), then (8, 48)
+    assert [shape for shape, _ in seen] == [(16, 96)] * 2 and seen[0][1] == seen[1][1]
 
 
 # ops that wait for the device (a value or a data-dependent shape read on the host), and torch.tensor() of host

@@ -134,6 +134,23 @@ def test_out_of_memory_halves_the_batch_once_then_stops(tmp_path, monkeypatch, c
     assert "out of memory again at step 1" in str(e.value) and "Estimated peak" in str(e.value)
 
 
+def test_out_of_memory_never_halves_the_rows_below_a_group():
+    """A group's rows are rolled out together: halved rows in flight stop at group_size (what the retried step
+    then runs with, and what the checkpoint and the memory estimate record)."""
+    cfg = train.Config(group_size=4, rollout_rows=6, micro_batch=1)
+    rcfg = train.rollout_config(cfg)
+    seen = []
+
+    def step(skip):
+        seen.append((cfg.micro_batch, cfg.rollout_rows, rcfg.rollout_rows))
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return "done"
+
+    assert train.Retry(cfg, rcfg)(step, 0) == "done"
+    assert seen == [(1, 6, 6), (1, 4, 4)]
+
+
 def test_out_of_memory_in_a_later_ppo_epoch_redoes_the_step_from_its_start(tmp_path, monkeypatch):
     """ppo_epochs=2, out of memory in the second update: the adapter and optimizer go back to the step's start,
     so the retried step applies two updates in all (it applied three)."""

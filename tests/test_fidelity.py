@@ -509,6 +509,28 @@ def test_the_kl_term_is_measured_only_when_it_is_on():
                 w.copy_(v)
 
 
+def test_the_kl_term_is_a_penalty_added_to_the_loss():
+    """kl_beta > 0 adds kl_beta x the k3 estimate to each token's loss: the further the policy from the reference,
+    the larger the loss (subtracted, it would reward drifting away)."""
+    p = tiny_policy()
+    (ep,) = rollout(p, data.synthetic(1), rollout_cfg(group_size=1, max_turn_tokens=5, max_response_tokens=5),
+                    force=scripted(p, {0: ["<answer>B</answer><|im_end|>"]}))
+    lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
+    saved = [w.detach().clone() for w in lora_b]  # the tiny model is shared by the tests: put its weights back
+    try:
+        with torch.no_grad():
+            for w in lora_b:
+                w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        plain, n, _ = train.policy_loss(p, [ep], torch.tensor([1.0]), None, train.Config())
+        penalised, _, stats = train.policy_loss(p, [ep], torch.tensor([1.0]), None, train.Config(kl_beta=0.5))
+    finally:
+        with torch.no_grad():
+            for w, v in zip(lora_b, saved):
+                w.copy_(v)
+    assert stats["kl"] > 0 and math.isclose(plain.item(), -n, rel_tol=1e-6)  # ratio 1: each token -A
+    assert math.isclose(penalised.item() - plain.item(), 0.5 * stats["kl"], rel_tol=1e-4)
+
+
 def test_loss_aggregation_modes():
     p = tiny_policy()
     eps = rollout(p, data.synthetic(1), rollout_cfg(group_size=3, max_turn_tokens=5, max_response_tokens=5),

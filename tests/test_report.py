@@ -56,6 +56,20 @@ def test_only_a_run_short_of_its_benchmark_is_marked_partial():
     assert "**partial: 1 of 2 items**" in report.markdown(dict(whole, num_total=2))
 
 
+def test_probe_table_signs_and_the_partial_mark_of_the_shortest_run():
+    """A probe that costs accuracy is a negative change and a positive crop dependency; a model whose runs are
+    both short is marked with the shorter one's count."""
+    results = {"none": dict(name="v", accuracy=0.5, num_items=10, num_total=10),
+               "noise-replace": dict(name="v", accuracy=0.3, num_items=10, num_total=10)}
+    text = report.probes_table("vstar", results)
+    assert "| noise-replace | 10 of 10 | 30.0 | -20.0 |" in text and "| none | 10 of 10 | 50.0 | +0.0 |" in text
+    assert "crop dependency (accuracy lost when crops are replaced by noise): 20.0 points" in text
+    plain = dict(accuracy=0.5, tool_calls=1.0, num_items=5, num_total=191)
+    ((_, name, values, partial),) = report.experiment_rows([{"none": plain, "noise-replace": dict(
+        accuracy=0.3, num_items=3, num_total=191)}])
+    assert name == "warm start" and partial == "3 of 191 items" and abs(values[2] - 0.2) < 1e-9
+
+
 def test_report_parses_into_a_page(tmp_path):
     items, samples = _items_and_samples(tmp_path)
     summary = ev.summarize([dict(it, tool_calls=1, tool_errors=0, seconds=0.1) for it in items], "vstar")

@@ -118,6 +118,16 @@ def test_turn_ends_and_limits_follow_the_protocol():
     assert e.finished and e.ids[-1] == p.end_of_text
 
 
+def test_a_turn_that_ends_without_a_call_or_an_answer_ends_the_episode():
+    """<|im_end|> after a turn with neither a tool call nor an answer ends the episode there (finished, not cut
+    by a limit): the model said its piece, and nothing is sampled after the end token."""
+    p = tiny_policy()
+    turn = "<think>I cannot tell</think><|im_end|>"
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1), force=scripted(p, {0: [turn]}))
+    assert e.finished and not e.truncated and e.turns == 1 and e.num_tool_calls == e.num_tool_errors == 0
+    assert e.ids[e.prompt_len:] == p.encode(turn) and e.ids[-1] == p.im_end
+
+
 def test_a_tool_reply_that_fills_the_response_budget_leaves_no_token_past_it():
     p = tiny_policy()
     s = data.synthetic(1, seed=7)
@@ -142,6 +152,16 @@ def test_a_crop_at_the_global_images_scale_that_does_not_fit_comes_back_at_the_c
     (e,) = rollout(p, s, rollout_cfg(**cfg, max_response_tokens=budget), force=force)  # no room after them
     assert e.finished and not e.truncated and e.num_tool_calls == 1 and len(e.ids) - e.prompt_len < budget
     assert e.grids[1][1] * e.grids[1][2] // 4 <= 16
+
+
+def test_written_tokens_stop_at_the_response_budget_exactly():
+    """A turn that writes on (no call, no end) within max_turn_tokens is cut at max_response_tokens: the response
+    holds exactly that many tokens, not one more."""
+    p = tiny_policy()
+    (e,) = rollout(p, data.synthetic(1, seed=7), rollout_cfg(group_size=1, max_turn_tokens=80, max_response_tokens=12),
+                   force=scripted(p, {0: ["<think>" + "word " * 50]}))
+    assert e.truncated and not e.finished and e.turns == 1
+    assert len(e.ids) - e.prompt_len == 12 and sum(e.loss_mask) == 12
 
 
 def test_recorded_logprobs_equal_a_full_forward():

@@ -7,6 +7,7 @@ import torch
 import data
 import model
 import train
+from helpers import tiny_policy
 from rollout import RolloutConfig, rollout
 
 
@@ -36,6 +37,15 @@ def test_a_skipped_sample_leaves_the_order_and_no_prompt_comes_twice():
         train.step_prompts(samples, 0, 3, seed=0, skip={s.id for s in samples})
 
 
+def test_each_epoch_is_its_own_permutation():
+    """Every epoch takes each sample once, in an order of its own (seeded by the epoch): a run of several epochs
+    does not replay the first epoch's order."""
+    samples = data.synthetic(6)
+    epochs = [[x.id for s in (2 * e, 2 * e + 1) for x in train.step_prompts(samples, s, 3, seed=0)] for e in range(3)]
+    assert all(sorted(ids) == sorted(s.id for s in samples) for ids in epochs)
+    assert len({tuple(ids) for ids in epochs}) == 3
+
+
 def test_overrides_are_checked(capsys):
     cfg = train.parse_overrides(train.Config(), ["--lr=3e-4", "--steps=7", "--gradient_checkpointing=true"])
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.gradient_checkpointing is True
@@ -43,6 +53,15 @@ def test_overrides_are_checked(capsys):
     for bad in (["--nope=1"], ["--steps=two"], ["--steps"], ["--gradient_checkpointing=maybe"]):
         with pytest.raises(SystemExit):
             train.parse_overrides(train.Config(), bad)
+
+
+def test_the_clip_fraction_is_a_share_of_the_steps_tokens():
+    """The step's clip statistic: clipped tokens over the step's tokens, whatever the number of micro-batches."""
+    p = tiny_policy()
+    opt = torch.optim.SGD(p.trainable_parameters(), lr=0.0)
+    sums = dict(loss=1.0, clip=3.0, kl=0.0, tokens=12, micro=2)
+    for agg in ("micro-token-mean", "token-mean"):
+        assert train.optimizer_step(p, opt, dict(sums), train.Config(loss_agg=agg))["clip"] == 0.25
 
 
 def test_help_lists_every_field():
