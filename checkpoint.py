@@ -191,7 +191,7 @@ def plan_run(cfg, resume, default_out):
                          f"resume its run folder with a larger --steps (--resume {os.path.dirname(os.path.normpath(resume))})"
                          f", or start a new run from it with --init_adapter={resume} and another --out_dir")
     named = os.path.isfile(os.path.join(resume, "state.json"))
-    run_dir = os.path.dirname(os.path.normpath(resume)) if named else resume
+    run_dir = (os.path.dirname(os.path.normpath(resume)) or ".") if named else resume  # "step_000002": the folder here
     out_dir = cfg.out_dir or run_dir
     if os.path.abspath(out_dir) != os.path.abspath(run_dir):
         _check_empty(out_dir)

@@ -165,6 +165,41 @@ def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished
     assert "-> 1e-07 from now on" in capsys.readouterr().out
 
 
+def test_a_run_killed_before_its_final_folder_resumes_to_write_it(finished_run, tmp_path, capsys):
+    """Killed after its last step's checkpoint but before final/: resumed with the same --steps (the checkpoint is
+    at step == steps, not past it), it trains no more and writes final/."""
+    import shutil
+    run = _copy(finished_run, tmp_path)
+    shutil.rmtree(run / "final")
+    lines = open(run / "metrics.jsonl").readlines()
+    train.train(_cfg(run, steps=2), resume=str(run))
+    assert f"resumed from {run / 'step_000002'} at step 2" in capsys.readouterr().out
+    assert json.load(open(run / "final" / "state.json"))["step"] == 2
+    assert open(run / "metrics.jsonl").readlines() == lines  # no step redone
+
+
+def test_a_checkpoint_named_from_inside_its_run_folder_resumes(finished_run, tmp_path, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    monkeypatch.chdir(run)  # --resume step_000001: a bare name, from inside the run folder
+    out_dir, ckpt, _ = checkpoint.plan_run(_cfg(run), "step_000001", "runs/stage1")
+    assert os.path.abspath(out_dir) == str(run) and os.path.abspath(ckpt) == str(run / "step_000001")
+
+
+def test_the_last_step_is_checkpointed_off_the_save_interval(tmp_path):
+    """steps=3, save_every=2: step 3 gets its checkpoint too (a later --resume with more steps goes on from it)."""
+    train.train(_cfg(tmp_path, steps=3, save_every=2))
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [str(tmp_path / f"step_{k:06d}") for k in (2, 3)]
+
+
+def test_a_step_folder_without_its_state_is_no_checkpoint(tmp_path):
+    """state.json is written last: a step folder without it (copied in part, or written by hand) is not complete."""
+    for k in (1, 2):
+        os.makedirs(tmp_path / f"step_{k:06d}")
+    (tmp_path / "step_000001" / "state.json").write_text("{}")
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "step_000001")]
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
+
+
 def test_pruning_keeps_the_newest_checkpoints(tmp_path):
     for k in range(1, 6):
         os.makedirs(tmp_path / f"step_{k:06d}")
