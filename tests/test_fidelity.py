@@ -1,5 +1,6 @@
 """Fidelity to the method and to DeepEyes: the information-gap selection, crops as large as DeepEyes returns
 them, its prompt, the additive noise probe, open-ended answers, streaming steps and the loss aggregation."""
+import contextlib
 import dataclasses
 import functools
 import json
@@ -491,18 +492,27 @@ def test_the_kl_term_is_measured_only_when_it_is_on():
 
     assert kl(0.0) is None and kl(0.1) == 0.0
     batch = train.collate(p, eps)
-    lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
-    saved = [w.detach().clone() for w in lora_b]  # the tiny model is shared by the tests: put its weights back
-    try:
+    with _lora_moved_away(p):
         with torch.no_grad():
-            for w in lora_b:
-                w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
             logp = model.sequence_logprobs(p, batch, 1.0)
             with p.reference():
                 ref = model.sequence_logprobs(p, batch, 1.0)
         # k3, an unbiased estimate of KL(policy || reference) from the policy's own tokens (not KL(ref || policy))
         expected = (torch.exp(ref - logp) - (ref - logp) - 1).mean().item()
         assert expected > 0 and math.isclose(kl(0.1), expected, rel_tol=1e-4)
+
+
+@contextlib.contextmanager
+def _lora_moved_away(p):
+    """The policy moved off its reference (random LoRA B weights); the tiny model is shared by the tests, so its
+    weights are put back after."""
+    lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
+    saved = [w.detach().clone() for w in lora_b]
+    try:
+        with torch.no_grad():
+            for w in lora_b:
+                w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        yield
     finally:
         with torch.no_grad():
             for w, v in zip(lora_b, saved):
@@ -515,18 +525,9 @@ def test_the_kl_term_is_a_penalty_added_to_the_loss():
     p = tiny_policy()
     (ep,) = rollout(p, data.synthetic(1), rollout_cfg(group_size=1, max_turn_tokens=5, max_response_tokens=5),
                     force=scripted(p, {0: ["<answer>B</answer><|im_end|>"]}))
-    lora_b = [w for name, w in p.model.named_parameters() if "lora_B" in name]
-    saved = [w.detach().clone() for w in lora_b]  # the tiny model is shared by the tests: put its weights back
-    try:
-        with torch.no_grad():
-            for w in lora_b:
-                w.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    with _lora_moved_away(p):
         plain, n, _ = train.policy_loss(p, [ep], torch.tensor([1.0]), None, train.Config())
         penalised, _, stats = train.policy_loss(p, [ep], torch.tensor([1.0]), None, train.Config(kl_beta=0.5))
-    finally:
-        with torch.no_grad():
-            for w, v in zip(lora_b, saved):
-                w.copy_(v)
     assert stats["kl"] > 0 and math.isclose(plain.item(), -n, rel_tol=1e-6)  # ratio 1: each token -A
     assert math.isclose(penalised.item() - plain.item(), 0.5 * stats["kl"], rel_tol=1e-4)
 
