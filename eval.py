@@ -294,7 +294,7 @@ def evaluate(args, load_policy=None):
                     f.write(json.dumps(item) + "\n")  # appended per batch: a killed run loses at most one batch
                 for s_id, reason in bad.items():  # kept as unreadable, with the reason
                     f.write(json.dumps(dict(id=s_id, error=reason)) + "\n")
-            _list_skipped(out, bad.values())
+            _list_skipped(out, list(bad.values()))
             bar.update(len(episodes) + len(bad))
             if done:
                 bar.set_postfix(acc=f"{sum(d['correct'] for d in done.values()) / len(done):.3f}")
@@ -337,6 +337,8 @@ def read_results(out):
 
 def _list_skipped(out, reasons):
     """Add the reasons skipped.txt does not hold yet (a rerun meets the loader's again), one line each."""
+    if not reasons:  # most batches: nothing to read or write
+        return
     path = os.path.join(out, "skipped.txt")
     listed = set(open(path).read().splitlines()) if os.path.exists(path) else set()
     new = [r for r in reasons if r not in listed]
