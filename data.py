@@ -13,6 +13,7 @@ JSONL (one sample per line; relative image paths resolve against the file's fold
     python data.py convert release.parquet --out pr/train.jsonl       # any source -> JSONL + image folder
 """
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -512,6 +513,32 @@ def _load_one(spec, seed, columns):
     if not os.path.exists(spec):
         raise SystemExit(f"error: data not found: {spec} (expected {kinds})")
     raise SystemExit(f"error: unsupported data {spec!r}: expected {kinds}")
+
+
+def fingerprint(path):
+    """What a file or folder holds, as "sha256:...": a file's bytes (a table, an adapter's weights); a folder's
+    (V*) file names and sizes and the contents of its files under 1 MB (the questions and answers: an edited one
+    changes it even at the same size; the images by size, for speed). A spec that is not a path (synthetic:N),
+    or a path not there, as is."""
+    if not path or not os.path.exists(path):
+        return path
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for folder, _, names in sorted(os.walk(path)):
+            for n in sorted(names):
+                file = os.path.join(folder, n)
+                digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}\n".encode())
+                if os.path.getsize(file) < 1 << 20:
+                    _hash_file(file, digest)
+    else:
+        _hash_file(path, digest)
+    return "sha256:" + digest.hexdigest()
+
+
+def _hash_file(path, digest):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
 
 
 def convert(spec, out, columns=None, seed=0):

@@ -12,7 +12,6 @@ is done), summary.json, table.md, and with --html a self-contained report. Greed
 Under `torchrun --nproc_per_node=N eval.py ...` each rank takes one --shard (dist.py) and rank 0 writes the summary.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -137,34 +136,9 @@ def run_settings(args, resolved, precision):
     contents (a retrained adapter at the same path is another setting)."""
     out = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     out.update({k: getattr(resolved, k) for k in SHARED}, precision=precision)
-    out["data"] = _fingerprint(data_spec(args))
-    out["adapter"] = _fingerprint(args.adapter and os.path.join(args.adapter, "adapter_model.safetensors"))
+    out["data"] = data.fingerprint(data_spec(args))
+    out["adapter"] = data.fingerprint(args.adapter and os.path.join(args.adapter, "adapter_model.safetensors"))
     return out
-
-
-def _fingerprint(path):
-    """sha256 of a file; of a folder (V*), its file names and sizes and the contents of its files under 1 MB
-    (the questions and answers: an edited one changes it even at the same size; the images by size, for speed).
-    A spec that is not a path (synthetic:N) as is."""
-    if not path or not os.path.exists(path):
-        return path
-    digest = hashlib.sha256()
-    if os.path.isdir(path):
-        for folder, _, names in sorted(os.walk(path)):
-            for n in sorted(names):
-                file = os.path.join(folder, n)
-                digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}\n".encode())
-                if os.path.getsize(file) < 1 << 20:
-                    _hash_file(file, digest)
-    else:
-        _hash_file(path, digest)
-    return "sha256:" + digest.hexdigest()
-
-
-def _hash_file(path, digest):
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
 
 
 def default_name(args, resolved):

@@ -126,6 +126,23 @@ def test_a_selection_resumed_with_other_settings_is_refused(tmp_path, monkeypatc
     infogap.select("micro", "synthetic:3", [4096, 1024], out)
 
 
+def test_a_retrained_adapter_at_the_same_path_is_another_selection(tmp_path, monkeypatch):
+    """The selection depends on the adapter's weights, not its folder's name: retraining runs/stage1/final must
+    neither reuse the old --infogap auto cache nor resume an explicit selection file made with the old weights."""
+    _scripted_selection(monkeypatch, {t: ["B", "B", "B"] for t in (16384, 4096, 1024)})
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights, first training")
+    cfg = train.Config(infogap="auto", data="synthetic:3", init_adapter=str(adapter))
+    before = infogap.cache_path(cfg)
+    out = str(tmp_path / "l.jsonl")
+    infogap.select("tiny", "synthetic:3", [4096, 1024], out, adapter=str(adapter))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights, retrained")
+    assert infogap.cache_path(cfg) != before
+    with pytest.raises(SystemExit, match="adapter_sha256='sha256:.*' there, 'sha256:.*' now"):
+        infogap.select("tiny", "synthetic:3", [4096, 1024], out, adapter=str(adapter))
+
+
 def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
     path = infogap.cache_path(cfg)

@@ -292,15 +292,15 @@ def test_a_benchmark_folder_edited_at_the_same_size_is_another_data_set(tmp_path
     question = " " * 5000  # a JSON of a few KB
     (root / "sa_1.json").write_text('{"options": ["red", "blue"], "q": "%s"}' % question)
     (root / "sa_1.jpg").write_bytes(b"x" * 100)
-    before = ev._fingerprint(str(tmp_path / "vstar"))
+    before = data.fingerprint(str(tmp_path / "vstar"))
     os.rename(tmp_path / "vstar", tmp_path / "moved")  # the same data elsewhere: the same fingerprint
-    assert ev._fingerprint(str(tmp_path / "moved")) == before
+    assert data.fingerprint(str(tmp_path / "moved")) == before
     os.rename(tmp_path / "moved", tmp_path / "vstar")
     (root / "sa_1.json").write_text('{"options": ["blue", "red"], "q": "%s"}' % question)
-    edited = ev._fingerprint(str(tmp_path / "vstar"))
+    edited = data.fingerprint(str(tmp_path / "vstar"))
     assert edited != before
     (root / "sa_2.jpg").write_bytes(b"y")
-    assert ev._fingerprint(str(tmp_path / "vstar")) != edited
+    assert data.fingerprint(str(tmp_path / "vstar")) != edited
 
 
 def test_default_folder_names_tell_runs_apart(tmp_path):
