@@ -1,8 +1,10 @@
 # make stage1 | baseline | stage2 | eval | test | bench | figures. The default is the README's experiment: the micro
 # model from its committed warm start on the micro task (CPU, minutes): `make stage1` (information gap), `make baseline`
 # (no gap: a readable global image, crops from it), `make stage2`, then `make eval` (every model there is, with and
-# without noise crops, at the gap level) prints the table. MODEL=, DATA=, PRESET= pass through (PRESET=tiny
-# MODEL=tiny DATA=synthetic:64: the old toy default); ARGS= adds train.py/eval.py options.
+# without noise crops, at the gap level) prints the table. MODEL=, DATA=, PRESET= pass through to the training
+# targets (PRESET=tiny MODEL=tiny DATA=synthetic:64: the old toy default); `make eval` evaluates at EVAL_SETTINGS on
+# EVAL_DATA, the micro runs' own, and with MODEL=, DATA= or PRESET= asks for those too. ARGS= adds train.py/eval.py
+# options.
 # NPROC=N runs stage1, baseline, stage2 and eval data-parallel on N GPUs of this node (torchrun; README "More GPUs").
 # Every target runs `setup` first, so a fresh clone needs nothing else.
 PY      := .venv/bin/python
@@ -45,7 +47,14 @@ baseline: setup
 stage2: setup
 	$(TRAIN) --stage 2 $(ARGS)
 
+# the micro settings would evaluate another model's adapters on the micro model: stop and say so
+EVAL_GUARD = $(if $(and $(or $(MODEL),$(DATA),$(filter-out micro,$(PRESET))),$(filter file,$(origin EVAL_SETTINGS))),\
+	$(error make eval: EVAL_SETTINGS and EVAL_DATA are the micro experiment's; with MODEL, DATA or PRESET give \
+	them too (EVAL_SETTINGS="--model M ...", EVAL_DATA=...), or run eval.py \
+	(README: "Evaluation on the paper's benchmarks")))
+
 eval: setup
+	$(EVAL_GUARD)
 	@for a in $(ADAPTERS); do \
 		if [ "$$a" != none ] && [ ! -f "$$a/adapter_config.json" ]; then echo "skipping $$a (not trained)"; continue; fi; \
 		name=$$(echo $$a | tr / _); \
@@ -60,6 +69,7 @@ eval: setup
 SEEDS ?= 0 2 3
 EXP ?= runs/exp
 experiment: setup
+	$(EVAL_GUARD)
 	@for s in $(SEEDS); do \
 		d=$(EXP)/s$$s; \
 		$(TRAIN) --stage 1 --seed=$$s --out_dir=$$d/stage1 $(ARGS) || exit 1; \

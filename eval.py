@@ -2,7 +2,7 @@
 
     python eval.py --bench synthetic                                  # tiny model, synthetic set
     python eval.py --bench synthetic --adapter runs/stage2/final      # a trained adapter
-    python eval.py --bench synthetic --probe noise                    # every returned crop is noise
+    python eval.py --bench synthetic --probe noise                    # Gaussian noise added to every crop
     python eval.py --bench synthetic --data eval.jsonl --model DIR    # any JSONL in the project's format
     python eval.py --bench vstar --data vstar_bench --sweep 256,1024,4096,16384 --adapter A --adapter B
                                       # plain, noise and no-tool at each global budget, per model: table + figure
@@ -37,9 +37,11 @@ SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "ma
 
 
 # ... except the episode's limits, which unless given follow DeepEyes' evaluation (eval/eval_vstar.py at 6c5e796: up
-# to 11 model calls, no cap on the episode's length) for every model alike, trained or not (a sweep compares them),
-# rather than training's 2,048-token response budget, which one crop at 16,384 tokens would overflow
-EVAL_DEFAULTS = dict(max_response_tokens=0, max_turns=11)
+# to 11 model calls of up to 10,240 tokens each, every call answered with a crop, no cap on the episode's length) for
+# every checkpoint alike, trained or not (a sweep compares them), rather than training's limits: its 2,048-token
+# response budget, which one crop at 16,384 tokens would overflow, its 6 crops and its 512-token turns. The built-in
+# models (tiny, micro, tiny-7b) keep their runs' limits: random weights would write 10,240 tokens every turn.
+EVAL_DEFAULTS = dict(max_response_tokens=0, max_turns=11, max_crops=10, max_turn_tokens=10240)
 
 PROBES = ("", "noise", "noise-replace", "gt-box", "no-tool")
 
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", default="synthetic", choices=["synthetic", "hrbench", "vstar", "mmerw"],
                     help="which benchmark to run")
-    ap.add_argument("--data", default=None, help="benchmark file or folder; synthetic: 'synthetic:N' or a .jsonl")
+    ap.add_argument("--data", default=None, help="benchmark file or folder; --bench synthetic: " + data.SPECS)
     ap.add_argument("--adapter", action="append", default=None,
                     help="a LoRA adapter folder (e.g. runs/stage2/final; 'none': the base model); its run's settings "
                          "are the defaults of the options below; with --sweep, give several to compare")
@@ -56,8 +58,10 @@ def parse_args(argv=None):
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
                         choices=train.CHOICES.get(key),  # a typo'd --matcher ran as the default, --prompt crashed late
-                        help=f"{helps[key]} (default: " + (f"{EVAL_DEFAULTS[key]!r}, for every model" if key in
-                             EVAL_DEFAULTS else f"the adapter's run, else {getattr(train.Config, key)!r}") + ")")
+                        help=f"{helps[key]} (default: " + (f"{EVAL_DEFAULTS[key]!r} for a checkpoint, as DeepEyes' "
+                             f"evaluation" + (" (0: no cap)" if key == "max_response_tokens" else "") + "; a built-in "
+                             "model: " if key in EVAL_DEFAULTS else "") +
+                             f"the adapter's run, else {getattr(train.Config, key)!r})")
     ap.add_argument("--probe", default=None, choices=PROBES[1:],
                     help="noise: Gaussian noise added to every returned crop (the paper's probe); noise-replace: "
                          "crops replaced by pure noise; gt-box: the model's box replaced by the ground truth; "
@@ -74,7 +78,9 @@ def parse_args(argv=None):
     ap.add_argument("--html", default=None, help="also write a self-contained HTML report to this file")
     ap.add_argument("--shard", default=None, help="i/n: evaluate every n-th item starting at i (run n in parallel)")
     ap.add_argument("--summary", action="store_true",
-                    help="print accuracy with and without each probe side by side (from earlier runs) and exit")
+                    help="print accuracy with and without each probe side by side, from the earlier runs' folders "
+                         "beside --out (its parent folder; default: those in runs/eval), and exit (not with --sweep, "
+                         "which writes its own table)")
     ap.add_argument("--sweep", default=None, help="N,N,...: global budgets; at each, evaluate plain, with noise crops "
                                                    "and without the tool (resumable); writes sweep.md/json/png")
     ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
@@ -93,9 +99,9 @@ def data_spec(args):
 
 
 def resolve_settings(args):
-    """The run settings of an evaluation: the command line, else the adapter's training run (its
-    config.json), else train.Config's defaults; the episode's limits are EVAL_DEFAULTS unless given. Prints where
-    each value came from. Returns a train.Config."""
+    """The run settings of an evaluation: the command line, else the adapter's training run (its config.json), else
+    train.Config's defaults; a checkpoint's episode limits are EVAL_DEFAULTS unless given. Prints where each value
+    came from. Returns a train.Config."""
     run_path = os.path.join(args.adapter, "config.json") if args.adapter else None
     run = {}
     if run_path and os.path.isfile(run_path):
@@ -105,7 +111,7 @@ def resolve_settings(args):
     for key in SHARED:
         if getattr(args, key) is not None:
             value, source = getattr(args, key), "--" + key.replace("_", "-")
-        elif key in EVAL_DEFAULTS:
+        elif key in EVAL_DEFAULTS and cfg.model not in model.BUILT_IN:  # "model" comes first in SHARED
             value, source = EVAL_DEFAULTS[key], "evaluation's default"
         elif key in run:
             value, source = run[key], run_path
@@ -417,7 +423,7 @@ def probe_summary(bench, root="runs/eval"):
     """Accuracy with and without each probe, side by side, and the crop dependency (accuracy lost when every
     returned crop is noise), per setting: folders under `root` whose run.json differs only in the probe. Each
     folder's summary is rebuilt from all its shards' items. Returns one {probe: summary} per setting. A root
-    that holds `make experiment`'s seed folders (s<seed>/eval) gets the table over seeds instead."""
+    that holds `make experiment`'s seed folders (s<seed>/eval) gets the table over seeds instead (returns None)."""
     seeds = sorted((d for d in os.listdir(root) if re.fullmatch(r"s\d+", d)), key=lambda d: int(d[1:])) \
         if os.path.isdir(root) else []
     if seeds:

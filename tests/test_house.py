@@ -90,6 +90,22 @@ def test_make_eval_uses_the_micro_runs_own_settings():
     assert given == expected
 
 
+def test_make_eval_stops_where_its_micro_settings_would_evaluate_another_models_runs():
+    """`make stage1 MODEL=...` passes through; `make eval MODEL=...` would have loaded that run's adapter onto the
+    micro model (EVAL_SETTINGS names it): it stops and says so, unless EVAL_SETTINGS is given too."""
+    import subprocess
+
+    def make(*args):  # -n: nothing runs; the guard is expanded all the same
+        return subprocess.run(["make", "-n", "-o", ".venv/.done", *args], cwd=ROOT, capture_output=True, text=True)
+
+    assert make("eval").returncode == 0
+    for given in ("MODEL=tiny", "DATA=synthetic:64", "PRESET=tiny"):
+        for target in ("eval", "experiment"):
+            out = make(target, given)
+            assert out.returncode != 0 and "EVAL_SETTINGS and EVAL_DATA are the micro experiment's" in out.stderr
+    assert make("eval", "MODEL=tiny", "EVAL_SETTINGS=--model tiny").returncode == 0
+
+
 def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", global_tokens=48, max_turns=2)))
     cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path), "--max-turns", "7"]))
@@ -97,17 +113,24 @@ def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"global_tokens=48 ({tmp_path / 'config.json'})" in out and "max_turns=7 (--max-turns)" in out
     assert f"crop_tokens={train.Config.crop_tokens} (default)" in out
-    # the episode's limits are evaluation's own, for a trained model as for the base (a sweep compares them)
-    (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", max_turns=2, max_response_tokens=300)))
+    # a checkpoint's episode limits are evaluation's own, for a trained model as for the base (a sweep compares them)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model="ckpt/qwen", max_turns=2, max_response_tokens=300)))
     cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path)]))
-    assert (cfg.max_turns, cfg.max_response_tokens, cfg.model) == (11, 0, "tiny")
+    assert (cfg.max_turns, cfg.max_response_tokens, cfg.model) == (11, 0, "ckpt/qwen")
     capsys.readouterr()
-    cfg = evaluation.resolve_settings(evaluation.parse_args([]))  # no adapter: Config's defaults...
+    cfg = evaluation.resolve_settings(evaluation.parse_args(["--model", "ckpt/qwen"]))  # no adapter: Config's...
     assert cfg.global_tokens == train.Config.global_tokens and cfg.crop_tokens == train.Config.crop_tokens
     # ... but the episode's limits of DeepEyes' evaluation: a 16,384-token crop is never cut off by training's
     # 2,048-token response budget, and a model may make up to 11 calls
     assert (cfg.max_response_tokens, cfg.max_turns) == (0, 11)
     assert "max_response_tokens=0 (evaluation's default)" in capsys.readouterr().out
+    # DeepEyes' eval/eval_vstar.py answers every one of those calls with a crop and lets each write 10,240 tokens:
+    # no crop limit of its own (the 11th call ends the episode either way), no cut turn at training's 512
+    assert (cfg.max_crops, cfg.max_turn_tokens) == (10, 10240)
+    # a built-in model keeps its run's limits (the tiny model's random weights would write 10,240 tokens a turn)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", max_turns=2, max_response_tokens=300)))
+    cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path)]))
+    assert (cfg.max_turns, cfg.max_response_tokens, cfg.max_turn_tokens) == (2, 300, train.Config.max_turn_tokens)
 
 
 # ---------------------------------------------------------------- the `kernels` name
