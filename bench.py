@@ -303,7 +303,8 @@ def _describe(policy, name):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     if name == "tiny":
         return f"the tiny model, fp32 ({device})"
-    weights = "NF4" if any("4bit" in type(m).__name__ for m in policy.model.modules()) else "bf16"
+    weights = "NF4" if any("4bit" in type(m).__name__ for m in policy.model.modules()) else \
+        str(policy.head.weight.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
     what = f"{name} (Qwen2.5-VL-7B's shape, random weights)" if "tiny" in name else name
     return f"{what}, {weights} + LoRA ({device})"
 

@@ -2,7 +2,8 @@
 SIGINT/SIGTERM, and the fault-injection hook the tests use to kill a run at a chosen point.
 
 A checkpoint is a folder: the LoRA adapter in PEFT's format (PeftModel.from_pretrained loads it),
-optimizer.pt, rng.pt, config.json and state.json (step, data cursor, metrics). Nothing in it is unpickled
+optimizer.pt, rng.pt, config.json and state.json (step, metrics, ...; its data cursor, the prompts seen, is for
+reading: a resume takes the data order from the step). Nothing in it is unpickled
 as code: tensors load with weights_only=True, the adapter from safetensors.
 """
 import dataclasses

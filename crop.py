@@ -1,7 +1,7 @@
 """Pixels and boxes: Qwen2.5-VL's smart_resize, box checks and frame mapping, image encoding.
 
-The model is shown a *global* image (the original resized to a token budget, and in stage 1 further down to
-the sample's information-gap level). Its tool calls name boxes in that shown frame; we map them to the
+The model is shown a *global* image (the original resized to a token budget; in stage 1, to the sample's
+information-gap level instead). Its tool calls name boxes in that shown frame; we map them to the
 original frame and cut the crop from the original, so a crop carries detail the global image lacks.
 
     from crop import encode_image; pv, grid = encode_image(pil_image, box=None, max_pixels=1024 * 28 * 28)
@@ -158,7 +158,7 @@ def crop_size(box, shown_wh, orig_wh, max_pixels, floor=True):
 
 
 def resized(image, max_pixels):
-    """The PIL image the model is shown under a budget (for reports and the info-gap selection)."""
+    """The PIL image the model is shown under a budget: the same-resolution baseline cuts its crops from it."""
     w, h = shown_size(image.size, max_pixels)
     return image.convert("RGB").resize((w, h), Image.BICUBIC)
 
@@ -178,7 +178,7 @@ def add_noise(image_u8, sigma, seed):
 
 
 def draw_boxes(image, boxes, colors=("red", "lime", "cyan", "yellow"), width=4):
-    """A copy of the image with boxes (original frame) drawn, for reports and rollout dumps."""
+    """A copy of the image with boxes (original frame) drawn, for the HTML report."""
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     for i, b in enumerate(boxes):

@@ -466,6 +466,9 @@ def _matcher_meta(matcher):
     return dict(matcher=matcher)
 
 
+# what --data takes (train.py, eval.py, infogap.py, data.py); see load()
+SPECS = "synthetic[:N], micro[:N], a .jsonl, a .parquet/.json table, a folder, or several joined by commas"
+
 # the data made here from a seed (`KIND[:N]`): kind -> generator(n, seed)
 GENERATED = {"synthetic": synthetic, "micro": micro}
 
@@ -584,8 +587,7 @@ def main():
                     help="show: print the first samples; convert: write a source as the project's JSONL with "
                          "its images in a folder")
     ap.add_argument("src", nargs="?", default=None, help="convert: the source (same forms as --data)")
-    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet/.json table, a "
-                                                         "folder, or several joined by commas")
+    ap.add_argument("--data", default="synthetic:4", help=SPECS)
     ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
     ap.add_argument("--limit", type=int, default=4, help="show: how many samples to print")
     ap.add_argument("--out", default=None, help="convert: the JSONL to write (its images go in a folder beside it: x.jsonl -> x_images/)")

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice], or in one of
-# the rollout's rows in flight (rollout_rows) when that is smaller
+ROW_BUCKETS = (8, 16, 32, 64, 128, 256)  # a batch runs in the smallest bucket that holds it [choice], or in a
+# bucket of exactly the rollout's rows in flight (rollout_rows) when that is smaller
 COLUMN_STEP = 256  # the static cache grows in steps of this many columns [choice]
 # one-off costs of the graphs, summed over the process, so that bench.py can tell them from the steady step
 counters = dict(captures=0, capture_seconds=0.0)

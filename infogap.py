@@ -138,7 +138,8 @@ NO_LEVELS = ("error: stage 1 needs each sample's information-gap level, and {dat
 
 def prepare(cfg, samples):
     """Give each sample its global-image level for a run from cfg.infogap (see Config), and return the
-    samples to train on. Prints what was assigned; stops when stage 1 would otherwise train without a gap."""
+    samples to train on. Prints what a file or the data assigned (off and fixed:N say it in the run's config);
+    stops when stage 1 would otherwise train without a gap."""
     setting = cfg.infogap
     if setting == "off":  # the baseline: every global image at the run's budget
         for s in samples:
@@ -219,7 +220,10 @@ def _report_above_budget(samples, budget):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="synthetic:4", help="synthetic[:N], a .jsonl, a .parquet or a folder")
+    ap.add_argument("--data", default="synthetic:4", help=data.SPECS)
+    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
+    ap.add_argument("--seed", type=int, default=0, help="generated data's seed: the training run's --seed (its "
+                                                        "samples' ids carry it)")
     ap.add_argument("--model", default="tiny", help="the policy that answers")
     ap.add_argument("--adapter", default=None, help="an adapter for the policy")
     ap.add_argument("--ladder", default=LADDER, help="global budgets below the reference, largest first")
@@ -233,8 +237,8 @@ def main():
     out = args.out or (args.data.rstrip("/").removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)
                        else _runs_path(args.data, "cli"))
     select(args.model, args.data, [int(x) for x in args.ladder.split(",")], out, adapter=args.adapter,
-           reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, prompt=args.prompt,
-           matcher=args.matcher)
+           reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, seed=args.seed, prompt=args.prompt,
+           matcher=args.matcher, columns=args.columns)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def step_metrics(step, episodes, scores, stats, seconds, rollout_mem):
     groups = {}
     for e, s in zip(episodes, scores):
         groups.setdefault(e.group, []).append(s["total"])
+    # reward_std: the spread across prompts (of the groups' means: plot.py's band), not the within-group spread
+    # that the advantages divide by
     return dict(step=step, reward=mean([s["total"] for s in scores]), reward_std=_std([mean(g) for g in groups.values()]),
                 accuracy=mean([s["accuracy"] for s in scores]),
                 format=mean([s["format"] for s in scores]), tool=mean([s["tool"] for s in scores]),

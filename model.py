@@ -25,7 +25,7 @@ import snapshot
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT calls a renamed transformers API
 
-# ---------------------------------------------------------------- prompts: --prompt deepeyes | qwen
+# ---------------------------------------------------------------- prompts: --prompt deepeyes | qwen | micro
 
 # DeepEyes' wording, which DeepEyes-7B was trained with and LFPC starts from. Source: github.com/Visual-Agent/DeepEyes
 # at 6c5e796: SYSTEM_PROMPT_V2 and USER_PROMPT_V2 in verl/workers/agent/envs/mm_process_engine/prompt.py; the
@@ -241,17 +241,17 @@ def pack_rows(policy, rows):
     return ids, attn, pos, ends
 
 
-def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
+def sequence_logprobs(policy, batch, temperature=1.0):
     """Log-probs of the tokens with loss_mask == 1, from hidden states (never the full logits).
 
     batch: ids (B, T), attention_mask (B, T), position_ids (3, B, T), loss_mask (B, T), pixel_values, grid_thw.
-    Returns logp (N,) in row-major order of the loss-mask positions [, entropy (N,)]."""
+    Returns logp (N,) in row-major order of the loss-mask positions."""
     hidden, _ = policy.forward_hidden(batch["ids"], batch["attention_mask"], batch["position_ids"],
                                       batch["pixel_values"], batch["grid_thw"])  # (B, T, D)
     predicts = batch["loss_mask"][:, 1:].bool()  # hidden at t predicts token t + 1
     h = hidden[:, :-1][predicts]  # (N, D)
     targets = batch["ids"][:, 1:][predicts]  # (N,)
-    return kernels.selective_logprobs(h, policy.head.weight, targets, temperature, with_entropy)
+    return kernels.selective_logprobs(h, policy.head.weight, targets, temperature)
 
 
 # ---------------------------------------------------------------- loading
@@ -348,8 +348,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def base_precision(name, precision="auto"):
-    """The precision of the base weights: `auto` is nf4 (QLoRA) for a checkpoint, fp32 for `tiny` and bf16 for
-    `tiny-7b`; nf4, bf16 and fp32 are asked for by name, on any device."""
+    """The precision of the base weights: `auto` is nf4 (QLoRA) for a checkpoint, fp32 for `tiny` and `micro`, bf16
+    for `tiny-7b`; nf4, bf16 and fp32 are asked for by name, on any device."""
     if precision not in PRECISIONS:
         raise SystemExit(f"error: precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -499,8 +499,8 @@ def model_config(name):
 def estimate_memory(cfg):
     """Peak GPU memory of a training step by part, in GB, from the shapes in the model's config.json.
 
-    cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch, global_tokens,
-    max_response_tokens, gradient_checkpointing). A group's gradient is taken while the other rows roll on
+    cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch,
+    global_tokens, max_response_tokens, gradient_checkpointing, decode). A group's gradient is taken while the other rows roll on
     (train.run_step streams the step), so the peak is the sum of every part: weights, LoRA/optimizer, the
     rollout's KV cache, and a micro-batch's activations and log-prob chunks."""
     config, _ = model_config(cfg.model)

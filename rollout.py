@@ -287,7 +287,7 @@ def _new_rows(policy, p, sample, cfg, step):
     image, orig_wh = sample.image(), None
     if cfg.crop_from_shown:  # the paper's same-resolution baseline: the crop holds nothing new
         image, orig_wh = crop.resized(image, crop.tokens_to_pixels(budget)), image.size
-    orig = crop.to_uint8(image).to(policy.device)  # on a GPU, crops go through the Triton kernel
+    orig = crop.to_uint8(image).to(policy.device)  # crops are cut and resampled where the model runs (kernels/)
     pv, grid = crop.encode_image(orig, max_pixels=crop.tokens_to_pixels(budget))
     shown_wh = (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
     pv_host = pv.cpu()

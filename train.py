@@ -2,7 +2,8 @@
 
     python train.py --stage 1                                   # tiny model, synthetic data, CPU: minutes
     python train.py --stage 1 --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --preset 24gb
-    python train.py --stage 2 --data boxes.jsonl --preset 24gb  # starts from runs/stage1/final
+    python train.py --stage 2 --model Qwen/Qwen2.5-VL-7B-Instruct --data boxes.jsonl --preset 24gb
+                                                                # starts from runs/stage1/final
     python train.py --stage 1 --resume runs/stage1              # newest complete checkpoint
     python train.py --stage 1 --steps=20 --lr=2e-5              # any Config field as --key=value
 
@@ -43,7 +44,7 @@ class Config:
     stage: int = 1  # 1: information gap; 2: + grounding reward, starting from stage 1's adapter
     model: str = "tiny"  # tiny | micro (built-in) | tiny-7b (random, 7B's shape) | a Qwen2.5-VL checkpoint (hub id or folder)
     base_precision: str = "auto"  # base weights: nf4 (QLoRA) | bf16 | fp32; auto: nf4 for a checkpoint, bf16 for tiny-7b, fp32 for tiny and micro
-    data: str = "synthetic:64"  # "synthetic[:N]" or a .jsonl file (see README)
+    data: str = "synthetic:64"  # synthetic[:N], micro[:N], a .jsonl, a .parquet/.json table, a folder, or several joined by commas
     preset: str = "tiny"  # tiny | micro (CPU) | 24gb | 48gb | 80gb (a GPU's memory): a dict of overrides below
     out_dir: str = ""  # default runs/stage{stage}
     init_adapter: str = ""  # adapter to start from; stage 2 default: runs/stage1/final
@@ -65,14 +66,14 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward (GPU presets turn it on)
     temperature: float = 1.0  # rollout sampling temperature
     top_p: float = 1.0  # rollout nucleus sampling
-    max_turns: int = 5  # assistant turns per episode (DeepEyes: 5)
-    max_crops: int = 6  # crops per episode (DeepEyes: 6)
+    max_turns: int = 5  # assistant turns per episode (DeepEyes' training: 5)
+    max_crops: int = 6  # crops per episode (DeepEyes' training: 6)
     max_turn_tokens: int = 512  # tokens per assistant turn
     max_response_tokens: int = 2048  # tokens after the prompt (written + tool turns)
     rollout_rows: int = 64  # rows in flight in the rollout (the step streams through them); 0: the most that fit memory_gb
     decode: str = "auto"  # decode steps: auto (CUDA graphs on a GPU) | graphs | static | dynamic (rollout.py, decode.py)
     tool_wait: int = 8  # steps a tool turn may wait for other rows' turns, to run with them in one forward (rollout.py)
-    global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level can lower it
+    global_tokens: int = 1024  # global image budget in tokens; a sample's info-gap level, when set, replaces it
     infogap: str = ""  # "": the samples' own levels; auto: select them now (cached); FILE (from infogap.py); fixed:N; off (crops from the shown image: the baseline)
     infogap_ladder: str = INFOGAP_LADDER  # global budgets tried below the reference, largest first [choice]
     infogap_reference_tokens: int = 16384  # the reference answer's budget: the original up to this many tokens
@@ -294,10 +295,10 @@ def rank_prompts(samples, step, cfg, skip=()):
 
 def run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip=()):
     """One GRPO step: rollout -> rewards -> group advantages -> loss and LoRA update. The step's prompts
-    stream through rollout_rows rows (continuous batching); each group's gradient is taken as soon as its
-    last row finishes and its images freed, so the step's batch (prompts_per_step x group_size) is not
-    bounded by memory. Returns the episodes (without their images), their scores, the update's stats and
-    the rollout's peak memory (GB)."""
+    stream through rollout_rows rows (continuous batching); with ppo_epochs = 1 each group's gradient is taken
+    as soon as its last row finishes and its images freed, so the step's batch (prompts_per_step x group_size)
+    is not bounded by memory (with more epochs every episode stays, images too, for train_step). Returns the
+    episodes, their scores, the update's stats and the rollout's peak memory (GB)."""
     optimizer.zero_grad(set_to_none=True)  # a retried step starts clean
     offset, prompts = rank_prompts(samples, step, cfg, skip=skip)  # torchrun: this rank's share
     groups = []  # (episodes, scores, advantages) per group, in the order they finished
@@ -437,7 +438,7 @@ def train(cfg, resume=None):
             t0 = time.time()
             episodes, scores, stats, rollout_mem = retry(
                 lambda skip: run_step(policy, optimizer, samples, step, cfg, rcfg, wcfg, skip), step)
-            # numerical faults: a NaN/inf step was skipped in train_step; too many in a row stop the run
+            # numerical faults: a NaN/inf step was skipped in optimizer_step; too many in a row stop the run
             bad_steps = bad_steps + 1 if stats["skipped"] else 0
             if bad_steps >= cfg.max_bad_steps:
                 raise SystemExit(f"error: stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite "

@@ -23,7 +23,8 @@ gradient), so the backward is one multiply:
     entropy). 2NDV flops and nothing of size V beyond the partials (N x V/128 floats). Offsets are int64
     (V * D passes 2^31 at V = 300k, D = 8k). Tiles are autotuned on CUDA, per size class of N; Triton's CPU
     interpreter (the tests) runs one small fixed config, in fp32.
-`selective_logprobs_naive` (full logits, log_softmax + gather) is the reference, for tests and benchmarks.
+`selective_logprobs_naive` (full logits in fp32, log_softmax + gather) is the tests' reference (bench.py's naive row,
+_naive_low, keeps the input's dtype).
 """
 import os
 

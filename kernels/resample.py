@@ -230,7 +230,7 @@ HPASSES = {"dot": (_hpass_dot_kernel, dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=64)),
 
 @triton.jit
 def _vpass_kernel(
-    mid_ptr,  # fp32 intermediate from _hpass_kernel
+    mid_ptr,  # fp32 intermediate from the h-pass (whichever of its kernels ran)
     out_ptr,  # out: (num_patches, 1176) float32 or bfloat16
     rec_ptr,  # int64 (K, FIELDS) box records
     K,  # the number of boxes

@@ -143,6 +143,16 @@ def test_a_retrained_adapter_at_the_same_path_is_another_selection(tmp_path, mon
         infogap.select("tiny", "synthetic:3", [4096, 1024], out, adapter=str(adapter))
 
 
+def test_the_selection_cli_reads_generated_data_with_the_runs_seed(tmp_path, monkeypatch):
+    """python infogap.py --seed S selects over the samples a train.py --seed=S run trains on (their ids carry S)."""
+    monkeypatch.setattr(infogap, "_answers", lambda policy, samples, *a: {s.id: "B" for s in samples})
+    monkeypatch.setattr(infogap, "load_policy", lambda *a, **kw: None)
+    out = tmp_path / "l.jsonl"
+    monkeypatch.setattr("sys.argv", ["infogap.py", "--data", "synthetic:2", "--seed", "3", "--out", str(out)])
+    infogap.main()
+    assert set(infogap.read_levels(str(out))) == {s.id for s in data.load("synthetic:2", 3)}
+
+
 def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
     path = infogap.cache_path(cfg)
