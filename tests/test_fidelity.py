@@ -153,6 +153,16 @@ def test_the_selection_cli_reads_generated_data_with_the_runs_seed(tmp_path, mon
     assert set(infogap.read_levels(str(out))) == {s.id for s in data.load("synthetic:2", 3)}
 
 
+def test_the_selection_command_writes_a_folders_levels_beside_it(tmp_path, monkeypatch):
+    """--data vstar/ (a folder, named with its slash): vstar.infogap.jsonl beside it, not a hidden file inside."""
+    (tmp_path / "vstar").mkdir()
+    outs = []
+    monkeypatch.setattr(infogap, "select", lambda model, spec, ladder, out, **kw: outs.append(out))
+    monkeypatch.setattr("sys.argv", ["infogap.py", "--data", f"{tmp_path / 'vstar'}/"])
+    infogap.main()
+    assert outs == [str(tmp_path / "vstar.infogap.jsonl")]
+
+
 def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
     path = infogap.cache_path(cfg)

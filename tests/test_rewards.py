@@ -102,12 +102,16 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("it isn\u2019t red", "red", None, 0.0),
     ("no cat", "cat", None, 0.0),
     ("red, not blue", "red", None, 1.0),  # the negation is not on the answer
+    ("Not red? No, it is red.", "red", None, 1.0),  # said once without a negation: said
+    ("not a cat, a bobcat", "cat", None, 0.0),  # a word that ends or starts with the answer is not the answer
+    ("not a cat, a catfish", "cat", None, 0.0),
     ("0 (no cars)", "0", None, 1.0),
     ("No. 5", "5", None, 1.0),
     ("Jersey No. 23", "23", None, 1.0),
     ("not sure", "not sure", None, 1.0),  # the answer's own negation
     ("I am not sure", "not sure", None, 1.0),
     ("no", "no", None, 1.0),
+    ("Yes, there is no doubt", "no", None, 0.0),  # yes/no answers: the reply's first word, not any word
     (None, "cat", None, 0.0),
     ("cat", "cat", [], 1.0),  # an empty option list is a short answer
     ("b", "B", OPTIONS, 1.0),  # a lone lowercase letter is that letter
@@ -152,6 +156,7 @@ def test_accuracy(reply, answer, options, expected):
     ("Answer: A cat", "B", ["dog", "cat"], 1.0),  # "A" the article: the option's text decides
     ("Answer: A", "A", ["dog", "cat"], 1.0),
     ("The answer is A because the cat is red", "A", ["dog", "cat"], 1.0),  # mid-sentence: the letter
+    ("Answer: A because it is bigger", "A", ["dog", "cat"], 1.0),  # may be the article, but no option is named
     # a negated option text names nothing
     ("not red", "A", ["red", "blue"], 0.0),
     ("It isn't a cat", "B", ["dog", "cat"], 0.0),
@@ -162,9 +167,18 @@ def test_accuracy(reply, answer, options, expected):
     ("No, it is not.", "B", ["Yes", "No"], 1.0),  # yes/no options: the reply's first word decides
     ("Yes, there is no doubt", "A", ["yes", "no"], 1.0),
     ("No, it isn't", "B", ["yes", "no"], 1.0),
+    ("No, it is the blue one", "B", ["red", "blue"], 1.0),  # a first "no" decides only between yes/no options
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
+
+
+@pytest.mark.parametrize("negation", ["not", "no", "never", "none", "neither", "nor", "without", "cannot", "isn't",
+                                      "aren't", "wasn't", "weren't", "doesn't", "don't", "didn't", "can't", "won't",
+                                      "hasn't", "haven't", "hadn't", "couldn't", "shouldn't", "wouldn't"])
+def test_each_negation_right_before_the_answer_negates_it(negation):
+    assert rewards.accuracy(f"{negation} red", "red") == 0.0
+    assert rewards.accuracy(f"It is {negation} red", "A", ["red", "blue"]) == 0.0
 
 
 @pytest.mark.parametrize("text,expected", [

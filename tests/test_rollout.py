@@ -4,8 +4,10 @@ import dataclasses
 import pytest
 import torch
 
+import crop
 import data
 import model
+import rollout as rollout_module
 import train
 from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
 from rollout import parse_tool_call, rollout
@@ -162,6 +164,19 @@ def test_written_tokens_stop_at_the_response_budget_exactly():
                    force=scripted(p, {0: ["<think>" + "word " * 50]}))
     assert e.truncated and not e.finished and e.turns == 1
     assert len(e.ids) - e.prompt_len == 12 and sum(e.loss_mask) == 12
+
+
+def test_a_batch_whose_every_image_is_bad_rolls_out_nothing_and_keeps_each_reason(monkeypatch):
+    """Evaluation counts the episodes a batch returns (and the selection iterates them): an empty list, not None."""
+    samples = data.synthetic(2)
+
+    def bad_image(policy, batch, cfg):
+        raise crop.BadImage(f"sample {batch[0].id}: image file is truncated", batch[0].id)
+
+    monkeypatch.setattr(rollout_module, "rollout", bad_image)
+    bad = {}
+    assert rollout_module.rollout_skipping_bad_images(None, samples, rollout_cfg(), bad) == []
+    assert sorted(bad) == sorted(s.id for s in samples) and all("truncated" in r for r in bad.values())
 
 
 def test_recorded_logprobs_equal_a_full_forward():

@@ -303,6 +303,28 @@ def test_a_benchmark_folder_edited_at_the_same_size_is_another_data_set(tmp_path
     assert data.fingerprint(str(tmp_path / "vstar")) != edited
 
 
+def test_a_benchmark_image_replaced_by_one_of_another_size_is_another_data_set(tmp_path):
+    """A file of 1 MB or more (an image) is fingerprinted by its name and size, not its bytes."""
+    image = tmp_path / "vstar" / "sa_1.jpg"
+    os.makedirs(image.parent)
+    image.write_bytes(b"x" * (1 << 20))
+    before = data.fingerprint(str(tmp_path / "vstar"))
+    image.write_bytes(b"x" * ((1 << 20) + 1))
+    assert data.fingerprint(str(tmp_path / "vstar")) != before
+
+
+def test_a_retrained_adapter_at_the_same_path_is_another_eval_setting(tmp_path):
+    """An evaluation names its adapter by its weights: a rerun after retraining must not resume the old results."""
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights, first training")
+    args = ev.parse_args(["--adapter", str(adapter)])
+    before = ev.run_settings(args, ev.resolve_settings(args), "fp32")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights, retrained")
+    after = ev.run_settings(args, ev.resolve_settings(args), "fp32")
+    assert before["adapter"].startswith("sha256:") and after["adapter"] != before["adapter"]
+
+
 def test_default_folder_names_tell_runs_apart(tmp_path):
     def name(*argv):
         args = ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv])

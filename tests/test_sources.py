@@ -99,6 +99,7 @@ def test_only_a_box_around_the_whole_answer_is_taken_off():
     assert sources._unboxed(" \\boxed{ B } ") == "B"
     assert sources._unboxed("\\boxed{a}, \\boxed{b}") == "\\boxed{a}, \\boxed{b}"  # two boxes: not one answer
     assert sources._unboxed("B") == "B" and sources._unboxed(None) is None
+    assert sources._unboxed("\\boxed{12") == "\\boxed{12"  # a box never closed: as written
 
 
 def test_deepeyes_is_still_recognised():
