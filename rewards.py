@@ -173,16 +173,22 @@ def _rule_match(reply, answer):
         return len(found) == 1 and abs(found[0] - numbers[0]) <= 1e-6 * max(1.0, abs(numbers[0]))
     words = r.split()
     # "not a cat" does not say "cat" (numbers are not checked: "No. 5", "0 (no cars)")
-    return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5 and not _negated(r, a)
+    return bool(a) and f" {a} " in f" {r} " and len(words) <= len(a.split()) + 5 and not _negated(reply, a)
 
 
 NEGATIONS = {"not", "no", "never", "none", "neither", "nor", "without", "cannot", "isnt", "arent", "wasnt", "werent",
              "doesnt", "dont", "didnt", "cant", "wont", "hasnt", "havent", "hadnt", "couldnt", "shouldnt", "wouldnt"}
 
 
+# the end of a clause: a negation before it does not reach past it ("No, red." says red). Marked with a character
+# that normalize keeps (it drops ASCII punctuation only) and no negation holds.
+CLAUSE_END_RE = re.compile(r"[.,;:!?]+(?=\s|$)")
+
+
 def _negated(reply, text):
-    """Every place the (normalised) reply holds the (normalised) text is right after a negation: "not red",
-    "isn't red", "no red" say nothing for red; "red, not blue" and "it is red" do."""
+    """Every place the reply holds the (normalised) text is right after a negation in the same clause: "not red",
+    "isn't red", "no red" say nothing for red; "red, not blue", "it is red" and "No, red." do."""
+    reply = normalize(CLAUSE_END_RE.sub(" \u00b6 ", reply))
     before = [reply[:m.start()].split()[-1:] for m in re.finditer(rf"(?<!\S){re.escape(text)}(?!\S)", reply)]
     return bool(before) and all(w and (w[0] in NEGATIONS or w[0].endswith("n’t")) for w in before)
 
@@ -230,7 +236,7 @@ def _named_option(reply, texts):
     if len(named) != 1:
         return None
     i = named.pop()
-    return None if _negated(normalize(reply), texts[i]) else "ABCDE"[i]
+    return None if _negated(reply, texts[i]) else "ABCDE"[i]
 
 
 def same_answer(a, b, options=None, matcher="rule"):
