@@ -36,12 +36,14 @@ SHARED = ("model", "global_tokens", "crop_tokens", "max_turns", "max_crops", "ma
           "prompt", "matcher")
 
 
-# ... except the episode's limits, which unless given follow DeepEyes' evaluation (eval/eval_vstar.py at 6c5e796: up
-# to 11 model calls of up to 10,240 tokens each, every call answered with a crop, no cap on the episode's length) for
-# every checkpoint alike, trained or not (a sweep compares them), rather than training's limits: its 2,048-token
-# response budget, which one crop at 16,384 tokens would overflow, its 6 crops and its 512-token turns. The built-in
-# models (tiny, micro, tiny-7b) keep their runs' limits: random weights would write 10,240 tokens every turn.
-EVAL_DEFAULTS = dict(max_response_tokens=0, max_turns=11, max_crops=10, max_turn_tokens=10240)
+# ... except the images and the episode's limits, which unless given are the paper's and DeepEyes' evaluation's for
+# every checkpoint alike, trained or not (a sweep compares them), rather than what a preset trained with: the paper's
+# 1,024-token global image, and as DeepEyes' eval/eval_vstar.py (6c5e796) crops at up to 16,384 tokens and up to 11
+# model calls of up to 10,240 tokens each, every call answered with a crop, no cap on the episode's length (training's
+# 2,048-token response budget would end an episode at its first large crop). The built-in models (tiny, micro,
+# tiny-7b) keep their runs' settings: random weights would write 10,240 tokens every turn.
+EVAL_DEFAULTS = dict(global_tokens=1024, crop_tokens=16384, max_response_tokens=0, max_turns=11, max_crops=10,
+                     max_turn_tokens=10240)
 
 PROBES = ("", "noise", "noise-replace", "gt-box", "no-tool")
 
@@ -58,8 +60,8 @@ def parse_args(argv=None):
     for key in SHARED:
         ap.add_argument("--" + key.replace("_", "-"), type=type(getattr(train.Config, key)), default=None,
                         choices=train.CHOICES.get(key),  # a typo'd --matcher ran as the default, --prompt crashed late
-                        help=f"{helps[key]} (default: " + (f"{EVAL_DEFAULTS[key]!r} for a checkpoint, as DeepEyes' "
-                             f"evaluation" + (" (0: no cap)" if key == "max_response_tokens" else "") + "; a built-in "
+                        help=f"{helps[key]} (default: " + (f"{EVAL_DEFAULTS[key]!r} for a checkpoint, as the paper "
+                             f"evaluates" + (" (0: no cap)" if key == "max_response_tokens" else "") + "; a built-in "
                              "model: " if key in EVAL_DEFAULTS else "") +
                              f"the adapter's run, else {getattr(train.Config, key)!r})")
     ap.add_argument("--probe", default=None, choices=PROBES[1:],
@@ -100,7 +102,7 @@ def data_spec(args):
 
 def resolve_settings(args):
     """The run settings of an evaluation: the command line, else the adapter's training run (its config.json), else
-    train.Config's defaults; a checkpoint's episode limits are EVAL_DEFAULTS unless given. Prints where each value
+    train.Config's defaults; a checkpoint's budgets and limits are EVAL_DEFAULTS unless given. Prints where each value
     came from. Returns a train.Config."""
     run_path = os.path.join(args.adapter, "config.json") if args.adapter else None
     run = {}

@@ -127,6 +127,11 @@ def test_eval_takes_the_adapters_run_settings_unless_told(tmp_path, capsys):
     # DeepEyes' eval/eval_vstar.py answers every one of those calls with a crop and lets each write 10,240 tokens:
     # no crop limit of its own (the 11th call ends the episode either way), no cut turn at training's 512
     assert (cfg.max_crops, cfg.max_turn_tokens) == (10, 10240)
+    # the base and an adapter see the same images: DeepEyes' 16,384-token crops and the paper's 1,024-token global
+    # image, whatever budgets the adapter was trained at (the 24gb preset's 1,024-token crops, 48gb's 4,096 global)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model="ckpt/qwen", global_tokens=4096, crop_tokens=1024)))
+    cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path)]))
+    assert (cfg.global_tokens, cfg.crop_tokens) == (1024, 16384)
     # a built-in model keeps its run's limits (the tiny model's random weights would write 10,240 tokens a turn)
     (tmp_path / "config.json").write_text(json.dumps(dict(model="tiny", max_turns=2, max_response_tokens=300)))
     cfg = evaluation.resolve_settings(evaluation.parse_args(["--adapter", str(tmp_path)]))
