@@ -546,19 +546,27 @@ def _hash_file(path, digest):
 
 def convert(spec, out, columns=None, seed=0):
     """Write any readable source as the project's JSONL, its images in a folder beside it (<out>_images/):
-    embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG."""
+    embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG. The images are written
+    to a new folder that replaces the old one at the end: a source may read its images from the old one (a
+    converted set written over, with a source added)."""
+    import shutil
+
     samples = load(spec, seed, columns)
     folder = os.path.splitext(out)[0] + "_images"
-    os.makedirs(folder, exist_ok=True)
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)  # a killed conversion's
+    os.makedirs(folder + ".tmp")
     with open(out + ".tmp", "w", encoding="utf-8") as f:
         for n, s in enumerate(samples):
-            name = os.path.join(folder, f"{n:06d}")
-            name = _write_image(s, name)
+            name = os.path.join(folder, os.path.basename(_write_image(s, os.path.join(folder + ".tmp", f"{n:06d}"))))
             row = dict(id=s.id, image=os.path.relpath(name, os.path.dirname(os.path.abspath(out))),
                        question=s.question, answer=s.answer, options=s.options, boxes=s.boxes,
                        category=s.category, global_tokens=s.global_tokens, matcher=s.meta.get("matcher"))
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
+    if os.path.exists(folder):
+        os.replace(folder, folder + ".old")
+    os.replace(folder + ".tmp", folder)
     os.replace(out + ".tmp", out)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
     print(f"wrote {len(samples)} sample(s) to {out}, images in {folder}/")
     return out
 
@@ -568,6 +576,7 @@ def _write_image(s, stem):
     raw = getattr(s.make, "raw", None)
     if s.image_path:
         import shutil
+
         path = stem + os.path.splitext(s.image_path)[1].lower()
         shutil.copyfile(s.image_path, path)
     elif raw is not None:

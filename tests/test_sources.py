@@ -3,6 +3,7 @@ sources, and `data.py convert` round-tripping through the JSONL reader. Small ge
 dataset's columns."""
 import io
 import json
+import os
 import sys
 
 import pyarrow as pa
@@ -138,3 +139,18 @@ def test_mixed_sources_and_convert_round_trip(pixelreasoner, thinklite, cof, tmp
     first = json.loads(out.read_text().splitlines()[1])
     assert first["image"] == "train_images/000001.png"  # embedded bytes kept as they were (a PNG)
     assert not (tmp_path / "conv" / "train.jsonl.tmp").exists()
+
+
+
+def test_converting_into_the_sources_own_image_folder_loses_no_image(tmp_path):
+    """Adding a source to a converted set, written over it: its images are read from the folder being written."""
+    out = str(tmp_path / "c" / "train.jsonl")
+    data.convert("micro:3", out)
+    before = {s.id: s.image().tobytes() for s in data.read_jsonl(out)}
+    data.convert(f"synthetic:2,{out}", out)  # the new rows first: every index moves
+    back = {s.id: s for s in data.read_jsonl(out)}
+    assert len(back) == 5
+    for s_id, pixels in before.items():
+        assert back[f"train/{s_id}"].image().tobytes() == pixels
+    assert sorted(os.listdir(tmp_path / "c")) == ["train.jsonl", "train_images"]  # no folder left behind
+    assert len(os.listdir(tmp_path / "c" / "train_images")) == 5
