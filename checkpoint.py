@@ -211,6 +211,19 @@ def plan_run(cfg, resume, default_out):
                      f"delete {run_dir})")
 
 
+def saved_config(resume):
+    """The settings (config.json) of the run --resume names: of the checkpoint named, else of the folder's newest
+    complete checkpoint whose config reads. None when there is none."""
+    named = os.path.isfile(os.path.join(resume, "state.json"))
+    for ckpt in [resume] if named else reversed(complete_checkpoints(resume)):
+        try:
+            with open(os.path.join(ckpt, "config.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def check_steps(ckpt, files, cfg, world=1):
     """A run shortened below its checkpoint's step says so (its weights are not that earlier step's); a run resumed
     with another number of processes is another run (a step's prompts are prompts_per_step x processes)."""

@@ -34,7 +34,7 @@ import rewards
 import snapshot
 import trackers
 from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
-                        restore_checkpoint, save_checkpoint, set_aside_later, truncate_metrics)
+                        restore_checkpoint, save_checkpoint, saved_config, set_aside_later, truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout_groups
 
@@ -474,7 +474,7 @@ def train(cfg, resume=None):
             if stopping:
                 dist.barrier("the stop checkpoint")  # under torchrun a rank that exits ends the others: after the save
                 print(f"stopped by {stopping} after step {step + 1}; resume with: python train.py --stage "
-                      f"{cfg.stage} --resume {out_dir} (and the same options)", flush=True)
+                      f"{cfg.stage} --resume {out_dir}", flush=True)
                 raise SystemExit(stop.exit_code)
     finally:
         stop.restore()
@@ -633,19 +633,33 @@ def main(argv=None):
         f"  --{f.name}={f.default!r:<14} {helps.get(f.name, '')}" for f in dataclasses.fields(Config))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: information gap; 2: grounding reward")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                    help="1: information gap (default); 2: grounding reward")
     ap.add_argument("--model", default=None, help="tiny | micro | tiny-7b | a Qwen2.5-VL checkpoint (hub id or folder)")
     ap.add_argument("--data", default=None, help="synthetic[:N] | micro[:N] | FILE.jsonl | FOLDER | FILE.parquet | "
                     "FILE.json, or several joined by commas")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="a set of overrides: tiny and micro "
-                    "for a CPU, 24gb, 48gb and 80gb for a GPU of that memory")
-    ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a set of overrides: tiny (default) and "
+                    "micro for a CPU, 24gb, 48gb and 80gb for a GPU of that memory")
+    ap.add_argument("--resume", default=None, help="a run folder or checkpoint to resume from: its settings, changed "
+                                                   "only by the options given now")
     ap.add_argument("--infogap", default=None, help="auto (select levels now), FILE (from infogap.py), fixed:N "
                                                     "(one budget for all) or off (crops from the shown image: the baseline)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the resolved config and the memory estimate, check the model folder, and exit")
     args, rest = ap.parse_known_args(argv)
-    cfg = Config(stage=args.stage, preset=args.preset, **PRESETS[args.preset])
+    saved = saved_config(args.resume) if args.resume else None
+    if saved:  # the same run: its settings, not the defaults (a resume without its options would train another)
+        if args.preset not in (None, saved.get("preset")):
+            raise SystemExit(f"error: --preset {args.preset}: {args.resume} was trained with --preset "
+                             f"{saved.get('preset')}; a resumed run keeps its settings (change one with --key=value)")
+        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in saved.items() if k in fields and k != "out_dir"})  # it writes where it is
+        print(f"the settings of {args.resume}, with the options given now")
+    else:
+        preset = args.preset or "tiny"
+        cfg = Config(stage=args.stage or 1, preset=preset, **PRESETS[preset])
+    if args.stage:
+        cfg.stage = args.stage
     if args.model:
         cfg.model = args.model
     if args.data:

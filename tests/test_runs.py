@@ -153,6 +153,22 @@ def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path
     assert json.load(open(run / "final" / "state.json"))["step"] == 3
 
 
+def test_a_resume_continues_its_runs_settings_unless_an_option_changes_one(finished_run, tmp_path, capsys):
+    """--resume DIR alone is the same run: its checkpoint's settings, not the defaults (which would silently train
+    another temperature or turn limit); an option given now changes that one setting, and says so."""
+    run = _copy(finished_run, tmp_path)
+    saved = json.load(open(run / "step_000002" / "config.json"))
+    cfg = train.main(["--resume", str(run), "--steps", "3", "--temperature", "0.7", "--dry-run"])
+    assert (cfg.steps, cfg.temperature) == (3, 0.7)
+    assert all(getattr(cfg, k) == saved[k] for k in ("data", "max_turn_tokens", "max_response_tokens", "group_size",
+                                                     "prompts_per_step", "preset", "seed"))
+    assert cfg.out_dir == ""  # --resume DIR writes into DIR, wherever the run was first written
+    out = capsys.readouterr().out
+    assert "temperature: 1.0 -> 0.7" in out and f"the settings of {run}" in out
+    with pytest.raises(SystemExit, match="--preset 24gb: .* was trained with --preset tiny"):
+        train.main(["--resume", str(run), "--preset", "24gb", "--dry-run"])
+
+
 def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished_run, tmp_path, monkeypatch, capsys):
     """The optimizer's moments come from the checkpoint, its settings from the command line (they were the
     checkpoint's, while config.json recorded the new ones)."""
