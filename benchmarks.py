@@ -11,7 +11,7 @@ import os
 import random
 import re
 
-from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report, unique_ids
+from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report, cell_text, unique_ids
 
 
 BENCHMARKS = {
@@ -56,14 +56,14 @@ def _hrbench(path, seed):
             raw = _hrbench_image(r["image"], by_index)
             width, height = _open_checked(io.BytesIO(raw), f"of row {r['index']}")
             # options keep their letters: an empty one before a filled one would shift the answer's
-            filled = [_cell(r.get(k)) not in ("", "nan") for k in "ABCD"]
-            options = [_cell(r.get(k)) for k in "ABCD"[:sum(filled)]]
+            filled = [cell_text(r.get(k)) not in ("", "nan") for k in "ABCD"]
+            options = [cell_text(r.get(k)) for k in "ABCD"[:sum(filled)]]
             if not all(filled[:len(options)]):
                 raise ValueError(f"option {'ABCD'[filled.index(False)]} is empty but a later one is not")
             samples.append(Sample(
                 id=str(r["index"]), question=str(r["question"]), answer=_option_letter(r["answer"], options),
-                width=width, height=height, options=options, category=_cell(r.get("category")) or "default",
-                make=_image_from_bytes(raw), meta=dict(cycle=_cell(r.get("cycle_category")))))
+                width=width, height=height, options=options, category=cell_text(r.get("category")) or "default",
+                make=_image_from_bytes(raw), meta=dict(cycle=cell_text(r.get("cycle_category")))))
         except (KeyError, ValueError, OSError) as e:
             bad.append(f"{path}: row {r.get('index', '?')}: {type(e).__name__}: {e}")
     return _report(samples, bad, path)
@@ -115,11 +115,6 @@ def _require_columns(path, columns, required):
     if missing:
         raise SystemExit(f"error: {path} lacks the column(s) {', '.join(missing)} (it has: "
                          f"{', '.join(sorted(columns))[:200] or 'none'})")
-
-
-def _cell(value):
-    """A table cell as text: "" when missing (None, or NaN as pandas writes it), else str (an integer 0 too)."""
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _option_letter(answer, options):

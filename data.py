@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import stat
@@ -281,13 +282,18 @@ def read_jsonl(path, max_reasons=5):
 def _jsonl_row(row, root, n):
     if not isinstance(row, dict):
         raise ValueError("a row must be a JSON object")
-    for key in ("image", "question", "answer"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        answer = str(answer)  # a count: 3, as a table's cell would give it
+    elif answer is not None and not isinstance(answer, str):
+        raise ValueError(f"'answer' must be text or a number, not {type(answer).__name__}")
+    for key, value in (("image", row.get("image")), ("question", row.get("question")), ("answer", answer)):
+        if not isinstance(value, str) or not value.strip():
             raise ValueError(f"missing or empty {key!r}")
     path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
     width, height = _open_checked(path, path)
     options = row.get("options")
-    answer = row["answer"].strip()
+    answer = answer.strip()
     if options is not None:
         if not isinstance(options, list) or not 2 <= len(options) <= 5 or not all(isinstance(o, str) for o in options):
             raise ValueError("'options' must be a list of 2 to 5 strings")
@@ -425,10 +431,15 @@ def _read_rows(path):
         raise SystemExit(f"error: cannot read {path} as {'JSON' if path.endswith('.json') else 'parquet'}: {e}") from None
 
 
+def cell_text(value):
+    """A table cell as text: "" when missing (None, or NaN as pandas writes it), else str (an integer 0 too)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
 def _table_sample(f, root, n):
     """A layout's fields -> a Sample: the image checked (embedded bytes, or a path relative to the table's
     folder or to images/ beside it, where the Hub's images.zip unpacks), question and answer non-empty."""
-    question, answer = ("" if f.get(k) is None else str(f[k]).strip() for k in ("question", "answer"))  # 0 is one
+    question, answer = (cell_text(f.get(k)).strip() for k in ("question", "answer"))
     if not question or not answer:
         raise ValueError("no question" if not question else "no answer")
     image = f.get("image")

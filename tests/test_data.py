@@ -182,6 +182,17 @@ def test_a_tables_id_0_is_its_id_and_levels_start_at_4_tokens(dataset, capsys):
     assert "at least 4" in capsys.readouterr().out
 
 
+def test_a_number_is_an_answer_and_an_empty_cell_is_none(dataset):
+    """A counting set's JSONL answers 3, as its table would ("0" is kept); a table's NaN cell (pandas' missing
+    value) is no answer or question, not the text "nan"."""
+    path = dataset([dict(GOOD_ROWS[1], id="three", answer=3), dict(GOOD_ROWS[1], id="half", answer=2.5)])
+    assert [(s.id, s.answer) for s in data.read_jsonl(path)] == [("three", "3"), ("half", "2.5")]
+    for field in ("answer", "question"):
+        with pytest.raises(ValueError, match=f"no {field}"):
+            data._table_sample(dict(dict(image="imgs/a.png", question="q", answer="x"), **{field: float("nan")}),
+                               str(dataset.root), 0)
+
+
 def test_a_rows_matcher_is_one_rewards_knows():
     import rewards
     assert data.MATCHERS == rewards.MATCHERS  # data keeps its own copy: it imports no scoring code
@@ -264,7 +275,8 @@ BAD_ROWS = [
     ({"image": "imgs/a.png", "question": "   ", "answer": "A"}, "question"),
     ({"question": "q", "answer": "A"}, "image"),
     ({"image": "imgs/a.png", "question": "q"}, "answer"),
-    ({"image": "imgs/a.png", "question": "q", "answer": 3}, "answer"),
+    ({"image": "imgs/a.png", "question": "q", "answer": True}, "'answer' must be text or a number, not bool"),
+    ({"image": "imgs/a.png", "question": "q", "answer": ["B"]}, "'answer' must be text or a number, not list"),
 ]
 
 
