@@ -96,13 +96,29 @@ def _check_settings(done, settings, out):
 
 
 def read_levels(path):
-    """id -> the row of an infogap JSONL (global_tokens or None, diverged, reference, ladder, ...)."""
+    """id -> the row of an infogap JSONL (global_tokens or None, diverged, reference, ladder, ...). A last line cut
+    by a killed selection is left out, with a line; a line that is not a selection's row stops, naming it."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: info-gap file not found: {path} (make it with python infogap.py, or pass "
                          f"--infogap auto)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["id"]: r for r in rows}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # no newline after it: cut by a kill
+                print(f"warning: {path}:{n} is cut (a killed selection): left out; python infogap.py finishes it")
+                continue
+            raise SystemExit(f"error: {path}:{n} is not JSON") from None
+        if not isinstance(row, dict) or "id" not in row or "diverged" not in row:
+            raise SystemExit(f"error: {path}:{n} is not a row of an information-gap selection (--infogap FILE "
+                             f"takes what python infogap.py or --infogap auto wrote)")
+        rows[row["id"]] = row
+    return rows
 
 
 def adapter_weights(adapter):

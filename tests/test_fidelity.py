@@ -163,6 +163,24 @@ def test_the_selection_command_writes_a_folders_levels_beside_it(tmp_path, monke
     assert outs == [str(tmp_path / "vstar.infogap.jsonl")]
 
 
+def test_a_selection_file_cut_by_a_kill_or_of_another_kind_is_named(tmp_path, capsys):
+    """--infogap FILE: a last line cut by a killed selection is left out with a line; a file that is not a
+    selection (the data file, given by mistake) stops with its name, not a KeyError deep in training."""
+    row = dict(id="a", global_tokens=64, diverged=True, reference="B", answers={}, ladder=[64])
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, id="b"))[:30])
+    assert list(infogap.read_levels(str(cut))) == ["a"]
+    assert f"{cut}:2 is cut" in capsys.readouterr().out
+    other = tmp_path / "train.jsonl"
+    other.write_text(json.dumps(dict(id="a", image="a.png", question="q", answer="B")) + "\n")
+    with pytest.raises(SystemExit, match=f"{other}:1 is not a row of an information-gap selection"):
+        infogap.read_levels(str(other))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n" + json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match=f"{broken}:1 is not JSON"):
+        infogap.read_levels(str(broken))
+
+
 def test_the_auto_cache_of_several_sources_lies_under_runs(tmp_path):
     cfg = train.Config(infogap="auto", data="/data/pr/release.parquet,/data/tl/ThinkLite-VL-70k.parquet")
     path = infogap.cache_path(cfg)
