@@ -89,8 +89,9 @@ def _open_checked(path_or_file, name):
             if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) and not turned:
                 width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNGs
-        # PIL names an in-memory file by its address, which changes from run to run
-        raise ValueError(f"image {name}: {str(e).replace(repr(path_or_file), '(embedded bytes)')}") from None
+        # PIL names an in-memory file by its address, which changes from run to run; a file's name is said already
+        what = "" if isinstance(path_or_file, str) else "(embedded bytes)"
+        raise ValueError(f"image {name}: {str(e).replace(repr(path_or_file), what).rstrip(': ')}") from None
     return width, height
 
 

@@ -193,6 +193,15 @@ def test_a_number_is_an_answer_and_an_empty_cell_is_none(dataset):
                                str(dataset.root), 0)
 
 
+def test_an_image_files_error_names_the_file_not_embedded_bytes(tmp_path):
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("missing.png", "text.png"):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as e:
+            data._open_checked(path, path)
+        assert str(e.value).startswith(f"image {path}: ") and "embedded" not in str(e.value)
+
+
 def test_a_rows_matcher_is_one_rewards_knows():
     import rewards
     assert data.MATCHERS == rewards.MATCHERS  # data keeps its own copy: it imports no scoring code
