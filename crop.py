@@ -28,6 +28,23 @@ class BadImage(ValueError):
         self.sample_id = sample_id
 
 
+def parse_budgets(text, option):
+    """Token budgets joined by commas ("4096,1024,256": an info-gap ladder, a sweep): whole numbers of at least 4
+    tokens (an image's least), each once. A bad one stops, naming the option."""
+    try:
+        budgets = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets:
+        raise SystemExit(f"error: {option} {text!r}: expected token budgets, whole numbers joined by commas")
+    if min(budgets) < 4:
+        raise SystemExit(f"error: {option} {text!r}: a budget is at least 4 tokens")
+    twice = next((b for b in budgets if budgets.count(b) > 1), None)
+    if twice is not None:
+        raise SystemExit(f"error: {option} {text!r}: {twice} twice")
+    return budgets
+
+
 def tokens_to_pixels(tokens):
     """A budget in language-model tokens -> max_pixels (one token is 28x28 pixels)."""
     return int(tokens) * FACTOR * FACTOR

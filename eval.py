@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import benchmarks
+import crop
 import data
 import dist
 import model
@@ -89,6 +90,15 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=data.HELD_OUT_SEED,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
     args = ap.parse_args(argv)
+    for key in SHARED:  # in range, before any model loads (0 response tokens: no cap)
+        if getattr(args, key) is not None:
+            train.check_setting(key, getattr(args, key), "--" + key.replace("_", "-"),
+                                0 if key == "max_response_tokens" else None)
+    for key in ("limit", "batch"):
+        if getattr(args, key) is not None:
+            train.check_setting(key, getattr(args, key), "--" + key, 1)
+    if args.sweep:
+        crop.parse_budgets(args.sweep, "--sweep")
     args.adapters = [None if a == "none" else a for a in args.adapter or ["none"]]  # several: --sweep, one line each
     if len(args.adapters) > 1 and not args.sweep:
         raise SystemExit("error: several --adapter are for --sweep (one line per model); evaluate one at a time")
@@ -500,7 +510,7 @@ def sweep(args):
     import functools
     import plot
 
-    budgets = [int(b) for b in args.sweep.split(",") if b.strip()]
+    budgets = crop.parse_budgets(args.sweep, "--sweep")
     root = args.out or os.path.join("runs", "eval", f"sweep-{args.bench}")
     points = []
     for adapter in args.adapters:

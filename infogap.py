@@ -18,6 +18,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
+import crop
 import data
 import rewards
 from model import PROMPTS, load_policy
@@ -170,7 +171,7 @@ def prepare(cfg, samples):
         return samples
     if setting == "auto":
         setting = cache_path(cfg)
-        select(cfg.model, cfg.data, [int(t) for t in cfg.infogap_ladder.split(",")], setting,
+        select(cfg.model, cfg.data, crop.parse_budgets(cfg.infogap_ladder, "--infogap_ladder"), setting,
                adapter=cfg.init_adapter or None, reference_tokens=cfg.infogap_reference_tokens,
                max_tokens=cfg.infogap_max_tokens, seed=cfg.seed, prompt=cfg.prompt, matcher=cfg.matcher,
                columns=cfg.columns)
@@ -252,7 +253,7 @@ def main():
     args = ap.parse_args()
     out = args.out or (args.data.rstrip("/").removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)
                        else _runs_path(args.data, "cli"))
-    select(args.model, args.data, [int(x) for x in args.ladder.split(",")], out, adapter=args.adapter,
+    select(args.model, args.data, crop.parse_budgets(args.ladder, "--ladder"), out, adapter=args.adapter,
            reference_tokens=args.reference_tokens, max_tokens=args.max_tokens, seed=args.seed, prompt=args.prompt,
            matcher=args.matcher, columns=args.columns)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import crop
 import data
 import dist
 import infogap
@@ -519,9 +520,13 @@ def field_help():
     return out
 
 
-# fields whose value must be at least 1 (0 would divide by zero, loop forever or train on nothing)
-AT_LEAST_ONE = ("steps", "prompts_per_step", "micro_batch", "ppo_epochs", "max_turns", "max_turn_tokens",
-                "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps")
+# a field's least value: 0 would divide by zero, loop forever or train on nothing; a group of one has no advantage;
+# an image is at least 4 tokens
+LEAST = dict({k: 1 for k in ("steps", "prompts_per_step", "micro_batch", "ppo_epochs", "max_turns", "max_turn_tokens",
+                             "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps",
+                             "lora_r")}, group_size=2, global_tokens=4, crop_tokens=4, rollout_rows=0)
+# above 0: a learning rate of 0 trains nothing, a temperature of 0 divides the logits by zero (greedy is eval's)
+ABOVE_ZERO = ("lr", "temperature")
 # fields that take one of a few words (a typo would otherwise run as some default)
 CHOICES = dict(loss_agg=("micro-token-mean", "token-mean"), decode=("auto", "graphs", "static", "dynamic"),
                matcher=rewards.MATCHERS, prompt=model.PROMPTS, base_precision=model.PRECISIONS,
@@ -559,17 +564,23 @@ def parse_overrides(cfg, items):
                 new = kind(value)
         except ValueError:
             raise SystemExit(f"error: --{key} wants a {kind.__name__}, got {value!r}") from None
-        if key in AT_LEAST_ONE and new < 1:
-            raise SystemExit(f"error: --{key} must be at least 1, got {value!r}")
-        if key == "group_size" and new < 2:  # a group of one has no advantage: it would train on nothing
-            raise SystemExit(f"error: --group_size must be at least 2 (GRPO compares rollouts of a prompt), got {value!r}")
+        check_setting(key, new)
         if key in CHOICES and new not in CHOICES[key]:
             raise SystemExit(f"error: --{key} {value!r}: expected one of {', '.join(CHOICES[key])}")
-        if key == "rollout_rows" and new < 0:
-            raise SystemExit(f"error: --rollout_rows must be at least 0 (0: the most that fit), got {value!r}")
         print(f"  {key}: {getattr(cfg, key)!r} -> {new!r}")
         setattr(cfg, key, new)
     return cfg
+
+
+def check_setting(key, new, option=None, least=None):
+    """A value out of a field's range stops with one line naming the option (eval.py's too)."""
+    option, least = option or "--" + key, LEAST.get(key) if least is None else least
+    if least is not None and new < least:
+        raise SystemExit(f"error: {option} must be at least {least}, got {new!r}")
+    if key in ABOVE_ZERO and not new > 0:
+        raise SystemExit(f"error: {option} must be above 0, got {new!r}")
+    if key == "infogap_ladder":
+        crop.parse_budgets(new, option)
 
 
 def resolve_init_adapter(cfg, given=()):

@@ -25,6 +25,30 @@ def test_a_signal_stop_exits_with_the_shells_code(sig, code):
         stop.restore()
 
 
+def test_values_that_would_crash_or_train_nothing_are_refused_before_the_model_loads(capsys):
+    """A budget of 0 tokens divided by zero at the first tool call, temperature 0 gave a NaN loss every step and
+    blamed the learning rate, a ladder "64,x" raised int()'s ValueError: each is one line naming the option."""
+    import eval as ev
+    for bad, says in (("--global_tokens=0", "--global_tokens must be at least 4"),
+                      ("--crop_tokens=3", "--crop_tokens must be at least 4"),
+                      ("--lora_r=0", "--lora_r must be at least 1"), ("--lr=-1", "--lr must be above 0"),
+                      ("--temperature=0", "--temperature must be above 0"),
+                      ("--infogap_ladder=64,abc", "--infogap_ladder '64,abc': expected token budgets"),
+                      ("--infogap_ladder=64,64,16", "--infogap_ladder '64,64,16': 64 twice"),
+                      ("--infogap_ladder=64,2", "at least 4 tokens")):
+        with pytest.raises(SystemExit, match=says):
+            train.parse_overrides(train.Config(), [bad])
+    for argv, says in ((["--limit", "0"], "--limit must be at least 1"), (["--batch", "0"], "--batch must be at least 1"),
+                       (["--max-turns", "0"], "--max-turns must be at least 1"),
+                       (["--global-tokens", "0"], "--global-tokens must be at least 4"),
+                       (["--max-response-tokens", "-1"], "--max-response-tokens must be at least 0"),
+                       (["--sweep", "16,abc"], "--sweep '16,abc': expected token budgets"),
+                       (["--sweep", "16,16"], "16 twice")):
+        with pytest.raises(SystemExit, match=says):
+            ev.parse_args(["--bench", "synthetic", *argv])
+    assert ev.parse_args(["--max-response-tokens", "0"]).max_response_tokens == 0  # eval's "no cap"
+
+
 def test_space_form_overrides_and_counts_below_one(capsys):
     cfg = train.parse_overrides(train.Config(), ["--steps", "4", "--lr", "3e-4", "--group-size=2"])
     assert (cfg.steps, cfg.lr, cfg.group_size) == (4, 3e-4, 2)
