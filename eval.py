@@ -322,8 +322,11 @@ def read_results(out):
     error}), from one read of the folder's files."""
     lines = {}
     for f in sorted(os.listdir(out)):
-        if f.startswith("items") and f.endswith(".jsonl"):
+        if re.fullmatch(r"items(\.shard-\d+-of-\d+)?\.jsonl", f):
             lines.update(_read_items(os.path.join(out, f)))
+        elif f.startswith("items") and f.endswith(".jsonl"):  # a copy of another run's, say: not this setting's
+            print(f"{os.path.join(out, f)}: not a results file of this folder (items.jsonl, "
+                  f"items.shard-I-of-N.jsonl): left out")
     return ({k: v for k, v in lines.items() if "error" not in v}, {k: v for k, v in lines.items() if "error" in v})
 
 

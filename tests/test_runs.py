@@ -365,6 +365,17 @@ def test_a_retrained_adapter_at_the_same_path_is_another_eval_setting(tmp_path):
     assert before["adapter"].startswith("sha256:") and after["adapter"] != before["adapter"]
 
 
+def test_only_the_folders_own_results_files_are_read(tmp_path, capsys):
+    """A copied earlier run (items-old.jsonl) beside the results is no shard: its items would count as done and
+    be scored with this setting's."""
+    for name, ids in (("items.jsonl", ["a"]), ("items.shard-1-of-2.jsonl", ["b"]), ("items-old.jsonl", ["c", "d"])):
+        (tmp_path / name).write_text("".join(json.dumps(dict(id=i, correct=1.0)) + "\n" for i in ids))
+    items, failed = ev.read_results(str(tmp_path))
+    assert sorted(items) == ["a", "b"] and not failed
+    assert "items-old.jsonl: not a results file of this folder (items.jsonl, items.shard-I-of-N.jsonl): left out" \
+        in capsys.readouterr().out
+
+
 def test_default_folder_names_tell_runs_apart(tmp_path):
     def name(*argv):
         args = ev.parse_args(["--bench", "hrbench", "--model", "ckpt/qwen25vl7b", *argv])
