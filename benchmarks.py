@@ -129,22 +129,31 @@ def _option_letter(answer, options):
 
 def _vstar(path, seed):
     """V* Bench: <folder>/<category>/X.jpg + X.json with question, options (options[0] is right) and bbox
-    ([x, y, w, h], or a list of them). Options are shuffled into letters with a fixed seed per item."""
+    ([x, y, w, h], or a list of them). Options are shuffled into letters with a fixed seed per item. An image
+    without its JSON is an unreadable item; macOS' ._X files are no items."""
     samples, bad = [], []
     for category in ("direct_attributes", "relative_position"):
         folder = os.path.join(path, category)
         if not os.path.isdir(folder):  # a whole category: said, not counted as one unreadable item
             print(f"warning: {folder} is missing: the {category} items are not evaluated")
             continue
-        for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+        names = [n for n in os.listdir(folder) if not n.startswith("._")]  # AppleDouble files from a Mac's zip
+        images = {}
+        for n in sorted(names):  # a stem's JPEG (.JPG, .jpeg, .jpg) before its PNG
+            stem, ext = os.path.splitext(n)
+            if ext.lower() in (".jpg", ".jpeg", ".png"):
+                images.setdefault(stem, n)
+        questions = sorted(n for n in names if n.endswith(".json"))
+        bad += [f"{os.path.join(folder, images[stem])}: no question file ({stem}.json) beside it"
+                for stem in sorted(set(images) - {n[:-5] for n in questions})]
+        for name in questions:
             try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                with open(os.path.join(folder, name), encoding="utf-8-sig") as f:  # a BOM, as Windows saves
                     item = json.load(f)
                 stem = name[:-5]
-                image = next((os.path.join(folder, stem + ext) for ext in (".jpg", ".jpeg", ".png")
-                              if os.path.exists(os.path.join(folder, stem + ext))), None)
-                if image is None:
+                if stem not in images:
                     raise ValueError("no image beside it")
+                image = os.path.join(folder, images[stem])
                 width, height = _open_checked(image, image)
                 options = [str(o) for o in item["options"]]
                 _option_letter("A", options)  # options[0] is the answer: only the count is checked

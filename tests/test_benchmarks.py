@@ -168,6 +168,21 @@ def test_a_missing_vstar_category_is_said_and_not_an_unreadable_item(vstar_dir, 
     assert "relative_position is missing: the relative_position items are not evaluated" in capsys.readouterr().out
 
 
+def test_a_vstar_folder_as_unzipped_on_a_mac_or_saved_on_windows(vstar_dir, capsys):
+    """A .JPG image and a JSON with a BOM are an item; macOS' ._ files are no items; an image without its JSON
+    is an unreadable item, counted (else the total reads one short and the run looks complete)."""
+    folder = os.path.join(vstar_dir, "direct_attributes")
+    os.rename(os.path.join(folder, "sa_1.jpg"), os.path.join(folder, "sa_1.JPG"))
+    text = open(os.path.join(folder, "sa_1.json")).read()
+    open(os.path.join(folder, "sa_1.json"), "w", encoding="utf-8-sig").write(text)
+    open(os.path.join(folder, "._sa_1.json"), "wb").write(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    Image.new("RGB", (40, 30)).save(os.path.join(folder, "sa_9.jpg"))
+    samples = benchmarks.load_benchmark("vstar", vstar_dir)
+    assert [s.id for s in samples] == ["direct_attributes/sa_1", "relative_position/sa_2"]
+    assert len(samples.skipped) == 1 and "sa_9.jpg: no question file (sa_9.json) beside it" in samples.skipped[0]
+    assert "._sa_1" not in capsys.readouterr().out
+
+
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):
     a = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
     b = benchmarks.load_benchmark("vstar", vstar_dir, seed=1)
