@@ -44,8 +44,12 @@ def _hrbench(path, seed):
             raise SystemExit(f"error: cannot read {path} as parquet: {e}") from None
     else:
         rows = _tsv_rows(path)
-    columns = set(rows[0]) if rows else set()
+    if not rows:
+        raise SystemExit(f"error: {path} holds no items")
+    columns = set(rows[0])
     _require_columns(path, columns, ("index", "question", "answer", "image", "A", "B"))
+    for column in [c for c in "CD" if c not in columns]:
+        print(f"warning: {path} has no {column!r} column: its items have fewer options than HR-Bench's four")
     for column, score in HRBENCH_SCORES.items():
         if column not in columns:
             print(f"warning: {path} has no {column!r} column: {score} cannot be computed (reported as n/a)")

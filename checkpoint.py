@@ -207,8 +207,8 @@ def plan_run(cfg, resume, default_out):
             continue
         _check_same_run(files["config.json"], cfg, ckpt)
         return out_dir, ckpt, files
-    raise SystemExit(f"error: no complete, readable checkpoint in {run_dir}: start over in another --out_dir (or "
-                     f"delete {run_dir})")
+    raise SystemExit(f"error: no complete, readable checkpoint in {run_dir} (a run folder holds step_NNNNNN "
+                     f"folders: runs/stage1, not runs): pass the run's folder, or start over in another --out_dir")
 
 
 def saved_config(resume):

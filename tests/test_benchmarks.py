@@ -57,6 +57,19 @@ def hrbench_tsv(tmp_path):
     return str(path)
 
 
+def test_an_hrbench_file_without_rows_or_a_fourth_option_says_so(tmp_path, capsys):
+    """HR-Bench has four options: a file without a D column is evaluated at 3 (chance 33 %, not 25 %), said in a
+    line; a file with a header and no rows is empty, not one lacking every column."""
+    three = tmp_path / "three.tsv"
+    _write_tsv(three, [{k: v for k, v in r.items() if k != "D"} for r in _hrbench_rows()[:2]])
+    assert [len(s.options) for s in benchmarks.load_benchmark("hrbench", str(three))] == [3, 3]
+    assert "has no 'D' column: its items have fewer options than HR-Bench's four" in capsys.readouterr().out
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("index\tquestion\tanswer\tA\tB\tC\tD\timage\n")
+    with pytest.raises(SystemExit, match=f"{empty} holds no items"):
+        benchmarks.load_benchmark("hrbench", str(empty))
+
+
 @pytest.fixture
 def vstar_dir(tmp_path):
     root = tmp_path / "vstar"
