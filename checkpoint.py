@@ -224,6 +224,18 @@ def saved_config(resume):
     return None
 
 
+def check_inputs(ckpt, files, inputs, cfg):
+    """A run resumed on data (or an --infogap file) whose contents changed since its checkpoint would train on
+    other prompts in another order under the same name: refused, naming what changed. `inputs`: {field: the
+    contents' fingerprint}, saved in every checkpoint's state.json."""
+    then = files["state.json"].get("inputs")  # absent: a checkpoint written before they were recorded
+    changed = [k for k in inputs if then is not None and then.get(k) != inputs[k]]
+    if changed:
+        raise SystemExit(f"error: the {' and the '.join(f'{k}, {getattr(cfg, k)},' for k in changed)} changed since "
+                         f"{ckpt} (other contents under the same name): resume with them as they were, or start a "
+                         f"new run in another --out_dir")
+
+
 def check_steps(ckpt, files, cfg, world=1):
     """A run shortened below its checkpoint's step says so (its weights are not that earlier step's); a run resumed
     with another number of processes is another run (a step's prompts are prompts_per_step x processes)."""

@@ -34,8 +34,9 @@ import model
 import rewards
 import snapshot
 import trackers
-from checkpoint import (GracefulStop, check_steps, fault, latest_checkpoint, plan_run, prune_checkpoints,
-                        restore_checkpoint, save_checkpoint, saved_config, set_aside_later, truncate_metrics)
+from checkpoint import (GracefulStop, check_inputs, check_steps, fault, latest_checkpoint, plan_run,
+                        prune_checkpoints, restore_checkpoint, save_checkpoint, saved_config, set_aside_later,
+                        truncate_metrics)
 from infogap import LADDER as INFOGAP_LADDER
 from rollout import RolloutConfig, rollout_groups
 
@@ -382,6 +383,11 @@ def train(cfg, resume=None):
     if len(set(seen)) > 1:
         raise SystemExit(f"error: the ranks found different checkpoints to resume from ({seen}): the run folder "
                          f"must be one folder that every node sees (a shared filesystem)")
+    # the data and an --infogap file by their contents: a resume on other rows under the same name is refused
+    inputs = dict(data=[data.fingerprint(part) for part in cfg.data.split(",") if part],
+                  infogap=data.fingerprint(cfg.infogap) if os.path.isfile(cfg.infogap) else cfg.infogap)
+    if saved:
+        check_inputs(ckpt, saved, inputs, cfg)
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     if cfg.seed == data.HELD_OUT_SEED and data.generated(cfg.data):
@@ -467,7 +473,7 @@ def train(cfg, resume=None):
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
-                                     world_size=dist.world(), metrics=metrics, bad_ids=sorted(retry.bad_ids),
+                                     world_size=dist.world(), inputs=inputs, metrics=metrics, bad_ids=sorted(retry.bad_ids),
                                      oom_halved=[cfg.micro_batch, rcfg.rollout_rows] if retry.oom_retried else None))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if cfg.curves:

@@ -177,6 +177,19 @@ def test_resume_writes_into_its_folder_and_steps_may_grow(finished_run, tmp_path
     assert json.load(open(run / "final" / "state.json"))["step"] == 3
 
 
+def test_a_resume_on_data_changed_since_its_checkpoint_is_refused(tmp_path, monkeypatch):
+    """The same file name with other rows (a conversion rerun with more) would give other prompts in another
+    order: the resume stops, naming the data, before the model loads."""
+    path = str(tmp_path / "d" / "train.jsonl")
+    data.convert("synthetic:3", path)
+    run = tmp_path / "run"
+    train.train(_cfg(run, data=path, infogap="fixed:16", steps=1))
+    data.convert("synthetic:4", path)
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=f"the data, {path}, changed since {run}"):
+        train.train(_cfg(run, data=path, infogap="fixed:16", steps=2), resume=str(run))
+
+
 def test_a_resume_continues_its_runs_settings_unless_an_option_changes_one(finished_run, tmp_path, capsys):
     """--resume DIR alone is the same run: its checkpoint's settings, not the defaults (which would silently train
     another temperature or turn limit); an option given now changes that one setting, and says so."""
