@@ -161,6 +161,8 @@ def sweep(path, out=None):
     """Draw the sweep.json that `eval.py --sweep` wrote (a folder holding it, or the file)."""
     if os.path.isdir(path):
         path = os.path.join(path, "sweep.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found: eval.py --sweep writes it")
     with open(path, encoding="utf-8") as f:
         points = json.load(f)
     out = out or os.path.join(os.path.dirname(path), "sweep.png")

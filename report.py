@@ -115,6 +115,7 @@ def write_html(path, items, samples, summary_md, thumb=512, probe=None):
                      f"{html.escape(it['answer'])}, reply {html.escape(str(it['reply'])[:80])})</h2>"
                      f"{png(im, thumb, 'full')}<p>red: the model's boxes; lime: the ground truth</p>"
                      f"{turns(it['text'], original, it['boxes'], probe)}</section>")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # --html into a folder not made yet
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "</body></html>")
 

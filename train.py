@@ -530,7 +530,8 @@ def field_help():
 # an image is at least 4 tokens
 LEAST = dict({k: 1 for k in ("steps", "prompts_per_step", "micro_batch", "ppo_epochs", "max_turns", "max_turn_tokens",
                              "max_response_tokens", "save_every", "keep_checkpoints", "dump_every", "max_bad_steps",
-                             "lora_r")}, group_size=2, global_tokens=4, crop_tokens=4, rollout_rows=0)
+                             "lora_r", "infogap_max_tokens")}, group_size=2, global_tokens=4, crop_tokens=4,
+             infogap_reference_tokens=4, rollout_rows=0)
 # above 0: a learning rate of 0 trains nothing, a temperature of 0 divides the logits by zero (greedy is eval's)
 ABOVE_ZERO = ("lr", "temperature")
 # fields that take one of a few words (a typo would otherwise run as some default)

@@ -149,6 +149,8 @@ def test_run_names_and_missing_folder(tmp_path):
         os.path.normpath("runs/a/stage1"), os.path.normpath("runs/b/stage1"), "c"]
     with pytest.raises(SystemExit, match="metrics.jsonl"):
         plot.read_metrics(str(tmp_path))
+    with pytest.raises(SystemExit, match="sweep.json not found: eval.py --sweep writes it"):
+        plot.sweep(str(tmp_path))
 
 
 def test_what_is_not_measured_is_not_logged_as_zero_and_short_runs_compare_halves(tmp_path):

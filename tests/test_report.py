@@ -92,9 +92,10 @@ def test_report_parses_into_a_page(tmp_path):
     assert "<tool_response>" not in bare
     html = report.turns("<tool_call>{bad</tool_call><|im_end|>" + bare + "<answer>B</answer>", None, [])
     assert "<div class='turn error'><b>tool error</b>Error: not JSON</div>" in html and "<b>text</b>" not in html
-    report.write_html(str(tmp_path / "n.html"), items, samples, report.markdown(summary), probe="noise-replace")
+    # into a folder not made yet (it was a traceback after the whole evaluation)
+    report.write_html(str(tmp_path / "new" / "n.html"), items, samples, report.markdown(summary), probe="noise-replace")
     # under a noise probe the crop shown is not what the model saw, and the page says so
-    assert "the model was given noise instead (--probe noise-replace)" in open(tmp_path / "n.html").read()
+    assert "the model was given noise instead (--probe noise-replace)" in open(tmp_path / "new" / "n.html").read()
 
 
 def test_markdown_table_rows_and_notes():

@@ -47,6 +47,15 @@ def test_values_that_would_crash_or_train_nothing_are_refused_before_the_model_l
         with pytest.raises(SystemExit, match=says):
             ev.parse_args(["--bench", "synthetic", *argv])
     assert ev.parse_args(["--max-response-tokens", "0"]).max_response_tokens == 0  # eval's "no cap"
+    import infogap
+    for argv, says in ((["--reference-tokens", "0"], "--reference-tokens must be at least 4"),
+                       (["--max-tokens", "0"], "--max-tokens must be at least 1")):
+        with pytest.raises(SystemExit, match=says):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr("sys.argv", ["infogap.py", *argv])
+                infogap.main()
+    with pytest.raises(SystemExit, match="--infogap_reference_tokens must be at least 4"):
+        train.parse_overrides(train.Config(), ["--infogap_reference_tokens=0"])
 
 
 def test_space_form_overrides_and_counts_below_one(capsys):
