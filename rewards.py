@@ -189,7 +189,8 @@ def _negated(reply, text):
     """Every place the reply holds the (normalised) text is right after a negation in the same clause: "not red",
     "isn't red", "no red" say nothing for red; "red, not blue", "it is red" and "No, red." do."""
     reply = normalize(CLAUSE_END_RE.sub(" \u00b6 ", reply))
-    before = [reply[:m.start()].split()[-1:] for m in re.finditer(rf"(?<!\S){re.escape(text)}(?!\S)", reply)]
+    words = r"(?: \u00b6)? ".join(map(re.escape, text.split()))  # the text's own punctuation is marked too
+    before = [reply[:m.start()].split()[-1:] for m in re.finditer(rf"(?<!\S){words}(?!\S)", reply)]
     return bool(before) and all(w and (w[0] in NEGATIONS or w[0].endswith("n’t")) for w in before)
 
 

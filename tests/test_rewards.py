@@ -105,6 +105,8 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("Not red? No, it is red.", "red", None, 1.0),  # said once without a negation: said
     ("No, red.", "red", None, 1.0),  # a negation ends at its clause: "No," answers something else
     ("No. Red.", "red", None, 1.0),
+    ("not St. Louis", "St. Louis", None, 0.0),  # punctuation inside the answer is no clause's end
+    ("not New York, NY", "New York, NY", None, 0.0),
     ("not a cat, a bobcat", "cat", None, 0.0),  # a word that ends or starts with the answer is not the answer
     ("not a cat, a catfish", "cat", None, 0.0),
     ("0 (no cars)", "0", None, 1.0),
@@ -171,6 +173,7 @@ def test_accuracy(reply, answer, options, expected):
     ("No, it isn't", "B", ["yes", "no"], 1.0),
     ("No, it is the blue one", "B", ["red", "blue"], 1.0),  # a first "no" decides only between yes/no options
     ("No, the red one.", "A", ["red", "blue"], 1.0),  # "No," negates nothing in the next clause
+    ("Not the red one, on the left.", "A", ["The red one, on the left", "The blue one"], 0.0),
 ])
 def test_accuracy_option_text_holding_a_letter(reply, answer, options, expected):
     assert rewards.accuracy(reply, answer, options) == expected
