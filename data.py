@@ -558,13 +558,17 @@ def _hash_file(path, digest):
 
 def convert(spec, out, columns=None, seed=0):
     """Write any readable source as the project's JSONL, its images in a folder beside it (<out>_images/):
-    embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG. The images are written
-    to a new folder that replaces the old one at the end: a source may read its images from the old one (a
-    converted set written over, with a source added)."""
+    embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG. A new set only: over an
+    existing one, a source could be reading the images being written (a set with a source added, a folder
+    converted into the image folder of its --out). Written beside and renamed: a killed conversion leaves no set."""
     import shutil
 
-    samples = load(spec, seed, columns)
     folder = os.path.splitext(out)[0] + "_images"
+    for path in (out, folder):
+        if os.path.lexists(path):
+            raise SystemExit(f"error: {path} exists already: a conversion writes a new set (pass another --out), "
+                             f"never over one, which may be its own source")
+    samples = load(spec, seed, columns)
     shutil.rmtree(folder + ".tmp", ignore_errors=True)  # a killed conversion's
     os.makedirs(folder + ".tmp")
     with open(out + ".tmp", "w", encoding="utf-8") as f:
@@ -574,11 +578,8 @@ def convert(spec, out, columns=None, seed=0):
                        question=s.question, answer=s.answer, options=s.options, boxes=s.boxes,
                        category=s.category, global_tokens=s.global_tokens, matcher=s.meta.get("matcher"))
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
-    if os.path.exists(folder):
-        os.replace(folder, folder + ".old")
     os.replace(folder + ".tmp", folder)
     os.replace(out + ".tmp", out)
-    shutil.rmtree(folder + ".old", ignore_errors=True)
     print(f"wrote {len(samples)} sample(s) to {out}, images in {folder}/")
     return out
 

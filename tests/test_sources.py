@@ -142,15 +142,23 @@ def test_mixed_sources_and_convert_round_trip(pixelreasoner, thinklite, cof, tmp
 
 
 
-def test_converting_into_the_sources_own_image_folder_loses_no_image(tmp_path):
-    """Adding a source to a converted set, written over it: its images are read from the folder being written."""
+
+
+def test_a_conversion_never_writes_over_a_set_which_may_be_its_own_source(tmp_path):
+    """Adding a source to a converted set, written over it, read images from the folder being written (they were
+    overwritten before being read); converting a folder into an --out whose image folder it is deleted it."""
     out = str(tmp_path / "c" / "train.jsonl")
     data.convert("micro:3", out)
     before = {s.id: s.image().tobytes() for s in data.read_jsonl(out)}
-    data.convert(f"synthetic:2,{out}", out)  # the new rows first: every index moves
-    back = {s.id: s for s in data.read_jsonl(out)}
-    assert len(back) == 5
-    for s_id, pixels in before.items():
-        assert back[f"train/{s_id}"].image().tobytes() == pixels
-    assert sorted(os.listdir(tmp_path / "c")) == ["train.jsonl", "train_images"]  # no folder left behind
-    assert len(os.listdir(tmp_path / "c" / "train_images")) == 5
+    with pytest.raises(SystemExit, match="exists already"):
+        data.convert(f"synthetic:2,{out}", out)
+    data.convert("synthetic:1", str(tmp_path / "foo_images" / "q.jsonl"))  # a folder of images with its JSONL
+    with pytest.raises(SystemExit, match="exists already"):
+        data.convert(str(tmp_path / "foo_images"), str(tmp_path / "foo.jsonl"))  # whose images go to foo_images/
+    assert len(data.read_jsonl(str(tmp_path / "foo_images" / "q.jsonl"))) == 1
+    new = str(tmp_path / "d" / "train.jsonl")
+    data.convert(f"synthetic:2,{out}", new)  # into a new set: the old one's images are read, then copied
+    back = {s.id: s for s in data.read_jsonl(new)}
+    assert len(back) == 5 and all(back[f"train/{i}"].image().tobytes() == px for i, px in before.items())
+    assert {s.id: s.image().tobytes() for s in data.read_jsonl(out)} == before  # the source as it was
+    assert sorted(os.listdir(tmp_path / "d")) == ["train.jsonl", "train_images"]  # nothing half-written left
