@@ -227,9 +227,10 @@ def saved_config(resume):
 def check_inputs(ckpt, files, inputs, cfg):
     """A run resumed on data (or an --infogap file) whose contents changed since its checkpoint would train on
     other prompts in another order under the same name: refused, naming what changed. `inputs`: {field: the
-    contents' fingerprint}, saved in every checkpoint's state.json."""
+    contents' fingerprint, or None: not a file (a missing one is named where it is read)}, saved in every
+    checkpoint's state.json."""
     then = files["state.json"].get("inputs")  # absent: a checkpoint written before they were recorded
-    changed = [k for k in inputs if then is not None and then.get(k) != inputs[k]]
+    changed = [k for k in inputs if then is not None and inputs[k] is not None and then.get(k) != inputs[k]]
     if changed:
         raise SystemExit(f"error: the {' and the '.join(f'{k}, {getattr(cfg, k)},' for k in changed)} changed since "
                          f"{ckpt} (other contents under the same name): resume with them as they were, or start a "

@@ -508,6 +508,16 @@ def load(spec, seed=0, columns=None):
     return unique_ids(_load_one(spec, seed, columns), spec)
 
 
+def rows_file(spec):
+    """The file that holds a source's rows: a folder's one JSONL, else the spec itself."""
+    if not os.path.isdir(spec):
+        return spec
+    found = sorted(f for f in os.listdir(spec) if f.endswith(".jsonl"))
+    if len(found) != 1:
+        raise SystemExit(f"error: {spec} holds {len(found)} .jsonl files; expected exactly one")
+    return os.path.join(spec, found[0])
+
+
 def _load_one(spec, seed, columns):
     kind, _, n = spec.partition(":")
     if kind in GENERATED:
@@ -520,10 +530,7 @@ def _load_one(spec, seed, columns):
     if spec.endswith((".parquet", ".json")):
         return read_table(spec, columns)
     if os.path.isdir(spec):  # a folder of images with one JSONL beside them
-        found = sorted(f for f in os.listdir(spec) if f.endswith(".jsonl"))
-        if len(found) != 1:
-            raise SystemExit(f"error: {spec} holds {len(found)} .jsonl files; expected exactly one")
-        return read_jsonl(os.path.join(spec, found[0]))
+        return read_jsonl(rows_file(spec))
     kinds = "'synthetic[:N]', 'micro[:N]', a .jsonl, a .parquet or .json table, a folder, or several joined by commas"
     if not os.path.exists(spec):
         raise SystemExit(f"error: data not found: {spec} (expected {kinds})")

@@ -383,11 +383,6 @@ def train(cfg, resume=None):
     if len(set(seen)) > 1:
         raise SystemExit(f"error: the ranks found different checkpoints to resume from ({seen}): the run folder "
                          f"must be one folder that every node sees (a shared filesystem)")
-    # the data and an --infogap file by their contents: a resume on other rows under the same name is refused
-    inputs = dict(data=[data.fingerprint(part) for part in cfg.data.split(",") if part],
-                  infogap=data.fingerprint(cfg.infogap) if os.path.isfile(cfg.infogap) else cfg.infogap)
-    if saved:
-        check_inputs(ckpt, saved, inputs, cfg)
     trackers.check(cfg.report_to)  # a missing package stops the run here, not mid-run
     os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
     if cfg.seed == data.HELD_OUT_SEED and data.generated(cfg.data):
@@ -395,7 +390,14 @@ def train(cfg, resume=None):
                          f"(eval.py's and the probe's seed): training on them would test on training data; "
                          f"choose another seed")
     init = resolve_init_adapter(cfg)  # before the info-gap selection, which runs the policy the run starts from
-    samples = infogap.prepare(cfg, data.load(cfg.data, seed=cfg.seed, columns=cfg.columns))
+    samples = data.load(cfg.data, seed=cfg.seed, columns=cfg.columns)  # a missing file is named here
+    # the data (a folder's by its JSONL: its images are many) and an --infogap file, by their contents: a resume
+    # on other rows under the same name is refused
+    inputs = dict(data=[data.fingerprint(data.rows_file(part)) for part in cfg.data.split(",") if part],
+                  infogap=data.fingerprint(cfg.infogap) if os.path.isfile(cfg.infogap) else None)
+    if saved:
+        check_inputs(ckpt, saved, inputs, cfg)
+    samples = infogap.prepare(cfg, samples)
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))
         print(f"epochs={cfg.epochs:g}: {cfg.steps} steps of {cfg.prompts_per_step * dist.world()} prompts over "
@@ -670,8 +672,9 @@ def main(argv=None):
         if args.preset not in (None, saved.get("preset")):
             raise SystemExit(f"error: --preset {args.preset}: {args.resume} was trained with --preset "
                              f"{saved.get('preset')}; a resumed run keeps its settings (change one with --key=value)")
-        fields = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{k: v for k, v in saved.items() if k in fields and k != "out_dir"})  # it writes where it is
+        fields = {f.name for f in dataclasses.fields(Config)}  # a field an older version did not save: its preset's
+        cfg = Config(**{**PRESETS.get(saved.get("preset"), {}),
+                        **{k: v for k, v in saved.items() if k in fields and k != "out_dir"}})  # it writes where it is
         print(f"the settings of {args.resume}, with the options given now")
     else:
         preset = args.preset or "tiny"
@@ -687,7 +690,11 @@ def main(argv=None):
     if rest:
         print("overrides:")
         parse_overrides(cfg, rest)
-    resolve_init_adapter(cfg, given={key for key, _ in override_pairs(rest)})
+    given = {key for key, _ in override_pairs(rest)}
+    if saved and cfg.epochs > 0 and "steps" in given and "epochs" not in given:  # else the epochs' count again
+        print(f"  epochs: {cfg.epochs!r} -> 0.0 (--steps given)")
+        cfg.epochs = 0.0
+    resolve_init_adapter(cfg, given=given)
     cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
     size_rollout_rows(cfg)
     print("config: " + json.dumps(dataclasses.asdict(cfg)))

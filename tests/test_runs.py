@@ -193,9 +193,14 @@ def test_a_resume_on_data_changed_since_its_checkpoint_is_refused(tmp_path, monk
     data.convert("synthetic:3", path)
     run = tmp_path / "run"
     train.train(_cfg(run, data=path, infogap="fixed:16", steps=1))
-    data.convert("synthetic:4", path)
+    first = json.loads(open(path).readline())
+    with open(path, "a") as f:  # one row more
+        f.write(json.dumps(dict(first, id="added")) + "\n")
     _no_model(monkeypatch)
     with pytest.raises(SystemExit, match=f"the data, {path}, changed since {run}"):
+        train.train(_cfg(run, data=path, infogap="fixed:16", steps=2), resume=str(run))
+    os.remove(path)  # moved away: not found, not "changed"
+    with pytest.raises(SystemExit, match="not found"):
         train.train(_cfg(run, data=path, infogap="fixed:16", steps=2), resume=str(run))
 
 
@@ -213,6 +218,13 @@ def test_a_resume_continues_its_runs_settings_unless_an_option_changes_one(finis
     assert "temperature: 1.0 -> 0.7" in out and f"the settings of {run}" in out
     with pytest.raises(SystemExit, match="--preset 24gb: .* was trained with --preset tiny"):
         train.main(["--resume", str(run), "--preset", "24gb", "--dry-run"])
+    # a run sized by --epochs, resumed with --steps: the steps given, not the epochs' count again (it trained nothing)
+    # and a setting an older version did not save: the run's preset's, not Config's default
+    (run / "step_000002" / "config.json").write_text(json.dumps(
+        {k: v for k, v in dict(saved, epochs=0.5).items() if k != "dump_every"}))
+    cfg = train.main(["--resume", str(run), "--steps", "5", "--dry-run"])
+    assert (cfg.steps, cfg.epochs, cfg.dump_every) == (5, 0.0, train.PRESETS["tiny"]["dump_every"])
+    assert "epochs: 0.5 -> 0.0 (--steps given)" in capsys.readouterr().out
 
 
 def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished_run, tmp_path, monkeypatch, capsys):
