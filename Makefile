@@ -48,7 +48,8 @@ stage2: setup
 	$(TRAIN) --stage 2 $(ARGS)
 
 # the micro settings would evaluate another model's adapters on the micro model: stop and say so
-EVAL_GUARD = $(if $(and $(or $(MODEL),$(DATA),$(filter-out micro,$(PRESET))),$(filter file,$(origin EVAL_SETTINGS))),\
+EVAL_GUARD = $(if $(and $(or $(filter-out micro,$(MODEL) $(PRESET)),$(filter-out micro micro:%,$(DATA))),\
+	$(filter file,$(origin EVAL_SETTINGS))),\
 	$(error make eval: EVAL_SETTINGS and EVAL_DATA are the micro experiment's; with MODEL, DATA or PRESET give \
 	them too (EVAL_SETTINGS="--model M ...", EVAL_DATA=...), or run eval.py \
 	(README: "Evaluation on the paper's benchmarks")))

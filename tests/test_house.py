@@ -99,6 +99,7 @@ def test_make_eval_stops_where_its_micro_settings_would_evaluate_another_models_
         return subprocess.run(["make", "-n", "-o", ".venv/.done", *args], cwd=ROOT, capture_output=True, text=True)
 
     assert make("eval").returncode == 0
+    assert make("eval", "MODEL=micro", "DATA=micro:256").returncode == 0  # the micro runs' own
     for given in ("MODEL=tiny", "DATA=synthetic:64", "PRESET=tiny"):
         for target in ("eval", "experiment"):
             out = make(target, given)
