@@ -187,7 +187,9 @@ def claim_folder(out, now, about):
         diff = sorted(k for k in set(now) | set(run["settings"]) if now.get(k) != run["settings"].get(k))
         raise SystemExit(f"error: {out} holds results of other settings: " + ", ".join(
             f"{k}={_short(run['settings'].get(k))} there, {_short(now.get(k))} now" for k in diff)
-            + ". Pass another --out (the default folder name tells settings apart), or remove " + out)
+            + ". Pass another --out (the default folder name tells bench, data, model, global budget, probe and "
+            "adapter apart) or remove " + out + "; to resume it, give the values there (a folder an older version "
+            "made holds the evaluation defaults of then)")
     tmp = os.path.join(out, f"run.json.{os.getpid()}.tmp")  # shards may start together: write whole, rename
     with open(tmp, "w") as f:
         json.dump(dict(settings=now, **about), f, indent=1)
