@@ -3,8 +3,8 @@
 # (no gap: a readable global image, crops from it), `make stage2`, then `make eval` (every model there is, with and
 # without noise crops, at the gap level) prints the table. MODEL=, DATA=, PRESET= pass through to the training
 # targets (PRESET=tiny MODEL=tiny DATA=synthetic:64: the old toy default); `make eval` evaluates at EVAL_SETTINGS on
-# EVAL_DATA, the micro runs' own, and with MODEL=, DATA= or PRESET= asks for those too. ARGS= adds train.py/eval.py
-# options.
+# EVAL_DATA, the micro runs' own, and with another MODEL=, DATA= or PRESET= asks for those too. ARGS= adds
+# train.py/eval.py options.
 # NPROC=N runs stage1, baseline, stage2 and eval data-parallel on N GPUs of this node (torchrun; README "More GPUs").
 # Every target runs `setup` first, so a fresh clone needs nothing else.
 PY      := .venv/bin/python
@@ -48,8 +48,9 @@ stage2: setup
 	$(TRAIN) --stage 2 $(ARGS)
 
 # the micro settings would evaluate another model's adapters on the micro model: stop and say so
-EVAL_GUARD = $(if $(and $(or $(filter-out micro,$(MODEL) $(PRESET)),$(filter-out micro micro:%,$(DATA))),\
-	$(filter file,$(origin EVAL_SETTINGS))),\
+comma := ,
+NOT_MICRO = $(filter-out micro,$(MODEL) $(PRESET)) $(filter-out micro micro:%,$(subst $(comma), ,$(DATA)))
+EVAL_GUARD = $(if $(and $(strip $(NOT_MICRO)),$(filter file,$(origin EVAL_SETTINGS))),\
 	$(error make eval: EVAL_SETTINGS and EVAL_DATA are the micro experiment's; with MODEL, DATA or PRESET give \
 	them too (EVAL_SETTINGS="--model M ...", EVAL_DATA=...), or run eval.py \
 	(README: "Evaluation on the paper's benchmarks")))

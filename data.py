@@ -567,7 +567,8 @@ def convert(spec, out, columns=None, seed=0):
     """Write any readable source as the project's JSONL, its images in a folder beside it (<out>_images/):
     embedded images keep their bytes, files are copied, synthetic ones are drawn to PNG. A new set only: over an
     existing one, a source could be reading the images being written (a set with a source added, a folder
-    converted into the image folder of its --out). Written beside and renamed: a killed conversion leaves no set."""
+    converted into the image folder of its --out). Written beside and renamed: a killed conversion leaves no JSONL
+    pointing at missing images."""
     import shutil
 
     folder = os.path.splitext(out)[0] + "_images"
@@ -575,6 +576,10 @@ def convert(spec, out, columns=None, seed=0):
         if os.path.lexists(path):
             raise SystemExit(f"error: {path} exists already: a conversion writes a new set (pass another --out), "
                              f"never over one, which may be its own source")
+    here = os.path.dirname(os.path.abspath(out))
+    inside = [p for p in spec.split(",") if os.path.isdir(p) and os.path.samefile(p, here)]
+    if inside:  # a folder source holds one JSONL: a second one beside it would end it as a source
+        raise SystemExit(f"error: --out {out} is inside the source folder {inside[0]}: pass another --out")
     samples = load(spec, seed, columns)
     shutil.rmtree(folder + ".tmp", ignore_errors=True)  # a killed conversion's
     os.makedirs(folder + ".tmp")

@@ -177,19 +177,19 @@ def default_name(args, resolved):
 def claim_folder(out, now, about):
     """An evaluation folder holds one setting's results: the first run writes run.json (the settings `now` and
     `about` them: paths, the benchmark's size); a rerun (or another shard) with other settings is refused,
-    naming what differs."""
+    naming what differs (a setting an older run.json lacks was not given: None)."""
     os.makedirs(out, exist_ok=True)
     run = read_run(out)
     if run is None and any(f.startswith("items") for f in os.listdir(out)):
         raise SystemExit(f"error: {out} holds results without a run.json (an older version): their settings are "
                          f"unknown. Pass another --out, or remove {out}")
-    if run is not None and run["settings"] != now:
-        diff = sorted(k for k in set(now) | set(run["settings"]) if now.get(k) != run["settings"].get(k))
+    diff = sorted(k for k in set(now) | set(run["settings"]) if now.get(k) != run["settings"].get(k)) if run else []
+    if diff:
         raise SystemExit(f"error: {out} holds results of other settings: " + ", ".join(
             f"{k}={_short(run['settings'].get(k))} there, {_short(now.get(k))} now" for k in diff)
             + ". Pass another --out (the default folder name tells bench, data, model, global budget, probe and "
-            "adapter apart) or remove " + out + "; to resume it, give the values there (a folder an older version "
-            "made holds the evaluation defaults of then)")
+            "adapter apart) or remove " + out + " (a folder an older version made may hold the evaluation defaults "
+            "of then: given as options, they resume it)")
     tmp = os.path.join(out, f"run.json.{os.getpid()}.tmp")  # shards may start together: write whole, rename
     with open(tmp, "w") as f:
         json.dump(dict(settings=now, **about), f, indent=1)

@@ -155,7 +155,9 @@ def test_a_conversion_never_writes_over_a_set_which_may_be_its_own_source(tmp_pa
     data.convert("synthetic:1", str(tmp_path / "foo_images" / "q.jsonl"))  # a folder of images with its JSONL
     with pytest.raises(SystemExit, match="exists already"):
         data.convert(str(tmp_path / "foo_images"), str(tmp_path / "foo.jsonl"))  # whose images go to foo_images/
-    assert len(data.read_jsonl(str(tmp_path / "foo_images" / "q.jsonl"))) == 1
+    with pytest.raises(SystemExit, match="inside the source folder"):  # a second JSONL there: no longer a source
+        data.convert(str(tmp_path / "foo_images"), str(tmp_path / "foo_images" / "train.jsonl"))
+    assert len(data.load(str(tmp_path / "foo_images"))) == 1
     new = str(tmp_path / "d" / "train.jsonl")
     data.convert(f"synthetic:2,{out}", new)  # into a new set: the old one's images are read, then copied
     back = {s.id: s for s in data.read_jsonl(new)}
