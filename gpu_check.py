@@ -109,8 +109,8 @@ def warnings(text, part):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the training steps' run (the 7B-shaped model is saved in "
-                    "runs/tiny-7b, as bench.py does)")
+    ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the training steps' run "
+                    "(the 7B-shaped model is saved in runs/tiny-7b, as bench.py does)")
     ap.add_argument("--only", default=",".join(PARTS), help=f"the parts to run, comma-separated: {', '.join(PARTS)}")
     ap.add_argument("--budget", type=float, default=0, help="seconds for the whole check (0: no limit): each part "
                     "runs within what is left, and a part that would start with under 30 s is reported as not run")

@@ -251,7 +251,8 @@ def main():
     ap.add_argument("--out", default=None, help="output JSONL (default: DATA.infogap.jsonl beside a data file, "
                                                 "else a file under runs/)")
     args = ap.parse_args()
-    for option, value, least in (("--reference-tokens", args.reference_tokens, 4), ("--max-tokens", args.max_tokens, 1)):
+    for option, value, least in (("--reference-tokens", args.reference_tokens, 4),
+                                 ("--max-tokens", args.max_tokens, 1)):
         if value < least:
             raise SystemExit(f"error: {option} must be at least {least}, got {value}")
     out = args.out or (args.data.rstrip("/").removesuffix(".jsonl") + ".infogap.jsonl" if os.path.exists(args.data)

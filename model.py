@@ -500,9 +500,9 @@ def estimate_memory(cfg):
     """Peak GPU memory of a training step by part, in GB, from the shapes in the model's config.json.
 
     cfg: train.Config (model, base_precision, lora_r, group_size, prompts_per_step, rollout_rows, micro_batch,
-    global_tokens, max_response_tokens, gradient_checkpointing, decode). A group's gradient is taken while the other rows roll on
-    (train.run_step streams the step), so the peak is the sum of every part: weights, LoRA/optimizer, the
-    rollout's KV cache, and a micro-batch's activations and log-prob chunks."""
+    global_tokens, max_response_tokens, gradient_checkpointing, decode). A group's gradient is taken while the other
+    rows roll on (train.run_step streams the step), so the peak is the sum of every part: weights, LoRA/optimizer,
+    the rollout's KV cache, and a micro-batch's activations and log-prob chunks."""
     config, _ = model_config(cfg.model)
     h, layers, heads, kv, mlp, vocab, tied = snapshot.lm_shape(config)
     hd = h // heads

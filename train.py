@@ -475,7 +475,8 @@ def train(cfg, resume=None):
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping) and dist.is_main():
                 save_checkpoint(os.path.join(out_dir, f"step_{step + 1:06d}"), policy, optimizer, cfg,
                                 dict(step=step + 1, cursor=(step + 1) * cfg.prompts_per_step * dist.world(),
-                                     world_size=dist.world(), inputs=inputs, metrics=metrics, bad_ids=sorted(retry.bad_ids),
+                                     world_size=dist.world(), inputs=inputs, metrics=metrics,
+                                     bad_ids=sorted(retry.bad_ids),
                                      oom_halved=[cfg.micro_batch, rcfg.rollout_rows] if retry.oom_retried else None))
                 prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if cfg.curves:
