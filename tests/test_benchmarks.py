@@ -64,6 +64,11 @@ def test_an_hrbench_file_without_rows_or_a_fourth_option_says_so(tmp_path, capsy
     _write_tsv(three, [{k: v for k, v in r.items() if k != "D"} for r in _hrbench_rows()[:2]])
     assert [len(s.options) for s in benchmarks.load_benchmark("hrbench", str(three))] == [3, 3]
     assert "has no 'D' column: its items have fewer options than HR-Bench's four" in capsys.readouterr().out
+    two = tmp_path / "two.tsv"
+    _write_tsv(two, [{k: v for k, v in r.items() if k not in "CD"} for r in _hrbench_rows()[:2]])
+    assert [len(s.options) for s in benchmarks.load_benchmark("hrbench", str(two))] == [2, 2]
+    out = capsys.readouterr().out
+    assert "has no 'C' column: its items have fewer options" in out and "has no 'D' column" in out
     empty = tmp_path / "empty.tsv"
     empty.write_text("index\tquestion\tanswer\tA\tB\tC\tD\timage\n")
     with pytest.raises(SystemExit, match=f"{empty} holds no items"):
@@ -194,6 +199,14 @@ def test_a_vstar_folder_as_unzipped_on_a_mac_or_saved_on_windows(vstar_dir, caps
     assert [s.id for s in samples] == ["direct_attributes/sa_1", "relative_position/sa_2"]
     assert len(samples.skipped) == 1 and "sa_9.jpg: no question file (sa_9.json) beside it" in samples.skipped[0]
     assert "._sa_1" not in capsys.readouterr().out
+
+
+def test_a_vstar_item_with_a_jpeg_and_a_png_reads_its_jpeg(vstar_dir):
+    """A stem's JPEG is its image, a PNG beside it (a converted copy, say) is not read instead."""
+    folder = os.path.join(vstar_dir, "direct_attributes")
+    Image.new("RGB", (40, 30)).save(os.path.join(folder, "sa_1.png"))
+    samples = benchmarks.load_benchmark("vstar", vstar_dir)
+    assert [(s.id, s.width, s.height) for s in samples][0] == ("direct_attributes/sa_1", 160, 120)
 
 
 def test_vstar_loader_shuffles_options_deterministically(vstar_dir):

@@ -193,6 +193,14 @@ def test_a_number_is_an_answer_and_an_empty_cell_is_none(dataset):
                                str(dataset.root), 0)
 
 
+def test_a_folder_of_two_jsonl_files_is_no_source(dataset):
+    """A folder is its images with one JSONL: with two, which rows it holds is not known, and it stops."""
+    dataset([GOOD_ROWS[0]], name="one.jsonl")
+    dataset([GOOD_ROWS[1]], name="two.jsonl")
+    with pytest.raises(SystemExit, match="holds 2 .jsonl files; expected exactly one"):
+        data.load(str(dataset.root))
+
+
 def test_an_image_files_error_names_the_file_not_embedded_bytes(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     for name in ("missing.png", "text.png"):
@@ -200,6 +208,7 @@ def test_an_image_files_error_names_the_file_not_embedded_bytes(tmp_path):
         with pytest.raises(ValueError) as e:
             data._open_checked(path, path)
         assert str(e.value).startswith(f"image {path}: ") and "embedded" not in str(e.value)
+        assert not str(e.value).endswith((":", " "))  # PIL's "...: 'path'", the path taken out, leaves no colon
 
 
 def test_a_rows_matcher_is_one_rewards_knows():
@@ -286,6 +295,7 @@ BAD_ROWS = [
     ({"image": "imgs/a.png", "question": "q"}, "answer"),
     ({"image": "imgs/a.png", "question": "q", "answer": True}, "'answer' must be text or a number, not bool"),
     ({"image": "imgs/a.png", "question": "q", "answer": ["B"]}, "'answer' must be text or a number, not list"),
+    ({"image": "imgs/a.png", "question": "q", "answer": float("nan")}, "'answer' must be text or a number, not float"),
 ]
 
 

@@ -175,6 +175,10 @@ def test_a_selection_file_cut_by_a_kill_or_of_another_kind_is_named(tmp_path, ca
     other.write_text(json.dumps(dict(id="a", image="a.png", question="q", answer="B")) + "\n")
     with pytest.raises(SystemExit, match=f"{other}:1 is not a row of an information-gap selection"):
         infogap.read_levels(str(other))
+    last = tmp_path / "last.jsonl"  # a whole last line, its newline written: not cut by a kill
+    last.write_text(json.dumps(row) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=f"{last}:2 is not JSON"):
+        infogap.read_levels(str(last))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n" + json.dumps(row) + "\n")
     with pytest.raises(SystemExit, match=f"{broken}:1 is not JSON"):

@@ -100,6 +100,7 @@ def test_make_eval_stops_where_its_micro_settings_would_evaluate_another_models_
 
     assert make("eval").returncode == 0
     assert make("eval", "MODEL=micro", "DATA=micro:256").returncode == 0  # the micro runs' own
+    assert make("eval", "DATA=micro", "PRESET=micro").returncode == 0
     for given in ("MODEL=tiny", "DATA=synthetic:64", "PRESET=tiny", "DATA=micro:256,extra.jsonl"):
         for target in ("eval", "experiment"):
             out = make(target, given)

@@ -105,6 +105,9 @@ OPTIONS = ["red apple", "Blue car", "the green tree", "Yellow"]
     ("Not red? No, it is red.", "red", None, 1.0),  # said once without a negation: said
     ("No, red.", "red", None, 1.0),  # a negation ends at its clause: "No," answers something else
     ("No. Red.", "red", None, 1.0),
+    ("No; red.", "red", None, 1.0),  # each clause mark ends it
+    ("No: red", "red", None, 1.0),
+    ("not U.S.A", "U.S.A", None, 0.0),  # a mark inside a word ends no clause
     ("not St. Louis", "St. Louis", None, 0.0),  # punctuation inside the answer is no clause's end
     ("not New York, NY", "New York, NY", None, 0.0),
     ("not a cat, a bobcat", "cat", None, 0.0),  # a word that ends or starts with the answer is not the answer

@@ -58,6 +58,22 @@ def test_values_that_would_crash_or_train_nothing_are_refused_before_the_model_l
         train.parse_overrides(train.Config(), ["--infogap_reference_tokens=0"])
 
 
+def test_each_setting_is_refused_one_below_its_least_and_taken_at_it():
+    """Every bounded field, at its boundary: one below stops naming the option, the least itself runs (a ladder's
+    budget too: 3 tokens is no image, 4 is)."""
+    least = dict(steps=1, prompts_per_step=1, micro_batch=1, ppo_epochs=1, max_turns=1, max_turn_tokens=1,
+                 max_response_tokens=1, save_every=1, keep_checkpoints=1, dump_every=1, max_bad_steps=1, lora_r=1,
+                 infogap_max_tokens=1, group_size=2, global_tokens=4, crop_tokens=4, infogap_reference_tokens=4,
+                 rollout_rows=0)
+    for key, n in least.items():
+        with pytest.raises(SystemExit, match=f"--{key} must be at least {n}, got {n - 1}$"):
+            train.parse_overrides(train.Config(), [f"--{key}={n - 1}"])
+        assert getattr(train.parse_overrides(train.Config(), [f"--{key}={n}"]), key) == n
+    with pytest.raises(SystemExit, match="a budget is at least 4 tokens"):
+        train.parse_overrides(train.Config(), ["--infogap_ladder=64,3"])
+    assert train.parse_overrides(train.Config(), ["--infogap_ladder=64,4"]).infogap_ladder == "64,4"
+
+
 def test_space_form_overrides_and_counts_below_one(capsys):
     cfg = train.parse_overrides(train.Config(), ["--steps", "4", "--lr", "3e-4", "--group-size=2"])
     assert (cfg.steps, cfg.lr, cfg.group_size) == (4, 3e-4, 2)
@@ -227,6 +243,85 @@ def test_a_resume_continues_its_runs_settings_unless_an_option_changes_one(finis
     assert "epochs: 0.5 -> 0.0 (--steps given)" in capsys.readouterr().out
 
 
+class _Reached(Exception):
+    """Raised where a test stops a run that got past its checks."""
+
+
+def _past_the_input_check(monkeypatch):
+    """The info-gap levels are prepared right after a resume's inputs are checked: a run that gets there passed."""
+    def prepare(cfg, samples):
+        raise _Reached
+    monkeypatch.setattr(train.infogap, "prepare", prepare)
+
+
+def test_a_resume_on_an_infogap_file_changed_or_moved_since_its_checkpoint(tmp_path, monkeypatch):
+    """--infogap FILE is fingerprinted as the data is: other levels under the same name are refused, naming it (and
+    the data too when both changed); a file moved away is 'not found' where it is read, not 'changed'."""
+    path = str(tmp_path / "d" / "train.jsonl")
+    data.convert("synthetic:3", path)
+    levels = tmp_path / "levels.jsonl"
+    rows = [dict(id=s.id, global_tokens=16, diverged=True, reference="B", answers={}, ladder=[16])
+            for s in data.load(path)]
+    levels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    train.train(_cfg(run, data=path, infogap=str(levels), steps=1))
+    _no_model(monkeypatch)
+    written = open(path).read()
+    levels.write_text("".join(json.dumps(dict(r, global_tokens=64)) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=f"the infogap, {levels}, changed since {run}"):
+        train.train(_cfg(run, data=path, infogap=str(levels), steps=2), resume=str(run))
+    with open(path, "a") as f:
+        f.write(open(path).readline().replace('"id": "', '"id": "added-'))
+    with pytest.raises(SystemExit, match=f"the data, {path}, and the infogap, {levels}, changed"):
+        train.train(_cfg(run, data=path, infogap=str(levels), steps=2), resume=str(run))
+    open(path, "w").write(written)  # the data as it was, the levels moved away
+    os.remove(levels)
+    with pytest.raises(SystemExit, match=f"info-gap file not found: {levels}"):
+        train.train(_cfg(run, data=path, infogap=str(levels), steps=2), resume=str(run))
+
+
+def test_a_resume_passes_on_a_folders_new_image_and_on_a_checkpoint_without_fingerprints(tmp_path, monkeypatch):
+    """A folder's data is fingerprinted by its JSONL, not by every file beside it; a checkpoint written before the
+    fingerprints were recorded resumes (there is nothing to compare)."""
+    folder = tmp_path / "set"
+    data.convert("synthetic:3", str(folder / "train.jsonl"))
+    run = tmp_path / "run"
+    train.train(_cfg(run, data=str(folder), infogap="fixed:16", steps=1))
+    _no_model(monkeypatch)
+    _past_the_input_check(monkeypatch)
+    (folder / "notes.txt").write_text("a file no row names")
+    with pytest.raises(_Reached):
+        train.train(_cfg(run, data=str(folder), infogap="fixed:16", steps=2), resume=str(run))
+    (folder / "train.jsonl").write_text(open(folder / "train.jsonl").read().splitlines(keepends=True)[0])
+    state = run / "step_000001" / "state.json"
+    json.dump({k: v for k, v in json.load(open(state)).items() if k != "inputs"}, open(state, "w"))
+    with pytest.raises(_Reached):  # the rows changed, but an older checkpoint did not record them
+        train.train(_cfg(run, data=str(folder), infogap="fixed:16", steps=2), resume=str(run))
+
+
+def test_a_resume_reads_the_named_checkpoints_settings_or_the_newest_readable(finished_run, tmp_path, capsys):
+    """--resume DIR/step_N takes that checkpoint's settings; a folder whose newest config.json is cut takes the
+    newest that reads; --stage given changes the stage; a key no Config field has (an older version's) is left
+    out; --epochs and --steps given together keep the epochs given."""
+    run = _copy(finished_run, tmp_path)
+    first = json.load(open(run / "step_000001" / "config.json"))
+    (run / "step_000001" / "config.json").write_text(json.dumps(dict(first, temperature=0.5, removed_field=1)))
+    cfg = train.main(["--resume", str(run / "step_000001"), "--dry-run"])
+    assert (cfg.temperature, cfg.max_turn_tokens) == (0.5, first["max_turn_tokens"])
+    (run / "step_000002" / "config.json").write_text('{"cut')
+    assert checkpoint.saved_config(str(run))["temperature"] == 0.5
+    (run / "step_000001" / "config.json").write_text(json.dumps(dict(first, stage=2, epochs=0.5)))
+    cfg = train.main(["--resume", str(run), "--stage", "1", "--steps", "5", "--epochs", "2", "--dry-run"])
+    assert (cfg.stage, cfg.steps, cfg.epochs) == (1, 5, 2.0)
+
+
+def test_a_fresh_run_keeps_its_preset_name_and_epochs_beside_steps(capsys):
+    """The preset named is recorded (a resume fills settings an older version did not save from it); without
+    --resume, --epochs with --steps is the epochs (train sizes the run from them), not reset to 0."""
+    cfg = train.main(["--preset", "micro", "--epochs=1", "--steps=5", "--dry-run"])
+    assert (cfg.preset, cfg.epochs) == ("micro", 1.0)
+
+
 def test_a_resumed_run_trains_at_its_own_learning_rate_and_weight_decay(finished_run, tmp_path, monkeypatch, capsys):
     """The optimizer's moments come from the checkpoint, its settings from the command line (they were the
     checkpoint's, while config.json recorded the new ones)."""
@@ -355,6 +450,12 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(hrbench_tsv, tmp_pat
     del run["settings"]["probe"]  # a setting an older version did not write: not given then, as None is now
     json.dump(run, open(os.path.join(out, "run.json"), "w"))
     ev.main(base)
+    for changed, says in ((dict(run["settings"], obsolete=5), "obsolete=5 there, None now"),
+                          ({k: v for k, v in run["settings"].items() if k != "max_turns"}, "max_turns=None there")):
+        json.dump(dict(run, settings=changed), open(os.path.join(out, "run.json"), "w"))
+        with pytest.raises(SystemExit, match=says):  # a setting only one side has, with a value, differs
+            ev.main(base)
+    json.dump(run, open(os.path.join(out, "run.json"), "w"))
     rows = _hrbench_rows()
     rows[0]["question"] = "What colour?"  # the same file name, other contents
     _write_tsv(hrbench_tsv, rows)
@@ -406,7 +507,8 @@ def test_a_retrained_adapter_at_the_same_path_is_another_eval_setting(tmp_path):
 def test_only_the_folders_own_results_files_are_read(tmp_path, capsys):
     """A copied earlier run (items-old.jsonl) beside the results is no shard: its items would count as done and
     be scored with this setting's."""
-    for name, ids in (("items.jsonl", ["a"]), ("items.shard-1-of-2.jsonl", ["b"]), ("items-old.jsonl", ["c", "d"])):
+    for name, ids in (("items.jsonl", ["a"]), ("items.shard-1-of-2.jsonl", ["b"]), ("items-old.jsonl", ["c", "d"]),
+                      ("items.jsonl.old.jsonl", ["e"])):
         (tmp_path / name).write_text("".join(json.dumps(dict(id=i, correct=1.0)) + "\n" for i in ids))
     items, failed = ev.read_results(str(tmp_path))
     assert sorted(items) == ["a", "b"] and not failed
