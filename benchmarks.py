@@ -147,7 +147,7 @@ def _vstar(path, seed):
             stem, ext = os.path.splitext(n)
             if ext.lower() in (".jpg", ".jpeg", ".png"):
                 images.setdefault(stem, n)
-        questions = sorted(n for n in names if n.endswith(".json"))
+        questions = sorted(n for n in names if n.lower().endswith(".json"))
         bad += [f"{os.path.join(folder, images[stem])}: no question file ({stem}.json) beside it"
                 for stem in sorted(set(images) - {n[:-5] for n in questions})]
         for name in questions:

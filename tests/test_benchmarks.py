@@ -191,6 +191,8 @@ def test_a_vstar_folder_as_unzipped_on_a_mac_or_saved_on_windows(vstar_dir, caps
     is an unreadable item, counted (else the total reads one short and the run looks complete)."""
     folder = os.path.join(vstar_dir, "direct_attributes")
     os.rename(os.path.join(folder, "sa_1.jpg"), os.path.join(folder, "sa_1.JPG"))
+    other = os.path.join(vstar_dir, "relative_position")
+    os.rename(os.path.join(other, "sa_2.json"), os.path.join(other, "sa_2.JSON"))
     text = open(os.path.join(folder, "sa_1.json")).read()
     open(os.path.join(folder, "sa_1.json"), "w", encoding="utf-8-sig").write(text)
     open(os.path.join(folder, "._sa_1.json"), "wb").write(b"\x00\x05\x16\x07 Mac OS X resource fork")
