@@ -586,7 +586,7 @@ def convert(spec, out, columns=None, seed=0):
     with open(out + ".tmp", "w", encoding="utf-8") as f:
         for n, s in enumerate(samples):
             name = os.path.join(folder, os.path.basename(_write_image(s, os.path.join(folder + ".tmp", f"{n:06d}"))))
-            row = dict(id=s.id, image=os.path.relpath(name, os.path.dirname(os.path.abspath(out))),
+            row = dict(id=s.id, image=os.path.relpath(name, here),
                        question=s.question, answer=s.answer, options=s.options, boxes=s.boxes,
                        category=s.category, global_tokens=s.global_tokens, matcher=s.meta.get("matcher"))
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
