@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
@@ -478,8 +479,9 @@ def _matcher_meta(matcher):
     return dict(matcher=matcher)
 
 
-# what --data takes (train.py, eval.py, infogap.py, data.py); see load()
+# what --data and --columns take (train.py, eval.py, infogap.py, data.py); see load() and sources.py
 SPECS = "synthetic[:N], micro[:N], a .jsonl, a .parquet/.json table, a folder, or several joined by commas"
+COLUMNS = "a table's columns: image=COL,question=COL,answer=COL[,...]"
 
 # the data made here from a seed (`KIND[:N]`): kind -> generator(n, seed)
 GENERATED = {"synthetic": synthetic, "micro": micro}
@@ -549,12 +551,18 @@ def fingerprint(path):
         for folder, _, names in sorted(os.walk(path)):
             for n in sorted(names):
                 file = os.path.join(folder, n)
-                digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}\n".encode())
-                if os.path.getsize(file) < 1 << 20:
+                size = os.path.getsize(file)
+                digest.update(f"{os.path.relpath(file, path)}:{size}\n".encode())
+                if size < 1 << 20:
                     _hash_file(file, digest)
     else:
         _hash_file(path, digest)
     return "sha256:" + digest.hexdigest()
+
+
+def adapter_fingerprint(adapter):
+    """A LoRA adapter folder by its weights (None for none): a retrained adapter at the same path is another."""
+    return adapter and fingerprint(os.path.join(adapter, "adapter_model.safetensors"))
 
 
 def _hash_file(path, digest):
@@ -569,8 +577,6 @@ def convert(spec, out, columns=None, seed=0):
     existing one, a source could be reading the images being written (a set with a source added, a folder
     converted into the image folder of its --out). Written beside and renamed: a killed conversion leaves no JSONL
     pointing at missing images."""
-    import shutil
-
     folder = os.path.splitext(out)[0] + "_images"
     for path in (out, folder):
         if os.path.lexists(path):
@@ -600,8 +606,6 @@ def _write_image(s, stem):
     """The sample's image at stem + its extension; returns the path."""
     raw = getattr(s.make, "raw", None)
     if s.image_path:
-        import shutil
-
         path = stem + os.path.splitext(s.image_path)[1].lower()
         shutil.copyfile(s.image_path, path)
     elif raw is not None:
@@ -622,7 +626,7 @@ def main():
                          "its images in a folder")
     ap.add_argument("src", nargs="?", default=None, help="convert: the source (same forms as --data)")
     ap.add_argument("--data", default="synthetic:4", help=SPECS)
-    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
+    ap.add_argument("--columns", default=None, help=COLUMNS)
     ap.add_argument("--limit", type=int, default=4, help="show: how many samples to print")
     ap.add_argument("--out", default=None, help="convert: the JSONL to write (its images go in a folder beside it: x.jsonl -> x_images/)")
     args = ap.parse_args()

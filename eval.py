@@ -86,7 +86,7 @@ def parse_args(argv=None):
                          "which writes its own table)")
     ap.add_argument("--sweep", default=None, help="N,N,...: global budgets; at each, evaluate plain, with noise crops "
                                                    "and without the tool (resumable); writes sweep.md/json/png")
-    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
+    ap.add_argument("--columns", default=None, help=data.COLUMNS)
     ap.add_argument("--seed", type=int, default=data.HELD_OUT_SEED,
                     help="seed of the synthetic set (training uses 0) and of V*'s option shuffle")
     args = ap.parse_args(argv)
@@ -155,7 +155,7 @@ def run_settings(args, resolved, precision):
     out = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     out.update({k: getattr(resolved, k) for k in SHARED}, precision=precision)
     out["data"] = data.fingerprint(data_spec(args))
-    out["adapter"] = data.fingerprint(args.adapter and os.path.join(args.adapter, "adapter_model.safetensors"))
+    out["adapter"] = data.adapter_fingerprint(args.adapter)
     return out
 
 

@@ -46,7 +46,7 @@ def select(model_name, spec, ladder, out, *, adapter=None, reference_tokens=1638
     ladder = sorted((t for t in ladder if t < reference_tokens), reverse=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     data.cut_partial_line(out)  # a killed selection: its cut last line is redone, not appended onto
-    settings = dict(model=model_name, adapter=adapter, adapter_sha256=adapter_weights(adapter),
+    settings = dict(model=model_name, adapter=adapter, adapter_sha256=data.adapter_fingerprint(adapter),
                     reference_tokens=reference_tokens, ladder=ladder, max_tokens=max_tokens, prompt=prompt,
                     matcher=matcher)
     done = read_levels(out) if os.path.exists(out) else {}
@@ -122,17 +122,12 @@ def read_levels(path):
     return rows
 
 
-def adapter_weights(adapter):
-    """The adapter's weights by content: a retrained adapter at the same path selects other levels."""
-    return adapter and data.fingerprint(os.path.join(adapter, "adapter_model.safetensors"))
-
-
 def cache_path(cfg):
     """Where --infogap auto keeps its selection: next to the data file (runs/ for synthetic data), named by
     what the selection depends on, so a different model, adapter (by content) or ladder never reuses it."""
     key = json.dumps([cfg.model, cfg.init_adapter, cfg.infogap_ladder, cfg.infogap_reference_tokens,
                       cfg.infogap_max_tokens, cfg.prompt, cfg.matcher, cfg.seed] + ([cfg.columns] if cfg.columns else [])
-                     + ([adapter_weights(cfg.init_adapter)] if cfg.init_adapter else []))
+                     + ([data.adapter_fingerprint(cfg.init_adapter)] if cfg.init_adapter else []))
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
     if os.path.exists(cfg.data):
         return f"{os.path.splitext(cfg.data.rstrip('/'))[0]}.infogap-{tag}.jsonl"
@@ -238,7 +233,7 @@ def _report_above_budget(samples, budget):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="synthetic:4", help=data.SPECS)
-    ap.add_argument("--columns", default=None, help="a table's columns: image=COL,question=COL,answer=COL[,...]")
+    ap.add_argument("--columns", default=None, help=data.COLUMNS)
     ap.add_argument("--seed", type=int, default=0, help="generated data's seed: the training run's --seed (its "
                                                         "samples' ids carry it)")
     ap.add_argument("--model", default="tiny", help="the policy that answers")

@@ -226,10 +226,11 @@ def _named_option(reply, texts):
     """The one option whose (normalised) text the reply holds, longest texts first, each match blanked out so
     that "cat" is not found again inside "large cat"; None when it names none or several, or negates it
     ("not red" does not pick "red"). Options "yes" and "no": the reply's first word decides, if it is one."""
-    first = normalize(reply).split()[:1]
+    said = normalize(reply)
+    first = said.split()[:1]
     if first and first[0] in ("yes", "no") and first[0] in texts:  # a yes/no question: the first word decides
         return "ABCDE"[texts.index(first[0])]
-    rest, named = f" {normalize(reply)} ", set()
+    rest, named = f" {said} ", set()
     for i in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
         if texts[i] and f" {texts[i]} " in rest:
             named.add(i)
