@@ -3,10 +3,12 @@ SIGINT/SIGTERM, and the fault-injection hook the tests use to kill a run at a ch
 
 A checkpoint is a folder: the LoRA adapter in PEFT's format (PeftModel.from_pretrained loads it),
 optimizer.pt, rng.pt, config.json and state.json (step, metrics, ...; its data cursor, the prompts seen, is for
-reading: a resume takes the data order from the step). Nothing in it is unpickled
-as code: tensors load with weights_only=True, the adapter from safetensors.
+reading: a resume takes the data order from the step; the sha256 of every other file, checked when read). Nothing
+in it is unpickled as code: tensors load with weights_only=True, the adapter from safetensors.
 """
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -17,6 +19,8 @@ import signal
 
 import torch
 from safetensors import SafetensorError
+
+import snapshot
 
 # Config fields that make a different run: a resume that changes one of them would mix two runs in one folder
 # (`steps` may grow; batch sizes and budgets may change, as after an out-of-memory retry)
@@ -37,7 +41,9 @@ def save_checkpoint(path, policy, optimizer, cfg, state):
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(dict(torch=torch.get_rng_state(), python=random.getstate()), os.path.join(tmp, "rng.pt"))
         _write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(cfg))
-        _write_json(os.path.join(tmp, "state.json"), state)
+        # a changed byte inside a tensor's data still loads (as other weights): the files' sha256 tells
+        sums = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        _write_json(os.path.join(tmp, "state.json"), dict(state, sha256=sums))
         _fsync_folder(tmp)  # on disk before the rename: a power cut never leaves a complete-looking empty file
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,27 +148,33 @@ def latest_checkpoint(path):
 
 
 def read_checkpoint(path):
-    """Every file of a checkpoint, read into memory (nothing applied yet). A damaged file raises ValueError
-    naming it. Loads no pickled code: tensors with weights_only=True, the adapter from safetensors."""
-    from safetensors.torch import load_file
+    """Every file of a checkpoint, read into memory (nothing applied yet). A damaged file (one that does not parse,
+    or whose sha256 is not the one state.json recorded) raises ValueError naming it. Loads no pickled code: tensors
+    with weights_only=True, the adapter from safetensors."""
+    from safetensors.torch import load
 
-    def tensors(p):
-        return torch.load(p, weights_only=True)
+    def tensors(raw):
+        return torch.load(io.BytesIO(raw), weights_only=True)
 
-    def read_json(p):
-        with open(p) as f:
-            return json.load(f)
-
-    readers = {"adapter_model.safetensors": load_file, "optimizer.pt": tensors, "rng.pt": tensors,
-               "config.json": read_json, "state.json": read_json}
+    readers = {"state.json": json.loads, "adapter_model.safetensors": load, "optimizer.pt": tensors,
+               "rng.pt": tensors, "config.json": json.loads}
     files = {}
-    for name, read in readers.items():
+    for name, read in readers.items():  # state.json first: the others' sha256 (none in an older checkpoint)
+        file = os.path.join(path, name)
         try:
-            files[name] = read(os.path.join(path, name))
+            with open(file, "rb") as f:
+                raw = f.read()
+            files[name] = read(raw)
         except READ_ERRORS as e:
-            raise ValueError(f"{os.path.join(path, name)} is damaged ({type(e).__name__}: "
+            raise ValueError(f"{file} is damaged ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]})") from None
+        snapshot.check_sha256(file, raw, files["state.json"].get("sha256", {}).get(name))
     return files
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def restore_checkpoint(files, policy, optimizer):

@@ -371,6 +371,8 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
     base_precision (eval.py --precision and train.py --base_precision pass it)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    if adapter is not None:  # before the base loads (minutes, for a 7B)
+        snapshot.check_adapter(adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = base_precision(name, precision)
     if name in BUILT_IN and precision != "nf4":  # tiny-7b: random weights at 7B's shape (GPU benchmarks)
@@ -549,6 +551,7 @@ def export(adapter, out, name=None):
         raise SystemExit(f"error: {adapter} does not say which base model it was trained on: pass --model")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise SystemExit(f"error: {adapter} holds no adapter_config.json (not a PEFT adapter folder)")
+    snapshot.check_adapter(adapter)
     with tempfile.TemporaryDirectory() as tiny:  # the built-in model has no folder: write one to merge into
         base = save_tiny(tiny, run.get("seed", 0), name) if name in BUILT_IN else locate(name)
         num_merged = snapshot.merge(base, adapter, out)

@@ -1,10 +1,12 @@
 """A Qwen2.5-VL model folder on disk (a Hub download or an export): finding it, checking it before use,
-reading its shapes from config.json, and writing an adapter merged into it.
+reading its shapes from config.json, checking an adapter a run wrote (its weights' sha256), and writing an adapter
+merged into it.
 
 Every check fails with one line that names the file and what is wrong with it, before any weight is read.
 
     python -c "import snapshot; snapshot.check(snapshot.resolve('ckpt/qwen25vl7b'))"   # what --dry-run checks
 """
+import hashlib
 import json
 import math
 import os
@@ -274,6 +276,29 @@ def _lora_deltas(adapter, names):
             raise SystemExit(f"error: {adapter}: the adapter changes {module}, which the base model does not have")
         deltas[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")], scale)
     return deltas
+
+
+def check_adapter(folder):
+    """An adapter folder a run wrote (its final/ or a step's) whose weights changed since would be evaluated, or
+    trained on, as another model under its name: stops, naming it. A folder with no recorded sha256 (another
+    tool's adapter, an older run's) passes."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            want = json.load(f).get("sha256", {}).get("adapter_model.safetensors")
+    except (OSError, ValueError, AttributeError):
+        return
+    file = os.path.join(folder, "adapter_model.safetensors")
+    try:
+        with open(file, "rb") as f:
+            check_sha256(file, f.read(), want)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_sha256(file, raw, want):
+    """A file read (raw) whose sha256 is not the one recorded when it was written (want; None: none was): ValueError."""
+    if want is not None and hashlib.sha256(raw).hexdigest() != want:
+        raise ValueError(f"{file} is damaged (its sha256 is not the one recorded when it was written)")
 
 
 def merge(base, adapter, out):

@@ -9,6 +9,7 @@ import pytest
 
 import checkpoint
 import data
+import model
 import train
 from helpers import run_cfg
 
@@ -401,6 +402,37 @@ def test_a_damaged_newest_checkpoint_costs_one_checkpoint(finished_run, tmp_path
     out = capsys.readouterr().out
     assert f"{opt} is damaged" in out and "falling back" in out and f"resumed from {run / 'step_000001'}" in out
     assert checkpoint.read_checkpoint(str(run / "step_000002"))["state.json"]["step"] == 2  # rewritten whole
+
+
+def _flip_a_byte(path):
+    """A bit flipped halfway through a file (a bad sector): it still parses, as tensors of other values."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "adapter_model.safetensors"])
+def test_a_checkpoint_file_changed_in_place_is_named_as_damaged(finished_run, tmp_path, capsys, name):
+    """A file changed inside its tensor data reads without error: the sha256 every checkpoint records of its
+    files names it, and the resume falls back to the checkpoint before, as for a cut file."""
+    run = _copy(finished_run, tmp_path)
+    damaged = run / "step_000002" / name
+    _flip_a_byte(damaged)
+    train.train(_cfg(run, steps=2), resume=str(run))
+    out = capsys.readouterr().out
+    assert f"{damaged} is damaged (its sha256 is not the one recorded" in out and "falling back" in out
+    assert f"resumed from {run / 'step_000001'}" in out
+
+
+def test_a_final_adapter_changed_in_place_is_refused(finished_run, tmp_path):
+    """Evaluating (or starting stage 2 from) an adapter whose weights changed after its run wrote them would report
+    another model's numbers under its name."""
+    run = _copy(finished_run, tmp_path)
+    _flip_a_byte(run / "final" / "adapter_model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        model.load_policy("tiny", adapter=str(run / "final"), trainable=False)
+    assert f"{run / 'final' / 'adapter_model.safetensors'} is damaged" in str(e.value)
+    model.load_policy("tiny", adapter=str(finished_run / "final"), trainable=False)  # the intact one loads
 
 
 def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run, tmp_path, monkeypatch):
