@@ -91,8 +91,8 @@ bench: setup
 	$(PY) bench.py logprobs
 	$(PY) bench.py rollout
 
-# on a CUDA machine: GPU tests, the three benchmarks, two 24gb-preset steps; writes runs/gpu-check/report.md.
-# ARGS="--budget 540" keeps it within 9 minutes; ARGS="--only crop,logprobs" runs some parts.
+# on a CUDA machine, within 8 minutes: the three benchmarks, two 24gb-preset steps, the GPU tests; writes
+# runs/gpu-check/report.md. ARGS="--budget 540" for another limit; ARGS="--only train,tests" runs some parts.
 # No `setup` first: a GPU box may have no network; its own python3 (torch >= 2.11, triton >= 3.6) will do.
 GPU_PY ?= $(if $(wildcard .venv/bin/python),$(PY),python3)
 gpu-check:

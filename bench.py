@@ -218,47 +218,52 @@ def bench_logprobs(sizes=None):
           + (f", and at the card's bf16 dense peak, {peak} TFLOP/s" if peak else ""))
     _table(["path", "N", "peak GB beyond inputs", "ms", "TFLOP/s", "memory: naive / this", "time: this / naive"]
            + (["time / floor (cuBLAS)"] if cuda else []) + (["time / floor (peak)"] if peak else []), [])
-    times, failed = {}, []
+    res, failed = {n: {} for n in sizes}, []
+
+    def measure(method, n):
+        """One path at one N, in a process of its own; its row printed at once (matmul and naive, which the
+        others are set against, run first at each N)."""
+        out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            err = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+            failed.append(f"{method} N={n}: failed ({err})")
+            return
+        r = res[n][method] = json.loads(out.stdout.strip().splitlines()[-1])
+        base, rate = res[n].get("naive"), res[n].get("matmul")
+        rate = 2 * n * d * v / rate["seconds"] if rate else None  # flop/s cuBLAS reached on the logits product
+        forward_only = method.endswith(" nograd") or method == "matmul"
+        flops = (2 if forward_only else 4) * n * d * v  # the forward 2NDV, the gradient 2NDV more
+        vs = base if base and not forward_only else None  # naive has a gradient: no comparison
+        _table_row((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}", f"{flops / r['seconds'] / 1e12:.1f}",
+                    f"{vs['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if vs else "-",
+                    f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
+                   + ((f"{r['seconds'] * rate / flops:.2f}" if rate else "-",) if cuda else ())
+                   + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
+
+    faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
     for n in sizes:
-        res = {}
-        # at the largest N, the softmax kernel's other configs too (columns per program x warps; the default
-        # is the plain "triton" row) and other chunk sizes, so a GPU run says which to keep; they do not take
-        # part in the choice.
-        # And both paths without a gradient (reference log-probs): a choice of their own, "logprobs_nograd"
-        others = ([f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] + [f"triton rows={r}" for r in CHUNK_ROWS]
-                  + ["chunked nograd", "triton nograd"] if cuda and n == max(sizes) else [])
-        for method in methods + others:
-            out = subprocess.run([sys.executable, __file__, "_logprobs", method, str(n), device, dtype],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                err = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
-                failed.append(f"{method} N={n}: failed ({err})")
-                continue
-            r = res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-            # the row at once (matmul and naive, which the others are set against, run first)
-            base, rate = res.get("naive"), res.get("matmul")
-            rate = 2 * n * d * v / rate["seconds"] if rate else None  # flop/s cuBLAS reached on the logits product
-            forward_only = method.endswith(" nograd") or method == "matmul"
-            flops = (2 if forward_only else 4) * n * d * v  # the forward 2NDV, the gradient 2NDV more
-            vs = base if base and not forward_only else None  # naive has a gradient: no comparison
-            _table_row((method, n, f"{r['peak_gb']:.3f}", f"{1e3 * r['seconds']:.1f}",
-                        f"{flops / r['seconds'] / 1e12:.1f}",
-                        f"{vs['peak_gb'] / max(r['peak_gb'], 1e-9):.1f}" if vs else "-",
-                        f"{r['seconds'] / vs['seconds']:.2f}" if vs else "-")
-                       + ((f"{r['seconds'] * rate / flops:.2f}" if rate else "-",) if cuda else ())
-                       + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
-        times[n] = {m: r["seconds"] for m, r in res.items() if m in methods}
-        nograd = {m.split()[0]: r["seconds"] for m, r in res.items() if m.endswith(" nograd")}
-    if failed:
-        print("\n".join(failed))
-    if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured
-        faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
-        won = all(faster(t) for t in times.values())
-        kernels.record_winner(kernels.logprobs_op("logprobs", dtype), "triton" if won else "torch",
-                              {str(n): t for n, t in times.items()})
+        for method in methods:
+            measure(method, n)
+        if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured; recorded
+            # after each N, so that a run stopped later (make gpu-check's time limit) keeps the choice
+            times = {str(k): {m: r["seconds"] for m, r in res[k].items() if m in methods} for k in sizes if res[k]}
+            kernels.record_winner(kernels.logprobs_op("logprobs", dtype),
+                                  "triton" if all(faster(t) for t in times.values()) else "torch", times)
+    if cuda:  # at the largest N, after every N's choice: the softmax kernel's other configs (columns per program
+        # x warps; the default is the plain "triton" row) and other chunk sizes, so a GPU run says which to keep
+        # (they take no part in the choice); and both paths without a gradient (reference log-probs), a choice
+        # of their own, "logprobs_nograd"
+        n = max(sizes)
+        for method in ([f"triton {b}x{w}" for b, w in SOFTMAX_CONFIGS] + [f"triton rows={r}" for r in CHUNK_ROWS]
+                       + ["chunked nograd", "triton nograd"]):
+            measure(method, n)
+        nograd = {m.split()[0]: r["seconds"] for m, r in res[n].items() if m.endswith(" nograd")}
         if nograd:
             kernels.record_winner(kernels.logprobs_op("logprobs_nograd", dtype), "triton" if faster(nograd) else "torch",
-                                  {str(max(sizes)): nograd})
+                                  {str(n): nograd})
+    if failed:
+        print("\n".join(failed))
 
 
 TINY_7B_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny-7b")  # saved once, like a checkpoint

@@ -1,16 +1,18 @@
-"""One command on one CUDA GPU: the GPU tests, the three benchmarks, two stage-1 training steps at the 24gb
-preset on a 7B-shaped model in NF4, and a report with every number. Meant to finish in under 8 minutes.
+"""One command on one CUDA GPU: the three benchmarks, two stage-1 training steps at the 24gb preset on a
+7B-shaped model in NF4, the GPU tests, and a report with every number. Within 8 minutes (--budget 480).
 
-    make gpu-check                      # = python gpu_check.py --out runs/gpu-check
-    python gpu_check.py --budget 540    # within 9 minutes: a part that would start with under 30 s left is not run
-    python gpu_check.py --only crop,logprobs
+    make gpu-check                      # = python gpu_check.py --out runs/gpu-check --budget 480
+    python gpu_check.py --budget 0      # no limit: every part runs to its own limit
+    python gpu_check.py --only train,tests   # a second call, when the first one's budget ran out before them
 
 Writes runs/gpu-check/report.md and report.json: the device and the versions, the test summary, every
 benchmark table, the training steps' measured peak memory against `train.py --dry-run`'s estimate for the
 same settings. The benchmarks also record in runs/kernel_choice.json which path won on this card, which
 `KERNELS=auto` then follows. Each part runs in its own process with its own time limit; one that fails is
-reported, and the others still run. The report is rewritten after every part, so a check stopped midway (a
-lent GPU's time limit) leaves the parts that ran, marked as an unfinished check.
+reported, and the others still run. The parts run in order of what they measure: the benchmarks first (the
+speed targets), the training steps (memory against the estimate), then the tests, which pass on a CPU too. The
+report is rewritten after every part, so a check stopped midway (a lent GPU's time limit) leaves the parts that
+ran, marked as an unfinished check.
 
 Works with torch >= 2.11 and triton >= 3.6 as a GPU box may already have them. Without bitsandbytes the
 7B-shaped model runs in bf16 instead of NF4, and the report says so in its first lines. Missing packages go
@@ -27,18 +29,16 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 
-import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = ["tests/test_logprobs.py", "tests/test_crop_kernel.py", "tests/test_rollout.py", "tests/test_rollout_engine.py",
          "tests/test_decode.py"]
+PARTS = ("crop", "logprobs", "rollout", "train", "tests")  # in the order they run
 # two short stage-1 steps at the 24gb preset; shorter responses than the preset's 2,048 keep the check quick,
 # and the estimate is taken for the same settings
-PARTS = ("tests", "crop", "logprobs", "rollout", "train")
 TRAIN = ["--stage", "1", "--preset", "24gb", "--data", "synthetic:4", "--steps=2", "--max_response_tokens=512",
          "--max_turn_tokens=256", "--save_every=2", "--dump_every=100"]
 
@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--out", default="runs/gpu-check", help="folder for the report and the training steps' run "
                     "(the 7B-shaped model is saved in runs/tiny-7b, as bench.py does)")
     ap.add_argument("--only", default=",".join(PARTS), help=f"the parts to run, comma-separated: {', '.join(PARTS)}")
-    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole check (0: no limit): each part "
+    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole check (0: no limit): each part "
                     "runs within what is left, and a part that would start with under 30 s is reported as not run")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -128,6 +128,8 @@ def main():
     if ver["bitsandbytes"] is None:
         notes.append("**bitsandbytes is not installed: the 7B-shaped model ran in bf16, not NF4.** Carry its wheel "
                      "(README, GPU check) to measure NF4.")
+    if ver["accelerate"] is None:
+        notes.append("**accelerate is not installed: loading the 7B-shaped model in NF4 needs it.** Carry its wheel.")
     if ver["liger-kernel"] is None:
         notes.append("liger-kernel is not installed: the log-prob table has no liger row (optional).")
     report = dict(device=torch.cuda.get_device_name(),
@@ -155,34 +157,35 @@ def main():
             limit = min(limit, left - 10)
         return run(name, command, limit, log)
 
+    report["benchmarks"] = {}
+
+    def benchmark(what, extra, limit):
+        ok, seconds, text = part(f"bench {what}", ["bench.py", what] + extra, limit)
+        report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
+        notes.extend(warnings(text, f"bench {what}"))
+        save()
+
+    for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150)):
+        if what in only:
+            benchmark(what, extra, limit)
+    name = None
+    if only & {"rollout", "train"}:
+        # the 7B-shaped model, saved once and loaded like a checkpoint (NF4), or built in bf16 without
+        # bitsandbytes; after the kernels' benchmarks, whose time its 17 GB write would take. In a process of its
+        # own, within the budget; if it fails, the parts that need it do not run
+        ok, _, text = part("build tiny-7b", ["-c", "import bench; print(bench.tiny_7b())"], 150)
+        name = text.strip().splitlines()[-1] if ok else None  # the model's folder, its last line
+        if not ok:
+            only -= {"rollout", "train"}
+        save()
+    if "rollout" in only:
+        benchmark("rollout", ["--model", name], 150)
+    if "train" in only:
+        train_steps(name, args.out, part, report, save)
+        save()
     if "tests" in only:
         ok, _, text = part("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS, 150)
         report["tests"] = dict(ok=ok, summary=(text.strip().splitlines() or [""])[-1])
-        save()
-
-    report["benchmarks"] = {}
-    name = None
-    for what, extra, limit in (("crop", [], 60), ("logprobs", ["--sizes", "2048,8192"], 150), ("rollout", [], 200)):
-        if what == "rollout" and only & {"rollout", "train"}:
-            # the 7B-shaped model, saved once and loaded like a checkpoint (NF4), or built in bf16 without
-            # bitsandbytes; after the kernels' benchmarks, whose time its 17 GB write would take. If it fails, it is
-            # reported as a failed part, and the parts that need it do not run
-            t = time.time()
-            try:
-                name = bench.tiny_7b()
-                extra = ["--model", name]
-            except Exception:  # noqa: BLE001 - reported, like a failed part
-                log.append(dict(name="build tiny-7b", command=["bench.tiny_7b()"], ok=False,
-                                seconds=round(time.time() - t, 1), output=traceback.format_exc()))
-                only -= {"rollout", "train"}
-                save()
-        if what in only:
-            ok, seconds, text = part(f"bench {what}", ["bench.py", what] + extra, limit)
-            report["benchmarks"][what] = dict(ok=ok, seconds=round(seconds, 1), tables=tables(text))
-            notes += warnings(text, f"bench {what}")
-            save()
-    if "train" in only:
-        train_steps(name, args.out, part, report)
     save(done=True)
     print(markdown(report))
     print(f"wrote {out}/report.md and report.json in {report['seconds']:.0f} s")
@@ -190,17 +193,26 @@ def main():
         sys.exit(1)
 
 
-def train_steps(name, out, part, report):
-    """Two stage-1 steps at the 24gb preset, and --dry-run's estimate for the same settings."""
+def train_steps(name, out, part, report, save=lambda: None):
+    """Two stage-1 steps at the 24gb preset, and --dry-run's estimate for the same settings (in the report, and
+    saved, before the steps start)."""
     train_args = ["train.py", "--model", name] + TRAIN + [f"--out_dir={os.path.join(out, 'stage1')}"]
     shutil.rmtree(os.path.join(HERE, out, "stage1"), ignore_errors=True)  # a rerun's: train.py keeps a used folder
     ok, _, text = part("train --dry-run", train_args + ["--dry-run"], 45)
     est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
     estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
+    report["training"] = dict(ok=False, seconds=0.0, estimate_gb=estimate, measured_peak_gb=None, steps=[])
+    save()
     metrics_path = os.path.join(HERE, out, "stage1", "metrics.jsonl")
     # started with less time left, the model's load alone would take what is left, and no step would finish
     ok, seconds, text = part("train 2 steps", train_args, 200, least=150)
-    steps = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    steps = []
+    if os.path.exists(metrics_path):
+        for line in open(metrics_path):
+            try:  # a line cut by the part's time limit is no step
+                steps.append(json.loads(line))
+            except ValueError:
+                pass
     measured = max((s.get("peak_mem_gb", 0) for s in steps), default=None)
     report["training"] = dict(ok=ok and len(steps) == 2, seconds=round(seconds, 1), estimate_gb=estimate,
                               measured_peak_gb=measured, steps=steps)

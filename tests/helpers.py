@@ -44,6 +44,17 @@ def scripted(policy, turns_by_group):
     return force
 
 
+def assert_logprobs_replay(policy, episodes, temperature=1.0):
+    """The log-probs a rollout recorded for its sampled tokens equal a full forward over the same tokens (on the
+    policy's device: the GPU's, under make gpu-check). Returns the batch and the forward's log-probs."""
+    batch = train.collate(policy, episodes)
+    with torch.no_grad():
+        full = model.sequence_logprobs(policy, batch, temperature=temperature)
+    recorded = torch.tensor([lp for e in episodes for lp, m in zip(e.logps, e.loss_mask) if m])
+    torch.testing.assert_close(full.cpu(), recorded, atol=1e-4, rtol=0)
+    return batch, full
+
+
 def rollout_cfg(**kw):
     """Small rollout settings for the tiny model (64-token global image, 32-token crops)."""
     base = dict(group_size=2, max_turn_tokens=80, max_response_tokens=400, global_tokens=64, crop_tokens=32,

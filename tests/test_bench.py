@@ -68,6 +68,30 @@ def test_on_a_gpu_each_path_is_chosen_by_its_own_times(monkeypatch, tmp_path, ca
     assert kernels.measured_winner("logprobs_nograd:bfloat16", 0) == "torch"
 
 
+def test_a_logprobs_bench_stopped_in_its_extra_rows_keeps_the_choice_of_every_size(monkeypatch, tmp_path):
+    """make gpu-check stops a part at its time limit: the choice from every N's paths is recorded before the
+    largest N's config variants and no-gradient rows run, not only by a run that finished."""
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    ran = []
+
+    def child(cmd, **kw):
+        method, n = cmd[3], int(cmd[4])
+        if method.startswith("triton ") or method.endswith(" nograd"):
+            raise KeyboardInterrupt  # the part's time limit
+        ran.append((method, n))
+        s = dict(triton=0.03, chunked=0.044).get(method, 0.05) * n / 8192
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(seconds=s, peak_gb=1.0)) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_logprobs([2048, 8192])
+    assert ("triton", 8192) in ran
+    choice = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]["logprobs:bfloat16"]
+    assert choice["winner"] == "triton" and set(choice["seconds"]) == {"2048", "8192"}
+
+
 def test_decode_table_leaves_the_captures_and_the_prefill_out_of_the_step(monkeypatch, capsys):
     """A capture counted during the timed rollout (here a pretend one, 0.05 s slept in the first static step) and the
     prompts' admission (rows built and prefilled: here made 0.2 s slower) are shown beside the step and taken out

@@ -31,9 +31,10 @@ def test_refuses_without_cuda(monkeypatch):
         gpu_check.main()
 
 
-def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None, say=None):
-    """gpu_check.main on a pretend GPU: each part's process replaced by a stub (printing say[name] too, if given);
-    returns the parts it ran."""
+def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build_fails=None, say=None, calls=None):
+    """gpu_check.main on a pretend GPU: each part's process replaced by a stub (printing say[name] too, if given;
+    the model's build failing with build_fails' output); returns the parts it ran. calls: each part's (name,
+    command, time limit) go there."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -41,16 +42,19 @@ def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None, say=None):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
     parts = []
-    monkeypatch.setattr(gpu_check.bench, "tiny_7b", build or (lambda: parts.append("tiny-7b") or "tiny-7b"))
 
     def run(name, args, timeout, log):
         if name == stop_at:
             raise KeyboardInterrupt  # the call's time limit, as the check sees it
-        parts.append(name)
-        out = "4 passed" if name == "tests" else f"{name}: caption\n| a |\n|---|\n| 1 |\n"
+        parts.append("tiny-7b" if name == "build tiny-7b" else name)
+        if calls is not None:
+            calls.append((name, args, timeout))
+        ok, out = True, "4 passed" if name == "tests" else f"{name}: caption\n| a |\n|---|\n| 1 |\n"
+        if name == "build tiny-7b":
+            ok, out = (False, build_fails) if build_fails else (True, "bitsandbytes ...\n/box/runs/tiny-7b\n")
         out = (say or {}).get(name, "") + out
-        log.append(dict(name=name, command=args, ok=True, seconds=1.0, output=out))
-        return True, 1.0, out
+        log.append(dict(name=name, command=args, ok=ok, seconds=1.0, output=out))
+        return ok, 1.0, out
 
     monkeypatch.setattr(gpu_check, "run", run)
     return parts
@@ -59,14 +63,30 @@ def _fake_gpu(monkeypatch, tmp_path, stop_at=None, build=None, say=None):
 def test_a_check_stopped_midway_leaves_a_report_of_the_parts_that_ran(monkeypatch, tmp_path):
     """A check killed by a time limit (a lent GPU's 10-minute call) keeps what it measured: the report is
     rewritten after every part, and says the check did not finish."""
-    parts = _fake_gpu(monkeypatch, tmp_path, stop_at="bench logprobs")
+    parts = _fake_gpu(monkeypatch, tmp_path, stop_at="train 2 steps")
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "check"])
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main()
-    assert parts == ["tests", "bench crop"]  # the 7B-shaped model is built after the kernels' benchmarks
+    # the 7B-shaped model is built after the kernels' benchmarks
+    assert parts == ["bench crop", "bench logprobs", "tiny-7b", "bench rollout", "train --dry-run"]
     md = (tmp_path / "check" / "report.md").read_text()
-    assert "did not finish" in md and "4 passed" in md and "bench crop: caption" in md
-    assert "## Two stage-1 steps" not in md  # never ran
+    assert "did not finish" in md and "bench crop: caption" in md and "bench rollout: caption" in md
+    assert "## Two stage-1 steps, 24gb preset (FAILED" in md and "## Tests" not in md  # the dry run's estimate kept
+
+
+def test_the_parts_run_in_order_of_what_they_measure_within_8_minutes(monkeypatch, tmp_path):
+    """The speed benchmarks first, then the training steps (on the model the build wrote), the tests last: a
+    lent GPU's time runs out on the parts that matter least. Without --budget the check keeps to 480 s."""
+    calls = []
+    parts = _fake_gpu(monkeypatch, tmp_path, calls=calls)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "o"])
+    gpu_check.main()
+    assert parts == ["bench crop", "bench logprobs", "tiny-7b", "bench rollout", "train --dry-run", "train 2 steps",
+                     "tests"]
+    assert all(limit <= 470 for _, _, limit in calls)
+    commands = {name: args for name, args, _ in calls}
+    assert commands["bench rollout"][-2:] == ["--model", "/box/runs/tiny-7b"]
+    assert commands["train 2 steps"][:3] == ["train.py", "--model", "/box/runs/tiny-7b"]
 
 
 def test_only_some_parts_and_within_a_budget(monkeypatch, tmp_path):
@@ -79,9 +99,9 @@ def test_only_some_parts_and_within_a_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "b", "--only", "crop,train", "--budget", "20"])
     with pytest.raises(SystemExit):
         gpu_check.main()
-    assert parts == ["tiny-7b"]
+    assert parts == []
     md = (tmp_path / "b" / "report.md").read_text()
-    assert md.count("not run: ") == 3  # bench crop, train --dry-run, train 2 steps
+    assert md.count("not run: ") == 2  # bench crop, the model's build (and so no training)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--only", "crop,speed"])
     with pytest.raises(SystemExit, match="the parts are"):
         gpu_check.main()
@@ -126,14 +146,11 @@ def test_training_is_not_started_without_the_time_for_its_two_steps(monkeypatch,
 
 
 def test_a_failed_model_build_fails_only_the_parts_that_need_it(monkeypatch, tmp_path):
-    def build():
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    parts = _fake_gpu(monkeypatch, tmp_path, build=build)
+    parts = _fake_gpu(monkeypatch, tmp_path, build_fails="torch.OutOfMemoryError: CUDA out of memory")
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "c"])
     with pytest.raises(SystemExit):
         gpu_check.main()
-    assert parts == ["tests", "bench crop", "bench logprobs"]
+    assert parts == ["bench crop", "bench logprobs", "tiny-7b", "tests"]
     md = (tmp_path / "c" / "report.md").read_text()
     assert "## FAILED: build tiny-7b" in md and "CUDA out of memory" in md and "whole check" in md
 
@@ -183,3 +200,19 @@ def test_a_rerun_starts_the_training_steps_in_an_empty_folder(monkeypatch, tmp_p
     gpu_check.train_steps("tiny-7b", "check", part, report)
     assert seen == [("train --dry-run", False), ("train 2 steps", False)]
     assert report["training"]["estimate_gb"] == dict(weights=5.0, peak=9.0) and not report["training"]["ok"]
+
+
+def test_a_metrics_line_cut_by_the_time_limit_is_no_step(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "HERE", str(tmp_path))
+
+    def part(name, command, limit, least=30):
+        if name == "train 2 steps":
+            (tmp_path / "check" / "stage1").mkdir(parents=True)
+            (tmp_path / "check" / "stage1" / "metrics.jsonl").write_text(
+                '{"step": 1, "peak_mem_gb": 9.5}\n{"step": 2, "peak_mem_gb": 9.75}\n{"step": 3, "pea')
+        return True, 1.0, "estimated peak GPU memory (GB): peak 9.00"
+
+    report = {}
+    gpu_check.train_steps("tiny-7b", "check", part, report)
+    assert [s["step"] for s in report["training"]["steps"]] == [1, 2] and report["training"]["ok"]
+    assert report["training"]["measured_peak_gb"] == 9.75

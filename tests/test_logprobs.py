@@ -117,6 +117,7 @@ def test_dispatch_modes(monkeypatch):
         kernels.selective_logprobs(h, w, t)
     calls = []
     monkeypatch.setattr(lp, "selective_logprobs_triton", lambda *a: calls.append(1) or lp.selective_logprobs_chunked(*a))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors take the kernel only interpreted (on a GPU machine too)
     monkeypatch.setenv("KERNELS", "triton")
     kernels.selective_logprobs(h, w, t)
     monkeypatch.setenv("KERNELS", "auto")  # CPU tensors: the torch path

@@ -3,7 +3,7 @@ import torch
 
 import crop
 import model
-from helpers import tiny_policy
+from helpers import assert_logprobs_replay, tiny_policy
 
 
 def test_head_rows_past_the_tokenizer_are_banned_unless_they_are_most_of_the_head():
@@ -133,12 +133,7 @@ def test_qlora_rollout_update_rollout_on_cpu(monkeypatch):
     samples = data.synthetic(1, seed=5, min_side=300, max_side=400)
     episodes = rollout(p, samples, rcfg)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized)
-    # the recorded log-probs equal a full forward through the same 4-bit weights
-    batch = train.collate(p, episodes)
-    with torch.no_grad():
-        full = model.sequence_logprobs(p, batch)
-    recorded = torch.tensor([lp for e in episodes for lp, m in zip(e.logps, e.loss_mask) if m])
-    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    batch, full = assert_logprobs_replay(p, episodes)  # through the same 4-bit weights
     # ... and differ from the unquantized model's: the 4-bit weights are really used
     with torch.no_grad():  # tiny_policy: the same seed in fp32, its LoRA at the zero init
         assert (model.sequence_logprobs(tiny_policy(), batch) - full).abs().max() > 1e-3

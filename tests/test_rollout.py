@@ -8,8 +8,7 @@ import crop
 import data
 import model
 import rollout as rollout_module
-import train
-from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
+from helpers import ANSWER, CALL, assert_logprobs_replay, rollout_cfg, scripted, tiny_policy
 from rollout import parse_tool_call, rollout
 
 
@@ -188,11 +187,7 @@ def test_recorded_logprobs_equal_a_full_forward():
                          1: ["<think>hmm</think>" + CALL.format("[30, 10, 50, 90]")]})
     eps = rollout(p, samples, rollout_cfg(group_size=3, max_turn_tokens=90, temperature=0.9), force=force)
     assert sum(e.num_tool_calls for e in eps) >= 6 and len({len(e.ids) for e in eps}) > 1
-    batch = train.collate(p, eps)
-    with torch.no_grad():
-        full = model.sequence_logprobs(p, batch, temperature=0.9)
-    recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
-    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    assert_logprobs_replay(p, eps, temperature=0.9)
 
 
 def test_the_gt_box_probe_cuts_a_thin_annotated_box():

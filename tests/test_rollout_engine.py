@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import crop
 import data
 import rollout as rollout_module
-from helpers import ANSWER, CALL, rollout_cfg, scripted, tiny_policy
+from helpers import ANSWER, CALL, assert_logprobs_replay, rollout_cfg, scripted, tiny_policy
 from rollout import RolloutConfig, _hash32, _sample, _uniforms, parse_tool_call, rollout
 
 
@@ -214,9 +214,6 @@ def test_waiting_groups_take_finished_rows_places():
     """Continuous batching: with room for two groups of two, the third prompt joins when group 1 finishes,
     its cache padded to the live one's length. The episodes, the recorded log-probs (equal to a full forward)
     and the work done are those of one big batch."""
-    import model
-    import train
-
     p = tiny_policy()
     samples = data.synthetic(3, seed=14)
     # group 1 ends first; group 2 joins group 0 (still writing) and calls the tool after joining
@@ -235,11 +232,7 @@ def test_waiting_groups_take_finished_rows_places():
     assert joins == [2]  # group 1 finished; group 0 was still in flight when group 2 joined it
     assert [e.group for e in small] == [0, 0, 1, 1, 2, 2]
     assert [e.ids for e in small] == [e.ids for e in big]
-    batch = train.collate(p, small)
-    with torch.no_grad():
-        full = model.sequence_logprobs(p, batch, temperature=0.9)
-    recorded = torch.tensor([lp for e in small for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
-    torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+    assert_logprobs_replay(p, small, temperature=0.9)
     once = sum(e.prompt_len for e in small[::2]) + sum(len(e.ids) - e.prompt_len - 1 for e in small)
     assert counter.tokens == once
 
@@ -251,9 +244,6 @@ def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(m
     (tool_wait=0), every decode step is on a cache as wide as its longest row. Allowed to wait, the three
     staggered turns share one forward, and the waiting rows write the very tokens they wrote without waiting.
     The log-probs equal a full forward."""
-    import model
-    import train
-
     p = tiny_policy()
     script = {0: [CALL.format("[5, 5, 60, 40]")], 1: ["<think>" + "look " * 8 + "</think>"
                                                       + CALL.format("[30, 10, 50, 90]"), ANSWER],
@@ -286,9 +276,5 @@ def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(m
             assert all(width == longest for width, longest, chunk, _ in seen if chunk == 1)  # every decode step
     assert len(runs[0][1]) == 4 and len(runs[100][1]) == 2  # the prefill, then three turns or one for all three
     assert [e.ids for e in runs[100][0]] == [e.ids for e in runs[0][0]]
-    batch = train.collate(p, runs[0][0])
-    with torch.no_grad():
-        full = model.sequence_logprobs(p, batch, temperature=0.9)
     for eps, _ in runs.values():
-        recorded = torch.tensor([lp for e in eps for lp, m in zip(e.logps[1:], e.loss_mask[1:]) if m])
-        torch.testing.assert_close(full, recorded, atol=1e-4, rtol=0)
+        assert_logprobs_replay(p, eps, temperature=0.9)
