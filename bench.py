@@ -29,12 +29,10 @@ def _time(fn, repeat=3):
     fn()
     best = float("inf")
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best
 

@@ -11,7 +11,7 @@ import os
 import random
 import re
 
-from data import LETTERS, Sample, _image_from_bytes, _open_checked, _report, cell_text, unique_ids
+from data import LETTERS, Sample, _image_from_bytes, _open_checked, _read_rows, _report, cell_text, unique_ids
 
 
 BENCHMARKS = {
@@ -36,14 +36,7 @@ def _hrbench(path, seed):
     """HR-Bench TSV (or parquet): index, question, answer letter, A-D, category (single = FSP, cross = FCP),
     cycle_category, image (base64 text; in a parquet also bytes or the Hub's {bytes, path}; a short number instead
     refers to the row holding the image)."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a file that is not parquet
-            raise SystemExit(f"error: cannot read {path} as parquet: {e}") from None
-    else:
-        rows = _tsv_rows(path)
+    rows = _read_rows(path) if path.endswith(".parquet") else _tsv_rows(path)
     if not rows:
         raise SystemExit(f"error: {path} holds no items")
     columns = set(rows[0])

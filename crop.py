@@ -141,21 +141,20 @@ def shown_size(orig_wh, max_pixels):
     return w, h
 
 
-def encode_image(image, box=None, *, min_pixels=MIN_PIXELS, max_pixels):
+def encode_image(image, box=None, *, max_pixels):
     """Image (PIL or uint8 (H, W, 3)) and an optional integer box in original pixels -> (pixel_values
     float32 (N, 1176), grid_thw long (1, 3)): Qwen2.5-VL's processor on the crop, in one resample."""
-    return encode_crops(to_uint8(image), [box], min_pixels=min_pixels, max_pixels=max_pixels)
+    return encode_crops(to_uint8(image), [box], max_pixels=max_pixels)
 
 
-def encode_crops(image_u8, boxes, *, min_pixels=MIN_PIXELS, max_pixels=None, out_hw=None):
+def encode_crops(image_u8, boxes, *, max_pixels=None, out_hw=None):
     """Many boxes of one uint8 image in one call (None = whole image) -> (pixel_values, grid_thw (K, 3)).
     Each crop is resized with smart_resize under max_pixels, or to the given `out_hw` sizes (multiples of 28)."""
     H, W, _ = image_u8.shape
     # whole pixels, rounded as PIL's Image.crop rounds (the resample would truncate a fractional box)
     boxes = [(0, 0, W, H) if b is None else tuple(round(v) for v in b) for b in boxes]
     if out_hw is None:
-        out_hw = [smart_resize(y2 - y1, x2 - x1, min_pixels=min_pixels, max_pixels=max_pixels)
-                  for x1, y1, x2, y2 in boxes]
+        out_hw = [smart_resize(y2 - y1, x2 - x1, max_pixels=max_pixels) for x1, y1, x2, y2 in boxes]
     pv = kernels.crop_resample(image_u8, torch.tensor(boxes, dtype=torch.float32), out_hw)
     grids = torch.tensor([[1, h // 14, w // 14] for h, w in out_hw], dtype=torch.long)
     return pv, grids

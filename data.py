@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import sources
-from crop import MAX_IMAGE_ASPECT, BadImage  # noqa: F401 - BadImage: data.BadImage, what Sample.image raises
+from crop import MAX_IMAGE_ASPECT, BadImage  # BadImage: what Sample.image raises (data.BadImage)
 
 MATCHERS = ("exact", "rule", "math")  # rewards.MATCHERS, which a row may name (data imports no scoring code)
 
@@ -533,10 +533,9 @@ def _load_one(spec, seed, columns):
         return read_table(spec, columns)
     if os.path.isdir(spec):  # a folder of images with one JSONL beside them
         return read_jsonl(rows_file(spec))
-    kinds = "'synthetic[:N]', 'micro[:N]', a .jsonl, a .parquet or .json table, a folder, or several joined by commas"
     if not os.path.exists(spec):
-        raise SystemExit(f"error: data not found: {spec} (expected {kinds})")
-    raise SystemExit(f"error: unsupported data {spec!r}: expected {kinds}")
+        raise SystemExit(f"error: data not found: {spec} (expected {SPECS})")
+    raise SystemExit(f"error: unsupported data {spec!r}: expected {SPECS}")
 
 
 def fingerprint(path):

@@ -499,11 +499,6 @@ def _write_reports(out, summary):
 SWEEP_PROBES = (("plain", None), ("noise", "noise"), ("no-tool", "no-tool"))
 
 
-def _sweep_folder(root, tag, budget, name):
-    """Each point's settings folder: <sweep>/<model>/g<budget>-<probe>; its items.jsonl makes it resumable."""
-    return os.path.join(root, tag, f"g{budget}-{name}")
-
-
 def _model_tag(model_name, adapter):
     """A folder name and legend label per model: the adapter's path, or the base model's name."""
     return os.path.normpath(adapter or model_name).strip(os.sep).replace(os.sep, "-") or "model"
@@ -529,8 +524,9 @@ def sweep(args):
         for budget in budgets:
             point, runs = dict(model=tag, global_tokens=budget), {}
             for name, probe in SWEEP_PROBES:
+                # each point's folder, <sweep>/<model>/g<budget>-<probe>: its items.jsonl makes it resumable
                 point_args = argparse.Namespace(**{**vars(model_args), "global_tokens": budget, "probe": probe,
-                                                   "out": _sweep_folder(root, tag, budget, name)})
+                                                   "out": os.path.join(root, tag, f"g{budget}-{name}")})
                 evaluate(point_args, load)
                 runs[name] = read_items(point_args.out)
             # the three accuracies on the items all three runs have (a --limit or unfinished run has fewer), so

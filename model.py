@@ -110,10 +110,9 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 class Policy:
     """A loaded model with its tokenizer and the token ids the rollout needs."""
 
-    def __init__(self, model, tokenizer, name):
+    def __init__(self, model, tokenizer):
         self.model = model  # a PeftModel (LoRA) or a plain Qwen2_5_VLForConditionalGeneration
         self.tokenizer = tokenizer
-        self.name = name
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.lm = hf.model  # Qwen2_5_VLModel: vision tower + language model (LoRA layers injected in place)
         self.head = hf.lm_head
@@ -402,7 +401,7 @@ def load_policy(name="tiny", *, adapter=None, lora=True, lora_r=16, lora_alpha=3
         # vision tower's too, which would pull its frozen blocks into every backward. Non-reentrant checkpoints
         # give LoRA its gradients without that (tests/test_fidelity.py)
         base.disable_input_require_grads()
-    policy = Policy(model, tokenizer, name)
+    policy = Policy(model, tokenizer)
     if name not in BUILT_IN:
         check_template(policy, folder)
     return policy

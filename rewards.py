@@ -105,9 +105,12 @@ def _letter_match(text):
 
 def _reply_letter(reply):
     """A lone letter in any case ("b", "(c)", "d."), else the first standalone capital A-E."""
-    if BARE_LETTER_RE.fullmatch(reply.strip()):
-        return reply.strip().strip("().:").upper()
-    return extract_letter(reply)
+    return _bare_letter(reply) or extract_letter(reply)
+
+
+def _bare_letter(reply):
+    """The letter of a reply that is one letter alone, in any case ("b", "(c)", "d."), else None."""
+    return reply.strip().strip("().:").upper() if BARE_LETTER_RE.fullmatch(reply.strip()) else None
 
 
 def normalize(text):
@@ -209,8 +212,8 @@ def picked_option(reply, options):
     the letter A), else a letter in it (but an "A" that may be the article yields to an option's text the reply
     holds: "Answer: A cat"), else the one option whose text it holds ("A large cat, I think"); None when it
     names none, or several options' texts and no letter."""
-    if BARE_LETTER_RE.fullmatch(reply.strip()):
-        return reply.strip().strip("().:").upper()
+    if letter := _bare_letter(reply):
+        return letter
     texts = [normalize(o) for o in options]
     if normalize(reply) in texts:
         return "ABCDE"[texts.index(normalize(reply))]

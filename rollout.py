@@ -358,13 +358,12 @@ def _chunk_step(policy, batch, chunk):
     for n, layer in enumerate(batch.cache.layers):
         part.update(layer.keys[idx], layer.values[idx], n)
     h_part, part, mask_part = _forward(policy, [rows[b] for b in chunk], part, batch.mask_hist[idx])
-    more = mask_part.shape[1] - batch.mask_hist.shape[1]
-    wider = lambda t, dim: torch.cat([t, t.new_zeros(t.shape[:dim] + (more,) + t.shape[dim + 1:])], dim)
+    n = mask_part.shape[1]
     for full, ours in zip(batch.cache.layers, part.layers):
-        full.keys = wider(full.keys, 2).index_copy_(0, idx, ours.keys)
-        full.values = wider(full.values, 2).index_copy_(0, idx, ours.values)
+        full.keys = _pad_to(full.keys, 2, n).index_copy_(0, idx, ours.keys)
+        full.values = _pad_to(full.values, 2, n).index_copy_(0, idx, ours.values)
     batch.h = batch.h.index_copy(0, idx, h_part)
-    batch.mask_hist = wider(batch.mask_hist, 1).index_copy_(0, idx, mask_part)
+    batch.mask_hist = _pad_to(batch.mask_hist, 1, n).index_copy_(0, idx, mask_part)
     return _compact(batch)
 
 
@@ -390,17 +389,20 @@ def _compact(batch):
 def _join(a, b):
     """Rows of b appended to those of a. The shorter cache is right-padded with masked columns: every key holds
     its rotary position already and attention goes by the mask, so where a column sits does not matter."""
-    la, lb = a.mask_hist.shape[1], b.mask_hist.shape[1]
-    n = max(la, lb)
+    n = max(a.mask_hist.shape[1], b.mask_hist.shape[1])
 
-    def cat(x, y, dim):  # pad dim to n, then stack along the batch
-        pad = lambda t, k: torch.cat([t, t.new_zeros(t.shape[:dim] + (n - k,) + t.shape[dim + 1:])], dim)
-        return torch.cat([pad(x, la), pad(y, lb)], 0)
+    def cat(x, y, dim):  # both padded to n columns, then stacked along the batch
+        return torch.cat([_pad_to(x, dim, n), _pad_to(y, dim, n)], 0)
 
     for x, y in zip(a.cache.layers, b.cache.layers):
         x.keys, x.values = cat(x.keys, y.keys, 2), cat(x.values, y.values, 2)  # (B, heads, L, head_dim)
     return _Batch(a.live + b.live, torch.cat([a.h, b.h]), a.cache, cat(a.mask_hist, b.mask_hist, 1),
                   torch.cat([a.keys, b.keys]), torch.cat([a.draws, b.draws]), a.banned)
+
+
+def _pad_to(t, dim, n):
+    """t right-padded with zeros along dim to length n (masked cache columns)."""
+    return torch.cat([t, t.new_zeros(t.shape[:dim] + (n - t.shape[dim],) + t.shape[dim + 1:])], dim)
 
 
 def _forward(policy, rows, cache, mask_hist):

@@ -492,7 +492,7 @@ def train(cfg, resume=None):
     if dist.is_main():
         save_checkpoint(os.path.join(out_dir, "final"), policy, None, cfg, dict(step=cfg.steps))
         print(logbook.what_changed(metrics_path))
-        print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {os.path.join(out_dir, 'metrics.jsonl')}")
+        print(f"done: adapter in {os.path.join(out_dir, 'final')}, metrics in {metrics_path}")
     dist.barrier("the end of the run")  # no rank leaves (and tears the job down) before final/ is written
     return policy
 
@@ -645,7 +645,6 @@ def check_memory(cfg):
         raise SystemExit(f"error: the estimated peak, {est['peak']:.1f} GB, exceeds memory_gb={cfg.memory_gb:g}. "
                          f"Lower micro_batch, rollout_rows, group_size or the token budgets, turn on "
                          f"gradient_checkpointing, or pass --ignore_memory_estimate=true")
-    return est
 
 
 def main(argv=None):

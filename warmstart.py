@@ -167,7 +167,7 @@ def train(steps=450, batch=4, lr=3e-3, seed=0, out=model.MICRO_WEIGHTS, log_ever
 
     torch.manual_seed(seed)
     hf, tokenizer = model.build_tiny(seed, "micro")
-    policy = model.Policy(hf, tokenizer, "micro")
+    policy = model.Policy(hf, tokenizer)
     if first:
         hf.load_state_dict(load_file(first))
     params = [p for p in hf.parameters()]

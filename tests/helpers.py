@@ -96,7 +96,7 @@ def move_lora(policy, std=0.05):
 def logprobs_three_ways(policy, plain_model):
     """Log-probs of one short episode under the policy (base + adapter), under a plain model (an export, with
     the policy's tokenizer), and under the base alone."""
-    plain = model.Policy(plain_model, policy.tokenizer, "plain")
+    plain = model.Policy(plain_model, policy.tokenizer)
     (ep,) = rollout(policy, data.synthetic(1, seed=3, min_side=300, max_side=400),
                     RolloutConfig(group_size=1, max_turn_tokens=12, max_response_tokens=12, global_tokens=16))
     batch = train.collate(policy, [ep])

@@ -13,10 +13,10 @@ def test_head_rows_past_the_tokenizer_are_banned_unless_they_are_most_of_the_hea
     import torch.nn as nn
 
     m, tok = model.build_tiny(seed=0)
-    vision = len(model.Policy(m, tok, "t").banned)
+    vision = len(model.Policy(m, tok).banned)
     for extra, banned in ((len(tok) // 200, True), (len(tok) * 50, False)):
         m.lm_head = nn.Linear(m.lm_head.in_features, len(tok) + extra, bias=False)
-        p = model.Policy(m, tok, "t")
+        p = model.Policy(m, tok)
         assert len(p.banned) == vision + (extra if banned else 0)
 
 
