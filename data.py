@@ -308,8 +308,9 @@ def _jsonl_row(row, root, n):
     level = row.get("global_tokens")
     if level is not None and (type(level) is not int or level < 4):
         raise ValueError(f"'global_tokens' must be a whole number of tokens, at least 4 (not {level!r})")
-    return Sample(id=str(row.get("id", n)), question=row["question"], answer=answer, width=width, height=height,
-                  options=options, boxes=boxes, category=str(row.get("category", "default")), image_path=path,
+    return Sample(id=str(row["id"] if row.get("id") is not None else n), question=row["question"], answer=answer,
+                  width=width, height=height, options=options, boxes=boxes,  # a null id or category: none, as a table's
+                  category=str(row.get("category") or "default"), image_path=path,
                   global_tokens=level, meta=_matcher_meta(row.get("matcher")))
 
 

@@ -115,11 +115,21 @@ def read_levels(path):
                 print(f"warning: {path}:{n} is cut (a killed selection): left out; python infogap.py finishes it")
                 continue
             raise SystemExit(f"error: {path}:{n} is not JSON") from None
-        if not isinstance(row, dict) or "id" not in row or "diverged" not in row:
+        if not isinstance(row, dict) or "id" not in row or "diverged" not in row or not _gives_level(row):
             raise SystemExit(f"error: {path}:{n} is not a row of an information-gap selection (--infogap FILE "
                              f"takes what python infogap.py or --infogap auto wrote)")
         rows[row["id"]] = row
     return rows
+
+
+def _gives_level(row):
+    """A selection's row gives its sample a level: the budget it diverged at, else its ladder and reference (an
+    image that did not decode, none)."""
+    if row.get("error"):
+        return True
+    if row["diverged"]:
+        return type(row.get("global_tokens")) is int
+    return isinstance(row.get("ladder"), list) and type(row.get("reference_tokens")) is int
 
 
 def cache_path(cfg):

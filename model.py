@@ -546,10 +546,10 @@ def export(adapter, out, name=None):
     meta = os.path.join(adapter, "config.json")  # our checkpoints record the run's Config, base model included
     run = json.load(open(meta)) if os.path.exists(meta) else {}
     name = name or run.get("model")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # first: a mistyped path is no adapter
+        raise SystemExit(f"error: {adapter} holds no adapter_config.json (not a PEFT adapter folder)")
     if not name:
         raise SystemExit(f"error: {adapter} does not say which base model it was trained on: pass --model")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise SystemExit(f"error: {adapter} holds no adapter_config.json (not a PEFT adapter folder)")
     snapshot.check_adapter(adapter)
     with tempfile.TemporaryDirectory() as tiny:  # the built-in model has no folder: write one to merge into
         base = save_tiny(tiny, run.get("seed", 0), name) if name in BUILT_IN else locate(name)

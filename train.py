@@ -397,6 +397,7 @@ def train(cfg, resume=None):
                   infogap=data.fingerprint(cfg.infogap) if os.path.isfile(cfg.infogap) else None)
     if saved:
         check_inputs(ckpt, saved, inputs, cfg)
+    held_out = logbook.probe_set(cfg)  # before the selection and the model: a probe it cannot make stops here
     samples = infogap.prepare(cfg, samples)
     if cfg.epochs > 0:  # passes over the data instead of a step count
         cfg.steps = math.ceil(cfg.epochs * len(samples) / (cfg.prompts_per_step * dist.world()))
@@ -430,7 +431,6 @@ def train(cfg, resume=None):
             print(f"with micro_batch={cfg.micro_batch}, rollout_rows={cfg.rollout_rows}: halved after an out-of-memory "
                   f"error before this checkpoint")
     rcfg, wcfg = rollout_config(cfg), reward_config(cfg)
-    held_out = logbook.probe_set(cfg)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if dist.is_main():  # rank 0 alone writes metrics, transcripts, checkpoints and curves
         truncate_metrics(metrics_path, start)

@@ -382,3 +382,38 @@ def test_load_jsonl_and_errors(dataset, tmp_path):
     other.write_text("a\tb\n")
     with pytest.raises(SystemExit, match="unsupported"):
         data.load(str(other))
+
+
+# ------------------------------------------------------------------ audit: load paths no test ran
+
+def test_a_rows_null_id_is_its_line_number_as_in_a_table(dataset):
+    """"id": null is no id, as a table's None cell is: not two items "None"."""
+    path = dataset([dict(GOOD_ROWS[1], id=None), dict(GOOD_ROWS[1], id=None)])
+    assert [s.id for s in data.load(path)] == ["1", "2"]
+
+
+def test_a_file_whose_only_line_was_cut_is_emptied_and_a_long_cut_line_is_found(tmp_path):
+    """A kill during the first item leaves no whole line; a cut line may be longer than the 64 KiB blocks."""
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'{"id": "a", "te')
+    assert data.cut_partial_line(str(path)) and path.read_bytes() == b""
+    path.write_bytes(b'{"id": "a"}\n' + b"x" * 200_000)
+    assert data.cut_partial_line(str(path)) and path.read_bytes() == b'{"id": "a"}\n'
+    assert not data.cut_partial_line(str(path))  # whole: left as it is
+
+
+@pytest.mark.parametrize("spec", ["synthetic:0", "micro:x", "synthetic:-3", "micro:1.5"])
+def test_a_bad_count_in_a_generated_spec_is_one_line(spec):
+    with pytest.raises(SystemExit, match=f"bad data spec '{spec}': expected .*:N with N a positive number"):
+        data.load(spec)
+
+
+def test_two_sources_of_one_file_name_are_refused(dataset, tmp_path):
+    """Mixed ids are prefixed by the file's name: a/train.jsonl and b/train.jsonl would share results and levels."""
+    row = dict(GOOD_ROWS[1], image=str(dataset.root / "imgs" / "b.png"))
+    a = dataset([row], name="train.jsonl")
+    (tmp_path / "other").mkdir()
+    b = tmp_path / "other" / "train.jsonl"
+    b.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match="two sources share a file name; rename one"):
+        data.load(f"{a},{b}")

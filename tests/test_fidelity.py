@@ -655,3 +655,21 @@ def test_epochs_set_the_step_count(tmp_path, capsys):
     train.train(cfg)
     assert cfg.steps == 5 and "epochs=1.5: 5 steps of 2 prompts over 6 samples" in capsys.readouterr().out
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 5
+
+
+def test_infogap_auto_caches_its_selection_beside_a_data_file_or_folder(tmp_path):
+    """README: "cached next to the data"; a folder's beside it (inside, a second .jsonl would end it as a source)."""
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "set").mkdir()
+    for spec, stem in ((tmp_path / "train.jsonl", "train"), (f"{tmp_path / 'set'}/", "set")):
+        path = infogap.cache_path(train.Config(infogap="auto", data=str(spec)))
+        assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith(f"{stem}.infogap-")
+
+
+def test_a_levels_row_with_only_id_and_diverged_is_one_line_not_a_traceback(tmp_path):
+    """read_levels accepts any row with id and diverged: one lacking its level's fields is one line, not KeyError."""
+    s = data.synthetic(2)
+    for row in (dict(id=s[0].id, diverged=False), dict(id=s[0].id, diverged=True, global_tokens=None)):
+        cfg = train.Config(data="x.jsonl", infogap=_levels_file(tmp_path / "l.jsonl", [row]))
+        with pytest.raises(SystemExit, match="l.jsonl"):
+            infogap.prepare(cfg, s[:1])

@@ -425,3 +425,13 @@ def test_a_bare_reply_is_scored_without_its_end_token():
     """A model that ignores the protocol: its reply, not the turn's closing token, is what is scored."""
     assert rewards.scored_reply("red car<|im_end|>") == "red car"
     assert rewards.accuracy(rewards.scored_reply("Blue car<|endoftext|>"), "B", OPTIONS) == 1.0
+
+
+def test_an_unknown_matcher_is_an_error_and_math_verify_failing_is_no_match(monkeypatch):
+    """math-verify raising is "not shown equal", never a crashed step."""
+    with pytest.raises(ValueError, match="matcher 'fuzzy': expected one of exact, rule, math"):
+        rewards.accuracy("cat", "cat", matcher="fuzzy")
+    assert rewards.accuracy("1/2", "0.5", matcher="math") == 1.0  # math-verify finds them equal; the rule does not
+    import math_verify
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **kw: 1 / 0)
+    assert rewards.accuracy("1/2", "0.5", matcher="math") == 0.0

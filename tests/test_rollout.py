@@ -24,6 +24,8 @@ from rollout import parse_tool_call, rollout
     ('<tool_call>[1, 2, 3, 4]</tool_call>', None, "json"),
     (CALL.format("[1, 2, 3, 4]") + CALL.format("[5, 6, 7, 8]"), None, "multiple"),
     ("<tool_call>" + "[" * 100000 + "</tool_call>", None, "json"),
+    # arguments as a JSON string that does not parse: a bad call, not a crash
+    ('<tool_call>{"name": "image_zoom_in_tool", "arguments": "{\\"bbox_2d\\": [1, 2"}</tool_call>', None, "args"),
 ])
 def test_parse_tool_call(text, box, kind):
     got, err = parse_tool_call(text)

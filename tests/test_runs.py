@@ -607,3 +607,99 @@ def test_a_cut_last_line_is_truncated_and_its_item_redone(hrbench_tsv, tmp_path,
     assert "its last line was cut" in capsys.readouterr().out and redone == ["1"]
     lines = items.read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["0", "1"] and s["num_items"] == 2
+
+
+# ---------------------------------------------------------------- audit: resume and evaluation paths no test ran
+
+
+def test_a_resume_into_another_out_dir_writes_there_and_refuses_one_that_holds_a_run(finished_run, tmp_path):
+    """--resume RUN --out_dir NEW continues in NEW; a NEW holding a run is refused (checkpoints would mix)."""
+    out_dir, ckpt, _ = checkpoint.plan_run(_cfg(tmp_path / "new"), str(finished_run), "runs/stage1")
+    assert (out_dir, ckpt) == (str(tmp_path / "new"), str(finished_run / "step_000002"))
+    (tmp_path / "held" / "step_000001").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'held'} already holds a run"):
+        checkpoint.plan_run(_cfg(tmp_path / "held"), str(finished_run), "runs/stage1")
+
+
+def test_a_resume_of_a_folder_without_a_readable_checkpoint_says_what_to_pass(finished_run, tmp_path, capsys):
+    """--resume runs (the parent), or every checkpoint damaged: one line saying what a run folder is."""
+    with pytest.raises(SystemExit, match="no complete, readable checkpoint in .*runs/stage1, not runs"):
+        checkpoint.plan_run(_cfg(""), str(finished_run.parent), "runs/stage1")
+    assert checkpoint.saved_config(str(finished_run.parent)) is None  # main() then takes no settings from it
+    run = _copy(finished_run, tmp_path)
+    for k in (1, 2):
+        (run / f"step_{k:06d}" / "rng.pt").write_bytes(b"cut")
+    with pytest.raises(SystemExit, match="no complete, readable checkpoint"):
+        checkpoint.plan_run(_cfg(run), str(run), "runs/stage1")
+    assert capsys.readouterr().out.count("falling back") == 2
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    """A kill mid-write leaves half a line; plot.py and what_changed read every line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
+    checkpoint.truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_the_held_out_probe_lands_in_the_metrics_and_the_closing_line(tmp_path, capsys):
+    """The micro preset's probe_every=5 makes the README's held-out numbers: at step 1 and every N steps."""
+    train.train(_cfg(tmp_path / "run", steps=3, probe_every=2, probe_items=2))
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert ["crop_dependency" in r for r in rows] == [True, True, False]
+    assert rows[0]["crop_dependency"] == rows[0]["heldout_accuracy"] - rows[0]["heldout_noise_accuracy"]
+    assert "held-out: step 1 -> 2" in capsys.readouterr().out
+
+
+def test_the_held_out_probe_on_data_it_cannot_generate_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """make stage1 DATA=x.jsonl keeps the micro preset's probe_every=5: refused before a model loads."""
+    path = str(tmp_path / "d" / "train.jsonl")
+    data.convert("synthetic:2", path)
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit, match="--probe_every needs generated data"):
+        train.train(_cfg(tmp_path / "run", data=path, infogap="fixed:16", probe_every=1))
+
+
+def test_stage_2_on_data_without_boxes_says_its_grounding_reward_is_0(finished_run, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "d" / "train.jsonl"
+    data.convert("synthetic:2", str(path))
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "boxes"}) + "\n" for r in rows))
+
+    def stop(*a, **kw):
+        raise SystemExit("the model would load here")
+
+    monkeypatch.setattr(train.model, "load_policy", stop)
+    with pytest.raises(SystemExit, match="the model would load here"):
+        train.train(_cfg(tmp_path / "run", stage=2, data=str(path), init_adapter=str(finished_run / "final")))
+    assert "warning: no sample has boxes: stage 2's grounding reward will be 0" in capsys.readouterr().out
+
+
+def test_a_malformed_shard_is_one_line():
+    for bad in ("1", "a/b", "2/2", "-1/2", "1/0"):
+        with pytest.raises(SystemExit, match=r"--shard .*: expected i/n with 0 <= i < n"):
+            ev._shard(list(range(4)), bad)
+    assert ev._shard(list(range(5)), "1/2") == ([1, 3], ".shard-1-of-2")
+
+
+def test_results_without_a_run_json_are_not_taken_for_this_settings(tmp_path):
+    """An older version's items: their settings are unknown, so they are not counted as this setting's."""
+    (tmp_path / "items.jsonl").write_text(json.dumps(dict(id="a", correct=1.0)) + "\n")
+    with pytest.raises(SystemExit, match="holds results without a run.json"):
+        ev.claim_folder(str(tmp_path), dict(bench="synthetic"), {})
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_the_default_synthetic_folder_is_named_by_its_size():
+    def name(*argv):
+        args = ev.parse_args(["--bench", "synthetic", *argv])
+        return ev.default_name(args, ev.resolve_settings(args))
+    assert name() == "synthetic-n32-tiny-g1024" and name("--data", "synthetic") == "synthetic-n256-tiny-g1024"
+
+
+def test_a_summary_without_a_plain_run_says_which_run_to_make(tmp_path):
+    """--summary compares each probe with its plain run: none is one line, not an empty table."""
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "noise" / "run.json").write_text(json.dumps(dict(settings=dict(bench="synthetic", probe="noise"))))
+    with pytest.raises(SystemExit, match="no run of synthetic without a probe in .*run eval.py --bench synthetic"):
+        ev.probe_summary("synthetic", str(tmp_path))

@@ -313,3 +313,38 @@ def test_commands_run_on_a_hub_layout_folder_named_by_a_relative_path(hub_model,
     monkeypatch.setattr(sys, "argv", ["model.py", "export", "--adapter", str(s2 / "final"), "--out", "merged"])
     model.main()
     assert set(os.listdir(hub_model)) | {"adapter"} == set(os.listdir(tmp_path / "merged"))
+
+
+def test_a_shard_that_is_no_safetensors_file_is_one_line(hub_model, tmp_path):
+    """A git-lfs pointer or an error page saved as a shard: one line at the check, before any weight loads."""
+    broken = linked_copy(hub_model, tmp_path / "m")
+    path = os.path.join(broken, "model-00001-of-00002.safetensors")
+    os.remove(path)
+    with open(path, "w") as f:
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4000000000\n")
+    with pytest.raises(SystemExit) as e:
+        snapshot.check(broken)
+    assert f"{path} is not a safetensors file" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_export_refuses_an_adapter_it_cannot_merge_before_writing_anything(hub_model, tmp_path):
+    """DoRA would merge as plain LoRA, an unknown module would be dropped: refused before out/ exists."""
+    from safetensors.torch import save_file
+    adapter, out = tmp_path / "adapter", tmp_path / "out"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(r=4, lora_alpha=8, use_dora=True)))
+    with pytest.raises(SystemExit, match="DoRA and per-layer ranks are not supported here"):
+        snapshot.merge(hub_model, str(adapter), str(out))
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(r=4, lora_alpha=8)))
+    module = "base_model.model.model.layers.0.self_attn.nope"
+    save_file({f"{module}.lora_A.weight": torch.zeros(4, 8), f"{module}.lora_B.weight": torch.zeros(8, 4)},
+              str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(SystemExit, match="changes model.layers.0.self_attn.nope, which the base model does not have"):
+        snapshot.merge(hub_model, str(adapter), str(out))
+    assert not out.exists()
+
+
+def test_export_of_a_missing_adapter_folder_names_it_as_missing(tmp_path):
+    """A mistyped --adapter is named as no adapter, not as "pass --model" (which leads to this message next)."""
+    with pytest.raises(SystemExit, match="holds no adapter_config.json"):
+        model.export(str(tmp_path / "runs" / "stage2" / "fnal"), str(tmp_path / "out"))

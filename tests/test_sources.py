@@ -164,3 +164,20 @@ def test_a_conversion_never_writes_over_a_set_which_may_be_its_own_source(tmp_pa
     assert len(back) == 5 and all(back[f"train/{i}"].image().tobytes() == px for i, px in before.items())
     assert {s.id: s.image().tobytes() for s in data.read_jsonl(out)} == before  # the source as it was
     assert sorted(os.listdir(tmp_path / "d")) == ["train.jsonl", "train_images"]  # nothing half-written left
+
+
+def test_a_table_that_is_no_list_of_rows_or_not_there_is_one_line_and_a_row_without_an_image_is_skipped(
+        tmp_path, capsys):
+    (tmp_path / "rows.json").write_text('{"image": "a.png", "question": "q", "answer": "a"}')
+    with pytest.raises(SystemExit, match="cannot read .*rows.json as JSON: a .json data file must hold a list of rows"):
+        data.load(str(tmp_path / "rows.json"))
+    with pytest.raises(SystemExit, match="data file not found: .*missing.parquet"):
+        data.load(str(tmp_path / "missing.parquet"))
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    (tmp_path / "rows.json").write_text(json.dumps([dict(image=None, question="q", answer="a"),
+                                                    dict(image="a.png", question="q", answer="a")]))
+    assert len(data.load(str(tmp_path / "rows.json"), columns="image=image,question=question,answer=answer")) == 1
+    assert "row 0: ValueError: no image" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no image"):  # a DeepEyes row whose images list is empty
+        sources.deepeyes(dict(prompt=[dict(role="user", content="<image>q")], images=[],
+                              reward_model=dict(ground_truth="a")))
