@@ -208,7 +208,7 @@ def bench_logprobs(sizes=None):
         print("liger-kernel is not installed (pip install liger-kernel): its row is left out")
     peak = _card_spec(1) if cuda else None
     # the caption and header first, then each row as soon as it is measured: a run stopped by a time limit
-    # (make gpu-check's) keeps the rows it finished; the choices are recorded only by a run that finished
+    # (make gpu-check's) keeps the rows it finished, and the choice from the N's it finished
     print(f"logprobs: D={d}, V={v}, {device} {dtype}, forward + gradient in the hidden states (4NDV flops; "
           "'nograd' rows: the forward alone under no_grad, 2NDV)"
           + (f", {torch.cuda.get_device_name()}; the floor: the row's flops at the rate cuBLAS reached on h W^T "
@@ -240,12 +240,12 @@ def bench_logprobs(sizes=None):
                    + ((f"{r['seconds'] * peak * 1e12 / flops:.2f}",) if peak else ()))
 
     faster = lambda t: "triton" in t and "chunked" in t and t["triton"] < t["chunked"]  # noqa: E731
-    for n in sizes:
+    for i, n in enumerate(sizes):
         for method in methods:
             measure(method, n)
-        if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured; recorded
-            # after each N, so that a run stopped later (make gpu-check's time limit) keeps the choice
-            times = {str(k): {m: r["seconds"] for m, r in res[k].items() if m in methods} for k in sizes if res[k]}
+        if cuda:  # the kernel replaces the torch path (chunked) only where it won at every size measured (an N
+            # where either failed is no win); recorded after each N, so that a run stopped later keeps the choice
+            times = {str(k): {m: r["seconds"] for m, r in res[k].items() if m in methods} for k in sizes[:i + 1]}
             kernels.record_winner(kernels.logprobs_op("logprobs", dtype),
                                   "triton" if all(faster(t) for t in times.values()) else "torch", times)
     if cuda:  # at the largest N, after every N's choice: the softmax kernel's other configs (columns per program

@@ -7,8 +7,6 @@ reading: a resume takes the data order from the step; the sha256 of every other 
 in it is unpickled as code: tensors load with weights_only=True, the adapter from safetensors.
 """
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import pickle
@@ -42,7 +40,7 @@ def save_checkpoint(path, policy, optimizer, cfg, state):
         torch.save(dict(torch=torch.get_rng_state(), python=random.getstate()), os.path.join(tmp, "rng.pt"))
         _write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(cfg))
         # a changed byte inside a tensor's data still loads (as other weights): the files' sha256 tells
-        sums = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        sums = {n: snapshot.sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         _write_json(os.path.join(tmp, "state.json"), dict(state, sha256=sums))
         _fsync_folder(tmp)  # on disk before the rename: a power cut never leaves a complete-looking empty file
     except OSError as e:
@@ -151,30 +149,35 @@ def read_checkpoint(path):
     """Every file of a checkpoint, read into memory (nothing applied yet). A damaged file (one that does not parse,
     or whose sha256 is not the one state.json recorded) raises ValueError naming it. Loads no pickled code: tensors
     with weights_only=True, the adapter from safetensors."""
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
-    def tensors(raw):
-        return torch.load(io.BytesIO(raw), weights_only=True)
+    def tensors(p):
+        return torch.load(p, weights_only=True)
 
-    readers = {"state.json": json.loads, "adapter_model.safetensors": load, "optimizer.pt": tensors,
-               "rng.pt": tensors, "config.json": json.loads}
+    def read_json(p):
+        with open(p) as f:
+            return json.load(f)
+
+    def read_state(p):
+        state = read_json(p)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+
+    readers = {"state.json": read_state, "adapter_model.safetensors": load_file, "optimizer.pt": tensors,
+               "rng.pt": tensors, "config.json": read_json}
     files = {}
-    for name, read in readers.items():  # state.json first: the others' sha256 (none in an older checkpoint)
+    for name, read in readers.items():
         file = os.path.join(path, name)
         try:
-            with open(file, "rb") as f:
-                raw = f.read()
-            files[name] = read(raw)
+            files[name] = read(file)
         except READ_ERRORS as e:
             raise ValueError(f"{file} is damaged ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]})") from None
-        snapshot.check_sha256(file, raw, files["state.json"].get("sha256", {}).get(name))
+        if name == "state.json":  # first: every other file against its sha256 (none in an older checkpoint)
+            sums = files[name].get("sha256")
+            snapshot.check_files(path, sums, sorted(sums) if isinstance(sums, dict) else ())
     return files
-
-
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def restore_checkpoint(files, policy, optimizer):

@@ -173,9 +173,14 @@ def main():
         # the 7B-shaped model, saved once and loaded like a checkpoint (NF4), or built in bf16 without
         # bitsandbytes; after the kernels' benchmarks, whose time its 17 GB write would take. In a process of its
         # own, within the budget; if it fails, the parts that need it do not run
-        ok, _, text = part("build tiny-7b", ["-c", "import bench; print(bench.tiny_7b())"], 150)
-        name = text.strip().splitlines()[-1] if ok else None  # the model's folder, its last line
-        if not ok:
+        ok, _, text = part("build tiny-7b", ["-c", "import bench; print('MODEL=' + bench.tiny_7b())"], 150)
+        # the model's folder, on its own marked line (a warning at the process's exit may follow it)
+        name = next((line[6:] for line in reversed(text.splitlines()) if line.startswith("MODEL=")), None)
+        if not ok or not name:
+            for what, needs in (("rollout", "bench rollout"), ("train", "train 2 steps")):
+                if what in only:
+                    log.append(dict(name=needs, command=[], ok=False, seconds=0.0,
+                                    output="not run: the 7B-shaped model was not built (build tiny-7b, above)"))
             only -= {"rollout", "train"}
         save()
     if "rollout" in only:
@@ -201,8 +206,8 @@ def train_steps(name, out, part, report, save=lambda: None):
     ok, _, text = part("train --dry-run", train_args + ["--dry-run"], 45)
     est = re.search(r"estimated peak GPU memory \(GB\): (.*)", text)
     estimate = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in est.group(1).split(", "))} if est else {}
-    report["training"] = dict(ok=False, seconds=0.0, estimate_gb=estimate, measured_peak_gb=None, steps=[])
-    save()
+    report["training"] = dict(ok=None, seconds=0.0, estimate_gb=estimate, measured_peak_gb=None, steps=[])
+    save()  # ok None: the steps have not finished (the report of a check stopped during them says so)
     metrics_path = os.path.join(HERE, out, "stage1", "metrics.jsonl")
     # started with less time left, the model's load alone would take what is left, and no step would finish
     ok, seconds, text = part("train 2 steps", train_args, 200, least=150)
@@ -244,7 +249,8 @@ def _training_lines(t):
     (GB of 10^9 bytes throughout)."""
     est = t["estimate_gb"]
     tensors = f"{est['peak'] - est.get('cuda_overhead', 0):.2f}" if "peak" in est else "-"
-    lines = [f"## Two stage-1 steps, 24gb preset ({'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s)", "",
+    state = "did not finish" if t["ok"] is None else f"{'ok' if t['ok'] else 'FAILED'}, {t['seconds']:.0f} s"
+    lines = [f"## Two stage-1 steps, 24gb preset ({state})", "",
              "| step | seconds | rollout peak GB (with its gradients) | step peak GB (tensors) | "
              "step peak GB (allocator) | `--dry-run` estimate GB, less the CUDA context |", "|---|---|---|---|---|---|"]
     for s in t["steps"]:

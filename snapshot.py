@@ -279,26 +279,37 @@ def _lora_deltas(adapter, names):
 
 
 def check_adapter(folder):
-    """An adapter folder a run wrote (its final/ or a step's) whose weights changed since would be evaluated, or
-    trained on, as another model under its name: stops, naming it. A folder with no recorded sha256 (another
-    tool's adapter, an older run's) passes."""
+    """An adapter folder a run wrote (its final/ or a step's) whose weights or settings changed since would be
+    evaluated, or trained on, as another model under its name: stops, naming the file. A folder with no recorded
+    sha256 (another tool's adapter, an older run's) passes."""
     try:
         with open(os.path.join(folder, "state.json")) as f:
-            want = json.load(f).get("sha256", {}).get("adapter_model.safetensors")
+            sums = json.load(f).get("sha256")
     except (OSError, ValueError, AttributeError):
         return
-    file = os.path.join(folder, "adapter_model.safetensors")
     try:
-        with open(file, "rb") as f:
-            check_sha256(file, f.read(), want)
-    except (OSError, ValueError) as e:
+        check_files(folder, sums, ("adapter_config.json", "adapter_model.safetensors"))
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def check_sha256(file, raw, want):
-    """A file read (raw) whose sha256 is not the one recorded when it was written (want; None: none was): ValueError."""
-    if want is not None and hashlib.sha256(raw).hexdigest() != want:
-        raise ValueError(f"{file} is damaged (its sha256 is not the one recorded when it was written)")
+def check_files(folder, sums, names):
+    """Files of a folder a run wrote, against the sha256 it recorded (sums: name -> sha256; a name it lacks, or
+    sums not a dict, is not checked): the first missing or changed one raises ValueError naming it."""
+    for name in names:
+        file = os.path.join(folder, name)
+        if not isinstance(sums, dict) or name not in sums:
+            continue
+        if not os.path.isfile(file):
+            raise ValueError(f"{file} is missing (the checkpoint recorded it)")
+        if sha256(file) != sums[name]:
+            raise ValueError(f"{file} is damaged (its sha256 is not the one recorded when it was written)")
+
+
+def sha256(path):
+    """A file's sha256 (hex), read in blocks: a checkpoint's optimizer state is hundreds of MB."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def merge(base, adapter, out):

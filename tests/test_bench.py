@@ -92,6 +92,26 @@ def test_a_logprobs_bench_stopped_in_its_extra_rows_keeps_the_choice_of_every_si
     assert choice["winner"] == "triton" and set(choice["seconds"]) == {"2048", "8192"}
 
 
+def test_a_kernel_that_failed_at_an_n_is_not_chosen(monkeypatch, tmp_path):
+    """Every path failing at one N (a broken compile, an out-of-memory) leaves no evidence the kernel wins there:
+    the torch path is recorded, never the kernel that just failed."""
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+
+    def child(cmd, **kw):
+        method, n = cmd[3], int(cmd[4])
+        if n == 2048:
+            return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="RuntimeError: boom\n")
+        s = dict(triton=0.03, chunked=0.044).get(method, 0.05)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(seconds=s, peak_gb=1.0)) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    bench.bench_logprobs([2048, 8192])
+    choice = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]["logprobs:bfloat16"]
+    assert choice["winner"] == "torch" and choice["seconds"]["2048"] == {}
+
+
 def test_decode_table_leaves_the_captures_and_the_prefill_out_of_the_step(monkeypatch, capsys):
     """A capture counted during the timed rollout (here a pretend one, 0.05 s slept in the first static step) and the
     prompts' admission (rows built and prefilled: here made 0.2 s slower) are shown beside the step and taken out

@@ -424,15 +424,30 @@ def test_a_checkpoint_file_changed_in_place_is_named_as_damaged(finished_run, tm
     assert f"resumed from {run / 'step_000001'}" in out
 
 
-def test_a_final_adapter_changed_in_place_is_refused(finished_run, tmp_path):
-    """Evaluating (or starting stage 2 from) an adapter whose weights changed after its run wrote them would report
-    another model's numbers under its name."""
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_final_adapter_changed_in_place_is_refused(finished_run, tmp_path, name):
+    """Evaluating (or starting stage 2 from) an adapter whose weights (or its config: lora_alpha 32 -> 22 is one
+    bit) changed after its run wrote them would report another model's numbers under its name."""
     run = _copy(finished_run, tmp_path)
-    _flip_a_byte(run / "final" / "adapter_model.safetensors")
+    _flip_a_byte(run / "final" / name)
     with pytest.raises(SystemExit) as e:
         model.load_policy("tiny", adapter=str(run / "final"), trainable=False)
-    assert f"{run / 'final' / 'adapter_model.safetensors'} is damaged" in str(e.value)
+    assert f"{run / 'final' / name} is damaged" in str(e.value)
     model.load_policy("tiny", adapter=str(finished_run / "final"), trainable=False)  # the intact one loads
+
+
+def test_a_checkpoint_without_recorded_sha256_resumes_and_a_state_that_is_no_object_is_damaged(finished_run,
+                                                                                                 tmp_path, capsys):
+    """An older version's checkpoint records no sha256: it resumes as it did. A state.json that parses as another
+    JSON value is a damaged file, not an AttributeError."""
+    run = _copy(finished_run, tmp_path)
+    state = run / "step_000002" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "sha256"}))
+    _flip_a_byte(run / "step_000002" / "optimizer.pt")  # unnoticed without a recorded sha256, as before
+    assert checkpoint.read_checkpoint(str(run / "step_000002"))["state.json"]["step"] == 2
+    (run / "step_000002" / "state.json").write_text("[2]")
+    with pytest.raises(ValueError, match="state.json is damaged .*not a JSON object"):
+        checkpoint.read_checkpoint(str(run / "step_000002"))
 
 
 def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(finished_run, tmp_path, monkeypatch):
