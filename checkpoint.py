@@ -206,14 +206,10 @@ def plan_run(cfg, resume, default_out):
         raise SystemExit(f"error: --resume {resume} is a finished run's adapter (no optimizer state), not a checkpoint: "
                          f"resume its run folder with a larger --steps (--resume {os.path.dirname(os.path.normpath(resume))})"
                          f", or start a new run from it with --init_adapter={resume} and another --out_dir")
-    named = os.path.isfile(os.path.join(resume, "state.json"))
-    run_dir = (os.path.dirname(os.path.normpath(resume)) or ".") if named else resume  # "step_000002": the folder here
+    run_dir, candidates = _resume_candidates(resume)
     out_dir = cfg.out_dir or run_dir
     if os.path.abspath(out_dir) != os.path.abspath(run_dir):
         _check_empty(out_dir)
-    candidates = complete_checkpoints(run_dir)
-    if named:
-        candidates = [c for c in candidates if c <= os.path.join(run_dir, os.path.basename(os.path.normpath(resume)))]
     for ckpt in reversed(candidates):
         try:
             files = read_checkpoint(ckpt)
@@ -226,15 +222,27 @@ def plan_run(cfg, resume, default_out):
                      f"folders: runs/stage1, not runs): pass the run's folder, or start over in another --out_dir")
 
 
-def saved_config(resume):
-    """The settings (config.json) of the run --resume names: of the checkpoint named, else of the folder's newest
-    complete checkpoint whose config reads. None when there is none."""
+def _resume_candidates(resume):
+    """--resume DIR (a run folder) or DIR/step_N (a checkpoint) -> (the run folder, its complete checkpoints up to
+    the one named, oldest first)."""
     named = os.path.isfile(os.path.join(resume, "state.json"))
-    for ckpt in [resume] if named else reversed(complete_checkpoints(resume)):
-        try:
+    run_dir = (os.path.dirname(os.path.normpath(resume)) or ".") if named else resume  # "step_000002": the folder here
+    candidates = complete_checkpoints(run_dir)
+    if named:
+        candidates = [c for c in candidates if c <= os.path.join(run_dir, os.path.basename(os.path.normpath(resume)))]
+    return run_dir, candidates
+
+
+def saved_config(resume):
+    """The settings (config.json) of the run --resume names: of the newest complete checkpoint (up to the one
+    named) whose config reads and is as it was written. None when there is none."""
+    for ckpt in reversed(_resume_candidates(resume)[1]):
+        try:  # a config.json changed since it was written is damaged: the checkpoint before it has the settings
+            with open(os.path.join(ckpt, "state.json")) as f:
+                snapshot.check_files(ckpt, json.load(f).get("sha256"), ["config.json"])
             with open(os.path.join(ckpt, "config.json")) as f:
                 return json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             continue
     return None
 

@@ -302,7 +302,11 @@ def check_files(folder, sums, names):
             continue
         if not os.path.isfile(file):
             raise ValueError(f"{file} is missing (the checkpoint recorded it)")
-        if sha256(file) != sums[name]:
+        try:
+            digest = sha256(file)
+        except OSError as e:  # a bad sector: as damaged as a changed byte
+            raise ValueError(f"{file} is damaged ({e})") from None
+        if digest != sums[name]:
             raise ValueError(f"{file} is damaged (its sha256 is not the one recorded when it was written)")
 
 

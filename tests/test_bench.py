@@ -220,3 +220,48 @@ def test_on_a_gpu_the_crop_table_times_both_horizontal_passes_and_records_the_wi
     gbs = float(faster[4])  # 8 crops' pixels read and their patches written (~250 MB) in 1 ms
     assert 200 < gbs < 300 and faster[5] == f"{round(gbs / 33.5)}% of 3350 GB/s |"
     assert kernels.measured("resample", 0)["winner"] == "triton" and kernels.measured("resample", 0)["hpass"] == other
+
+
+def _pretend_h100(monkeypatch, tmp_path, child):
+    monkeypatch.setenv("KERNEL_CHOICE", str(tmp_path / "choice.json"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: child(cmd, cmd[3], int(cmd[4])))
+
+
+def _ran(cmd, s):
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(seconds=s, peak_gb=1.0)) + "\n", stderr="")
+
+
+def test_a_logprobs_bench_stopped_at_its_second_size_keeps_the_first_sizes_choice(monkeypatch, tmp_path):
+    """Stopped during N=8192: N=2048's choice (the kernel won) is kept, not nothing, not torch for an unrun N."""
+    def child(cmd, method, n):
+        if n == 8192:
+            raise KeyboardInterrupt  # the part's time limit
+        return _ran(cmd, dict(triton=0.03, chunked=0.044).get(method, 0.05))
+
+    _pretend_h100(monkeypatch, tmp_path, child)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_logprobs([2048, 8192])
+    choice = json.load(open(tmp_path / "choice.json"))["NVIDIA H100 80GB HBM3"]["logprobs:bfloat16"]
+    assert choice["winner"] == "triton" and set(choice["seconds"]) == {"2048"}
+
+
+def test_a_path_that_failed_is_named_with_its_error(monkeypatch, tmp_path, capsys):
+    """A failed path is no row: the line naming it is all the table says of it."""
+    def child(cmd, method, n):
+        if (method, n) == ("triton", 2048):
+            return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Traceback\nRuntimeError: boom\n")
+        return _ran(cmd, 0.05)
+
+    _pretend_h100(monkeypatch, tmp_path, child)
+    bench.bench_logprobs([2048, 8192])
+    assert "triton N=2048: failed (RuntimeError: boom)" in capsys.readouterr().out
+
+
+def test_each_timed_call_is_between_two_waits_for_the_gpu(monkeypatch):
+    """CUDA runs asynchronously: without the wait after the call, the time is the launch's."""
+    events = []
+    monkeypatch.setattr(bench, "_sync", lambda: events.append("sync"))
+    bench._time(lambda: events.append("call"), repeat=2)
+    assert events == ["call"] + ["sync", "call", "sync"] * 2

@@ -417,3 +417,11 @@ def test_two_sources_of_one_file_name_are_refused(dataset, tmp_path):
     b.write_text(json.dumps(row) + "\n")
     with pytest.raises(SystemExit, match="two sources share a file name; rename one"):
         data.load(f"{a},{b}")
+
+
+def test_a_rows_null_category_is_the_default_and_data_not_found_lists_the_specs(dataset, tmp_path):
+    """"category": null is none, as a table's None cell is (not a category "None")."""
+    path = dataset([dict(GOOD_ROWS[1], id="x", category=None)])
+    assert [s.category for s in data.load(path)] == ["default"]
+    with pytest.raises(SystemExit, match="data not found: .*expected synthetic\\[:N\\], micro"):
+        data.load(str(tmp_path / "nothing-here"))

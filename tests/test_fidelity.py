@@ -673,3 +673,15 @@ def test_a_levels_row_with_only_id_and_diverged_is_one_line_not_a_traceback(tmp_
         cfg = train.Config(data="x.jsonl", infogap=_levels_file(tmp_path / "l.jsonl", [row]))
         with pytest.raises(SystemExit, match="l.jsonl"):
             infogap.prepare(cfg, s[:1])
+
+
+def test_a_levels_row_is_read_only_with_the_fields_its_level_needs(tmp_path):
+    """Never diverged and no ladder: one line, not a KeyError. An undecodable image's row needs neither: left out."""
+    s = data.synthetic(2)
+    cfg = train.Config(data="x.jsonl", infogap=_levels_file(tmp_path / "l.jsonl", [
+        dict(id=s[0].id, diverged=False, reference_tokens=16384)]))
+    with pytest.raises(SystemExit, match="l.jsonl:1 is not a row"):
+        infogap.prepare(cfg, s[:1])
+    cfg.infogap = _levels_file(tmp_path / "m.jsonl", [dict(id=s[0].id, diverged=False, error="truncated"),
+                                                      dict(id=s[1].id, diverged=True, global_tokens=256)])
+    assert [(k.id, k.global_tokens) for k in infogap.prepare(cfg, s)] == [(s[1].id, 256)]

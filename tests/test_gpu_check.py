@@ -223,3 +223,30 @@ def test_a_metrics_line_cut_by_the_time_limit_is_no_step(monkeypatch, tmp_path):
     gpu_check.train_steps("tiny-7b", "check", part, report)
     assert [s["step"] for s in report["training"]["steps"]] == [1, 2] and report["training"]["ok"]
     assert report["training"]["measured_peak_gb"] == 9.75
+
+
+def test_a_missing_accelerate_opens_the_report(monkeypatch, tmp_path):
+    """NF4 loading needs accelerate: the report's first lines say why the training steps failed."""
+    _fake_gpu(monkeypatch, tmp_path)
+    real = gpu_check.versions
+    monkeypatch.setattr(gpu_check, "versions", lambda: dict(real(), accelerate=None))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "a", "--only", "crop", "--budget", "0"])
+    gpu_check.main()
+    assert "accelerate is not installed" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_a_check_stopped_after_a_failed_model_build_still_reports_the_build(monkeypatch, tmp_path):
+    """The build's outcome is saved at once: a check stopped later still says why two parts did not run."""
+    _fake_gpu(monkeypatch, tmp_path, stop_at="tests", build_fails="torch.OutOfMemoryError: CUDA out of memory")
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", "s"])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main()
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "## FAILED: build tiny-7b" in md and "the 7B-shaped model was not built" in md
+
+
+def test_training_steps_that_failed_are_not_reported_as_unfinished():
+    """ok None: stopped during the steps; ok False: they ran and failed."""
+    t = dict(ok=False, seconds=12, estimate_gb={}, steps=[], measured_peak_gb=None)
+    heads = [gpu_check._training_lines(dict(t, ok=ok))[0] for ok in (False, True, None)]
+    assert [h.split("preset ")[1] for h in heads] == ["(FAILED, 12 s)", "(ok, 12 s)", "(did not finish)"]

@@ -435,3 +435,9 @@ def test_an_unknown_matcher_is_an_error_and_math_verify_failing_is_no_match(monk
     import math_verify
     monkeypatch.setattr(math_verify, "verify", lambda *a, **kw: 1 / 0)
     assert rewards.accuracy("1/2", "0.5", matcher="math") == 0.0
+
+
+@pytest.mark.parametrize("reply", ["b", "(b)", "B.", " b: "])
+def test_a_lone_letter_in_any_case_answers_a_letter_question_without_options(reply):
+    """DeepEyes' rows: the answer letter without the options."""
+    assert rewards.accuracy(reply, "B") == 1.0 and rewards.accuracy(reply, "C") == 0.0

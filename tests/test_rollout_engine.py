@@ -278,3 +278,20 @@ def test_tool_turns_run_apart_wait_for_each_other_and_leave_no_padding_columns(m
     assert [e.ids for e in runs[100][0]] == [e.ids for e in runs[0][0]]
     for eps, _ in runs.values():
         assert_logprobs_replay(p, eps, temperature=0.9)
+
+
+def test_rows_admitted_with_a_longer_cache_than_those_in_flight_join_them():
+    """A new prompt's larger image can make the joining side the wider one: both sides are padded to the wider."""
+    from types import SimpleNamespace
+
+    def batch(rows, width):
+        layer = SimpleNamespace(keys=torch.ones(rows, 2, width, 4), values=torch.ones(rows, 2, width, 4))
+        zeros = torch.zeros(rows, dtype=torch.long)
+        return rollout_module._Batch(list(range(rows)), torch.zeros(rows, 8), SimpleNamespace(layers=[layer]),
+                                     torch.ones(rows, width), zeros, zeros, torch.tensor([]))
+
+    for wa, wb in ((3, 5), (5, 3)):
+        joined = rollout_module._join(batch(2, wa), batch(1, wb))
+        keys, values = joined.cache.layers[0].keys, joined.cache.layers[0].values
+        assert keys.shape == (3, 2, 5, 4) and joined.mask_hist.shape == (3, 5)
+        assert joined.mask_hist.sum(1).tolist() == values[:, 0, :, 0].sum(1).tolist() == [wa, wa, wb]

@@ -162,6 +162,16 @@ def test_a_run_never_trains_on_the_held_out_items(tmp_path, monkeypatch):
         assert "held-out evaluation items" in str(e.value)
 
 
+def _rewrite_config(ckpt, config):
+    """A checkpoint's config.json as a run with those settings would have written it (its recorded sha256 too)."""
+    import snapshot
+
+    (ckpt / "config.json").write_text(json.dumps(config))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["sha256"]["config.json"] = snapshot.sha256(ckpt / "config.json")
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
 def _copy(run, tmp_path):
     import shutil
     shutil.copytree(run, tmp_path / "run")
@@ -237,8 +247,7 @@ def test_a_resume_continues_its_runs_settings_unless_an_option_changes_one(finis
         train.main(["--resume", str(run), "--preset", "24gb", "--dry-run"])
     # a run sized by --epochs, resumed with --steps: the steps given, not the epochs' count again (it trained nothing)
     # and a setting an older version did not save: the run's preset's, not Config's default
-    (run / "step_000002" / "config.json").write_text(json.dumps(
-        {k: v for k, v in dict(saved, epochs=0.5).items() if k != "dump_every"}))
+    _rewrite_config(run / "step_000002", {k: v for k, v in dict(saved, epochs=0.5).items() if k != "dump_every"})
     cfg = train.main(["--resume", str(run), "--steps", "5", "--dry-run"])
     assert (cfg.steps, cfg.epochs, cfg.dump_every) == (5, 0.0, train.PRESETS["tiny"]["dump_every"])
     assert "epochs: 0.5 -> 0.0 (--steps given)" in capsys.readouterr().out
@@ -306,12 +315,12 @@ def test_a_resume_reads_the_named_checkpoints_settings_or_the_newest_readable(fi
     out; --epochs and --steps given together keep the epochs given."""
     run = _copy(finished_run, tmp_path)
     first = json.load(open(run / "step_000001" / "config.json"))
-    (run / "step_000001" / "config.json").write_text(json.dumps(dict(first, temperature=0.5, removed_field=1)))
+    _rewrite_config(run / "step_000001", dict(first, temperature=0.5, removed_field=1))
     cfg = train.main(["--resume", str(run / "step_000001"), "--dry-run"])
     assert (cfg.temperature, cfg.max_turn_tokens) == (0.5, first["max_turn_tokens"])
     (run / "step_000002" / "config.json").write_text('{"cut')
     assert checkpoint.saved_config(str(run))["temperature"] == 0.5
-    (run / "step_000001" / "config.json").write_text(json.dumps(dict(first, stage=2, epochs=0.5)))
+    _rewrite_config(run / "step_000001", dict(first, stage=2, epochs=0.5))
     cfg = train.main(["--resume", str(run), "--stage", "1", "--steps", "5", "--epochs", "2", "--dry-run"])
     assert (cfg.stage, cfg.steps, cfg.epochs) == (1, 5, 2.0)
 
@@ -718,3 +727,56 @@ def test_a_summary_without_a_plain_run_says_which_run_to_make(tmp_path):
     (tmp_path / "noise" / "run.json").write_text(json.dumps(dict(settings=dict(bench="synthetic", probe="noise"))))
     with pytest.raises(SystemExit, match="no run of synthetic without a probe in .*run eval.py --bench synthetic"):
         ev.probe_summary("synthetic", str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["config.json", "rng.pt", "adapter_config.json"])
+def test_every_file_a_checkpoint_records_is_checked_not_only_the_tensors(finished_run, tmp_path, name):
+    """Its sha256 is sha256sum's; changed, it is damaged before it is parsed; deleted, missing (not an OSError)."""
+    import hashlib
+    step = _copy(finished_run, tmp_path) / "step_000002"
+    sums = json.loads((step / "state.json").read_text())["sha256"]
+    assert sums[name] == hashlib.sha256((step / name).read_bytes()).hexdigest()
+    _flip_a_byte(step / name)
+    with pytest.raises(ValueError, match=f"{name} is damaged \\(its sha256"):
+        checkpoint.read_checkpoint(str(step))
+    (step / name).unlink()
+    with pytest.raises(ValueError, match=f"{name} is missing"):
+        checkpoint.read_checkpoint(str(step))
+
+
+def test_export_refuses_a_final_adapter_changed_in_place(finished_run, tmp_path):
+    """An export bakes the adapter into the weights: a changed one is refused, as eval refuses it."""
+    run = _copy(finished_run, tmp_path)
+    _flip_a_byte(run / "final" / "adapter_model.safetensors")
+    with pytest.raises(SystemExit, match="adapter_model.safetensors is damaged"):
+        model.export(str(run / "final"), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_resume_takes_its_settings_from_a_config_as_it_was_written(finished_run, tmp_path):
+    """A config.json changed since its checkpoint wrote it is damaged: the resume falls back to the checkpoint
+    before, and takes that one's settings, not the changed file's (lr 0.5 would train another run)."""
+    run = _copy(finished_run, tmp_path)
+    config = run / "step_000002" / "config.json"
+    lr = json.loads(config.read_text())["lr"]
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), lr=0.5)))
+    assert checkpoint.saved_config(str(run))["lr"] == lr
+    assert checkpoint.saved_config(str(run / "step_000002"))["lr"] == lr  # named: the one before it too
+
+
+def test_an_io_error_hashing_a_checkpoint_file_is_damage_not_a_traceback(finished_run, tmp_path, monkeypatch, capsys):
+    """A bad sector raises EIO while the file is hashed: the resume falls back, as for a file that does not parse."""
+    import errno
+
+    import snapshot
+
+    run, real = _copy(finished_run, tmp_path), snapshot.sha256
+
+    def sha256(path):
+        if str(path).endswith(os.path.join("step_000002", "rng.pt")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(snapshot, "sha256", sha256)
+    _, ckpt, _ = checkpoint.plan_run(_cfg(""), str(run), "runs/stage1")
+    assert ckpt == str(run / "step_000001") and "rng.pt is damaged ([Errno 5] Input/output error)" in capsys.readouterr().out
