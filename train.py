@@ -694,6 +694,10 @@ def main(argv=None):
     if saved and cfg.epochs > 0 and "steps" in given and "epochs" not in given:  # else the epochs' count again
         print(f"  epochs: {cfg.epochs!r} -> 0.0 (--steps given)")
         cfg.epochs = 0.0
+    if saved and "memory_gb" in given and "rollout_rows" not in given and \
+            PRESETS.get(cfg.preset, {}).get("rollout_rows") == 0:  # the saved rows were sized for the card then
+        print(f"  rollout_rows: {cfg.rollout_rows!r} -> 0 (sized again for --memory_gb)")
+        cfg.rollout_rows = 0
     resolve_init_adapter(cfg, given=given)
     cfg.model = model.locate(cfg.model, download=not args.dry_run)  # a dry run downloads nothing
     size_rollout_rows(cfg)

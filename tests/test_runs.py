@@ -325,6 +325,20 @@ def test_a_resume_reads_the_named_checkpoints_settings_or_the_newest_readable(fi
     assert (cfg.stage, cfg.steps, cfg.epochs) == (1, 5, 2.0)
 
 
+def test_a_resume_on_another_card_sizes_its_rows_in_flight_again(finished_run, tmp_path, capsys):
+    """A GPU preset sizes rollout_rows from memory_gb and saves the number: resumed with another --memory_gb (a
+    larger card), the rows are sized again for it; without, the saved number stays."""
+    run = _copy(finished_run, tmp_path)
+    saved = json.load(open(run / "step_000002" / "config.json"))
+    _rewrite_config(run / "step_000002", dict(saved, preset="24gb", rollout_rows=2, memory_gb=24.0, prompts_per_step=4))
+    assert train.main(["--resume", str(run), "--dry-run"]).rollout_rows == 2
+    cfg = train.main(["--resume", str(run), "--memory_gb", "80", "--dry-run"])
+    assert cfg.rollout_rows == 4 * saved["group_size"]  # the tiny model: every row of the step fits
+    assert "rollout_rows: 2 -> 0 (sized again for --memory_gb)" in capsys.readouterr().out
+    cfg = train.main(["--resume", str(run), "--memory_gb", "80", "--rollout_rows", "6", "--dry-run"])
+    assert cfg.rollout_rows == 6  # given: as given
+
+
 def test_a_fresh_run_keeps_its_preset_name_and_epochs_beside_steps(capsys):
     """The preset named is recorded (a resume fills settings an older version did not save from it); without
     --resume, --epochs with --steps is the epochs (train sizes the run from them), not reset to 0."""
